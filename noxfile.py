@@ -1,0 +1,67 @@
+"""Sessions for the minference monorepo.
+
+``nox -t ci`` runs every session CI runs (``python3 dev.py test``); ``nox -s demo`` runs the main job.
+Torch is installed by :func:`install_torch` so the CPU build is used here and in CI; on a CUDA machine set
+``MINFERENCE_TORCH_SPEC`` (e.g. ``"torch --index-url https://download.pytorch.org/whl/cu128"``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.sessions = ["tests", "lint"]
+
+TORCH_SPEC = os.environ.get("MINFERENCE_TORCH_SPEC", "torch==2.13.0")
+KERNELS = "packages/minference-kernels"
+PATTERNS = "packages/minference-patterns"
+HF = "packages/minference-hf"
+VLLM = "packages/minference-vllm"
+
+
+def install_torch(session: nox.Session) -> None:
+    """Install torch first, so that no package's ``torch>=...`` pulls a multi-GB CUDA build."""
+    session.install(*TORCH_SPEC.split())
+
+
+def install_packages(session: nox.Session, *extras_by_pkg: str) -> None:
+    install_torch(session)
+    args: list[str] = []
+    for spec in extras_by_pkg:
+        args += ["-e", spec]
+    session.install(*args)
+
+
+@nox.session(tags=["ci"])
+def tests(session: nox.Session) -> None:
+    """Every package's CPU test suite, then the Triton kernels under the interpreter."""
+    install_packages(
+        session,
+        f"{KERNELS}[test]",
+        f"{PATTERNS}[test]",
+        f"{HF}[test]",
+        f"{VLLM}[test]",
+    )
+    paths = [f"{p}/tests" for p in (KERNELS, PATTERNS, HF, VLLM) if os.path.isdir(f"{p}/tests")]
+    session.run("pytest", *paths, "-m", "not triton and not gpu", *session.posargs)
+    session.run(
+        "pytest", f"{KERNELS}/tests", "-m", "triton", *session.posargs, env={"TRITON_INTERPRET": "1"}
+    )
+
+
+@nox.session(tags=["ci"])
+def lint(session: nox.Session) -> None:
+    """ruff check + ruff format --check over the whole tree."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: sparse pre-fill on the embedded tiny model (or ``-- --model PATH``)."""
+    install_packages(session, KERNELS, PATTERNS, HF)
+    session.run("python", "-m", "minference_kernels.demo", *session.posargs)

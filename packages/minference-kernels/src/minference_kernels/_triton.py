@@ -1,0 +1,331 @@
+"""Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+Only plain pointer arithmetic (no block pointers), so the same source runs on Triton 3.6 and 3.9.
+Imported lazily by the public functions; importing this module compiles nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._validate import interpreting
+from .index import BLOCK, SparseIndex
+
+LOG2E = 1.4426950408889634
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter computes half-precision dots wrongly; float32 inputs want IEEE products.
+    return interpreting() or dtype == torch.float32
+
+
+@triton.jit
+def _online_update(acc, m_i, l_i, s, v, UPCAST: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if UPCAST:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _qk(q, k, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _sparse_attn_fwd(
+    Q, K, V, O,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    REL, REL_END, COLS, COL_CNT, COV, ABS, ABS_CNT, SINK, WIN,
+    n_rel, n_cols, n_cov, n_abs,
+    H, G, Nq, Nk, q_off, MB, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    m = MB - 1 - pid_m  # the longest causal rows start first
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    b64 = b.to(tl.int64)
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_D
+    row_ok = offs_m < Nq
+    q_ptr = Q + b64 * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd
+    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = offs_m + q_off
+    a0 = m * BLOCK_M + q_off
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    sink = tl.load(SINK + bh)
+    win = tl.load(WIN + bh)
+
+    # relative tiles: keys [a0 + r, a0 + r + BLOCK_N)
+    t_end = tl.load(REL_END + bh * MB + m)
+    for t in range(0, t_end):
+        r = tl.load(REL + bh * n_rel + t)
+        offs_n = a0 + r + offs_n0
+        kv_ok = (offs_n >= 0) & (offs_n < Nk)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _qk(q, k, UPCAST) * qk_scale
+        ok = kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        ok = ok & ((win <= 0) | (offs_n[None, :] < sink) | (q_pos[:, None] - offs_n[None, :] < win))
+        s = tl.where(ok, s, float("-inf"))
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, UPCAST)
+
+    # gathered columns not covered by this block's relative tiles
+    c_cnt = tl.load(COL_CNT + bh * MB + m)
+    for c0 in range(0, c_cnt, BLOCK_N):
+        offs_c = c0 + offs_n0
+        c_ok = offs_c < c_cnt
+        cidx = tl.load(COLS + bh * n_cols + offs_c, mask=c_ok, other=0)
+        cov = tl.load(COV + bh * n_cov + (cidx - a0 + Nk + BLOCK_N), mask=c_ok, other=1)
+        c_ok = c_ok & (cov == 0)
+        k = tl.load(k_base + cidx[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + cidx[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _qk(q, k, UPCAST) * qk_scale
+        ok = c_ok[None, :] & (cidx[None, :] <= q_pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, UPCAST)
+
+    # absolute tiles (block-sparse)
+    a_cnt = tl.load(ABS_CNT + bh * MB + m)
+    for t in range(0, a_cnt):
+        st = tl.load(ABS + (bh * MB + m).to(tl.int64) * n_abs + t)
+        offs_n = st + offs_n0
+        kv_ok = offs_n < Nk
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _qk(q, k, UPCAST) * qk_scale
+        ok = kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, UPCAST)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptr = O + b64 * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :] * sod
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def attend(q, k, v, index: SparseIndex, scale: float) -> torch.Tensor:
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    mb = index.num_blocks
+    block_d = max(16, triton.next_power_of_2(d))
+    upcast = _upcast(q.dtype)
+    grid = (mb, b * hq)
+    _sparse_attn_fwd[grid](
+        q, k, v, out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        index.rel_tiles, index.rel_end, index.cols, index.col_count, index.cov,
+        index.abs_tiles, index.abs_count, index.sink, index.window,
+        index.rel_tiles.shape[-1], index.cols.shape[-1], index.cov.shape[-1],
+        index.abs_tiles.shape[-1],
+        hq, hq // hkv, nq, nk, nk - nq, mb, scale * LOG2E,
+        HEAD_D=d, BLOCK_D=block_d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, UPCAST=upcast,
+        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# slash offsets -> relative tiles (right-to-left greedy; one program per (b, h) row)
+
+
+@triton.jit
+def _slash_tiles_kernel(S, CNT, OUT, NOUT, s_len, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    n = tl.load(CNT + row)
+    f = tl.full([], 2**30, tl.int64)
+    cnt = tl.full([], 0, tl.int64)
+    for j in range(0, n):
+        x = -tl.load(S + row.to(tl.int64) * s_len + j)
+        emit = x < f
+        start = tl.where(x + (BLOCK_N - 1) < f, x, f - BLOCK_N)
+        tl.store(OUT + row.to(tl.int64) * s_len + cnt, start, mask=emit)
+        cnt += emit.to(tl.int64)
+        f = tl.where(emit, start, f)
+    tl.store(NOUT + row, cnt)
+
+
+def slash_tiles(slashes: torch.Tensor, count: torch.Tensor):
+    rows, s_len = slashes.shape
+    s_len = max(s_len, 1)
+    if slashes.shape[1] == 0:
+        slashes = slashes.new_zeros((rows, 1))
+    out = torch.full((rows, s_len), -(2**30), dtype=torch.int64, device=slashes.device)
+    nout = torch.zeros(rows, dtype=torch.int64, device=slashes.device)
+    _slash_tiles_kernel[(rows,)](slashes.contiguous(), count.to(torch.int64).contiguous(), out, nout,
+                                 s_len, BLOCK_N=BLOCK, num_warps=1)
+    return out, nout
+
+
+# ---------------------------------------------------------------------------------------------
+# vertical-slash estimation: pass 1 = per-row log-sum-exp of the last queries, pass 2 = scores
+
+
+@triton.jit
+def _vs_lse_kernel(
+    Q, K, M_OUT, L_OUT,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+    H, G, Nq, Nk, LQ, qk_scale, CHUNK, NCHUNK,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, LQ_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    cid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // G
+    t = tl.arange(0, LQ_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    row_ok = t < LQ
+    qrow = Nq - LQ + t
+    q = tl.load(Q + b * sqb + h * sqh + qrow[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qpos = Nk - LQ + t
+    m_i = tl.full([LQ_P], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([LQ_P], dtype=tl.float32)
+    lo = cid * CHUNK
+    hi = tl.minimum(lo + CHUNK, Nk)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_ok = offs_n < hi
+        k = tl.load(K + b * skb + hk * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _qk(q, k, UPCAST) * qk_scale
+        s = tl.where(kv_ok[None, :] & (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None], s,
+                     float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    base = (bh.to(tl.int64) * NCHUNK + cid) * LQ_P
+    tl.store(M_OUT + base + t, m_i)
+    tl.store(L_OUT + base + t, l_i)
+
+
+@triton.jit
+def _vs_score_kernel(
+    Q, K, LSE, VERT, SLASH,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+    H, G, Nq, Nk, LQ, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, LQ_P: tl.constexpr, BS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # program owns slash offsets [s0, s0 + BS) and vertical keys [w0 + LQ_P, w0 + LQ_P + BS)
+    sid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = h // G
+    t = tl.arange(0, LQ_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    row_ok = t < LQ
+    qrow = Nq - LQ + t
+    q = tl.load(Q + b * sqb + h * sqh + qrow[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    p0 = Nk - LQ
+    qpos = p0 + t
+    lse = tl.load(LSE + bh.to(tl.int64) * LQ_P + t)
+    s0 = sid * BS
+    w0 = p0 - s0 - (BS - 1)
+    c = tl.arange(0, LQ_P + BS)
+    keys = w0 + c
+    kv_ok = (keys >= 0) & (keys < Nk)
+    k = tl.load(K + b * skb + hk * skh + keys[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+                mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+    s = _qk(q, k, UPCAST) * qk_scale
+    ok = kv_ok[None, :] & (keys[None, :] <= qpos[:, None]) & row_ok[:, None]
+    p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [LQ_P, LQ_P + BS]
+    # verticals: column sums of the keys this program owns
+    colsum = tl.sum(p, 0)
+    own = (c >= LQ_P) & kv_ok
+    tl.store(VERT + bh.to(tl.int64) * Nk + keys, colsum, mask=own)
+    # slashes: offset s0 + u for row t is column BS - 1 + t - u
+    u = tl.arange(0, BS)
+    idx = (BS - 1) + t[:, None] - u[None, :]
+    diag = tl.gather(p, idx, axis=1)
+    ssum = tl.sum(diag, 0)
+    offs_s = s0 + u
+    tl.store(SLASH + bh.to(tl.int64) * Nk + offs_s, ssum, mask=offs_s < Nk)
+
+
+def vs_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
+    """``(vertical, slash)`` float32 ``[B, Hq, Nk]`` for every query head, two launches."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    lq = min(last_q, nq)
+    lq_p = max(16, triton.next_power_of_2(lq))
+    block_d = max(16, triton.next_power_of_2(d))
+    upcast = _upcast(q.dtype)
+    qk_scale = scale * LOG2E
+    block_n = 64
+    chunk = max(block_n, triton.cdiv(triton.cdiv(nk, 16), block_n) * block_n)
+    nchunk = triton.cdiv(nk, chunk)
+    m_part = torch.empty((b * hq, nchunk, lq_p), dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    nw = 4
+    _vs_lse_kernel[(nchunk, b * hq)](
+        q, k, m_part, l_part, *q.stride(), *k.stride(),
+        hq, hq // hkv, nq, nk, lq, qk_scale, chunk, nchunk,
+        HEAD_D=d, BLOCK_D=block_d, LQ_P=lq_p, BLOCK_N=block_n, UPCAST=upcast, num_warps=nw,
+    )
+    m_max = m_part.amax(1)
+    m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
+    l_tot = (l_part * torch.exp2(m_part - m_safe[:, None])).sum(1)
+    lse = (m_safe + torch.log2(torch.where(l_tot > 0, l_tot, torch.ones_like(l_tot)))).contiguous()
+    vertical = torch.empty((b, hq, nk), dtype=torch.float32, device=q.device)
+    slash = torch.empty((b, hq, nk), dtype=torch.float32, device=q.device)
+    bs = lq_p  # the window of LQ_P + BS keys must be a power of two
+    nsb = triton.cdiv(nk, bs) + 1
+    _vs_score_kernel[(nsb, b * hq)](
+        q, k, lse, vertical, slash, *q.stride(), *k.stride(),
+        hq, hq // hkv, nq, nk, lq, qk_scale,
+        HEAD_D=d, BLOCK_D=block_d, LQ_P=lq_p, BS=bs, UPCAST=upcast, num_warps=8,
+    )
+    return vertical, slash
+
+
+__all__ = ["attend", "slash_tiles", "vs_scores", "math"]

@@ -1,0 +1,142 @@
+"""Input checks shared by every public function. Errors name the offending argument."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    n_q: int
+    n_kv: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+    @property
+    def q_offset(self) -> int:
+        """Absolute position of query row 0 (queries are the last ``n_q`` of ``n_kv`` positions)."""
+        return self.n_kv - self.n_q
+
+
+def _check_tensor(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise ValueError(f"{name} contains {bad} values")
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, *, check_values: bool = True
+) -> Shape:
+    """Check ``q [B, Hq, Nq, D]``, ``k/v [B, Hkv, Nk, D]`` and return their geometry."""
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, x in named:
+        _check_tensor(x, name)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    for name, x in named[1:]:
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; they must match")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}; they must match")
+    b, hq, nq, d = q.shape
+    bk, hkv, nk, dk = k.shape
+    if v is not None and tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v shape {tuple(v.shape)} must equal k shape {tuple(k.shape)}")
+    if bk != b:
+        raise ValueError(f"k batch {bk} != q batch {b}")
+    if dk != d:
+        raise ValueError(f"k head dim {dk} != q head dim {d}")
+    if b < 1 or hq < 1 or hkv < 1 or d < 1:
+        raise ValueError(f"empty dimension in q {tuple(q.shape)} / k {tuple(k.shape)}")
+    if nq < 1 or nk < 1:
+        raise ValueError(f"sequence lengths must be >= 1, got Nq={nq}, Nk={nk}")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if nq > nk:
+        raise ValueError(
+            f"q has {nq} positions but k has {nk}: q must hold the last Nq <= Nk positions"
+        )
+    if check_values:
+        for name, x in named:
+            check_finite(name, x)
+    return Shape(b, hq, hkv, nq, nk, d)
+
+
+def check_index(
+    x: object, name: str, shape: Shape, *, ndim: int, low: int, high: int, dim2: int | None = None
+) -> torch.Tensor:
+    """Check an index tensor ``[B, Hq, ...]`` of integers in ``[low, high)``."""
+    x = _check_tensor(x, name)
+    if x.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor (int32/int64), got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.shape[0] != shape.batch or x.shape[1] != shape.heads_q:
+        raise ValueError(
+            f"{name} must start with [B={shape.batch}, Hq={shape.heads_q}], got {tuple(x.shape)}"
+        )
+    if dim2 is not None and x.shape[2] != dim2:
+        raise ValueError(f"{name} dim 2 must be {dim2}, got shape {tuple(x.shape)}")
+    if x.device.type != "meta" and x.numel():
+        lo, hi = int(x.min()), int(x.max())
+        if lo < low or hi >= high:
+            bad = lo if lo < low else hi
+            raise ValueError(f"{name} holds {bad}, outside the valid range [{low}, {high - 1}]")
+    return x
+
+
+def check_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
+    return float(scale)
+
+
+def check_int(x: object, name: str, *, low: int = 0) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < low:
+        raise ValueError(f"{name} must be >= {low}, got {x}")
+    return x
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` on CUDA, ``torch`` on CPU. ``triton`` on CPU needs TRITON_INTERPRET=1."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpreting():
+        raise ValueError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before importing triton"
+        )
+    return backend

@@ -1,0 +1,485 @@
+"""Public functions. Layout: q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0``
+(K/V are never repeated per query head), causal with the diagonal aligned bottom-right: query row
+``i`` is at absolute position ``i + Nk - Nq`` (q may hold only the last ``Nq <= Nk`` positions).
+
+Every function runs on CPU tensors (PyTorch, float32 arithmetic) and CUDA tensors (Triton), in
+float32, float16 and bfloat16. ``backend="auto"`` picks Triton on CUDA and PyTorch on CPU;
+``backend="triton"`` on CPU tensors runs the Triton kernels under ``TRITON_INTERPRET=1``.
+A query row that attends to no key (possible only with user-given empty index sets) outputs zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _torch_attn, index as _index, masks as _masks
+from ._validate import (
+    Shape,
+    check_index,
+    check_int,
+    check_qkv,
+    check_scale,
+    resolve_backend,
+)
+from .estimate import estimate_block_sparse_impl, estimate_vertical_slash_impl
+from .index import BLOCK, SparseIndex
+from .patterns import HeadPattern, check_heads
+
+
+def _attend(q, k, v, idx: SparseIndex, scale: float, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from . import _triton
+
+        return _triton.attend(q, k, v, idx, scale)
+    return _torch_attn.attend(q, k, v, idx, scale)
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dense causal attention (the reference and the fallback). Returns ``[B, Hq, Nq, D]``.
+
+    CUDA with ``Nq == Nk``: PyTorch SDPA (cuDNN / flash) with native GQA. CUDA with ``Nq < Nk``: the
+    Triton kernel with every key tile. CPU: SDPA in chunks of 1024 query rows (memory
+    ``O(1024 * Nk)``), or the Triton kernel under the interpreter with ``backend="triton"``.
+    """
+    shape = check_qkv(q, k, v)
+    scale = check_scale(scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    if be == "triton" and (q.device.type != "cuda" or shape.n_q != shape.n_kv):
+        return _attend(q, k, v, _dense_index(shape, q.device), scale, "triton")
+    if q.device.type == "cuda" and shape.n_q == shape.n_kv:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=shape.heads_q != shape.heads_kv
+        )
+    return _torch_attn.dense(q, k, v, scale)
+
+
+def _dense_index(shape: Shape, device) -> SparseIndex:
+    b, h = shape.batch, shape.heads_q
+    t = _index.n_window_tiles(shape.n_kv)
+    win = torch.full((b * h,), shape.n_kv, dtype=torch.int64, device=device)
+    tiles, n = _index.window_tiles(win, t)
+    return _index.assemble(
+        batch=b, heads=h, n_q=shape.n_q, n_kv=shape.n_kv, device=device,
+        rel_tiles=tiles.reshape(b, h, t), rel_count=n.reshape(b, h),
+    )
+
+
+def vertical_slash_index(
+    vertical_indices: torch.Tensor, slash_indices: torch.Tensor, n_q: int, n_kv: int,
+    *, backend: str = "torch",
+) -> SparseIndex:
+    """Build the kernel index for vertical-slash heads (no validation; see the attention function)."""
+    b, h = vertical_indices.shape[:2]
+    tiles, n_tiles, cols, col_total = _index.vertical_slash_pieces(
+        vertical_indices, slash_indices, backend
+    )
+    return _index.assemble(
+        batch=b, heads=h, n_q=n_q, n_kv=n_kv, device=vertical_indices.device,
+        rel_tiles=tiles, rel_count=n_tiles, cols=cols, col_total=col_total,
+    )
+
+
+def vertical_slash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    vertical_indices: torch.Tensor,
+    slash_indices: torch.Tensor,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over key columns and diagonals. Returns ``[B, Hq, Nq, D]``.
+
+    ``vertical_indices [B, Hq, NV]``: key positions in ``[0, Nk)``. ``slash_indices [B, Hq, NS]``:
+    diagonal offsets ``i - j`` in ``[0, Nk)`` (absolute positions). Any order; duplicates allowed.
+    Slashes are computed at 64-key tile granularity: the exact attended set (a superset of the named
+    pairs) is :func:`vertical_slash_mask`.
+    """
+    shape = check_qkv(q, k, v)
+    scale = check_scale(scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    for name, x in (("vertical_indices", vertical_indices), ("slash_indices", slash_indices)):
+        check_index(x, name, shape, ndim=3, low=0, high=shape.n_kv)
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    idx = vertical_slash_index(vertical_indices, slash_indices, shape.n_q, shape.n_kv, backend=be)
+    return _attend(q, k, v, idx, scale, be)
+
+
+def block_sparse_index(
+    block_indices: torch.Tensor, block_size: int, n_q: int, n_kv: int
+) -> SparseIndex:
+    b, h = block_indices.shape[:2]
+    tiles, count = _index.block_sparse_pieces(block_indices, block_size, n_q, n_kv)
+    return _index.assemble(
+        batch=b, heads=h, n_q=n_q, n_kv=n_kv, device=block_indices.device,
+        abs_tiles=tiles, abs_count=count,
+    )
+
+
+def _check_block_size(block_size: int) -> int:
+    check_int(block_size, "block_size", low=1)
+    if block_size % BLOCK:
+        raise ValueError(f"block_size must be a positive multiple of {BLOCK}, got {block_size}")
+    return block_size
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int = 64,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over listed key blocks. Returns ``[B, Hq, Nq, D]``.
+
+    ``block_indices [B, Hq, ceil(Nq / block_size), K]``: for each query block (rows
+    ``qb * block_size ..`` of q), key-block ids (key block ``kb`` = keys ``kb * block_size ..``), ``-1``
+    for none; any order, duplicates allowed. Causal masking applies inside blocks. ``block_size`` is a
+    multiple of 64. Exact set: :func:`block_sparse_mask`.
+    """
+    shape = check_qkv(q, k, v)
+    scale = check_scale(scale, shape.head_dim)
+    _check_block_size(block_size)
+    be = resolve_backend(backend, q.device)
+    n_qb = -(-shape.n_q // block_size)
+    n_kb = -(-shape.n_kv // block_size)
+    check_index(block_indices, "block_indices", shape, ndim=4, low=-1, high=n_kb, dim2=n_qb)
+    if block_indices.device != q.device:
+        raise ValueError(f"block_indices is on {block_indices.device} but q is on {q.device}")
+    idx = block_sparse_index(block_indices, block_size, shape.n_q, shape.n_kv)
+    return _attend(q, k, v, idx, scale, be)
+
+
+def streaming_index(
+    batch: int, heads: int, n_q: int, n_kv: int, sink: torch.Tensor, window: torch.Tensor, device
+) -> SparseIndex:
+    """A-shape index for per-head ``sink``/``window`` ``[B, H]`` int64 (window >= 1)."""
+    w = window.clamp(max=n_kv)
+    t_max = _index.n_window_tiles(int(w.max()))
+    tiles, n = _index.window_tiles(w.reshape(-1), t_max)
+    s = sink.clamp(max=n_kv)
+    c_max = max(int(s.max()), 1)
+    cols = torch.arange(c_max, device=device).expand(batch, heads, c_max)
+    return _index.assemble(
+        batch=batch, heads=heads, n_q=n_q, n_kv=n_kv, device=device,
+        rel_tiles=tiles.reshape(batch, heads, t_max), rel_count=n.reshape(batch, heads),
+        cols=cols, col_total=s, sink=s, window=w,
+    )
+
+
+def streaming_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink_tokens: int,
+    window_tokens: int,
+    scale: float | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """A-shape (StreamingLLM) attention: each query attends to the first ``sink_tokens`` keys and to
+    the keys with ``0 <= i - j < window_tokens``. Exact (:func:`streaming_mask`). ``[B, Hq, Nq, D]``."""
+    shape = check_qkv(q, k, v)
+    scale = check_scale(scale, shape.head_dim)
+    check_int(sink_tokens, "sink_tokens", low=0)
+    check_int(window_tokens, "window_tokens", low=1)
+    be = resolve_backend(backend, q.device)
+    b, h = shape.batch, shape.heads_q
+    full = lambda x: torch.full((b, h), x, dtype=torch.int64, device=q.device)
+    idx = streaming_index(b, h, shape.n_q, shape.n_kv, full(sink_tokens), full(window_tokens), q.device)
+    return _attend(q, k, v, idx, scale, be)
+
+
+def estimate_vertical_slash(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    num_vertical: int,
+    num_slash: int,
+    last_q: int = 64,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimate each query head's columns and diagonals from its last ``last_q`` queries.
+
+    Returns ``(vertical_indices [B, Hq, NV], slash_indices [B, Hq, NS])`` int64 with
+    ``NV = min(num_vertical, Nk)``, ``NS = min(num_slash, Nk)``, ordered by score (highest first).
+    Definitions (MInference 1.0): see :mod:`minference_kernels.estimate`. ``last_q`` in [1, 128].
+    """
+    shape = check_qkv(q, k, None)
+    scale = check_scale(scale, shape.head_dim)
+    check_int(num_vertical, "num_vertical")
+    check_int(num_slash, "num_slash")
+    check_int(last_q, "last_q", low=1)
+    if last_q > 128:
+        raise ValueError(f"last_q must be <= 128, got {last_q}")
+    be = resolve_backend(backend, q.device)
+    v, _, s, _ = estimate_vertical_slash_impl(q, k, num_vertical, num_slash, last_q, scale, be)
+    return v, s
+
+
+def estimate_block_sparse(
+    q: torch.Tensor, k: torch.Tensor, top_k: int, block_size: int = 64, *, backend: str = "auto"
+) -> torch.Tensor:
+    """Estimate each query block's ``top_k`` key blocks from mean-pooled Q and K.
+
+    Returns ``block_indices [B, Hq, ceil(Nq / block_size), top_k]`` int64, highest score first,
+    ``-1`` where a query block has fewer than ``top_k`` causal key blocks. The diagonal key blocks are
+    always kept. Definitions: see :mod:`minference_kernels.estimate`.
+    """
+    check_qkv(q, k, None)
+    check_int(top_k, "top_k", low=1)
+    _check_block_size(block_size)
+    resolve_backend(backend, q.device)
+    return estimate_block_sparse_impl(q, k, top_k, block_size)
+
+
+# --------------------------------------------------------------------------------------------
+# the layer entry: every head its own pattern kind and budget, one attention launch
+
+
+def build_index(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: Sequence[HeadPattern],
+    *,
+    scale: float | None = None,
+    last_q: int = 64,
+    backend: str = "auto",
+    validate: bool = True,
+) -> SparseIndex:
+    """Estimate every head's index (per its pattern) and assemble the layer's :class:`SparseIndex`."""
+    shape = check_qkv(q, k, None, check_values=validate)
+    heads = check_heads(heads, shape.heads_q)
+    scale = check_scale(scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    dev = q.device
+    b, h, nq, nk = shape.batch, shape.heads_q, shape.n_q, shape.n_kv
+    kinds = [p.kind for p in heads]
+    ids = {kind: [i for i, x in enumerate(kinds) if x == kind] for kind in set(kinds)}
+
+    rel_parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+    col_parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+    sink = torch.zeros((b, h), dtype=torch.int64, device=dev)
+    window = torch.zeros((b, h), dtype=torch.int64, device=dev)
+    abs_tiles = abs_count = None
+
+    if "vertical_slash" in ids:
+        hid = ids["vertical_slash"]
+        nv = torch.tensor([heads[i].num_vertical for i in hid], device=dev)
+        ns = torch.tensor([heads[i].num_slash for i in hid], device=dev)
+        if be == "triton":
+            from . import _triton
+
+            vert, sl = _triton.vs_scores(q, k, last_q, scale)  # all heads, one launch each pass
+        else:
+            from .estimate import vs_scores_torch
+
+            vert, sl = vs_scores_torch(q, k, last_q, scale)
+        from .estimate import select_vertical_slash
+
+        hsel = torch.tensor(hid, device=dev)
+        v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
+            vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns
+        )
+        v_ok = v_ok.expand(b, -1, -1)
+        s_ok = s_ok.expand(b, -1, -1)
+        cols, ctot = _index.sorted_unique(v_idx, v_ok)
+        s_sorted, s_cnt = _index.sorted_unique(s_idx, s_ok)
+        tiles, n_t = _index.slash_tiles(
+            s_sorted.reshape(b * len(hid), -1).contiguous(), s_cnt.reshape(-1).contiguous(), be
+        )
+        rel_parts.append((hid, tiles.reshape(b, len(hid), -1), n_t.reshape(b, len(hid))))
+        col_parts.append((hid, cols, ctot))
+
+    if "a_shape" in ids:
+        hid = ids["a_shape"]
+        w = torch.tensor([min(heads[i].window_tokens, nk) for i in hid], device=dev)
+        s = torch.tensor([min(heads[i].sink_tokens, nk) for i in hid], device=dev)
+        t_max = _index.n_window_tiles(int(w.max()))
+        tiles, n_t = _index.window_tiles(w, t_max)
+        rel_parts.append((hid, tiles.expand(b, -1, -1), n_t.expand(b, -1)))
+        c_max = max(int(s.max()), 1)
+        cols = torch.arange(c_max, device=dev).expand(b, len(hid), c_max)
+        col_parts.append((hid, cols, s.expand(b, -1)))
+        sink[:, hid] = s
+        window[:, hid] = w
+
+    if "dense" in ids:
+        hid = ids["dense"]
+        t_max = _index.n_window_tiles(nk)
+        tiles, n_t = _index.window_tiles(torch.full((len(hid),), nk, device=dev), t_max)
+        rel_parts.append((hid, tiles.expand(b, -1, -1), n_t.expand(b, -1)))
+
+    if "block_sparse" in ids:
+        hid = ids["block_sparse"]
+        mb = -(-nq // BLOCK)
+        per_bs: dict[int, list[int]] = {}
+        for i in hid:
+            per_bs.setdefault(heads[i].block_size, []).append(i)
+        pieces = []
+        for bs, hl in per_bs.items():
+            hsel = torch.tensor(hl, device=dev)
+            kv_sel = hsel // shape.group
+            # estimation on the selected query heads with their own KV heads (a view per head pair
+            # would need a copy of K for each query head; pooled K is tiny, so pool per KV head)
+            topk = torch.tensor([heads[i].top_k for i in hl], device=dev)
+            bi = _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, bs)
+            pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk)))
+        a_max = max(p[1].shape[-1] for p in pieces)
+        abs_tiles = torch.zeros((b, h, mb, a_max), dtype=torch.int64, device=dev)
+        abs_count = torch.zeros((b, h, mb), dtype=torch.int64, device=dev)
+        for hl, tl_, cnt in pieces:
+            abs_tiles[:, hl, :, : tl_.shape[-1]] = tl_
+            abs_count[:, hl] = cnt
+
+    rel_tiles = rel_count = cols_all = col_total = None
+    if rel_parts:
+        t_max = max(p[1].shape[-1] for p in rel_parts)
+        rel_tiles = torch.full((b, h, t_max), -(2**30), dtype=torch.int64, device=dev)
+        rel_count = torch.zeros((b, h), dtype=torch.int64, device=dev)
+        for hid, tiles, n_t in rel_parts:
+            rel_tiles[:, hid, : tiles.shape[-1]] = tiles
+            rel_count[:, hid] = n_t
+    if col_parts:
+        c_max = max(p[1].shape[-1] for p in col_parts)
+        cols_all = torch.full((b, h, c_max), 2**30, dtype=torch.int64, device=dev)
+        col_total = torch.zeros((b, h), dtype=torch.int64, device=dev)
+        for hid, cols, ctot in col_parts:
+            cols_all[:, hid, : cols.shape[-1]] = cols
+            col_total[:, hid] = ctot
+    return _index.assemble(
+        batch=b, heads=h, n_q=nq, n_kv=nk, device=dev,
+        rel_tiles=rel_tiles, rel_count=rel_count, cols=cols_all, col_total=col_total,
+        abs_tiles=abs_tiles, abs_count=abs_count, sink=sink, window=window,
+    )
+
+
+def _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, block_size):
+    """Block-sparse estimation for a subset of query heads without copying K per query head."""
+    from .estimate import block_scores
+
+    qs = q.index_select(1, hsel)  # [B, h', Nq, D]: queries are per head anyway
+    uniq, inv = torch.unique(kv_sel, return_inverse=True)
+    ks = k.index_select(1, uniq)  # each needed KV head once
+    b = q.shape[0]
+    out = []
+    for j in range(hsel.numel()):
+        scores, forced = block_scores(qs[:, j : j + 1], ks[:, int(inv[j]) : int(inv[j]) + 1], block_size)
+        out.append((scores, forced))
+    scores = torch.cat([s for s, _ in out], 1)
+    forced = torch.cat([f for _, f in out], 1)
+    scores = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+    kmax = int(topk.max())
+    kk = min(kmax, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kk]
+    vals = torch.gather(scores, -1, order)
+    ok = (vals > float("-inf")) & (
+        torch.arange(kk, device=q.device)[None, None, None, :] < topk[None, :, None, None]
+    )
+    idx = torch.where(ok, order, torch.full_like(order, -1))
+    return idx.expand(b, -1, -1, -1)
+
+
+def sparse_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: Sequence[HeadPattern],
+    scale: float | None = None,
+    *,
+    last_q: int = 64,
+    backend: str = "auto",
+    validate: bool = True,
+    return_index: bool = False,
+):
+    """One layer of sparse pre-fill: estimate each head's index per its :class:`HeadPattern`, then run
+    every head in one attention launch.
+
+    q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``, ``heads``: ``Hq`` patterns. Returns
+    ``[B, Hq, Nq, D]`` (and the :class:`SparseIndex` with ``return_index=True``). With
+    ``validate=False`` the NaN/Inf scan of q/k/v is skipped (shapes are still checked).
+    If every head is ``dense``, this is :func:`dense_attention`.
+    """
+    shape = check_qkv(q, k, v, check_values=validate)
+    heads = check_heads(heads, shape.heads_q)
+    scale = check_scale(scale, shape.head_dim)
+    be = resolve_backend(backend, q.device)
+    if all(p.kind == "dense" for p in heads) and not return_index:
+        return dense_attention(q, k, v, scale, backend=backend)
+    idx = build_index(q, k, heads, scale=scale, last_q=last_q, backend=be, validate=False)
+    out = _attend(q, k, v, idx, scale, be)
+    return (out, idx) if return_index else out
+
+
+def sparse_prefill_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: Sequence[HeadPattern],
+    *,
+    scale: float | None = None,
+    last_q: int = 64,
+    query_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The exact pairs :func:`sparse_prefill` attends to: ``bool [B, Hq, R, Nk]`` for the given local
+    ``query_rows`` (default all). Runs the same online estimation (PyTorch path), then builds each
+    head's mask with the independent ``*_mask`` functions."""
+    shape = check_qkv(q, k, None)
+    heads = check_heads(heads, shape.heads_q)
+    scale = check_scale(scale, shape.head_dim)
+    nq, nk = shape.n_q, shape.n_kv
+    rows = torch.arange(nq) if query_rows is None else query_rows
+    out = torch.zeros((shape.batch, shape.heads_q, rows.numel(), nk), dtype=torch.bool, device=q.device)
+    vs = [i for i, p in enumerate(heads) if p.kind == "vertical_slash"]
+    if vs:
+        from .estimate import select_vertical_slash, vs_scores_torch
+
+        vert, sl = vs_scores_torch(q, k, last_q, scale)
+        hsel = torch.tensor(vs, device=q.device)
+        nv = torch.tensor([heads[i].num_vertical for i in vs], device=q.device)
+        ns = torch.tensor([heads[i].num_slash for i in vs], device=q.device)
+        v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
+            vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns
+        )
+        for j, hi in enumerate(vs):
+            vv = v_idx[:, j : j + 1, : int(nv[j].clamp(max=nk))]
+            ss = s_idx[:, j : j + 1, : int(ns[j].clamp(max=nk))]
+            out[:, hi : hi + 1] = _masks.vertical_slash_mask(vv, ss, nq, n_kv=nk, query_rows=rows)
+    for i, p in enumerate(heads):
+        if p.kind == "dense":
+            out[:, i] = _masks.dense_mask(nq, n_kv=nk, query_rows=rows, device=q.device)[:, 0]
+        elif p.kind == "a_shape":
+            out[:, i] = _masks.streaming_mask(
+                p.sink_tokens, p.window_tokens, nq, n_kv=nk, query_rows=rows, device=q.device
+            )[:, 0]
+        elif p.kind == "block_sparse":
+            hsel = torch.tensor([i], device=q.device)
+            bi = _estimate_block_sparse_subset(
+                q, k, hsel, hsel // shape.group, torch.tensor([p.top_k], device=q.device), p.block_size
+            )
+            out[:, i : i + 1] = _masks.block_sparse_mask(
+                bi, nq, p.block_size, n_kv=nk, query_rows=rows
+            )
+    return out
+
+
+def index_density(index: SparseIndex, blocks: list[int] | None = None) -> torch.Tensor:
+    """Fraction of causal (query, key) pairs an index attends to, ``float64 [B, H]`` (exact; over
+    the given query blocks only if ``blocks`` is set)."""
+    kept = _torch_attn.count_pairs(index, blocks).double()
+    off = index.q_offset
+    rows = range(index.n_q) if blocks is None else [
+        r for m in blocks for r in range(m * BLOCK, min((m + 1) * BLOCK, index.n_q))
+    ]
+    causal = float(sum(r + off + 1 for r in rows))
+    return kept / causal

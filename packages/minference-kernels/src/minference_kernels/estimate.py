@@ -1,0 +1,171 @@
+"""Online index estimation (MInference 1.0's definitions), PyTorch path and dispatch.
+
+Vertical-slash (per query head): take the last ``last_q`` queries (absolute positions
+``p_t = Nk - last_q + t``), compute their causal softmax attention against all keys with the
+attention scale, and score
+
+* column ``j``:   ``vertical[j] = sum_t P[t, j]``
+* diagonal ``o``: ``slash[o] = sum_t P[t, p_t - o]`` (``o = i - j >= 0``).
+
+The first ``keep_first`` columns (attention sinks, default 30) and the nearest ``keep_local``
+diagonals (the local window, default 100) are always kept, inside the budget (MInference forces
+the same 30 columns and 100 diagonals). The top ``num_vertical`` columns and ``num_slash`` diagonals
+are returned, budgets clipped to ``Nk``.
+
+Block-sparse (per query head): mean-pool queries and keys over blocks of ``block_size`` positions
+(queries from q's first row, keys from position 0; a partial last block averages its real rows),
+score block pairs by the dot product of the pooled vectors, and keep the ``top_k`` highest causal key
+blocks per query block. The key blocks that hold the query block's own positions (its diagonal) are
+always kept, so every row attends at least to itself. Rows with fewer than ``top_k`` causal key
+blocks are padded with ``-1``.
+
+Ties are broken deterministically (lower index first).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .index import _BIG
+
+KEEP_FIRST = 30
+KEEP_LOCAL = 100
+
+
+def _topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k along the last dim, ties to the lower index (stable), returns int64 ``[..., k]``."""
+    if k == 0:
+        return score.new_zeros((*score.shape[:-1], 0), dtype=torch.int64)
+    # a stable descending sort breaks ties by position; topk alone does not promise that
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return order[..., :k].contiguous()
+
+
+def vs_scores_torch(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
+    """``(vertical [B, Hq, Nk], slash [B, Hq, Nk])`` float32 scores, chunked over KV heads."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    lq = min(last_q, nq)
+    p0 = nk - lq
+    qpos = p0 + torch.arange(lq, device=q.device)
+    keys = torch.arange(nk, device=q.device)
+    causal = keys[None, :] <= qpos[:, None]  # [Lq, Nk]
+    offs = (qpos[:, None] - keys[None, :]).clamp(min=0)  # [Lq, Nk]
+    vertical = torch.empty((b, hq, nk), dtype=torch.float32, device=q.device)
+    slash = torch.zeros((b, hq, nk), dtype=torch.float32, device=q.device)
+    for j in range(hkv):
+        qs = q[:, j * g : (j + 1) * g, nq - lq :].float()  # [B, g, Lq, D]
+        kk = k[:, j : j + 1].float()  # [B, 1, Nk, D]
+        s = torch.matmul(qs, kk.transpose(-1, -2)) * scale
+        s = s.masked_fill(~causal, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        vertical[:, j * g : (j + 1) * g] = p.sum(-2)
+        sl = torch.zeros((b, g, nk), dtype=torch.float32, device=q.device)
+        sl.scatter_add_(-1, offs.expand(b, g, lq, nk).reshape(b, g, -1), p.reshape(b, g, -1))
+        slash[:, j * g : (j + 1) * g] = sl
+    return vertical, slash
+
+
+def select_vertical_slash(
+    vertical: torch.Tensor,
+    slash: torch.Tensor,
+    num_vertical: torch.Tensor | int,
+    num_slash: torch.Tensor | int,
+    keep_first: int = KEEP_FIRST,
+    keep_local: int = KEEP_LOCAL,
+):
+    """Scores -> indices with per-head budgets. Returns ``(v [B,H,NVmax], v_valid, s [B,H,NSmax],
+    s_valid)``; entries beyond a head's budget are invalid (``valid == False``)."""
+    b, h, nk = vertical.shape
+    dev = vertical.device
+    nv = torch.as_tensor(num_vertical, device=dev).clamp(max=nk).expand(b, h)
+    ns = torch.as_tensor(num_slash, device=dev).clamp(max=nk).expand(b, h)
+    nv_max, ns_max = int(nv.max()), int(ns.max())
+    pos = torch.arange(nk, device=dev)
+    vertical = torch.where(
+        pos[None, None, :] < torch.minimum(nv, torch.full_like(nv, keep_first))[..., None],
+        torch.full_like(vertical, float("inf")),
+        vertical,
+    )
+    slash = torch.where(
+        pos[None, None, :] < torch.minimum(ns, torch.full_like(ns, keep_local))[..., None],
+        torch.full_like(slash, float("inf")),
+        slash,
+    )
+    v_idx = _topk_indices(vertical, nv_max)
+    s_idx = _topk_indices(slash, ns_max)
+    v_valid = torch.arange(nv_max, device=dev)[None, None, :] < nv[..., None]
+    s_valid = torch.arange(ns_max, device=dev)[None, None, :] < ns[..., None]
+    return v_idx, v_valid, s_idx, s_valid
+
+
+def estimate_vertical_slash_impl(
+    q, k, num_vertical, num_slash, last_q, scale, backend, keep_first=KEEP_FIRST, keep_local=KEEP_LOCAL
+):
+    if backend == "triton":
+        from . import _triton
+
+        vertical, slash = _triton.vs_scores(q, k, last_q, scale)
+    else:
+        vertical, slash = vs_scores_torch(q, k, last_q, scale)
+    return select_vertical_slash(vertical, slash, num_vertical, num_slash, keep_first, keep_local)
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, head_chunk: int = 8):
+    """Pooled block scores with causality: ``[B, Hq, MBq, MBk]`` float32 (``-inf`` = not causal),
+    plus the forced (diagonal) mask of the same shape."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    off = nk - nq
+    mbq, mbk = -(-nq // block_size), -(-nk // block_size)
+
+    def pool(x, n, nb):
+        pad = nb * block_size - n
+        xf = x.float()
+        if pad:
+            xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
+        s = xf.reshape(*x.shape[:2], nb, block_size, x.shape[-1]).sum(-2)
+        cnt = torch.clamp(n - torch.arange(nb, device=x.device) * block_size, max=block_size)
+        return s / cnt[:, None].to(s.dtype)
+
+    pq = pool(q, nq, mbq).reshape(b, hkv, g * mbq, d)
+    pk = pool(k, nk, mbk)
+    scores = torch.matmul(pq, pk.transpose(-1, -2)).reshape(b, hq, mbq, mbk)
+    first = torch.arange(mbq, device=q.device) * block_size + off  # abs pos of first row
+    last = torch.clamp((torch.arange(mbq, device=q.device) + 1) * block_size, max=nq) - 1 + off
+    kstart = torch.arange(mbk, device=q.device) * block_size
+    causal = kstart[None, :] <= last[:, None]
+    forced = (kstart[None, :] + block_size > first[:, None]) & causal
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return scores, forced
+
+
+def estimate_block_sparse_impl(q, k, top_k, block_size):
+    scores, forced = block_scores(q, k, block_size)
+    scores = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+    mbk = scores.shape[-1]
+    top_k = torch.as_tensor(top_k, device=q.device).expand(q.shape[0], q.shape[1])
+    kmax = int(top_k.max())
+    kk = min(kmax, mbk)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kk]
+    vals = torch.gather(scores, -1, order)
+    ok = (vals > float("-inf")) & (
+        torch.arange(kk, device=q.device)[None, None, None, :] < top_k[..., None, None]
+    )
+    idx = torch.where(ok, order, torch.full_like(order, -1))
+    if kk < kmax:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], kmax - kk), -1)], -1)
+    return idx
+
+
+__all__ = [
+    "KEEP_FIRST",
+    "KEEP_LOCAL",
+    "estimate_vertical_slash_impl",
+    "estimate_block_sparse_impl",
+    "vs_scores_torch",
+    "select_vertical_slash",
+    "_BIG",
+]

@@ -1,0 +1,135 @@
+"""Exact boolean masks of the (query, key) pairs each sparse attention function attends to.
+
+Written independently of the index builders and kernels (plain loops over the definitions), so that
+tests can compare a kernel's output with dense float64 attention restricted to these masks.
+All masks are ``[B, H, R, n_kv]`` with ``R`` query rows (all ``n`` rows, or ``query_rows``) and the
+causal diagonal aligned bottom-right: query row ``i`` sits at absolute position ``i + n_kv - n``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .index import BLOCK
+
+
+def _rows(n: int, n_kv: int | None, query_rows: torch.Tensor | None, device):
+    n_kv = n if n_kv is None else n_kv
+    if n < 1 or n_kv < n:
+        raise ValueError(f"need 1 <= n <= n_kv, got n={n}, n_kv={n_kv}")
+    rows = torch.arange(n, device=device) if query_rows is None else query_rows.to(device).long()
+    if rows.dim() != 1:
+        raise ValueError("query_rows must be a 1-D tensor of query row indices")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise ValueError(f"query_rows must lie in [0, {n - 1}]")
+    return rows, n_kv, n_kv - n
+
+
+def greedy_slash_tiles(offsets: list[int]) -> list[int]:
+    """Relative starts of the 64-wide tiles covering slash ``offsets`` (see ``index`` module doc)."""
+    tiles: list[int] = []
+    f = None
+    for s in sorted(set(int(o) for o in offsets)):
+        x = -s
+        if f is not None and x >= f:
+            continue
+        start = x if (f is None or x + BLOCK - 1 < f) else f - BLOCK
+        tiles.append(start)
+        f = start
+    return tiles
+
+
+def vertical_slash_mask(
+    vertical_indices: torch.Tensor,
+    slash_indices: torch.Tensor,
+    n: int,
+    *,
+    n_kv: int | None = None,
+    query_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The exact pairs :func:`vertical_slash_attention` attends to: ``bool [B, H, R, n_kv]``.
+
+    Every causal pair named by the indices is included (key ``j`` in ``vertical_indices``, or
+    ``i - j`` in ``slash_indices``), **and more**: slashes are computed at 64-key tile granularity.
+    For query block ``m`` (rows ``64m .. 64m+63``, first absolute position ``a0``) a slash ``s``
+    needs keys ``a0 - s .. a0 - s + 63``; the slashes of a head are covered by the fewest 64-wide
+    tiles (greedy from the diagonal outwards), and every causal pair inside a tile is attended. So a
+    lone slash costs (and includes) a 64x64 parallelogram per query block. Verticals are exact columns.
+    """
+    b, h = vertical_indices.shape[:2]
+    rows, n_kv, off = _rows(n, n_kv, query_rows, vertical_indices.device)
+    dev = vertical_indices.device
+    qpos = rows + off
+    a0 = (rows // BLOCK) * BLOCK + off
+    keys = torch.arange(n_kv, device=dev)
+    out = torch.zeros((b, h, rows.numel(), n_kv), dtype=torch.bool, device=dev)
+    for bi in range(b):
+        for hi in range(h):
+            tiles = greedy_slash_tiles(slash_indices[bi, hi].tolist())
+            rel = keys[None, :] - a0[:, None]  # [R, n_kv]
+            m = torch.zeros_like(rel, dtype=torch.bool)
+            for t in tiles:
+                m |= (rel >= t) & (rel < t + BLOCK)
+            vert = torch.zeros(n_kv, dtype=torch.bool, device=dev)
+            vert[vertical_indices[bi, hi].long()] = True
+            m |= vert[None, :]
+            out[bi, hi] = m & (keys[None, :] <= qpos[:, None])
+    return out
+
+
+def block_sparse_mask(
+    block_indices: torch.Tensor,
+    n: int,
+    block_size: int = 64,
+    *,
+    n_kv: int | None = None,
+    query_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The exact pairs :func:`block_sparse_attention` attends to: ``bool [B, H, R, n_kv]``.
+
+    Query row ``i`` (local) is in query block ``i // block_size``; it attends to key ``j`` iff
+    ``j // block_size`` is listed for that block (``-1`` entries ignored) and ``j`` is causal for it.
+    Exact: nothing beyond the listed blocks.
+    """
+    b, h = block_indices.shape[:2]
+    rows, n_kv, off = _rows(n, n_kv, query_rows, block_indices.device)
+    dev = block_indices.device
+    qpos = rows + off
+    kb = torch.arange(n_kv, device=dev) // block_size
+    n_kb = -(-n_kv // block_size)
+    out = torch.zeros((b, h, rows.numel(), n_kv), dtype=torch.bool, device=dev)
+    for bi in range(b):
+        for hi in range(h):
+            sel = torch.zeros((block_indices.shape[2], n_kb + 1), dtype=torch.bool, device=dev)
+            ids = block_indices[bi, hi].long()
+            ids = torch.where(ids < 0, torch.full_like(ids, n_kb), ids)
+            sel.scatter_(1, ids, True)
+            allowed = sel[rows // block_size][:, kb]  # [R, n_kv]
+            out[bi, hi] = allowed & (torch.arange(n_kv, device=dev)[None, :] <= qpos[:, None])
+    return out
+
+
+def streaming_mask(
+    sink_tokens: int,
+    window_tokens: int,
+    n: int,
+    *,
+    n_kv: int | None = None,
+    query_rows: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The exact pairs :func:`streaming_attention` attends to: ``bool [1, 1, R, n_kv]``:
+    causal and (``j < sink_tokens`` or ``i - j < window_tokens``). Exact at token granularity."""
+    rows, n_kv, off = _rows(n, n_kv, query_rows, device)
+    qpos = (rows + off)[:, None]
+    keys = torch.arange(n_kv, device=rows.device)[None, :]
+    m = (keys <= qpos) & ((keys < sink_tokens) | (qpos - keys < window_tokens))
+    return m[None, None]
+
+
+def dense_mask(n: int, *, n_kv: int | None = None, query_rows: torch.Tensor | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """Causal pairs, bottom-right aligned: ``bool [1, 1, R, n_kv]``."""
+    rows, n_kv, off = _rows(n, n_kv, query_rows, device)
+    keys = torch.arange(n_kv, device=rows.device)[None, :]
+    return (keys <= (rows + off)[:, None])[None, None]

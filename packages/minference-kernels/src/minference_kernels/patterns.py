@@ -1,0 +1,90 @@
+"""Per-head pattern specifications consumed by :func:`minference_kernels.sparse_prefill`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+PatternKind = Literal["dense", "a_shape", "vertical_slash", "block_sparse"]
+KINDS: tuple[str, ...] = ("dense", "a_shape", "vertical_slash", "block_sparse")
+
+
+@dataclass(frozen=True)
+class HeadPattern:
+    """What one query head attends to during pre-fill.
+
+    * ``dense``: full causal attention.
+    * ``a_shape``: the first ``sink_tokens`` keys plus a local window of ``window_tokens`` keys
+      (``0 <= i - j < window_tokens``), exact at token granularity.
+    * ``vertical_slash``: ``num_vertical`` key columns and ``num_slash`` diagonals, estimated online
+      per prompt by :func:`minference_kernels.estimate_vertical_slash`.
+    * ``block_sparse``: ``top_k`` key blocks of ``block_size`` per query block, estimated online by
+      :func:`minference_kernels.estimate_block_sparse`.
+
+    Use the constructors (:meth:`dense`, :meth:`a_shape`, :meth:`vertical_slash`,
+    :meth:`block_sparse`); invalid sizes raise ``ValueError``.
+    """
+
+    kind: PatternKind
+    sink_tokens: int = 0
+    window_tokens: int = 0
+    num_vertical: int = 0
+    num_slash: int = 0
+    top_k: int = 0
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"HeadPattern.kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("sink_tokens", "window_tokens", "num_vertical", "num_slash", "top_k", "block_size"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError(f"HeadPattern.{name} must be an int, got {type(val).__name__}")
+            if val < 0:
+                raise ValueError(f"HeadPattern.{name} must be >= 0, got {val}")
+        if self.kind == "a_shape" and self.window_tokens < 1:
+            raise ValueError("a_shape needs window_tokens >= 1 (the diagonal itself)")
+        if self.kind == "vertical_slash" and self.num_vertical + self.num_slash < 1:
+            raise ValueError("vertical_slash needs num_vertical + num_slash >= 1")
+        if self.kind == "block_sparse":
+            if self.top_k < 1:
+                raise ValueError("block_sparse needs top_k >= 1")
+            if self.block_size < 64 or self.block_size % 64:
+                raise ValueError(f"block_size must be a positive multiple of 64, got {self.block_size}")
+
+    @classmethod
+    def dense(cls) -> HeadPattern:
+        return cls("dense")
+
+    @classmethod
+    def a_shape(cls, sink_tokens: int, window_tokens: int) -> HeadPattern:
+        return cls("a_shape", sink_tokens=sink_tokens, window_tokens=window_tokens)
+
+    @classmethod
+    def vertical_slash(cls, num_vertical: int, num_slash: int) -> HeadPattern:
+        return cls("vertical_slash", num_vertical=num_vertical, num_slash=num_slash)
+
+    @classmethod
+    def block_sparse(cls, top_k: int, block_size: int = 64) -> HeadPattern:
+        return cls("block_sparse", top_k=top_k, block_size=block_size)
+
+    def describe(self) -> str:
+        if self.kind == "dense":
+            return "dense"
+        if self.kind == "a_shape":
+            return f"a_shape(sink={self.sink_tokens}, window={self.window_tokens})"
+        if self.kind == "vertical_slash":
+            return f"vertical_slash(v={self.num_vertical}, s={self.num_slash})"
+        return f"block_sparse(top_k={self.top_k}, block={self.block_size})"
+
+
+def check_heads(heads: Sequence[HeadPattern], num_heads: int) -> tuple[HeadPattern, ...]:
+    """Validate a per-query-head pattern list against the number of query heads."""
+    heads = tuple(heads)
+    if len(heads) != num_heads:
+        raise ValueError(f"heads has {len(heads)} patterns but q has {num_heads} query heads")
+    for i, h in enumerate(heads):
+        if not isinstance(h, HeadPattern):
+            raise TypeError(f"heads[{i}] must be a HeadPattern, got {type(h).__name__}")
+    return heads
