@@ -1,0 +1,43 @@
+"""minference-hf: MInference sparse pre-fill for HuggingFace transformers models.
+
+Plugs in through transformers' own extension points (``AttentionInterface`` and
+``AttentionMaskInterface``) instead of replacing any model's forward::
+
+    import minference_hf
+    model = minference_hf.patch(model, config="meta-llama/Llama-3.1-8B-Instruct")
+    ...  # long prompts pre-fill sparse, decode steps and short prompts run dense SDPA
+    minference_hf.unpatch(model)
+
+Importing this package registers nothing and loads no model; :func:`register` (called by
+:func:`patch`) does the registration.
+"""
+
+from __future__ import annotations
+
+from .attention import UnsupportedAttentionError
+from .capture import CapturedLayer, capture_qkv, search_model_config
+from .patching import UnsupportedModelError, get_plan, patch, register, unpatch
+from .plan import (
+    DEFAULT_MIN_SPARSE_LEN,
+    DEFAULT_MIN_SPARSE_QUERY,
+    AttentionStats,
+    SparsePrefillPlan,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MIN_SPARSE_LEN",
+    "DEFAULT_MIN_SPARSE_QUERY",
+    "AttentionStats",
+    "CapturedLayer",
+    "SparsePrefillPlan",
+    "UnsupportedAttentionError",
+    "UnsupportedModelError",
+    "capture_qkv",
+    "get_plan",
+    "patch",
+    "register",
+    "search_model_config",
+    "unpatch",
+]

@@ -1,0 +1,361 @@
+"""register / patch / unpatch: plugging MInference into a transformers model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .attention import (
+    CAPTURE_IMPLEMENTATION,
+    IMPLEMENTATION,
+    UnsupportedAttentionError,
+    capture_attention,
+    minference_attention,
+    minference_mask,
+)
+from .plan import DEFAULT_MIN_SPARSE_LEN, DEFAULT_MIN_SPARSE_QUERY, SparsePrefillPlan
+
+if TYPE_CHECKING:
+    from minference_patterns import PatternConfig
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger("minference_hf")
+
+_PLAN_ATTR = "_minference_plan"
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot run MInference sparse pre-fill (architecture or feature not supported)."""
+
+
+def register() -> None:
+    """Register the ``"minference"`` attention and mask functions with transformers.
+
+    Registers :func:`minference_hf.attention.minference_attention` with ``AttentionInterface`` and
+    :func:`minference_hf.attention.minference_mask` with ``AttentionMaskInterface`` (without the
+    latter transformers builds no mask for an unknown implementation and padding is silently
+    ignored), plus the ``"minference_capture"`` pair used by :func:`minference_hf.capture_qkv`.
+    Idempotent; :func:`patch` calls it.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, minference_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, minference_mask)
+    AttentionInterface.register(CAPTURE_IMPLEMENTATION, capture_attention)
+    AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """Attention geometry of a decoder model, read from its (text) config."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def text_config(model: PreTrainedModel) -> Any:
+    """The decoder text config of ``model`` (the config itself for plain language models)."""
+    cfg = model.config
+    get = getattr(cfg, "get_text_config", None)
+    if get is None:
+        return cfg
+    try:
+        return get(decoder=True)
+    except TypeError:
+        return get()
+
+
+def attention_shape(model: PreTrainedModel) -> AttentionShape:
+    """Layers, query heads, KV heads and head dim of ``model``'s self-attention."""
+    tc = text_config(model)
+    try:
+        layers = int(tc.num_hidden_layers)
+        heads = int(tc.num_attention_heads)
+    except AttributeError as e:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: config has no num_hidden_layers / num_attention_heads; "
+            "not a decoder language model minference can patch"
+        ) from e
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    return AttentionShape(layers, heads, int(kv), int(head_dim))
+
+
+def _check_architecture(model: PreTrainedModel) -> None:
+    name = type(model).__name__
+    cfg = model.config
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        raise UnsupportedModelError(
+            f"{name} does not route its attention through transformers' AttentionInterface, so "
+            "minference cannot plug into it (models such as Bloom, GPT-Neo, Falcon use their own "
+            "attention code). Supported: decoder models whose attention calls the interface "
+            "(Llama, Mistral, Qwen2/3, Phi-3, ...)."
+        )
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{name} is an encoder-decoder model; minference supports causal decoder models only"
+        )
+    tc = text_config(model)
+    if not getattr(tc, "is_causal", True):
+        raise UnsupportedModelError(
+            f"{name} is configured for non-causal attention (config.is_causal=False); minference "
+            "supports causal decoder self-attention only"
+        )
+    for attr in ("attn_logit_softcapping", "attn_softcapping"):
+        if getattr(tc, attr, None) is not None:
+            raise UnsupportedModelError(
+                f"{name} uses attention logit soft-capping (config.{attr}="
+                f"{getattr(tc, attr)}); the sparse kernels do not support it. Set "
+                f"config.{attr}=None only if you accept different outputs."
+            )
+    if getattr(tc, "alibi", False) or getattr(tc, "use_alibi", False):
+        raise UnsupportedModelError(
+            f"{name} uses ALiBi position biases, which the sparse kernels do not support"
+        )
+
+
+def _sliding_layers(model: PreTrainedModel) -> tuple[int | None, int]:
+    """``(window, number of sliding-window layers)`` as the config declares them."""
+    tc = text_config(model)
+    window = getattr(tc, "sliding_window", None)
+    layer_types = getattr(tc, "layer_types", None)
+    if layer_types:
+        n = sum(1 for t in layer_types if "sliding" in str(t) or "local" in str(t))
+        return (window if n else None), n
+    if window is not None and getattr(tc, "use_sliding_window", True):
+        return window, int(tc.num_hidden_layers)
+    return None, 0
+
+
+def resolve_config(
+    config: PatternConfig | str | os.PathLike[str] | None, model: PreTrainedModel | None = None
+) -> PatternConfig:
+    """Turn ``config`` into a :class:`minference_patterns.PatternConfig`.
+
+    Args:
+        config: a ``PatternConfig``; a path to a config file; the model id of a config shipped with
+            minference-patterns; or ``None`` to look up ``model``'s own id
+            (``model.config._name_or_path``).
+        model: needed when ``config`` is ``None``.
+
+    Raises:
+        ValueError: the model has no id, or no shipped config matches the id; the message says how
+            to get a config.
+    """
+    import minference_patterns
+    from minference_patterns import PatternConfig
+
+    if isinstance(config, PatternConfig):
+        return config
+    if config is None:
+        if model is None:
+            raise ValueError("config=None needs the model to look up its id")
+        model_id = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+        if not model_id:
+            raise ValueError(
+                f"{type(model).__name__} has no model id (built from a config, not loaded with "
+                "from_pretrained), so no shipped pattern config can be found: pass "
+                "config=PatternConfig | path | shipped model id, or make one with `minference "
+                "search`"
+            )
+        candidates = [str(model_id)]
+        if os.path.isdir(str(model_id)):
+            candidates.append(os.path.basename(os.path.normpath(str(model_id))))
+        for cand in candidates:
+            try:
+                return minference_patterns.load(cand)
+            except (KeyError, ValueError, FileNotFoundError):
+                continue
+        raise ValueError(
+            f"no pattern config shipped for model id {model_id!r}: pass config=PATH or a "
+            "shipped model id, or make one with `minference search --model ... --calib ... --out "
+            "config.json`"
+        )
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            return minference_patterns.load(config)
+        except (KeyError, FileNotFoundError) as e:
+            raise ValueError(
+                f"pattern config {str(config)!r} is neither a readable config file nor the id of "
+                f"a shipped config ({e})"
+            ) from e
+    raise TypeError(
+        f"config must be a PatternConfig, a path or a model id, got {type(config).__name__}"
+    )
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+
+def get_plan(model: torch.nn.Module) -> SparsePrefillPlan | None:
+    """The :class:`SparsePrefillPlan` of a patched model, or ``None``."""
+    plan = getattr(model, "minference_plan", None)
+    return plan if isinstance(plan, SparsePrefillPlan) else None
+
+
+def _set_impl(model: PreTrainedModel, impl: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter(impl)
+    else:  # older transformers: the config attribute is the switch
+        model.config._attn_implementation = impl
+
+
+def _dry_run(model: PreTrainedModel, plan: SparsePrefillPlan, shape: AttentionShape) -> None:
+    """Run two tokens through the model and check every attention call reached our function."""
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    ids = torch.tensor([[1, 2]], dtype=torch.long, device=device)
+    plan.stats.reset()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    seen = set(plan.stats.seen_layers)
+    plan.stats.reset()
+    if not seen:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} accepted attn_implementation={IMPLEMENTATION!r} but never "
+            "called it: its attention does not go through transformers' AttentionInterface"
+        )
+    extra = sorted(i for i in seen if i >= shape.num_layers)
+    if extra:
+        raise UnsupportedModelError(
+            f"attention calls came from layer indices {extra} but the pattern config has "
+            f"{shape.num_layers} layers"
+        )
+    missing = sorted(set(range(shape.num_layers)) - seen)
+    if missing:
+        logger.info(
+            "minference: layers %s have no attention call through the interface (hybrid "
+            "model?); they are left as they are",
+            missing,
+        )
+
+
+def patch(
+    model: PreTrainedModel,
+    config: PatternConfig | str | os.PathLike[str] | None = None,
+    *,
+    min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
+    min_sparse_query: int = DEFAULT_MIN_SPARSE_QUERY,
+    last_q: int = 64,
+    backend: str = "auto",
+    verify: bool = True,
+) -> PreTrainedModel:
+    """Switch ``model`` to ``attn_implementation="minference"`` with a per-layer, per-head plan.
+
+    No forward method is replaced: the model keeps calling transformers' attention interface, and
+    the registered ``minference`` function takes the sparse path for long pre-fills (at least
+    ``min_sparse_len`` keys and ``min_sparse_query`` new tokens) and dense SDPA otherwise (decode
+    steps, short prompts).
+
+    Args:
+        model: a transformers causal LM (or base model) whose attention uses the interface.
+        config: a :class:`minference_patterns.PatternConfig`, a path to one, the model id of a
+            shipped config, or ``None`` to use the model's own id.
+        min_sparse_len: keys (cached + new) from which pre-fill goes sparse.
+        min_sparse_query: new tokens from which a forward call may go sparse.
+        last_q: trailing queries used for the online vertical-slash estimate.
+        backend: :func:`minference_kernels.sparse_prefill` backend.
+        verify: run a 2-token forward to check every layer reaches the ``minference`` function
+            (raises :class:`UnsupportedModelError` otherwise, and restores the previous setting).
+
+    Returns:
+        ``model`` itself (patched in place); its plan is ``model.minference_plan``.
+
+    Raises:
+        UnsupportedModelError: the architecture or one of its features is not supported.
+        ValueError: the config does not match the model (layers, heads, KV heads, head dim) or
+            cannot be found.
+    """
+    register()
+    _check_architecture(model)
+    shape = attention_shape(model)
+    pattern_config = resolve_config(config, model)
+    pattern_config.validate_against(
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+    )
+    old = get_plan(model)
+    previous = (
+        old.previous_attn_implementation
+        if old is not None
+        else getattr(model.config, "_attn_implementation", None)
+    )
+    if previous in (IMPLEMENTATION, CAPTURE_IMPLEMENTATION):
+        previous = "sdpa"
+    plan = SparsePrefillPlan(
+        config=pattern_config,
+        min_sparse_len=min_sparse_len,
+        min_sparse_query=min_sparse_query,
+        last_q=last_q,
+        backend=backend,
+        previous_attn_implementation=previous,
+    )
+    modules = _attention_modules(model)
+    if not modules:
+        raise UnsupportedModelError(f"{type(model).__name__} has no attention layers (layer_idx)")
+    model.minference_plan = plan
+    for m in modules:
+        setattr(m, _PLAN_ATTR, plan)
+    try:
+        _set_impl(model, IMPLEMENTATION)
+        if getattr(model.config, "_attn_implementation", None) != IMPLEMENTATION:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} refused attn_implementation={IMPLEMENTATION!r}: it does "
+                "not support setting its attention implementation through the interface"
+            )
+        if verify:
+            _dry_run(model, plan, shape)
+    except UnsupportedAttentionError as e:
+        _remove(model, previous)
+        raise UnsupportedModelError(f"{type(model).__name__}: {e}") from e
+    except Exception:
+        _remove(model, previous)
+        raise
+    window, n_sliding = _sliding_layers(model)
+    if n_sliding:
+        logger.warning(
+            "minference: %s has %d sliding-window layer(s) (window %s); for prompts longer "
+            "than the window those layers run dense SDPA (exact), the others sparse",
+            type(model).__name__,
+            n_sliding,
+            window,
+        )
+    logger.info("minference: patched %s (%s)", type(model).__name__, plan.summary())
+    return model
+
+
+def _remove(model: PreTrainedModel, previous: str | None) -> None:
+    for m in model.modules():
+        if _PLAN_ATTR in m.__dict__:
+            delattr(m, _PLAN_ATTR)
+    if "minference_plan" in model.__dict__:
+        del model.__dict__["minference_plan"]
+    if getattr(model.config, "_attn_implementation", None) in (
+        IMPLEMENTATION,
+        CAPTURE_IMPLEMENTATION,
+    ):
+        _set_impl(model, previous or "sdpa")
+
+
+def unpatch(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo :func:`patch`: restore the previous attention implementation and drop the plan.
+
+    Raises:
+        ValueError: ``model`` is not patched.
+    """
+    plan = get_plan(model)
+    if plan is None:
+        raise ValueError(f"{type(model).__name__} is not patched by minference_hf.patch")
+    _remove(model, plan.previous_attn_implementation)
+    return model
