@@ -1,0 +1,158 @@
+"""Configs shipped with the package, and :func:`load` (a path or a model id).
+
+The shipped configs are MInference's published per-head configs (MIT licence, Microsoft; see
+``configs/LICENSE-MInference``), converted to our format by ``scripts/convert_anchor_configs.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from .config import PatternConfig
+from .convert import load_file, read_json
+from .errors import UnknownModelError
+
+__all__ = ["ShippedModel", "SHIPPED_MODELS", "load", "load_shipped", "resolve_model_id"]
+
+SEARCH_HINT = (
+    "To make a config for a new model, run the kernel-aware search on a calibration prompt: "
+    "`minference search --model MODEL --calib PROMPT.txt --out CONFIG.json` (package "
+    "minference-hf), or call minference_patterns.search_config on captured Q/K; then "
+    "load('CONFIG.json')."
+)
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model with a shipped config, its shape and the MInference file it was converted from."""
+
+    model_id: str
+    file: str
+    source_file: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+_LLAMA3_262K = "Llama_3_8B_Instruct_262k_kv_out_v32_fit_o_best_pattern.json"
+_LLAMA31 = "Llama_3.1_8B_Instruct_128k_kv_out_v32_fit_o_best_pattern_v2.json"
+
+#: Every shipped model id (several ids may share one file). Shapes are from the models' configs.
+SHIPPED_MODELS: tuple[ShippedModel, ...] = (
+    ShippedModel("gradientai/Llama-3-8B-Instruct-262k", "llama-3-8b-instruct-262k.json",
+                 _LLAMA3_262K, 32, 32, 8, 128),
+    ShippedModel("gradientai/Llama-3-8B-Instruct-Gradient-1048k", "llama-3-8b-instruct-262k.json",
+                 _LLAMA3_262K, 32, 32, 8, 128),
+    ShippedModel("meta-llama/Meta-Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct-128k.json",
+                 _LLAMA31, 32, 32, 8, 128),
+    ShippedModel("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct-128k.json",
+                 _LLAMA31, 32, 32, 8, 128),
+    ShippedModel("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-instruct-128k.json",
+                 "Qwen2.5_7B_Instruct_128k_instruct_kv_out_v32_fit_o_best_pattern.json",
+                 28, 28, 4, 128),
+    ShippedModel("Qwen/Qwen2.5-7B-Instruct-1M", "qwen2.5-7b-instruct-1m.json",
+                 "Qwen2.5_7B_Instruct_1M.json", 28, 28, 4, 128),
+    ShippedModel("microsoft/Phi-3-mini-128k-instruct", "phi-3-mini-128k-instruct.json",
+                 "Phi_3_mini_128k_instruct_kv_out_v32_fit_o_best_pattern.json", 32, 32, 32, 96),
+    ShippedModel("THUDM/glm-4-9b-chat-1m", "glm-4-9b-chat-1m.json",
+                 "GLM_4_9B_1M_instruct_kv_out_v32_fit_o_best_pattern.json", 40, 32, 2, 128),
+    ShippedModel("01-ai/Yi-9B-200K", "yi-9b-200k.json",
+                 "Yi_9B_200k_kv_out_v32_fit_o_best_pattern.json", 48, 32, 4, 128),
+)  # fmt: skip
+
+_BY_ID = {m.model_id.lower(): m for m in SHIPPED_MODELS}
+
+
+def shipped_model_ids() -> list[str]:
+    """Ids with a shipped config (case-insensitive when loading)."""
+    return [m.model_id for m in SHIPPED_MODELS]
+
+
+def resolve_model_id(name: str) -> ShippedModel | None:
+    """The shipped model for ``name``: exact id (any case), else a unique name after the ``/``."""
+    key = name.strip().lower()
+    if key in _BY_ID:
+        return _BY_ID[key]
+    if "/" not in key:
+        hits = {m.file: m for m in SHIPPED_MODELS if m.model_id.lower().split("/", 1)[1] == key}
+        if len(hits) == 1:
+            return next(iter(hits.values()))
+    return None
+
+
+def shape_for_source_file(file_name: str) -> dict[str, Any] | None:
+    """Model id and shape of the first shipped model converted from MInference's ``file_name``."""
+    for m in SHIPPED_MODELS:
+        if m.source_file == file_name:
+            return {"model_id": m.model_id, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim}
+    return None
+
+
+def shipped_path(model: ShippedModel) -> Path:
+    """Filesystem path of a shipped config file."""
+    return Path(str(files("minference_patterns").joinpath("configs", model.file)))
+
+
+@lru_cache(maxsize=16)
+def _load_shipped_file(file: str) -> PatternConfig:
+    path = files("minference_patterns").joinpath("configs", file)
+    return PatternConfig.from_dict(read_json(Path(str(path))), source=f"shipped config {file}")
+
+
+def load_shipped(model_id: str) -> PatternConfig:
+    """The shipped config of ``model_id`` (case-insensitive); :class:`UnknownModelError` if none."""
+    m = resolve_model_id(model_id)
+    if m is None:
+        raise UnknownModelError(_unknown_msg(model_id), model_id)
+    cfg = _load_shipped_file(m.file)
+    return cfg if cfg.model_id == m.model_id else cfg.replace(model_id=m.model_id)
+
+
+def _unknown_msg(model_id: str) -> str:
+    ids = "\n  ".join(shipped_model_ids())
+    return (
+        f"no shipped pattern config for {model_id!r} (and no such file).\n"
+        f"Shipped configs:\n  {ids}\n{SEARCH_HINT}"
+    )
+
+
+def load(path_or_model_id: str | os.PathLike[str], *, model_id: str | None = None) -> PatternConfig:
+    """Load a pattern config from a file, a model directory or a shipped model id.
+
+    * an existing file: our JSON, MInference's format or a Qwen ``config.json`` (auto-detected);
+    * an existing directory: a Qwen-style model directory (``config.json`` with a sparse attention
+      config, or ``sparse_attention_config.json``); if it has none and its name is a shipped id,
+      the shipped config;
+    * otherwise a model id with a shipped config, matched case-insensitively (e.g.
+      ``"qwen/qwen2.5-7b-instruct"``; a unique name without the organisation also works).
+
+    ``model_id`` overrides the model id stored in (or guessed for) a file.
+
+    Raises:
+        UnknownModelError: (a ``KeyError`` and ``ValueError``) no such file and no shipped config;
+            the message lists the shipped ids and says how to search a config.
+        ConfigError: the file is malformed (the message names the layer, head and field).
+    """
+    if isinstance(path_or_model_id, os.PathLike):
+        path_or_model_id = os.fspath(path_or_model_id)
+    if not isinstance(path_or_model_id, str) or not path_or_model_id.strip():
+        raise TypeError(f"expected a path or a model id, got {path_or_model_id!r}")
+    p = Path(path_or_model_id).expanduser()
+    if p.is_file():
+        return load_file(p, model_id=model_id)
+    if p.is_dir():
+        try:
+            return load_file(p, model_id=model_id)
+        except FileNotFoundError:
+            if resolve_model_id(path_or_model_id) is None:
+                raise
+    if resolve_model_id(path_or_model_id) is None and path_or_model_id.lower().endswith(".json"):
+        raise FileNotFoundError(f"no such pattern config file: {path_or_model_id}")
+    cfg = load_shipped(path_or_model_id)
+    return cfg if model_id is None else cfg.replace(model_id=model_id)
