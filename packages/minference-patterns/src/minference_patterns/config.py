@@ -126,7 +126,15 @@ class Provenance:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
             raise ConfigError("must be a non-empty string", location="provenance.source")
-        for name in ("calibration", "objective", "tool", "tool_version", "date", "license", "notes"):
+        for name in (
+            "calibration",
+            "objective",
+            "tool",
+            "tool_version",
+            "date",
+            "license",
+            "notes",
+        ):
             val = getattr(self, name)
             if val is not None and not isinstance(val, str):
                 raise ConfigError(
@@ -169,7 +177,9 @@ class Provenance:
     @classmethod
     def from_dict(cls, data: Any) -> Provenance:
         if not isinstance(data, Mapping):
-            raise ConfigError(f"must be an object, got {type(data).__name__}", location="provenance")
+            raise ConfigError(
+                f"must be an object, got {type(data).__name__}", location="provenance"
+            )
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -255,8 +265,10 @@ def _check_count(name: str, val: Any, *, optional: bool) -> None:
     if val is None and optional:
         return
     if not _is_int(val) or val < 1:
-        raise ConfigError(f"must be a positive integer{' or null' if optional else ''}, got {val!r}",
-                          location=f"field {name!r}")
+        raise ConfigError(
+            f"must be a positive integer{' or null' if optional else ''}, got {val!r}",
+            location=f"field {name!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -295,8 +307,9 @@ class PatternConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id:
-            raise ConfigError(f"must be a non-empty string, got {self.model_id!r}",
-                              location="field 'model_id'")
+            raise ConfigError(
+                f"must be a non-empty string, got {self.model_id!r}", location="field 'model_id'"
+            )
         _check_count("num_layers", self.num_layers, optional=False)
         _check_count("num_heads", self.num_heads, optional=False)
         _check_count("num_kv_heads", self.num_kv_heads, optional=True)
@@ -309,8 +322,10 @@ class PatternConfig:
                 location="field 'num_kv_heads'",
             )
         if not _is_int(self.schema_version) or self.schema_version < 1:
-            raise ConfigError(f"must be a positive integer, got {self.schema_version!r}",
-                              location="field 'schema_version'")
+            raise ConfigError(
+                f"must be a positive integer, got {self.schema_version!r}",
+                location="field 'schema_version'",
+            )
         if self.schema_version > SCHEMA_VERSION:
             raise ConfigError(_future_msg(self.schema_version), location="field 'schema_version'")
         if not isinstance(self.provenance, Provenance):
@@ -328,8 +343,10 @@ class PatternConfig:
             )
         for li, layer in enumerate(layers):
             if not isinstance(layer, tuple):
-                raise ConfigError(f"must be a sequence of head patterns, got {type(layer).__name__}",
-                                  location=_where(li))
+                raise ConfigError(
+                    f"must be a sequence of head patterns, got {type(layer).__name__}",
+                    location=_where(li),
+                )
             if len(layer) != self.num_heads:
                 raise ConfigError(
                     f"has {len(layer)} heads but num_heads is {self.num_heads}",
@@ -337,8 +354,10 @@ class PatternConfig:
                 )
             for hi, pattern in enumerate(layer):
                 if not isinstance(pattern, HeadPattern):
-                    raise ConfigError(f"must be a HeadPattern, got {type(pattern).__name__}",
-                                      location=_where(li, hi))
+                    raise ConfigError(
+                        f"must be a HeadPattern, got {type(pattern).__name__}",
+                        location=_where(li, hi),
+                    )
         object.__setattr__(self, "layers", layers)
         if self.scores is not None:
             scores = tuple(tuple(row) if _seq(row) else row for row in self.scores)
@@ -349,12 +368,16 @@ class PatternConfig:
                 )
             for li, row in enumerate(scores):
                 if not isinstance(row, tuple) or len(row) != self.num_heads:
-                    raise ConfigError(f"must hold {self.num_heads} scores",
-                                      location=_where(li) + ", field 'scores'")
+                    raise ConfigError(
+                        f"must hold {self.num_heads} scores",
+                        location=_where(li) + ", field 'scores'",
+                    )
                 for hi, s in enumerate(row):
                     if s is not None and not _is_number(s):
-                        raise ConfigError(f"must be a finite number or None, got {s!r}",
-                                          location=_where(li, hi, "score"))
+                        raise ConfigError(
+                            f"must be a finite number or None, got {s!r}",
+                            location=_where(li, hi, "score"),
+                        )
             object.__setattr__(self, "scores", scores)
 
     # ---- access -------------------------------------------------------------------------
@@ -516,22 +539,31 @@ class PatternConfig:
             )
         fmt = data.get("format")
         if fmt is not None and fmt != FORMAT_NAME:
-            raise ConfigError(f"expected {FORMAT_NAME!r}, got {fmt!r}", source=source,
-                              location="field 'format'")
+            raise ConfigError(
+                f"expected {FORMAT_NAME!r}, got {fmt!r}", source=source, location="field 'format'"
+            )
         version = data.get("schema_version")
         if version is None:
-            raise ConfigError("missing (is this a minference-patterns config?)", source=source,
-                              location="field 'schema_version'")
+            raise ConfigError(
+                "missing (is this a minference-patterns config?)",
+                source=source,
+                location="field 'schema_version'",
+            )
         if not _is_int(version) or version < 1:
-            raise ConfigError(f"must be a positive integer, got {version!r}", source=source,
-                              location="field 'schema_version'")
+            raise ConfigError(
+                f"must be a positive integer, got {version!r}",
+                source=source,
+                location="field 'schema_version'",
+            )
         if version > SCHEMA_VERSION:
-            raise ConfigError(_future_msg(version), source=source,
-                              location="field 'schema_version'")
+            raise ConfigError(
+                _future_msg(version), source=source, location="field 'schema_version'"
+            )
         unknown = sorted(set(data) - set(_TOP_LEVEL))
         if unknown:
-            raise ConfigError(f"unknown top-level field(s) {', '.join(map(repr, unknown))}",
-                              source=source)
+            raise ConfigError(
+                f"unknown top-level field(s) {', '.join(map(repr, unknown))}", source=source
+            )
         for name in ("model_id", "num_layers", "num_heads", "layers"):
             if name not in data:
                 raise ConfigError("missing", source=source, location=f"field {name!r}")
@@ -548,21 +580,27 @@ class PatternConfig:
             num_heads = data["num_heads"]
             raw_layers = data["layers"]
             if not isinstance(raw_layers, list):
-                raise ConfigError(f"must be a list of layers, got {type(raw_layers).__name__}",
-                                  location="field 'layers'")
+                raise ConfigError(
+                    f"must be a list of layers, got {type(raw_layers).__name__}",
+                    location="field 'layers'",
+                )
             if len(raw_layers) != num_layers:
-                raise ConfigError(f"has {len(raw_layers)} layers but num_layers is {num_layers}",
-                                  location="field 'layers'")
+                raise ConfigError(
+                    f"has {len(raw_layers)} layers but num_layers is {num_layers}",
+                    location="field 'layers'",
+                )
             layers = []
             scores = []
             any_score = False
             for li, raw in enumerate(raw_layers):
                 if not isinstance(raw, list):
-                    raise ConfigError(f"must be a list of heads, got {type(raw).__name__}",
-                                      location=_where(li))
+                    raise ConfigError(
+                        f"must be a list of heads, got {type(raw).__name__}", location=_where(li)
+                    )
                 if len(raw) != num_heads:
-                    raise ConfigError(f"has {len(raw)} heads but num_heads is {num_heads}",
-                                      location=_where(li))
+                    raise ConfigError(
+                        f"has {len(raw)} heads but num_heads is {num_heads}", location=_where(li)
+                    )
                 row, srow = [], []
                 for hi, h in enumerate(raw):
                     pattern, score = head_from_dict(h, layer=li, head=hi)
@@ -573,7 +611,9 @@ class PatternConfig:
                 scores.append(tuple(srow))
             policy_raw = data.get("budget_policy")
             try:
-                policy = BudgetPolicy() if policy_raw is None else BudgetPolicy.from_dict(policy_raw)
+                policy = (
+                    BudgetPolicy() if policy_raw is None else BudgetPolicy.from_dict(policy_raw)
+                )
             except (TypeError, ValueError) as exc:
                 raise ConfigError(str(exc), location="field 'budget_policy'") from None
             prov_raw = data.get("provenance")
@@ -641,7 +681,7 @@ def dumps_config(data: Mapping[str, Any]) -> str:
     for i, (key, val) in enumerate(items):
         comma = "," if i < len(items) - 1 else ""
         if key == "layers":
-            lines.append(f'  "layers": [')
+            lines.append('  "layers": [')
             for li, layer in enumerate(val):
                 lines.append("    [")
                 for hi, h in enumerate(layer):

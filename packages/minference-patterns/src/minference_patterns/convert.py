@@ -65,8 +65,9 @@ def read_json(path: PathLike) -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"not a UTF-8 text file ({exc.reason} at byte {exc.start})",
-                          source=str(p)) from None
+        raise ConfigError(
+            f"not a UTF-8 text file ({exc.reason} at byte {exc.start})", source=str(p)
+        ) from None
     if not text.strip():
         raise ConfigError("file is empty", source=str(p))
     try:
@@ -98,15 +99,23 @@ def _parse_minference(
     unused_b: dict[str, int] = {}
     for li, layer in enumerate(data):
         if not isinstance(layer, Mapping):
-            raise ConfigError(f"must be an object mapping head index to [kind, a, b, score], "
-                              f"got {type(layer).__name__}", source=source, location=_where(li))
+            raise ConfigError(
+                f"must be an object mapping head index to [kind, a, b, score], "
+                f"got {type(layer).__name__}",
+                source=source,
+                location=_where(li),
+            )
         by_index: dict[int, Any] = {}
         for key, entry in layer.items():
-            idx = key if _is_int(key) else (int(key) if isinstance(key, str) and key.isdigit()
-                                            else None)
+            idx = (
+                key
+                if _is_int(key)
+                else (int(key) if isinstance(key, str) and key.isdigit() else None)
+            )
             if idx is None:
-                raise ConfigError(f"head key {key!r} is not a head index", source=source,
-                                  location=_where(li))
+                raise ConfigError(
+                    f"head key {key!r} is not a head index", source=source, location=_where(li)
+                )
             if idx in by_index:
                 raise ConfigError(f"head {idx} appears twice", source=source, location=_where(li))
             by_index[idx] = entry
@@ -415,8 +424,9 @@ def from_qwen(
         target = base / name
         if not target.exists():
             what = "names" if sparse else "has no sparse_attention_config and there is no"
-            raise ConfigError(f"the model config {what} {name!r} ({target} not found)",
-                              source=source)
+            raise ConfigError(
+                f"the model config {what} {name!r} ({target} not found)", source=source
+            )
         sparse_source = str(target)
         sparse = read_json(target)
     shape = _qwen_shape(data)
@@ -443,8 +453,9 @@ def from_qwen(
     try:
         cfg.validate_against(num_layers=shape["num_layers"], num_heads=shape["num_heads"])
     except ValueError as exc:
-        raise ConfigError(f"sparse_attention_config does not match the model config: {exc}",
-                          source=source) from None
+        raise ConfigError(
+            f"sparse_attention_config does not match the model config: {exc}", source=source
+        ) from None
     return cfg
 
 
