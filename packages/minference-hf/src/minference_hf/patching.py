@@ -147,8 +147,10 @@ def resolve_config(
         model: needed when ``config`` is ``None``.
 
     Raises:
-        ValueError: the model has no id, or no shipped config matches the id; the message says how
-            to get a config.
+        ValueError: the model has no id, or no shipped config matches it; the message lists the
+            shipped ids and says how to search a config. For a string ``config`` that is neither
+            a file nor a shipped id, ``minference_patterns.UnknownModelError`` (a ``KeyError``
+            and ``ValueError``) or ``FileNotFoundError`` (a missing ``.json`` path).
     """
     import minference_patterns
     from minference_patterns import PatternConfig
@@ -169,24 +171,18 @@ def resolve_config(
         candidates = [str(model_id)]
         if os.path.isdir(str(model_id)):
             candidates.append(os.path.basename(os.path.normpath(str(model_id))))
+        last: Exception | None = None
         for cand in candidates:
             try:
                 return minference_patterns.load(cand)
-            except (KeyError, ValueError, FileNotFoundError):
-                continue
+            except (KeyError, FileNotFoundError) as e:  # UnknownModelError is a KeyError
+                last = e
         raise ValueError(
-            f"no pattern config shipped for model id {model_id!r}: pass config=PATH or a "
-            "shipped model id, or make one with `minference search --model ... --calib ... --out "
-            "config.json`"
-        )
+            f"config=None: no pattern config found for this model's id {str(model_id)!r}. "
+            f"Pass config=PATH or a shipped model id. ({last})"
+        ) from last
     if isinstance(config, (str, os.PathLike)):
-        try:
-            return minference_patterns.load(config)
-        except (KeyError, FileNotFoundError) as e:
-            raise ValueError(
-                f"pattern config {str(config)!r} is neither a readable config file nor the id of "
-                f"a shipped config ({e})"
-            ) from e
+        return minference_patterns.load(config)
     raise TypeError(
         f"config must be a PatternConfig, a path or a model id, got {type(config).__name__}"
     )

@@ -1,0 +1,181 @@
+"""Timed greedy generation: pre-fill (optionally chunked) then decode, with layer progress.
+
+Pre-fill asks the model for the logits of the last position only (``logits_to_keep=1``), so the
+``[N, vocab]`` logits tensor of a long prompt is never materialised.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._progress import Progress
+from .patching import get_plan
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+@dataclass
+class GenerationResult:
+    """Outcome of :func:`greedy_generate` (batch of one).
+
+    Attributes:
+        prompt_tokens: prompt length ``N``.
+        token_ids: generated token ids (first token included, EOS included if produced).
+        prefill_s: wall time of the pre-fill forward passes.
+        ttft_s: time to first token (pre-fill plus picking the first token).
+        decode_s: wall time of the decode steps (tokens 2..n).
+        first_logits: ``[vocab]`` float32 logits of the first generated token (CPU).
+        sparse_calls / dense_calls: counters of the model's minference plan for this run (0 when
+            the model is not patched).
+    """
+
+    prompt_tokens: int
+    token_ids: list[int]
+    prefill_s: float
+    ttft_s: float
+    decode_s: float
+    first_logits: torch.Tensor = field(repr=False)
+    sparse_calls: int = 0
+    dense_calls: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decode throughput over tokens 2..n (0 when fewer than two tokens)."""
+        n = len(self.token_ids) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens per second of pre-fill."""
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """Name of the KV-cache argument of ``model.forward`` (``cache`` in newer transformers,
+    ``past_key_values`` before)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model: PreTrainedModel) -> Any:
+    """An empty ``DynamicCache`` for ``model``."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:
+        return DynamicCache()
+
+
+@contextmanager
+def layer_progress(
+    model: torch.nn.Module, label: str, steps: int, enabled: bool = True
+) -> Iterator[Callable[[], None]]:
+    """Report per-layer progress of ``steps`` forward passes through ``model`` on stderr.
+
+    Uses forward hooks on the attention modules (nothing is replaced). Yields a function that
+    closes the progress line early.
+    """
+    attn = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")
+    ]
+    layers = sorted({m.layer_idx for m in attn})
+    prog = Progress(label, len(layers) * steps, enabled=enabled and bool(layers))
+    handles = []
+
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+        prog.update(1, note=f"layer {module.layer_idx + 1}/{len(layers)}")
+
+    if enabled:
+        handles = [m.register_forward_hook(hook) for m in attn]
+    try:
+        yield prog.close
+    finally:
+        for h in handles:
+            h.remove()
+        prog.close()
+
+
+def greedy_generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int = 32,
+    eos_token_id: int | list[int] | None = None,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> GenerationResult:
+    """Greedy decoding of one prompt with timing.
+
+    Args:
+        model: a causal LM (patched or not).
+        input_ids: ``[1, N]`` prompt ids.
+        max_new_tokens: generated tokens at most.
+        eos_token_id: stop after producing one of these (default: the model's generation config).
+        chunk_size: pre-fill in chunks of this many tokens (each chunk attends to the cached
+            ones), ``None`` for one pass.
+        progress: print per-layer pre-fill progress on stderr.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids must be [1, N], got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = input_ids.device
+    if eos_token_id is None:
+        gc = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gc, "eos_token_id", None)
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    ck = cache_kwarg(model)
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    extra: dict[str, Any] = {"logits_to_keep": 1} if keep else {}
+    n = int(input_ids.shape[1])
+    chunks = [input_ids] if not chunk_size else list(input_ids.split(int(chunk_size), dim=1))
+    plan = get_plan(model)
+    s0 = (plan.stats.sparse_calls, plan.stats.dense_calls) if plan else (0, 0)
+    cache = new_cache(model)
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        with layer_progress(model, f"pre-fill {n} tokens", len(chunks), enabled=progress):
+            for chunk in chunks:
+                out = model(input_ids=chunk, use_cache=True, **{ck: cache}, **extra)
+        _sync(device)
+        tp = time.perf_counter()
+        logits = out.logits[:, -1, :]
+        next_id = logits.argmax(dim=-1)
+        tok = int(next_id.item())  # synchronises
+        t1 = time.perf_counter()
+        tokens = [tok]
+        first_logits = logits[0].float().cpu()
+        while len(tokens) < max_new_tokens and tok not in eos:
+            out = model(input_ids=next_id[:, None], use_cache=True, **{ck: cache})
+            next_id = out.logits[:, -1, :].argmax(dim=-1)
+            tok = int(next_id.item())
+            tokens.append(tok)
+        t2 = time.perf_counter()
+    s1 = (plan.stats.sparse_calls, plan.stats.dense_calls) if plan else (0, 0)
+    return GenerationResult(
+        prompt_tokens=n,
+        token_ids=tokens,
+        prefill_s=tp - t0,
+        ttft_s=t1 - t0,
+        decode_s=t2 - t1,
+        first_logits=first_logits,
+        sparse_calls=s1[0] - s0[0],
+        dense_calls=s1[1] - s0[1],
+    )

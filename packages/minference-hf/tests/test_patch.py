@@ -1,0 +1,245 @@
+"""patch / unpatch, registration, and exactness of the full-budget sparse path per architecture."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import minference_hf
+import pytest
+import torch
+from conftest import (
+    HEADS,
+    LAYERS,
+    full_budget_config,
+    make_model,
+    padded_batch,
+    sparse_config,
+)
+from minference_kernels import HeadPattern
+from minference_patterns import PatternConfig
+
+# float32 logits of the sparse path with full budgets vs transformers' SDPA: same math, different
+# summation order (the kernels' blockwise online softmax), so rounding-level differences only.
+ATOL_F32 = 2e-5
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import minference_hf\n"
+        "from transformers import AttentionInterface\n"
+        "from transformers.masking_utils import AttentionMaskInterface\n"
+        "assert 'minference' not in AttentionInterface._global_mapping\n"
+        "assert 'minference' not in AttentionMaskInterface._global_mapping\n"
+        "minference_hf.register(); minference_hf.register()\n"
+        "assert 'minference' in AttentionInterface._global_mapping\n"
+        "assert 'minference' in AttentionMaskInterface._global_mapping\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_full_budget_matches_sdpa_batch2_padded(arch, side):
+    model = make_model(arch)
+    batch = padded_batch([200, 131], side)
+    ref = _logits(model, batch)
+    minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
+    assert model.config._attn_implementation == "minference"
+    out = _logits(model, batch)
+    plan = model.minference_plan
+    # padded batch: one sparse_prefill call per sample and layer
+    assert plan.stats.sparse_calls == 2 * LAYERS
+    assert plan.stats.sparse_layers == set(range(LAYERS))
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL_F32, rtol=1e-4)
+    minference_hf.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_logits(model, batch), ref)
+
+
+def test_full_budget_unpadded_batch_one_call_per_layer():
+    model = make_model("llama")
+    batch = padded_batch([180, 180], "left")
+    ref = _logits(model, batch)
+    minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
+    out = _logits(model, batch)
+    assert model.minference_plan.stats.sparse_calls == LAYERS
+    torch.testing.assert_close(out, ref, atol=ATOL_F32, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.bfloat16, 0.08), (torch.float16, 0.01)], ids=["bf16", "fp16"]
+)
+def test_full_budget_half_precision(dtype, atol):
+    model = make_model("qwen2", dtype=dtype)
+    batch = padded_batch([150, 97], "left")
+    ref = _logits(model, batch)
+    minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
+    out = _logits(model, batch)
+    assert model.minference_plan.stats.sparse_calls == 2 * LAYERS
+    valid = batch["attention_mask"].bool()
+    assert torch.isfinite(out[valid]).all()
+    torch.testing.assert_close(out[valid], ref[valid], atol=atol, rtol=0.02)
+
+
+def test_short_prompt_and_decode_take_dense_path():
+    model = make_model("llama")
+    minference_hf.patch(model, sparse_config())  # default threshold: far above 100 tokens
+    batch = padded_batch([100], "left")
+    with torch.no_grad():
+        model(**batch)
+    stats = model.minference_plan.stats
+    assert stats.sparse_calls == 0 and stats.dense_calls == LAYERS
+
+
+def test_no_forward_is_replaced():
+    model = make_model("mistral")
+    before = {name: type(m).forward for name, m in model.named_modules()}
+    minference_hf.patch(model, full_budget_config())
+    for name, m in model.named_modules():
+        assert "forward" not in m.__dict__, name
+        assert type(m).forward is before[name], name
+    minference_hf.unpatch(model)
+    assert not hasattr(model, "minference_plan")
+    assert all("_minference_plan" not in m.__dict__ for m in model.modules())
+
+
+def test_repatch_keeps_original_implementation():
+    model = make_model("llama")
+    minference_hf.patch(model, full_budget_config())
+    minference_hf.patch(model, sparse_config())
+    assert model.minference_plan.config.model_id == "test/sparse"
+    minference_hf.unpatch(model)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="not patched"):
+        minference_hf.unpatch(model)
+
+
+def test_config_from_path(tmp_path):
+    model = make_model("llama")
+    path = tmp_path / "cfg.json"
+    full_budget_config().save(path)
+    minference_hf.patch(model, path)
+    assert model.minference_plan.config.model_id == "test/full-budget"
+    minference_hf.patch(model, str(path))
+    assert model.minference_plan.config.num_layers == LAYERS
+
+
+# ---- bad cases ------------------------------------------------------------------------------
+
+
+def test_config_for_another_model_is_rejected():
+    model = make_model("llama")
+    wrong_layers = PatternConfig.uniform(LAYERS + 2, HEADS, HeadPattern.dense())
+    with pytest.raises(ValueError, match="num_layers: config has 4, model has 2"):
+        minference_hf.patch(model, wrong_layers)
+    wrong_heads = PatternConfig.uniform(LAYERS, HEADS * 2, HeadPattern.dense())
+    with pytest.raises(ValueError, match="num_heads"):
+        minference_hf.patch(model, wrong_heads)
+    with pytest.raises(ValueError, match="Llama-3.1-8B-Instruct"):
+        minference_hf.patch(model, "meta-llama/Llama-3.1-8B-Instruct")  # 32 layers x 32 heads
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model, "minference_plan")
+
+
+def test_unknown_model_id_is_rejected():
+    model = make_model("llama")
+    with pytest.raises(KeyError, match="no shipped pattern config for 'acme/NoSuchModel-7B'"):
+        minference_hf.patch(model, "acme/NoSuchModel-7B")
+
+
+def test_model_without_id_needs_a_config():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="has no model id"):
+        minference_hf.patch(model)
+    model.config._name_or_path = "acme/NoSuchModel-7B"
+    with pytest.raises(ValueError, match="no pattern config found for this model's id"):
+        minference_hf.patch(model)
+
+
+def test_architecture_without_attention_interface_is_rejected():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=64, n_layer=2, n_head=2))
+    cfg = PatternConfig.uniform(2, 2, HeadPattern.dense())
+    with pytest.raises(minference_hf.UnsupportedModelError, match="AttentionInterface"):
+        minference_hf.patch(model, cfg)
+
+
+def test_softcapping_is_rejected():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+    )
+    model = Gemma2ForCausalLM(config)
+    cfg = PatternConfig.uniform(2, 2, HeadPattern.dense())
+    with pytest.raises(minference_hf.UnsupportedModelError, match="soft-capping"):
+        minference_hf.patch(model, cfg)
+    assert model.config._attn_implementation != "minference"
+
+
+def test_non_causal_is_rejected():
+    model = make_model("llama")
+    model.config.is_causal = False
+    with pytest.raises(minference_hf.UnsupportedModelError, match="non-causal"):
+        minference_hf.patch(model, full_budget_config())
+
+
+def test_runtime_unsupported_kwarg_is_an_error():
+    model = make_model("llama")
+    minference_hf.patch(model, full_budget_config())
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, HEADS, 4, 64)
+    kv = torch.randn(1, 2, 4, 64)
+    with pytest.raises(minference_hf.UnsupportedAttentionError, match="softcap"):
+        minference_hf.attention.minference_attention(attn, q, kv, kv, None, softcap=30.0)
+
+
+def test_implementation_without_patch_is_a_clear_error():
+    model = make_model("llama")
+    minference_hf.register()
+    model.set_attn_implementation("minference")
+    with pytest.raises(RuntimeError, match="no MInference plan"):
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_sliding_window_layers_stay_exact(caplog):
+    # Mistral with a 64-token window on a 200-token prompt: the window bites, so those calls
+    # must run dense SDPA with the window mask (logged), never sparse without the window.
+    model = make_model("mistral", sliding_window=64)
+    batch = padded_batch([200, 150], "left")
+    ref = _logits(model, batch)
+    with caplog.at_level(logging.WARNING, logger="minference_hf"):
+        minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
+        out = _logits(model, batch)
+    stats = model.minference_plan.stats
+    assert stats.sparse_calls == 0 and stats.fallback_calls == LAYERS
+    assert any("sliding-window" in r.message for r in caplog.records)
+    assert any("not plain causal" in r.message for r in caplog.records)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL_F32, rtol=1e-4)
+
+
+def test_sliding_window_longer_than_prompt_goes_sparse():
+    model = make_model("mistral", sliding_window=4096)
+    batch = padded_batch([200, 150], "right")
+    ref = _logits(model, batch)
+    minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
+    out = _logits(model, batch)
+    assert model.minference_plan.stats.sparse_calls == 2 * LAYERS
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL_F32, rtol=1e-4)
