@@ -1,0 +1,33 @@
+"""Run one vLLM engine on the tiny model in a fresh process and print the result as JSON.
+
+Usage: ``python engine_runner.py SPEC.json OUT.json``. The spec names the model, the prompts
+(token ids), sampling and engine arguments. A fresh process per engine keeps plugin registration,
+environment variables and vLLM's process-wide state from leaking between engine configurations.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(spec_path: str, out_path: str) -> None:
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], **spec["engine"])
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    result = {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "text": [o.outputs[0].text for o in outputs],
+    }
+    with open(out_path, "w", encoding="utf-8") as fh:
+        json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
