@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
         print(f"{m.source_file} -> {m.file} ({cfg.num_layers} x {cfg.num_heads})")
     shutil.copyfile(src / "LICENSE-MInference", OUT / "LICENSE-MInference")
     shutil.copyfile(src / "LICENSE-MInference", TEST_DATA / "LICENSE-MInference")
+    shutil.copyfile(src / "MODELS.json", TEST_DATA / "MODELS.json")
     return 0
 
 

@@ -137,7 +137,7 @@ def _parse_minference(
         row, srow = [], []
         for hi in range(num_heads):
             pattern, score, b = _parse_entry(by_index[hi], li, hi, source)
-            if b is not None:
+            if b:  # 0 is what to_minference writes by default
                 unused_b[f"{li}:{hi}"] = b
             row.append(pattern)
             srow.append(score)
