@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
+import minference_patterns as mp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import minference_patterns as mp
 from minference_patterns import BudgetPolicy, ConfigError, HeadPattern, PatternConfig, Provenance
 
 VS = HeadPattern.vertical_slash

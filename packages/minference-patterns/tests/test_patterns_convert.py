@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import minference_patterns as mp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import minference_patterns as mp
-from minference_patterns import ConfigError, HeadPattern, PatternConfig, from_minference, from_qwen
-from minference_patterns import to_minference
+from minference_patterns import (
+    ConfigError,
+    HeadPattern,
+    PatternConfig,
+    from_minference,
+    from_qwen,
+    to_minference,
+)
 
 VS = HeadPattern.vertical_slash
 

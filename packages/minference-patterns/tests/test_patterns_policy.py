@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from minference_patterns import BudgetPolicy, HeadPattern, PatternConfig, adapt_pattern
 
 VS, AS, BS = HeadPattern.vertical_slash, HeadPattern.a_shape, HeadPattern.block_sparse

@@ -6,9 +6,8 @@ import json
 from collections import Counter
 from importlib.resources import files
 
-import pytest
-
 import minference_patterns as mp
+import pytest
 from minference_patterns import UnknownModelError, to_minference
 from minference_patterns.registry import SHIPPED_MODELS, shipped_path
 
