@@ -136,8 +136,9 @@ def search_model_config(
     input_ids: torch.Tensor,
     *,
     model_id: str | None = None,
-    budget: Any = None,
+    budget: float | None = None,
     seed: int = 0,
+    calibration: str | None = None,
     progress: bool = True,
 ) -> PatternConfig:
     """Capture ``model``'s Q/K/V on a calibration prompt and search a pattern config.
@@ -148,8 +149,10 @@ def search_model_config(
         model: the model to search for.
         input_ids: ``[1, N]`` calibration tokens.
         model_id: stored in the config (default: the model's own id).
-        budget: passed to the search as ``budget=`` (its default when ``None``).
+        budget: the search's compute budget (fraction of dense attention cost; the search's
+            default when ``None``).
         seed: search seed.
+        calibration: description of the calibration prompt, stored in the config's provenance.
         progress: let the search report progress on stderr.
     """
     import minference_patterns
@@ -162,14 +165,19 @@ def search_model_config(
         model_id = (
             os.path.basename(os.path.normpath(model_id)) if os.path.isdir(model_id) else model_id
         )
+    scales = [m.scaling for m in _attention_modules(model) if hasattr(m, "scaling")]
     layers = ((c.q, c.k, c.v) for c in capture_qkv(model, input_ids))
     kwargs: dict[str, Any] = {
         "model_id": model_id,
         "num_kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
+        "num_layers": shape.num_layers,
+        "calibration": calibration or f"{input_ids.shape[1]}-token prompt",
         "seed": seed,
         "progress": progress,
     }
+    if scales:
+        kwargs["scale"] = float(scales[0])
     if budget is not None:
         kwargs["budget"] = budget
     return minference_patterns.search_config(layers, **kwargs)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 #: Sparse threshold used with the embedded default model, so its short demo prompts go sparse.
 TINY_MIN_SPARSE_LEN = 1024
-TINY_PROMPT_TOKENS = 4096
+TINY_PROMPT_TOKENS = 2048
 
 
 @dataclass
@@ -124,10 +124,8 @@ def _prompt_ids(args: argparse.Namespace, loaded: Loaded) -> list[int]:
             ids = list(tok(text, add_special_tokens=False)["input_ids"])
         else:
             ids = list(tok(text)["input_ids"])
-    elif loaded.untrained:
-        ids = _default_prompt(loaded.tokenizer, args.prompt_tokens or TINY_PROMPT_TOKENS)
     else:
-        raise SystemExit("generate: --prompt-file is required with --model")
+        ids = _default_prompt(loaded.tokenizer, args.prompt_tokens or TINY_PROMPT_TOKENS)
     if args.prompt_tokens and len(ids) > args.prompt_tokens:
         ids = ids[-args.prompt_tokens :]
     if not ids:
@@ -139,6 +137,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation import GenerationResult, greedy_generate
     from .patching import patch, unpatch
 
+    if args.model and not args.prompt_file:
+        raise SystemExit("minference generate: --prompt-file is required with --model")
     loaded = _load(args)
     model, tok = loaded.model, loaded.tokenizer
     cfg = _pattern_config(args, loaded)
@@ -152,8 +152,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     patch(model, cfg, min_sparse_len=thr)
     progress = not args.no_progress
 
-    def run(label: str) -> GenerationResult:
-        if args.warmup:
+    warmup = args.warmup if args.warmup is not None else device.type == "cuda"
+
+    def run() -> GenerationResult:
+        if warmup:
             greedy_generate(model, x, max_new_tokens=2, chunk_size=args.chunk_size)
         return greedy_generate(
             model,
@@ -163,7 +165,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             progress=progress and len(ids) >= 8192,
         )
 
-    sparse = run("minference")
+    sparse = run()
     text = tok.decode(sparse.token_ids, skip_special_tokens=True)
     path = "sparse" if sparse.sparse_calls else "dense (prompt below the threshold)"
     print(
@@ -182,7 +184,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     }
     if args.compare_dense:
         unpatch(model)
-        dense = run("dense")
+        dense = run()
         dtext = tok.decode(dense.token_ids, skip_special_tokens=True)
         n = min(len(dense.token_ids), len(sparse.token_ids))
         same = next((i for i in range(n) if dense.token_ids[i] != sparse.token_ids[i]), n)
@@ -230,30 +232,29 @@ def _result_dict(r: Any, text: str) -> dict[str, Any]:
 # ---- search --------------------------------------------------------------------------------
 
 
-def _parse_budget(text: str | None) -> Any:
+def _parse_budget(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return int(text)
+        val = float(text)
     except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
+        raise SystemExit(f"search: --budget must be a number, got {text!r}") from None
+    if not val > 0.0:
+        raise SystemExit(f"search: --budget must be positive, got {text!r}")
+    return val
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from .capture import search_model_config
 
+    if args.model and not args.calib:
+        raise SystemExit("minference search: --calib FILE is required with --model")
     loaded = _load(args)
     tok = loaded.tokenizer
     if args.calib:
         ids = list(tok(Path(args.calib).read_text())["input_ids"])
-    elif loaded.untrained:
-        ids = _default_prompt(tok, args.max_tokens or 2048)
     else:
-        raise SystemExit("search: --calib FILE is required with --model")
+        ids = _default_prompt(tok, args.max_tokens or 2048)
     if args.max_tokens and len(ids) > args.max_tokens:
         ids = ids[: args.max_tokens]
     device = next(loaded.model.parameters()).device
@@ -266,6 +267,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         model_id=loaded.name,
         budget=_parse_budget(args.budget),
         seed=args.seed,
+        calibration=f"{Path(args.calib).name if args.calib else 'built-in filler'}, {len(ids)} tokens",
         progress=not args.no_progress,
     )
     out = cfg.save(args.out)
@@ -355,10 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not wrap the prompt file in the tokenizer's chat template",
     )
     g.add_argument(
-        "--no-warmup",
-        dest="warmup",
-        action="store_false",
-        help="skip the untimed warm-up run (kernel compilation lands in the timing)",
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run each method once untimed first, so kernel compilation is not timed "
+        "(default: on for CUDA, off for CPU)",
     )
     g.add_argument("--json", help="also write the results as JSON here")
     g.set_defaults(func=_cmd_generate)
@@ -367,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--calib", help="calibration text file")
     s.add_argument("--out", required=True, help="output config JSON")
-    s.add_argument("--budget", help="search budget (passed to minference_patterns.search_config)")
+    s.add_argument(
+        "--budget",
+        help="compute budget as a fraction of dense attention cost, e.g. 0.1 (the search's "
+        "default when omitted)",
+    )
     s.add_argument("--max-tokens", type=int, help="truncate the calibration prompt")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_search)
@@ -395,7 +402,15 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (OSError, ValueError, KeyError) as e:  # bad model / config / file: one clear line
+        if args.verbose:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"minference {args.command}: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        print("(run with -v for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""The ``minference`` CLI on the embedded default model, end to end (no download)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from minference_hf.cli import main
+from minference_hf.niah import build_prompt, parse_depths, parse_length
+from minference_hf.tiny import build_tokenizer
+
+
+def test_default_generate_end_to_end(tmp_path):
+    """The README's first command, as a fresh process: the embedded model, sparse pre-fill,
+    dense comparison, and a clear untrained notice."""
+    out = tmp_path / "gen.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "minference_hf", "generate", "--compare-dense",
+         "--max-new-tokens", "4", "--json", str(out)],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    assert "UNTRAINED" in proc.stdout
+    assert "time to first token" in proc.stdout and "outputs agree" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["untrained"] is True
+    assert res["prompt_tokens"] > res["min_sparse_len"]
+    assert res["minference"]["sparse_calls"] == 4  # one per layer of the tiny model
+    assert res["dense"]["sparse_calls"] == 0
+    assert res["minference"]["new_tokens"] == 4
+
+
+def test_generate_below_threshold_reports_dense(capsys):
+    assert main(["generate", "--max-new-tokens", "2", "--prompt-tokens", "300", "--no-warmup"]) == 0
+    text = capsys.readouterr().out
+    assert "[dense (prompt below the threshold)]" in text
+
+
+def test_default_niah_writes_json_and_heatmaps(tmp_path):
+    out = tmp_path / "niah"
+    rc = main(["niah", "--lengths", "1k,1280", "--depths", "0,0.5,1", "--out-dir", str(out),
+               "--max-new-tokens", "4", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    res = json.loads((out / "niah.json").read_text())
+    assert res["untrained"] is True
+    assert res["lengths"] == [1024, 1280] and res["depths"] == [0.0, 0.5, 1.0]
+    assert set(res["methods"]) == {"dense", "sparse"}
+    assert len(res["cases"]) == 2 * 2 * 3
+    sparse_cases = [c for c in res["cases"] if c["method"] == "sparse"]
+    assert all(c["sparse_calls"] == 4 for c in sparse_cases if c["prompt_tokens"] >= 1024)
+    assert all(c["sparse_calls"] == 0 for c in res["cases"] if c["method"] == "dense")
+    for m in ("dense", "sparse"):
+        png = out / f"niah_{m}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(res["methods"][m]["scores"]) == 3
+
+
+def test_default_search_writes_a_loadable_config(tmp_path):
+    import minference_patterns
+
+    out = tmp_path / "cfg.json"
+    assert main(["search", "--out", str(out), "--max-tokens", "512", "--no-progress"]) == 0
+    cfg = minference_patterns.load(out)
+    assert (cfg.num_layers, cfg.num_heads) == (4, 8)
+
+
+def test_cli_errors_are_one_clear_line(capsys):
+    with pytest.raises(SystemExit, match="--calib FILE is required"):
+        main(["search", "--model", "/nonexistent/model", "--out", "x.json"])
+    with pytest.raises(SystemExit, match="--prompt-file is required"):
+        main(["generate", "--model", "/nonexistent/model"])
+    rc = main(["generate", "--config", "acme/NoSuchModel-7B", "--max-new-tokens", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error: UnknownModelError: no shipped pattern config for 'acme/NoSuchModel-7B'" in err
+
+
+def test_parse_helpers():
+    assert parse_length("8k") == 8192 and parse_length("128K") == 131072
+    assert parse_length("1m") == 1 << 20 and parse_length("3000") == 3000
+    with pytest.raises(ValueError):
+        parse_length("lots")
+    assert parse_depths("0,0.25,1") == [0.0, 0.25, 1.0]
+    with pytest.raises(ValueError):
+        parse_depths("0,1.5")
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_niah_prompt_places_needle_at_depth(depth):
+    tok = build_tokenizer()
+    ids, answer = build_prompt(tok, 3000, depth)
+    assert len(ids) <= 3000 and len(ids) > 2800
+    text = tok.decode(ids)
+    assert text.count(answer) == 1
+    where = text.index(answer) / len(text)
+    assert abs(where - depth) < 0.1
