@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from minference_kernels.synthetic import structured_qkv
-
 from minference_patterns import AnalyticCostModel, HeadPattern
 from minference_patterns.cost import measure_kernel_costs, relative_cost
 from minference_patterns.search import default_candidates, search_layer
@@ -47,8 +46,11 @@ def main() -> None:
         n = r.seq_len
         dens = r.kept_pairs / r.num_heads / (n * (n + 1) / 2)
         fit = model.cost(r.pattern, n, kept_pairs=r.kept_pairs / r.num_heads) * r.num_heads
-        print(f"  {n:6d} {r.pattern.describe():34s} density {100 * dens:6.2f}%  "
-              f"{r.time_ms:8.3f} ms (fit {fit:8.3f})", flush=True)
+        print(
+            f"  {n:6d} {r.pattern.describe():34s} density {100 * dens:6.2f}%  "
+            f"{r.time_ms:8.3f} ms (fit {fit:8.3f})",
+            flush=True,
+        )
     for n in lens:
         for p in (HeadPattern.vertical_slash(1000, 6096), HeadPattern.vertical_slash(100, 800)):
             a = relative_cost(AnalyticCostModel(), p, n)
@@ -56,8 +58,9 @@ def main() -> None:
             print(f"  relative cost {p.describe()} at {n}: analytic {a:.3f}, measured {m:.3f}")
 
     n = args.search_len
-    q, k, v = structured_qkv(1, 32, 8, n, 128, kind="mixed", dtype=torch.bfloat16, device="cuda",
-                             seed=0)
+    q, k, v = structured_qkv(
+        1, 32, 8, n, 128, kind="mixed", dtype=torch.bfloat16, device="cuda", seed=0
+    )
     log["search"] = {}
     for name, cm in (("analytic", AnalyticCostModel()), ("measured", model)):
         torch.cuda.synchronize()
@@ -68,10 +71,18 @@ def main() -> None:
         kinds = Counter(r.pattern.describe() for r in res)
         mean_rec = sum(r.recall for r in res) / len(res)
         mean_cost = sum(r.cost for r in res) / len(res)
-        log["search"][name] = {"seconds": dt, "patterns": dict(kinds), "mean_recall": mean_rec,
-                               "mean_cost": mean_cost, "candidates": len(res[0].candidates)}
-        print(f"search ({name}) N={n}: {dt:.1f} s for 32 heads x {len(res[0].candidates)} "
-              f"candidates; mean recall {mean_rec:.4f}, mean cost {mean_cost:.3f}", flush=True)
+        log["search"][name] = {
+            "seconds": dt,
+            "patterns": dict(kinds),
+            "mean_recall": mean_rec,
+            "mean_cost": mean_cost,
+            "candidates": len(res[0].candidates),
+        }
+        print(
+            f"search ({name}) N={n}: {dt:.1f} s for 32 heads x {len(res[0].candidates)} "
+            f"candidates; mean recall {mean_rec:.4f}, mean cost {mean_cost:.3f}",
+            flush=True,
+        )
         for p, c in kinds.most_common():
             print(f"    {c:2d} x {p}")
     (out / "gpu_search_check.json").write_text(json.dumps(log, indent=1))
