@@ -145,3 +145,15 @@ def test_continuing_a_padded_conversation():
     # the continuation pre-fills N - cut new tokens over N keys, per sample (padded batch)
     assert model.minference_plan.stats.sparse_calls == 2 * LAYERS
     assert torch.equal(out, ref)
+
+
+def test_static_cache_generate_goes_sparse_and_matches():
+    model = make_model("llama")
+    batch = padded_batch([N, N - 200], "left")
+    kw = dict(max_new_tokens=4, do_sample=False, cache_implementation="static")
+    ref = model.generate(**batch, **kw)
+    minference_hf.patch(model, full_budget_config(), min_sparse_len=THRESHOLD)
+    out = model.generate(**batch, **kw)
+    stats = model.minference_plan.stats
+    assert stats.sparse_calls == 2 * LAYERS and stats.fallback_calls == 0
+    assert torch.equal(out, ref)

@@ -4,14 +4,15 @@ transformers calls the attention function of the configured implementation from 
 layer, after RoPE and after the KV-cache update, with
 
 * ``query`` ``[B, Hq, Nq, D]``, ``key`` / ``value`` ``[B, Hkv, Nk, D]`` (``Nk = cached + Nq``; the
-  queries are the last ``Nq`` of the ``Nk`` positions), and
+  queries are the last ``Nq`` of the ``Nk`` positions; a static cache passes its whole capacity),
 * the mask made by the mask function registered under the same name.
 
-Our mask function returns what the dense SDPA path needs for decode steps and short prompts, and
-for a plain causal pre-fill a compact key-padding mask ``[B, 1, 1, Nk]`` (bool, ``True`` = real
-token) instead of the ``[B, 1, Nq, Nk]`` causal mask, which at 128K tokens would take 16 GiB per
-sample. The attention function recognises the compact form by its query dimension of 1 while
-``Nq > 1``. Both functions decide dense vs sparse with :meth:`SparsePrefillPlan.wants_sparse`.
+Our mask function returns transformers' own SDPA mask for decode steps and anything that is not
+plain causal, and for a causal pre-fill a compact key-padding mask ``[B, 1, 1, L]`` (bool, ``True``
+= real token; ``L <= Nk`` the filled length of the cache) instead of the ``[B, 1, Nq, Nk]`` mask,
+which at 128K tokens would take 16 GiB per sample. The attention function recognises the compact
+form by its query dimension of 1 while ``Nq > 1``, decides dense vs sparse with
+:meth:`SparsePrefillPlan.wants_sparse`, and expands the compact mask for the dense path.
 """
 
 from __future__ import annotations
@@ -79,10 +80,18 @@ def _causal(num_queries: int, num_keys: int, device: torch.device) -> torch.Tens
     return torch.arange(num_keys, device=device)[None, :] <= pos[:, None]
 
 
-def _expand_compact(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """Compact ``[B, 1, 1, Nk]`` key-padding mask -> the full ``[B, 1, Nq, Nk]`` SDPA mask."""
-    num_keys = key_valid.shape[-1]
-    return key_valid & _causal(num_queries, num_keys, key_valid.device)[None, None]
+def _expand_compact(key_valid: torch.Tensor, num_queries: int, num_keys: int) -> torch.Tensor:
+    """Compact ``[B, 1, 1, L]`` key-padding mask -> the full ``[B, 1, Nq, Nk]`` SDPA mask.
+
+    ``L <= Nk`` is the filled length of the cache (``L < Nk`` for static caches): keys at or after
+    ``L`` are masked, and the queries are the last ``Nq`` of the first ``L`` positions.
+    """
+    filled = key_valid.shape[-1]
+    if filled < num_keys:
+        key_valid = torch.nn.functional.pad(key_valid, (0, num_keys - filled), value=False)
+    pos = torch.arange(num_queries, device=key_valid.device) + (filled - num_queries)
+    causal = torch.arange(num_keys, device=key_valid.device)[None, :] <= pos[:, None]
+    return key_valid & causal[None, None]
 
 
 def _key_padding_from_full_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor | None:
@@ -198,7 +207,8 @@ def _key_valid_for_sparse(
     if attention_mask is None:
         return True, None
     if attention_mask.dim() == 4 and attention_mask.shape[-2] == 1 and num_queries > 1:
-        return True, attention_mask[:, 0, 0, :]
+        key_valid = attention_mask[:, 0, 0, :]
+        return True, None if bool(key_valid.all()) else key_valid
     cached = plan._mask_check
     if cached is not None and cached[0]() is attention_mask:
         key_valid = cached[1]
@@ -226,7 +236,7 @@ def minference_attention(
             ``layer_idx``.
         query: ``[B, Hq, Nq, D]`` after RoPE.
         key, value: ``[B, Hkv, Nk, D]`` (cache included); ``Hq % Hkv == 0``, never repeated here.
-        attention_mask: ``None``, the compact key-padding mask ``[B, 1, 1, Nk]`` from
+        attention_mask: ``None``, the compact key-padding mask ``[B, 1, 1, L]`` from
             :func:`minference_mask`, or a full boolean ``[B, 1, Nq, Nk]`` mask.
         dropout: attention dropout; must be 0 on the sparse path (inference only).
         scaling: softmax scale (``None``: ``D ** -0.5``).
@@ -250,6 +260,10 @@ def minference_attention(
                 "minference sparse pre-fill is inference-only: call model.eval() (attention "
                 "dropout is active)"
             )
+        if compact and attention_mask.shape[-1] < num_keys:
+            # static cache: only the first L positions are filled; the queries end at L
+            filled = attention_mask.shape[-1]
+            key, value = key[:, :, :filled], value[:, :, :filled]
         usable, key_valid = _key_valid_for_sparse(plan, attention_mask, num_queries)
         if usable:
             out = _sparse_forward(
@@ -267,7 +281,7 @@ def minference_attention(
     else:
         plan.stats.dense_calls += 1
     if compact:
-        attention_mask = _expand_compact(attention_mask, num_queries)
+        attention_mask = _expand_compact(attention_mask, num_queries, key.shape[2])
     return sdpa_attention_forward(
         module,
         query,
@@ -293,19 +307,21 @@ def minference_mask(
 ) -> torch.Tensor | None:
     """Mask function registered as ``"minference"`` with transformers' AttentionMaskInterface.
 
-    For a multi-token causal pre-fill over a contiguous cache (``q_offset + q_length ==
-    kv_length``), returns ``None`` when nothing is masked and ``q_length == kv_length``, else the
-    compact key-padding mask ``[B, 1, 1, kv_length]`` (bool). Everything else (decode steps,
-    sliding windows, packed sequences, static caches, custom overlays) gets transformers' own SDPA
-    mask, unchanged.
+    For a multi-token causal pre-fill (``q_offset + q_length <= kv_length``), returns ``None``
+    when nothing is masked and ``q_length == kv_length``, else the compact key-padding mask
+    ``[B, 1, 1, L]`` (bool) with ``L = q_offset + q_length``, the filled part of the cache (a
+    static cache is longer; its tail is masked). Everything else (decode steps, sliding windows,
+    packed sequences, custom overlays, compiled graphs) gets transformers' own SDPA mask.
     """
+    if isinstance(q_offset, torch.Tensor) and not _tracing():
+        q_offset = int(q_offset)  # static caches pass a tensor (for torch.compile)
     compactable = (
         q_length > 1
         and mask_function is causal_mask_function
         and isinstance(q_offset, int)
         and isinstance(kv_offset, int)
         and kv_offset == 0
-        and q_offset + q_length == kv_length
+        and q_offset + q_length <= kv_length
         and kwargs.get("local_size") is None
         and not kwargs.get("use_vmap", False)
     )
@@ -321,17 +337,23 @@ def minference_mask(
             **kwargs,
         )
     device = kwargs.get("device", "cpu")
+    filled = q_offset + q_length  # positions written to the cache so far (static: < kv_length)
     if attention_mask is None:
-        if q_length == kv_length:
+        if filled == q_length == kv_length:
             return None
-        return torch.ones(batch_size, 1, 1, kv_length, dtype=torch.bool, device=device)
+        return torch.ones(batch_size, 1, 1, filled, dtype=torch.bool, device=device)
     pad = attention_mask.to(dtype=torch.bool)
-    if pad.shape[-1] < kv_length:
-        pad = torch.nn.functional.pad(pad, (0, kv_length - pad.shape[-1]), value=False)
-    pad = pad[:, :kv_length]
-    if q_length == kv_length and bool(pad.all()):
+    if pad.shape[-1] < filled:
+        pad = torch.nn.functional.pad(pad, (0, filled - pad.shape[-1]), value=False)
+    pad = pad[:, :filled]
+    if filled == q_length == kv_length and bool(pad.all()):
         return None
     return pad[:, None, None, :]
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
 
 
 def capture_attention(
