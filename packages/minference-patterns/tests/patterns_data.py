@@ -1,20 +1,15 @@
+"""Data of the minference-patterns tests: MInference's published configs (copies, MIT licence).
+
+A plain module, not a conftest.py: a module named ``conftest`` would clash with other packages'
+when all test suites are collected by one pytest run.
+"""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
-
-DATA = Path(__file__).parent / "data" / "minference"
-
-
-@pytest.fixture(scope="session")
-def minference_dir() -> Path:
-    """MInference's published configs (copies, MIT licence), used as conversion sources."""
-    return DATA
-
-
-@pytest.fixture(scope="session")
-def models_map() -> dict[str, str]:
-    """MODELS.json's model id -> MInference file map."""
-    return json.loads((DATA / "MODELS.json").read_text())["models"]
+#: MInference's ``minference/configs/*.json`` files and MODELS.json (model id -> file).
+MINFERENCE_DIR = Path(__file__).parent / "data" / "minference"
+#: MODELS.json's model id -> MInference file map.
+MODELS_MAP: dict[str, str] = json.loads((MINFERENCE_DIR / "MODELS.json").read_text())["models"]

@@ -12,6 +12,7 @@ import pytest
 from minference_patterns import HeadPattern, PatternConfig
 from minference_patterns.cli import main
 from minference_patterns.summary import summary_dict
+from patterns_data import MINFERENCE_DIR
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -100,7 +101,7 @@ def test_cli_plot(tmp_path, capsys):
     assert code == 0 and out_png.read_bytes()[:8] == PNG
 
 
-def test_cli_validate(tmp_path, capsys, minference_dir):
+def test_cli_validate(tmp_path, capsys):
     good = PatternConfig.uniform(2, 2, HeadPattern.vertical_slash(1, 1)).save(
         tmp_path / "good.json"
     )
@@ -109,7 +110,7 @@ def test_cli_validate(tmp_path, capsys, minference_dir):
     d["layers"][1][0]["num_slash"] = -2
     bad.write_text(json.dumps(d))
     code, out, err = run(
-        capsys, "validate", str(good), str(minference_dir / "Qwen2.5_7B_Instruct_1M.json")
+        capsys, "validate", str(good), str(MINFERENCE_DIR / "Qwen2.5_7B_Instruct_1M.json")
     )
     assert code == 0 and out.count("ok ") == 2
     code, out, err = run(capsys, "validate", str(good), str(bad))
@@ -117,8 +118,8 @@ def test_cli_validate(tmp_path, capsys, minference_dir):
     assert "INVALID" in err and "layer 1, head 0, field 'num_slash'" in err
 
 
-def test_cli_convert_both_ways(tmp_path, capsys, minference_dir):
-    src = minference_dir / "Phi_3_mini_128k_instruct_kv_out_v32_fit_o_best_pattern.json"
+def test_cli_convert_both_ways(tmp_path, capsys):
+    src = MINFERENCE_DIR / "Phi_3_mini_128k_instruct_kv_out_v32_fit_o_best_pattern.json"
     ours = tmp_path / "phi.json"
     code, *_ = run(capsys, "convert", str(src), "-o", str(ours), "--context-length", "32768")
     assert code == 0

@@ -17,16 +17,17 @@ from minference_patterns import (
     from_qwen,
     to_minference,
 )
+from patterns_data import MINFERENCE_DIR
 
 VS = HeadPattern.vertical_slash
 
 
-def source_files(minference_dir):
-    return sorted(p for p in minference_dir.glob("*.json") if p.name != "MODELS.json")
+def source_files():
+    return sorted(p for p in MINFERENCE_DIR.glob("*.json") if p.name != "MODELS.json")
 
 
-def test_every_source_file_round_trips_exactly(minference_dir):
-    files = source_files(minference_dir)
+def test_every_source_file_round_trips_exactly():
+    files = source_files()
     assert len(files) == 7
     for path in files:
         raw = path.read_text()
@@ -175,8 +176,8 @@ def test_malformed_minference_file_names_the_file(tmp_path):
         mp.load(p)
 
 
-def test_minference_file_loads_with_auto_detection(minference_dir, tmp_path):
-    src = minference_dir / "Qwen2.5_7B_Instruct_1M.json"
+def test_minference_file_loads_with_auto_detection(tmp_path):
+    src = MINFERENCE_DIR / "Qwen2.5_7B_Instruct_1M.json"
     cfg = mp.load(src)  # shipped source file name: id and shape from the registry
     assert cfg.model_id == "Qwen/Qwen2.5-7B-Instruct-1M"
     assert (cfg.num_kv_heads, cfg.head_dim) == (4, 128)
@@ -207,8 +208,8 @@ QWEN_1M_CONFIG = {
 
 
 @pytest.fixture
-def qwen_list(minference_dir):
-    return json.loads((minference_dir / "Qwen2.5_7B_Instruct_1M.json").read_text())
+def qwen_list():
+    return json.loads((MINFERENCE_DIR / "Qwen2.5_7B_Instruct_1M.json").read_text())
 
 
 def test_qwen_list_is_minference_format(qwen_list, tmp_path):
@@ -265,8 +266,8 @@ def test_qwen_errors(qwen_list, tmp_path):
         from_qwen(tmp_path / "empty_dir_does_not_exist")
 
 
-def test_counts_per_kind_and_size_match_source(minference_dir):
-    for path in source_files(minference_dir):
+def test_counts_per_kind_and_size_match_source():
+    for path in source_files():
         data = json.loads(path.read_text())
         cfg = from_minference(path, model_id="m")
         want = Counter(tuple(e[:3]) for layer in data for e in layer.values())

@@ -10,18 +10,19 @@ import minference_patterns as mp
 import pytest
 from minference_patterns import UnknownModelError, to_minference
 from minference_patterns.registry import SHIPPED_MODELS, shipped_path
+from patterns_data import MINFERENCE_DIR, MODELS_MAP
 
 
-def test_every_models_json_entry_is_shipped(models_map):
+def test_every_models_json_entry_is_shipped():
     shipped = {m.model_id: m.source_file for m in SHIPPED_MODELS}
-    assert shipped == models_map
-    assert set(mp.shipped_model_ids()) == set(models_map)
+    assert shipped == MODELS_MAP
+    assert set(mp.shipped_model_ids()) == set(MODELS_MAP)
 
 
 @pytest.mark.parametrize("model", SHIPPED_MODELS, ids=lambda m: m.model_id)
-def test_shipped_config_matches_source(model, minference_dir):
+def test_shipped_config_matches_source(model):
     cfg = mp.load(model.model_id)
-    src = json.loads((minference_dir / model.source_file).read_text())
+    src = json.loads((MINFERENCE_DIR / model.source_file).read_text())
     assert cfg.model_id == model.model_id
     assert cfg.num_layers == len(src) == model.num_layers
     assert cfg.num_heads == len(src[0]) == model.num_heads
@@ -109,6 +110,20 @@ def test_a_local_directory_named_like_a_model_falls_back_to_the_shipped_config(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Qwen" / "Qwen2.5-7B-Instruct").mkdir(parents=True)
     assert mp.load("Qwen/Qwen2.5-7B-Instruct").num_layers == 28
+
+
+def test_a_local_model_directory_gets_its_shipped_config(tmp_path):
+    d = tmp_path / "checkout"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_name_or_path": "01-ai/Yi-9B-200K"}))
+    assert mp.load(d).model_id == "01-ai/Yi-9B-200K"
+    named = tmp_path / "glm-4-9b-chat-1m"
+    named.mkdir()
+    assert mp.load(named).model_id == "THUDM/glm-4-9b-chat-1m"
+    other = tmp_path / "my-finetune"
+    other.mkdir()
+    with pytest.raises(UnknownModelError, match="directory without a sparse attention config"):
+        mp.load(other)
 
 
 def test_heads_for_layer_on_a_shipped_config():

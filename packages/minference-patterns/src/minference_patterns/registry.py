@@ -127,8 +127,9 @@ def load(path_or_model_id: str | os.PathLike[str], *, model_id: str | None = Non
 
     * an existing file: our JSON, MInference's format or a Qwen ``config.json`` (auto-detected);
     * an existing directory: a Qwen-style model directory (``config.json`` with a sparse attention
-      config, or ``sparse_attention_config.json``); if it has none and its name is a shipped id,
-      the shipped config;
+      config, or ``sparse_attention_config.json``); a model directory without one gets the shipped
+      config of the model it holds (matched by the path as given, ``config.json``'s
+      ``_name_or_path``, or the directory name);
     * otherwise a model id with a shipped config, matched case-insensitively (e.g.
       ``"qwen/qwen2.5-7b-instruct"``; a unique name without the organisation also works).
 
@@ -146,13 +147,54 @@ def load(path_or_model_id: str | os.PathLike[str], *, model_id: str | None = Non
     p = Path(path_or_model_id).expanduser()
     if p.is_file():
         return load_file(p, model_id=model_id)
+    name = path_or_model_id
     if p.is_dir():
-        try:
+        if _has_sparse_config(p):
             return load_file(p, model_id=model_id)
-        except FileNotFoundError:
-            if resolve_model_id(path_or_model_id) is None:
-                raise
-    if resolve_model_id(path_or_model_id) is None and path_or_model_id.lower().endswith(".json"):
-        raise FileNotFoundError(f"no such pattern config file: {path_or_model_id}")
-    cfg = load_shipped(path_or_model_id)
+        # a model directory without a sparse config: the shipped config of the model it holds
+        name = next((n for n in _dir_model_names(p, path_or_model_id) if resolve_model_id(n)), None)
+        if name is None:
+            raise UnknownModelError(
+                f"{p} is a directory without a sparse attention config (no "
+                "sparse_attention_config in config.json, no sparse_attention_config.json), and "
+                f"the model it holds has no shipped pattern config.\n{SEARCH_HINT}",
+                path_or_model_id,
+            )
+    elif resolve_model_id(name) is None and name.lower().endswith(".json"):
+        raise FileNotFoundError(f"no such pattern config file: {name}")
+    cfg = load_shipped(name)
     return cfg if model_id is None else cfg.replace(model_id=model_id)
+
+
+def _has_sparse_config(d: Path) -> bool:
+    if (d / "sparse_attention_config.json").is_file():
+        return True
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        return False
+    try:
+        data = read_json(cfg_file)
+    except (ValueError, OSError):
+        return True  # let the loader report what is wrong with it
+    if not isinstance(data, dict):
+        return True
+    dca = data.get("dual_chunk_attention_config")
+    return "sparse_attention_config" in data or (
+        isinstance(dca, dict) and "sparse_attention_config" in dca
+    )
+
+
+def _dir_model_names(d: Path, given: str) -> list[str]:
+    """Names a model directory may go by: the path as given, config.json's ``_name_or_path``,
+    the directory's name."""
+    names = [given]
+    cfg_file = d / "config.json"
+    if cfg_file.is_file():
+        try:
+            data = read_json(cfg_file)
+        except (ValueError, OSError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("_name_or_path"), str):
+            names.append(data["_name_or_path"])
+    names.append(d.resolve().name)
+    return names
