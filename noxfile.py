@@ -48,7 +48,12 @@ def tests(session: nox.Session) -> None:
     paths = [f"{p}/tests" for p in (KERNELS, PATTERNS, HF, VLLM) if os.path.isdir(f"{p}/tests")]
     session.run("pytest", *paths, "-m", "not triton and not gpu", *session.posargs)
     session.run(
-        "pytest", f"{KERNELS}/tests", "-m", "triton", *session.posargs, env={"TRITON_INTERPRET": "1"}
+        "pytest",
+        f"{KERNELS}/tests",
+        "-m",
+        "triton",
+        *session.posargs,
+        env={"TRITON_INTERPRET": "1"},
     )
 
 

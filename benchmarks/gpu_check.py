@@ -12,10 +12,9 @@ import itertools
 import json
 import time
 
+import minference_kernels as mk
 import torch
 import triton
-
-import minference_kernels as mk
 from minference_kernels.synthetic import structured_qkv
 
 
@@ -35,11 +34,17 @@ def rel(o, r):
     return ((o.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
 
 
+DEV = "cuda"
+
+
 def grid(log):
     torch.manual_seed(0)
     worst = {}
-    cases = list(itertools.product([1, 17, 63, 64, 65, 200, 333], [(4, 4), (4, 2), (4, 1), (8, 1)],
-                                   [64, 80, 96, 128]))
+    cases = list(
+        itertools.product(
+            [1, 17, 63, 64, 65, 200, 333], [(4, 4), (4, 2), (4, 1), (8, 1)], [64, 80, 96, 128]
+        )
+    )
     n_ok = 0
     for i, (n, (hq, hkv), d) in enumerate(cases):
         b = 1 + i % 3
@@ -47,20 +52,32 @@ def grid(log):
         for dt in (torch.bfloat16, torch.float16, torch.float32):
             if dt != torch.bfloat16 and i % 4:
                 continue
-            q = torch.randn(b, hq, n, d, device="cuda", dtype=dt)
-            k = torch.randn(b, hkv, nk, d, device="cuda", dtype=dt)
-            v = torch.randn(b, hkv, nk, d, device="cuda", dtype=dt)
-            vi = torch.randint(0, nk, (b, hq, 9), device="cuda")
-            si = torch.randint(0, nk, (b, hq, 6), device="cuda")
-            bi = torch.randint(-1, -(-nk // 64), (b, hq, -(-n // 64), 3), device="cuda")
-            heads = [mk.HeadPattern.vertical_slash(12, 20), mk.HeadPattern.a_shape(4, 70),
-                     mk.HeadPattern.block_sparse(2), mk.HeadPattern.dense()] * (hq // 4)
+            q = torch.randn(b, hq, n, d, device=DEV, dtype=dt)
+            k = torch.randn(b, hkv, nk, d, device=DEV, dtype=dt)
+            v = torch.randn(b, hkv, nk, d, device=DEV, dtype=dt)
+            vi = torch.randint(0, nk, (b, hq, 9), device=DEV)
+            si = torch.randint(0, nk, (b, hq, 6), device=DEV)
+            bi = torch.randint(-1, -(-nk // 64), (b, hq, -(-n // 64), 3), device=DEV)
+            heads = [
+                mk.HeadPattern.vertical_slash(12, 20),
+                mk.HeadPattern.a_shape(4, 70),
+                mk.HeadPattern.block_sparse(2),
+                mk.HeadPattern.dense(),
+            ] * (hq // 4)
             res = {
-                "vs": (mk.vertical_slash_attention(q, k, v, vi, si),
-                       mk.vertical_slash_mask(vi, si, n, n_kv=nk)),
-                "bs": (mk.block_sparse_attention(q, k, v, bi), mk.block_sparse_mask(bi, n, n_kv=nk)),
-                "stream": (mk.streaming_attention(q, k, v, 5, 70), mk.streaming_mask(5, 70, n, n_kv=nk, device="cuda")),
-                "dense": (mk.dense_attention(q, k, v), mk.dense_mask(n, n_kv=nk, device="cuda")),
+                "vs": (
+                    mk.vertical_slash_attention(q, k, v, vi, si),
+                    mk.vertical_slash_mask(vi, si, n, n_kv=nk),
+                ),
+                "bs": (
+                    mk.block_sparse_attention(q, k, v, bi),
+                    mk.block_sparse_mask(bi, n, n_kv=nk),
+                ),
+                "stream": (
+                    mk.streaming_attention(q, k, v, 5, 70),
+                    mk.streaming_mask(5, 70, n, n_kv=nk, device=DEV),
+                ),
+                "dense": (mk.dense_attention(q, k, v), mk.dense_mask(n, n_kv=nk, device=DEV)),
                 "layer": (mk.sparse_prefill(q, k, v, heads), mk.sparse_prefill_mask(q, k, heads)),
             }
             for name, (o, m) in res.items():
@@ -71,7 +88,9 @@ def grid(log):
                 ok = e < tol and torch.isfinite(o).all().item()
                 n_ok += ok
                 if not ok:
-                    log["failures"].append(dict(case=(b, hq, hkv, n, nk, d, str(dt)), fn=name, err=e))
+                    log["failures"].append(
+                        dict(case=(b, hq, hkv, n, nk, d, str(dt)), fn=name, err=e)
+                    )
     log["grid_worst"] = {f"{a}/{b}": v for (a, b), v in worst.items()}
     log["grid_passed"] = n_ok
     return worst
@@ -80,20 +99,60 @@ def grid(log):
 def check_32k(log):
     out = {}
     n, d = 32768, 128
-    q, k, v = structured_qkv(1, 8, 2, n, d, dtype=torch.bfloat16, device="cuda", seed=1)
-    rows = torch.cat([torch.arange(0, 64), torch.randint(0, n, (128,)), torch.arange(n - 64, n)]).cuda()
+    q, k, v = structured_qkv(1, 8, 2, n, d, dtype=torch.bfloat16, device=DEV, seed=1)
+    rows = torch.cat(
+        [torch.arange(0, 64), torch.randint(0, n, (128,)), torch.arange(n - 64, n)]
+    ).cuda()
     vi, si = mk.estimate_vertical_slash(q, k, 500, 1000)
     vt, st = mk.estimate_vertical_slash(q, k, 500, 1000, backend="torch")
-    out["est_vs_same_vertical_frac"] = (torch.tensor([len(set(a.tolist()) & set(b.tolist())) / a.numel() for a, b in zip(vi.flatten(0, 1), vt.flatten(0, 1))]).mean().item())
-    out["est_vs_same_slash_frac"] = (torch.tensor([len(set(a.tolist()) & set(b.tolist())) / a.numel() for a, b in zip(si.flatten(0, 1), st.flatten(0, 1))]).mean().item())
+    out["est_vs_same_vertical_frac"] = (
+        torch.tensor(
+            [
+                len(set(a.tolist()) & set(b.tolist())) / a.numel()
+                for a, b in zip(vi.flatten(0, 1), vt.flatten(0, 1))
+            ]
+        )
+        .mean()
+        .item()
+    )
+    out["est_vs_same_slash_frac"] = (
+        torch.tensor(
+            [
+                len(set(a.tolist()) & set(b.tolist())) / a.numel()
+                for a, b in zip(si.flatten(0, 1), st.flatten(0, 1))
+            ]
+        )
+        .mean()
+        .item()
+    )
     bi = mk.estimate_block_sparse(q, k, 16)
-    heads = [mk.HeadPattern.vertical_slash(500, 1000)] * 4 + [mk.HeadPattern.block_sparse(16), mk.HeadPattern.a_shape(64, 1024), mk.HeadPattern.dense(), mk.HeadPattern.vertical_slash(100, 800)]
+    heads = [mk.HeadPattern.vertical_slash(500, 1000)] * 4 + [
+        mk.HeadPattern.block_sparse(16),
+        mk.HeadPattern.a_shape(64, 1024),
+        mk.HeadPattern.dense(),
+        mk.HeadPattern.vertical_slash(100, 800),
+    ]
     cases = {
-        "vs": (lambda: mk.vertical_slash_attention(q, k, v, vi, si), lambda: mk.vertical_slash_mask(vi, si, n, query_rows=rows)),
-        "bs": (lambda: mk.block_sparse_attention(q, k, v, bi), lambda: mk.block_sparse_mask(bi, n, query_rows=rows)),
-        "stream": (lambda: mk.streaming_attention(q, k, v, 64, 1024), lambda: mk.streaming_mask(64, 1024, n, query_rows=rows, device="cuda")),
-        "dense": (lambda: mk.dense_attention(q, k, v), lambda: mk.dense_mask(n, query_rows=rows, device="cuda")),
-        "layer": (lambda: mk.sparse_prefill(q, k, v, heads), lambda: mk.sparse_prefill_mask(q, k, heads, query_rows=rows)),
+        "vs": (
+            lambda: mk.vertical_slash_attention(q, k, v, vi, si),
+            lambda: mk.vertical_slash_mask(vi, si, n, query_rows=rows),
+        ),
+        "bs": (
+            lambda: mk.block_sparse_attention(q, k, v, bi),
+            lambda: mk.block_sparse_mask(bi, n, query_rows=rows),
+        ),
+        "stream": (
+            lambda: mk.streaming_attention(q, k, v, 64, 1024),
+            lambda: mk.streaming_mask(64, 1024, n, query_rows=rows, device=DEV),
+        ),
+        "dense": (
+            lambda: mk.dense_attention(q, k, v),
+            lambda: mk.dense_mask(n, query_rows=rows, device=DEV),
+        ),
+        "layer": (
+            lambda: mk.sparse_prefill(q, k, v, heads),
+            lambda: mk.sparse_prefill_mask(q, k, heads, query_rows=rows),
+        ),
     }
     for name, (fn, mfn) in cases.items():
         o = fn()
@@ -108,16 +167,29 @@ def bench(log, ns):
     rows = []
     for n in ns:
         hq, hkv, d = 32, 8, 128
-        q, k, v = structured_qkv(1, hq, hkv, n, d, dtype=torch.bfloat16, device="cuda", seed=2)
+        q, k, v = structured_qkv(1, hq, hkv, n, d, dtype=torch.bfloat16, device=DEV, seed=2)
         flops_dense = 4 * n * n / 2 * d * hq
+
         def t(fn):
             return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            t_cudnn = t(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+            t_cudnn = t(
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=True
+                )
+            )
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            t_flash = t(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
-        row = dict(n=n, cudnn_ms=t_cudnn, flash_ms=t_flash, cudnn_tflops=flops_dense / t_cudnn / 1e9)
+            t_flash = t(
+                lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=True
+                )
+            )
+        row = dict(
+            n=n, cudnn_ms=t_cudnn, flash_ms=t_flash, cudnn_tflops=flops_dense / t_cudnn / 1e9
+        )
         # our kernel with every tile (dense through the sparse kernel): kept-pair rate ceiling
         from minference_kernels import _triton
         from minference_kernels._validate import check_qkv
@@ -133,8 +205,14 @@ def bench(log, ns):
             kern = t(lambda: _triton.attend(q, k, v, idx, d**-0.5))
             blocks = list(range(0, idx.num_blocks, max(1, idx.num_blocks // 64)))
             dens = mk.index_density(idx, blocks).mean().item()
-            row[f"vs{nv}_{ns_}"] = dict(total_ms=total, index_ms=est, kernel_ms=kern, density=dens,
-                                       speedup=t_cudnn / total, kept_tflops=flops_dense * dens / kern / 1e9)
+            row[f"vs{nv}_{ns_}"] = dict(
+                total_ms=total,
+                index_ms=est,
+                kernel_ms=kern,
+                density=dens,
+                speedup=t_cudnn / total,
+                kept_tflops=flops_dense * dens / kern / 1e9,
+            )
         rows.append(row)
         print(json.dumps(row), flush=True)
     log["bench"] = rows
@@ -145,16 +223,34 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=".")
     ap.add_argument("--ns", default="32768,65536,131072")
     ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--cpu-grid", action="store_true", help="run the grid on CPU (torch path)")
     a = ap.parse_args()
-    log = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "failures": []}
+    if a.cpu_grid:
+        DEV = "cpu"
+        log = {"failures": []}
+        grid(log)
+        print(log["grid_passed"], log["failures"][:5], log["grid_worst"])
+        raise SystemExit(0)
+    log = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "failures": [],
+    }
     t0 = time.time()
     try:
         if not a.skip_grid:
             w = grid(log)
-            print("grid passed", log["grid_passed"], "failures", len(log["failures"]), f"{time.time()-t0:.0f}s")
+            print(
+                "grid passed",
+                log["grid_passed"],
+                "failures",
+                len(log["failures"]),
+                f"{time.time() - t0:.0f}s",
+            )
             for kk, vv in sorted(w.items()):
                 print(f"  worst rel err {kk[0]:7s} {kk[1]:15s} {vv:.2e}")
-            print("32K:", check_32k(log), f"{time.time()-t0:.0f}s", flush=True)
+            print("32K:", check_32k(log), f"{time.time() - t0:.0f}s", flush=True)
         bench(log, [int(x) for x in a.ns.split(",")])
     finally:
         json.dump(log, open(f"{a.out}/gpu_check.json", "w"), indent=1, default=str)

@@ -78,15 +78,21 @@ def block_keep(index: SparseIndex, m: int, device) -> tuple[torch.Tensor, torch.
     keep = ok[:, :, None, :] & (pos[:, :, None, :] <= qpos[None, None, :, None])
     win = index.window.long()[..., None, None]
     sink = index.sink.long()[..., None, None]
-    a_shape_ok = (win <= 0) | (pos[:, :, None, :] < sink) | (
-        qpos[None, None, :, None] - pos[:, :, None, :] < win
+    a_shape_ok = (
+        (win <= 0)
+        | (pos[:, :, None, :] < sink)
+        | (qpos[None, None, :, None] - pos[:, :, None, :] < win)
     )
     keep = keep & (~in_rel[:, :, None, :] | a_shape_ok)
     return torch.where(ok, pos, torch.zeros_like(pos)).clamp(0, nk - 1), keep
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: SparseIndex,
+    scale: float,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     b, hq, nq, d = q.shape

@@ -47,16 +47,52 @@ def _qk(q, k, UPCAST: tl.constexpr):
 
 @triton.jit
 def _sparse_attn_fwd(
-    Q, K, V, O,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    REL, REL_END, COLS, COL_CNT, COV, ABS, ABS_CNT, SINK, WIN,
-    n_rel, n_cols, n_cov, n_abs,
-    H, G, Nq, Nk, q_off, MB, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    son,
+    sod,
+    REL,
+    REL_END,
+    COLS,
+    COL_CNT,
+    COV,
+    ABS,
+    ABS_CNT,
+    SINK,
+    WIN,
+    n_rel,
+    n_cols,
+    n_cov,
+    n_abs,
+    H,
+    G,
+    Nq,
+    Nk,
+    q_off,
+    MB,
+    qk_scale,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT_MASK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -93,14 +129,29 @@ def _sparse_attn_fwd(
         r = tl.load(REL + bh * n_rel + t)
         offs_n = a0 + r + offs_n0
         kv_ok = (offs_n >= 0) & (offs_n < Nk)
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(
+            k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+            mask=kv_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+            mask=kv_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         s = _qk(q, k, UPCAST) * qk_scale
-        ok = kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        ok = ok & ((win <= 0) | (offs_n[None, :] < sink) | (q_pos[:, None] - offs_n[None, :] < win))
-        s = tl.where(ok, s, float("-inf"))
+        st = a0 + r
+        if SPLIT_MASK:
+            # interior tiles (fully causal, in range, no A-shape window) need no mask
+            need = (st + BLOCK_N - 1 > a0) | (st < 0) | (st + BLOCK_N > Nk) | (win > 0)
+        else:
+            need = True
+        if need:
+            ok = kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            ok = ok & (
+                (win <= 0) | (offs_n[None, :] < sink) | (q_pos[:, None] - offs_n[None, :] < win)
+            )
+            s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, UPCAST)
 
     # gathered columns not covered by this block's relative tiles
@@ -111,10 +162,16 @@ def _sparse_attn_fwd(
         cidx = tl.load(COLS + bh * n_cols + offs_c, mask=c_ok, other=0)
         cov = tl.load(COV + bh * n_cov + (cidx - a0 + Nk + BLOCK_N), mask=c_ok, other=1)
         c_ok = c_ok & (cov == 0)
-        k = tl.load(k_base + cidx[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + cidx[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                    mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(
+            k_base + cidx[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+            mask=c_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + cidx[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+            mask=c_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         s = _qk(q, k, UPCAST) * qk_scale
         ok = c_ok[None, :] & (cidx[None, :] <= q_pos[:, None])
         s = tl.where(ok, s, float("-inf"))
@@ -126,39 +183,82 @@ def _sparse_attn_fwd(
         st = tl.load(ABS + (bh * MB + m).to(tl.int64) * n_abs + t)
         offs_n = st + offs_n0
         kv_ok = offs_n < Nk
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(
+            k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+            mask=kv_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
+            mask=kv_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         s = _qk(q, k, UPCAST) * qk_scale
-        ok = kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        s = tl.where(ok, s, float("-inf"))
+        if SPLIT_MASK:
+            need = (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)
+        else:
+            need = True
+        if need:
+            ok = kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, UPCAST)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptr = O + b64 * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :] * sod
-    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_ptr = Out + b64 * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :] * sod
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def attend(q, k, v, index: SparseIndex, scale: float) -> torch.Tensor:
+# launch settings per head-dim bucket, tuned on an H200 (benchmarks/NOTES.md)
+ATTN_CONFIG = {"num_warps": 4, "num_stages": 3, "split_mask": True}
+
+
+def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     out = torch.empty_like(q)
     mb = index.num_blocks
     block_d = max(16, triton.next_power_of_2(d))
     upcast = _upcast(q.dtype)
+    c = {**ATTN_CONFIG, **cfg}
     grid = (mb, b * hq)
     _sparse_attn_fwd[grid](
-        q, k, v, out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        index.rel_tiles, index.rel_end, index.cols, index.col_count, index.cov,
-        index.abs_tiles, index.abs_count, index.sink, index.window,
-        index.rel_tiles.shape[-1], index.cols.shape[-1], index.cov.shape[-1],
+        q,
+        k,
+        v,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        index.rel_tiles,
+        index.rel_end,
+        index.cols,
+        index.col_count,
+        index.cov,
+        index.abs_tiles,
+        index.abs_count,
+        index.sink,
+        index.window,
+        index.rel_tiles.shape[-1],
+        index.cols.shape[-1],
+        index.cov.shape[-1],
         index.abs_tiles.shape[-1],
-        hq, hq // hkv, nq, nk, nk - nq, mb, scale * LOG2E,
-        HEAD_D=d, BLOCK_D=block_d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, UPCAST=upcast,
-        num_warps=4 if block_d <= 64 else 8, num_stages=2,
+        hq,
+        hq // hkv,
+        nq,
+        nk,
+        nk - nq,
+        mb,
+        scale * LOG2E,
+        HEAD_D=d,
+        BLOCK_D=block_d,
+        BLOCK_M=BLOCK,
+        BLOCK_N=BLOCK,
+        UPCAST=upcast,
+        SPLIT_MASK=c["split_mask"],
+        num_warps=c["num_warps"],
+        num_stages=c["num_stages"],
     )
     return out
 
@@ -190,8 +290,15 @@ def slash_tiles(slashes: torch.Tensor, count: torch.Tensor):
         slashes = slashes.new_zeros((rows, 1))
     out = torch.full((rows, s_len), -(2**30), dtype=torch.int64, device=slashes.device)
     nout = torch.zeros(rows, dtype=torch.int64, device=slashes.device)
-    _slash_tiles_kernel[(rows,)](slashes.contiguous(), count.to(torch.int64).contiguous(), out, nout,
-                                 s_len, BLOCK_N=BLOCK, num_warps=1)
+    _slash_tiles_kernel[(rows,)](
+        slashes.contiguous(),
+        count.to(torch.int64).contiguous(),
+        out,
+        nout,
+        s_len,
+        BLOCK_N=BLOCK,
+        num_warps=1,
+    )
     return out, nout
 
 
@@ -201,10 +308,30 @@ def slash_tiles(slashes: torch.Tensor, count: torch.Tensor):
 
 @triton.jit
 def _vs_lse_kernel(
-    Q, K, M_OUT, L_OUT,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-    H, G, Nq, Nk, LQ, qk_scale, CHUNK, NCHUNK,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, LQ_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    M_OUT,
+    L_OUT,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    H,
+    G,
+    Nq,
+    Nk,
+    LQ,
+    qk_scale,
+    CHUNK,
+    NCHUNK,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LQ_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     cid = tl.program_id(0)
@@ -217,8 +344,11 @@ def _vs_lse_kernel(
     d_ok = offs_d < HEAD_D
     row_ok = t < LQ
     qrow = Nq - LQ + t
-    q = tl.load(Q + b * sqb + h * sqh + qrow[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + qrow[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     qpos = Nk - LQ + t
@@ -229,11 +359,15 @@ def _vs_lse_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = offs_n < hi
-        k = tl.load(K + b * skb + hk * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                    mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(
+            K + b * skb + hk * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+            mask=kv_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         s = _qk(q, k, UPCAST) * qk_scale
-        s = tl.where(kv_ok[None, :] & (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None], s,
-                     float("-inf"))
+        s = tl.where(
+            kv_ok[None, :] & (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None], s, float("-inf")
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
@@ -245,10 +379,29 @@ def _vs_lse_kernel(
 
 @triton.jit
 def _vs_score_kernel(
-    Q, K, LSE, VERT, SLASH,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-    H, G, Nq, Nk, LQ, qk_scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, LQ_P: tl.constexpr, BS: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    VERT,
+    SLASH,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    H,
+    G,
+    Nq,
+    Nk,
+    LQ,
+    qk_scale,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LQ_P: tl.constexpr,
+    BS: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     # program owns slash offsets [s0, s0 + BS) and vertical keys [w0 + LQ_P, w0 + LQ_P + BS)
@@ -262,8 +415,11 @@ def _vs_score_kernel(
     d_ok = offs_d < HEAD_D
     row_ok = t < LQ
     qrow = Nq - LQ + t
-    q = tl.load(Q + b * sqb + h * sqh + qrow[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + qrow[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     p0 = Nk - LQ
@@ -274,8 +430,11 @@ def _vs_score_kernel(
     c = tl.arange(0, LQ_P + BS)
     keys = w0 + c
     kv_ok = (keys >= 0) & (keys < Nk)
-    k = tl.load(K + b * skb + hk * skh + keys[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-                mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+    k = tl.load(
+        K + b * skb + hk * skh + keys[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
+        mask=kv_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     s = _qk(q, k, UPCAST) * qk_scale
     ok = kv_ok[None, :] & (keys[None, :] <= qpos[:, None]) & row_ok[:, None]
     p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [LQ_P, LQ_P + BS]
@@ -308,9 +467,26 @@ def vs_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
     l_part = torch.empty_like(m_part)
     nw = 4
     _vs_lse_kernel[(nchunk, b * hq)](
-        q, k, m_part, l_part, *q.stride(), *k.stride(),
-        hq, hq // hkv, nq, nk, lq, qk_scale, chunk, nchunk,
-        HEAD_D=d, BLOCK_D=block_d, LQ_P=lq_p, BLOCK_N=block_n, UPCAST=upcast, num_warps=nw,
+        q,
+        k,
+        m_part,
+        l_part,
+        *q.stride(),
+        *k.stride(),
+        hq,
+        hq // hkv,
+        nq,
+        nk,
+        lq,
+        qk_scale,
+        chunk,
+        nchunk,
+        HEAD_D=d,
+        BLOCK_D=block_d,
+        LQ_P=lq_p,
+        BLOCK_N=block_n,
+        UPCAST=upcast,
+        num_warps=nw,
     )
     m_max = m_part.amax(1)
     m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
@@ -321,9 +497,25 @@ def vs_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
     bs = lq_p  # the window of LQ_P + BS keys must be a power of two
     nsb = triton.cdiv(nk, bs) + 1
     _vs_score_kernel[(nsb, b * hq)](
-        q, k, lse, vertical, slash, *q.stride(), *k.stride(),
-        hq, hq // hkv, nq, nk, lq, qk_scale,
-        HEAD_D=d, BLOCK_D=block_d, LQ_P=lq_p, BS=bs, UPCAST=upcast, num_warps=8,
+        q,
+        k,
+        lse,
+        vertical,
+        slash,
+        *q.stride(),
+        *k.stride(),
+        hq,
+        hq // hkv,
+        nq,
+        nk,
+        lq,
+        qk_scale,
+        HEAD_D=d,
+        BLOCK_D=block_d,
+        LQ_P=lq_p,
+        BS=bs,
+        UPCAST=upcast,
+        num_warps=8,
     )
     return vertical, slash
 

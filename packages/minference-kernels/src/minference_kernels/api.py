@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _torch_attn, index as _index, masks as _masks
+from . import _torch_attn
+from . import index as _index
+from . import masks as _masks
 from ._validate import (
     Shape,
     check_index,
@@ -37,7 +39,11 @@ def _attend(q, k, v, idx: SparseIndex, scale: float, backend: str) -> torch.Tens
 
 
 def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    *,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Dense causal attention (the reference and the fallback). Returns ``[B, Hq, Nq, D]``.
@@ -64,14 +70,23 @@ def _dense_index(shape: Shape, device) -> SparseIndex:
     win = torch.full((b * h,), shape.n_kv, dtype=torch.int64, device=device)
     tiles, n = _index.window_tiles(win, t)
     return _index.assemble(
-        batch=b, heads=h, n_q=shape.n_q, n_kv=shape.n_kv, device=device,
-        rel_tiles=tiles.reshape(b, h, t), rel_count=n.reshape(b, h),
+        batch=b,
+        heads=h,
+        n_q=shape.n_q,
+        n_kv=shape.n_kv,
+        device=device,
+        rel_tiles=tiles.reshape(b, h, t),
+        rel_count=n.reshape(b, h),
     )
 
 
 def vertical_slash_index(
-    vertical_indices: torch.Tensor, slash_indices: torch.Tensor, n_q: int, n_kv: int,
-    *, backend: str = "torch",
+    vertical_indices: torch.Tensor,
+    slash_indices: torch.Tensor,
+    n_q: int,
+    n_kv: int,
+    *,
+    backend: str = "torch",
 ) -> SparseIndex:
     """Build the kernel index for vertical-slash heads (no validation; see the attention function)."""
     b, h = vertical_indices.shape[:2]
@@ -79,8 +94,15 @@ def vertical_slash_index(
         vertical_indices, slash_indices, backend
     )
     return _index.assemble(
-        batch=b, heads=h, n_q=n_q, n_kv=n_kv, device=vertical_indices.device,
-        rel_tiles=tiles, rel_count=n_tiles, cols=cols, col_total=col_total,
+        batch=b,
+        heads=h,
+        n_q=n_q,
+        n_kv=n_kv,
+        device=vertical_indices.device,
+        rel_tiles=tiles,
+        rel_count=n_tiles,
+        cols=cols,
+        col_total=col_total,
     )
 
 
@@ -118,8 +140,13 @@ def block_sparse_index(
     b, h = block_indices.shape[:2]
     tiles, count = _index.block_sparse_pieces(block_indices, block_size, n_q, n_kv)
     return _index.assemble(
-        batch=b, heads=h, n_q=n_q, n_kv=n_kv, device=block_indices.device,
-        abs_tiles=tiles, abs_count=count,
+        batch=b,
+        heads=h,
+        n_q=n_q,
+        n_kv=n_kv,
+        device=block_indices.device,
+        abs_tiles=tiles,
+        abs_count=count,
     )
 
 
@@ -171,9 +198,17 @@ def streaming_index(
     c_max = max(int(s.max()), 1)
     cols = torch.arange(c_max, device=device).expand(batch, heads, c_max)
     return _index.assemble(
-        batch=batch, heads=heads, n_q=n_q, n_kv=n_kv, device=device,
-        rel_tiles=tiles.reshape(batch, heads, t_max), rel_count=n.reshape(batch, heads),
-        cols=cols, col_total=s, sink=s, window=w,
+        batch=batch,
+        heads=heads,
+        n_q=n_q,
+        n_kv=n_kv,
+        device=device,
+        rel_tiles=tiles.reshape(batch, heads, t_max),
+        rel_count=n.reshape(batch, heads),
+        cols=cols,
+        col_total=s,
+        sink=s,
+        window=w,
     )
 
 
@@ -196,7 +231,9 @@ def streaming_attention(
     be = resolve_backend(backend, q.device)
     b, h = shape.batch, shape.heads_q
     full = lambda x: torch.full((b, h), x, dtype=torch.int64, device=q.device)
-    idx = streaming_index(b, h, shape.n_q, shape.n_kv, full(sink_tokens), full(window_tokens), q.device)
+    idx = streaming_index(
+        b, h, shape.n_q, shape.n_kv, full(sink_tokens), full(window_tokens), q.device
+    )
     return _attend(q, k, v, idx, scale, be)
 
 
@@ -359,9 +396,19 @@ def build_index(
             cols_all[:, hid, : cols.shape[-1]] = cols
             col_total[:, hid] = ctot
     return _index.assemble(
-        batch=b, heads=h, n_q=nq, n_kv=nk, device=dev,
-        rel_tiles=rel_tiles, rel_count=rel_count, cols=cols_all, col_total=col_total,
-        abs_tiles=abs_tiles, abs_count=abs_count, sink=sink, window=window,
+        batch=b,
+        heads=h,
+        n_q=nq,
+        n_kv=nk,
+        device=dev,
+        rel_tiles=rel_tiles,
+        rel_count=rel_count,
+        cols=cols_all,
+        col_total=col_total,
+        abs_tiles=abs_tiles,
+        abs_count=abs_count,
+        sink=sink,
+        window=window,
     )
 
 
@@ -375,10 +422,12 @@ def _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, block_size):
     b = q.shape[0]
     out = []
     for j in range(hsel.numel()):
-        scores, forced = block_scores(qs[:, j : j + 1], ks[:, int(inv[j]) : int(inv[j]) + 1], block_size)
+        scores, forced = block_scores(
+            qs[:, j : j + 1], ks[:, int(inv[j]) : int(inv[j]) + 1], block_size
+        )
         out.append((scores, forced))
     scores = torch.cat([s for s, _ in out], 1)
-    forced = torch.cat([f for _, f in out], 1)
+    forced = out[0][1]  # [MBq, MBk], the same for every head
     scores = torch.where(forced, torch.full_like(scores, float("inf")), scores)
     kmax = int(topk.max())
     kk = min(kmax, scores.shape[-1])
@@ -439,7 +488,9 @@ def sparse_prefill_mask(
     scale = check_scale(scale, shape.head_dim)
     nq, nk = shape.n_q, shape.n_kv
     rows = torch.arange(nq) if query_rows is None else query_rows
-    out = torch.zeros((shape.batch, shape.heads_q, rows.numel(), nk), dtype=torch.bool, device=q.device)
+    out = torch.zeros(
+        (shape.batch, shape.heads_q, rows.numel(), nk), dtype=torch.bool, device=q.device
+    )
     vs = [i for i, p in enumerate(heads) if p.kind == "vertical_slash"]
     if vs:
         from .estimate import select_vertical_slash, vs_scores_torch
@@ -465,7 +516,12 @@ def sparse_prefill_mask(
         elif p.kind == "block_sparse":
             hsel = torch.tensor([i], device=q.device)
             bi = _estimate_block_sparse_subset(
-                q, k, hsel, hsel // shape.group, torch.tensor([p.top_k], device=q.device), p.block_size
+                q,
+                k,
+                hsel,
+                hsel // shape.group,
+                torch.tensor([p.top_k], device=q.device),
+                p.block_size,
             )
             out[:, i : i + 1] = _masks.block_sparse_mask(
                 bi, nq, p.block_size, n_kv=nk, query_rows=rows
@@ -478,8 +534,10 @@ def index_density(index: SparseIndex, blocks: list[int] | None = None) -> torch.
     the given query blocks only if ``blocks`` is set)."""
     kept = _torch_attn.count_pairs(index, blocks).double()
     off = index.q_offset
-    rows = range(index.n_q) if blocks is None else [
-        r for m in blocks for r in range(m * BLOCK, min((m + 1) * BLOCK, index.n_q))
-    ]
+    rows = (
+        range(index.n_q)
+        if blocks is None
+        else [r for m in blocks for r in range(m * BLOCK, min((m + 1) * BLOCK, index.n_q))]
+    )
     causal = float(sum(r + off + 1 for r in rows))
     return kept / causal

@@ -101,7 +101,15 @@ def select_vertical_slash(
 
 
 def estimate_vertical_slash_impl(
-    q, k, num_vertical, num_slash, last_q, scale, backend, keep_first=KEEP_FIRST, keep_local=KEEP_LOCAL
+    q,
+    k,
+    num_vertical,
+    num_slash,
+    last_q,
+    scale,
+    backend,
+    keep_first=KEEP_FIRST,
+    keep_local=KEEP_LOCAL,
 ):
     if backend == "triton":
         from . import _triton

@@ -92,7 +92,9 @@ def sorted_unique(x: torch.Tensor, valid: torch.Tensor | None = None, fill: int 
     return x, count
 
 
-def slash_tiles_torch(slashes: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def slash_tiles_torch(
+    slashes: torch.Tensor, count: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-to-left greedy cover of slash offsets by 64-wide relative tiles (PyTorch version).
 
     ``slashes [R, S]`` int64 sorted ascending (valid entries first, ``count [R]`` of them; duplicates
@@ -181,14 +183,20 @@ def assemble(
     rel_valid = tpos[None, None, :] < rel_count[..., None]
     # tiles reaching key >= 0 in block m: r + 63 >= -a0  <=>  -r <= a0 + 63 ; -r ascending
     neg = torch.where(rel_valid, -rel_tiles, torch.full_like(rel_tiles, _BIG)).contiguous()
-    rel_end = torch.searchsorted(neg, (a0 + BLOCK - 1).expand(batch, heads, mb).contiguous(), right=True)
+    rel_end = torch.searchsorted(
+        neg, (a0 + BLOCK - 1).expand(batch, heads, mb).contiguous(), right=True
+    )
 
     # coverage of relative offsets by each head's tiles: cov[r + n_kv + 64] for r in [-n_kv - 64, 63]
     cov_len = n_kv + 2 * BLOCK
     diff = torch.zeros((batch, heads, cov_len + 1), dtype=torch.int32, device=device)
-    start_idx = torch.where(rel_valid, rel_tiles + n_kv + BLOCK, torch.full_like(rel_tiles, cov_len))
+    start_idx = torch.where(
+        rel_valid, rel_tiles + n_kv + BLOCK, torch.full_like(rel_tiles, cov_len)
+    )
     start_idx = start_idx.clamp(0, cov_len)
-    end_idx = torch.where(rel_valid, (start_idx + BLOCK).clamp(max=cov_len), torch.full_like(rel_tiles, cov_len))
+    end_idx = torch.where(
+        rel_valid, (start_idx + BLOCK).clamp(max=cov_len), torch.full_like(rel_tiles, cov_len)
+    )
     one = torch.ones_like(start_idx, dtype=torch.int32)
     diff.scatter_add_(-1, start_idx, one)
     diff.scatter_add_(-1, end_idx, -one)
@@ -214,7 +222,9 @@ def assemble(
     return SparseIndex(
         n_q=n_q,
         n_kv=n_kv,
-        rel_tiles=torch.where(rel_valid, rel_tiles, torch.zeros_like(rel_tiles)).to(i32).contiguous(),
+        rel_tiles=torch.where(rel_valid, rel_tiles, torch.zeros_like(rel_tiles))
+        .to(i32)
+        .contiguous(),
         rel_end=rel_end.to(i32).contiguous(),
         cols=torch.where(cvalid, cols, torch.zeros_like(cols)).to(i32).contiguous(),
         col_count=col_count.to(i32).contiguous(),
@@ -227,8 +237,11 @@ def assemble(
 
 
 def vertical_slash_pieces(
-    vertical: torch.Tensor, slash: torch.Tensor, backend: str,
-    v_valid: torch.Tensor | None = None, s_valid: torch.Tensor | None = None,
+    vertical: torch.Tensor,
+    slash: torch.Tensor,
+    backend: str,
+    v_valid: torch.Tensor | None = None,
+    s_valid: torch.Tensor | None = None,
 ):
     """Verticals ``[B, H, NV]`` and slashes ``[B, H, NS]`` -> (rel_tiles, rel_count, cols, col_total)."""
     b, h = vertical.shape[:2]

@@ -127,8 +127,13 @@ def streaming_mask(
     return m[None, None]
 
 
-def dense_mask(n: int, *, n_kv: int | None = None, query_rows: torch.Tensor | None = None,
-               device: torch.device | str | None = None) -> torch.Tensor:
+def dense_mask(
+    n: int,
+    *,
+    n_kv: int | None = None,
+    query_rows: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Causal pairs, bottom-right aligned: ``bool [1, 1, R, n_kv]``."""
     rows, n_kv, off = _rows(n, n_kv, query_rows, device)
     keys = torch.arange(n_kv, device=rows.device)[None, :]

@@ -37,7 +37,14 @@ class HeadPattern:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"HeadPattern.kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("sink_tokens", "window_tokens", "num_vertical", "num_slash", "top_k", "block_size"):
+        for name in (
+            "sink_tokens",
+            "window_tokens",
+            "num_vertical",
+            "num_slash",
+            "top_k",
+            "block_size",
+        ):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int):
                 raise TypeError(f"HeadPattern.{name} must be an int, got {type(val).__name__}")
@@ -51,7 +58,9 @@ class HeadPattern:
             if self.top_k < 1:
                 raise ValueError("block_sparse needs top_k >= 1")
             if self.block_size < 64 or self.block_size % 64:
-                raise ValueError(f"block_size must be a positive multiple of 64, got {self.block_size}")
+                raise ValueError(
+                    f"block_size must be a positive multiple of 64, got {self.block_size}"
+                )
 
     @classmethod
     def dense(cls) -> HeadPattern:

@@ -66,7 +66,9 @@ def structured_qkv(
     content = r(batch, heads_kv, 1, d) * 0.9
     anchor_dir = r(batch, heads_kv, 1, d)
     anchor_dir = anchor_dir / anchor_dir.norm(dim=-1, keepdim=True) * d**0.5
-    anchors = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(n, generator=g)[:num_anchors]])
+    anchors = torch.cat(
+        [torch.zeros(1, dtype=torch.long), torch.randperm(n, generator=g)[:num_anchors]]
+    )
     n_topics = max(1, -(-n // topic_len))
     topics = r(batch, heads_kv, n_topics, d)
     topics = topics / topics.norm(dim=-1, keepdim=True) * d**0.5

@@ -1,0 +1,210 @@
+"""Full budget equals dense; masks contain every named pair; estimators find planted structure;
+determinism; strided and expanded inputs."""
+
+import minference_kernels as mk
+import pytest
+import torch
+from conftest import reference, rel_err
+from minference_kernels.masks import greedy_slash_tiles
+
+
+def qkv(b=2, hq=4, hkv=2, n=150, d=64, extra=0, seed=0, dt=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(b, hq, n, d, generator=g).to(dt),
+        torch.randn(b, hkv, n + extra, d, generator=g).to(dt),
+        torch.randn(b, hkv, n + extra, d, generator=g).to(dt),
+    )
+
+
+@pytest.mark.parametrize("extra", [0, 37])
+def test_full_budget_equals_dense(extra):
+    q, k, v = qkv(n=173, extra=extra)
+    b, hq, n, _ = q.shape
+    nk = k.shape[2]
+    dense = reference(q, k, v, mk.dense_mask(n, n_kv=nk))
+    # every slash offset: the tiles cover everything causal
+    si = torch.arange(nk).expand(b, hq, nk)
+    vi = torch.zeros(b, hq, 1, dtype=torch.long)
+    assert rel_err(mk.vertical_slash_attention(q, k, v, vi, si), dense) < 1e-5
+    # every vertical column
+    vi = torch.arange(nk).expand(b, hq, nk)
+    si = torch.zeros(b, hq, 1, dtype=torch.long)
+    assert rel_err(mk.vertical_slash_attention(q, k, v, vi, si), dense) < 1e-5
+    # every key block
+    nkb = -(-nk // 64)
+    bi = torch.arange(nkb).expand(b, hq, -(-n // 64), nkb)
+    assert rel_err(mk.block_sparse_attention(q, k, v, bi), dense) < 1e-5
+    assert rel_err(mk.streaming_attention(q, k, v, 0, nk), dense) < 1e-5
+    heads = [
+        mk.HeadPattern.vertical_slash(10**6, 10**6),
+        mk.HeadPattern.block_sparse(10**4),
+        mk.HeadPattern.a_shape(0, 10**6),
+        mk.HeadPattern.dense(),
+    ]
+    assert rel_err(mk.sparse_prefill(q, k, v, heads), dense) < 1e-5
+    assert bool(mk.sparse_prefill_mask(q, k, heads).eq(mk.dense_mask(n, n_kv=nk)).all())
+
+
+def test_masks_contain_named_pairs():
+    g = torch.Generator().manual_seed(3)
+    n, nk = 200, 230
+    vi = torch.randint(0, nk, (2, 3, 11), generator=g)
+    si = torch.randint(0, nk, (2, 3, 7), generator=g)
+    m = mk.vertical_slash_mask(vi, si, n, n_kv=nk)
+    i = torch.arange(n)[:, None] + (nk - n)
+    j = torch.arange(nk)[None, :]
+    causal = j <= i
+    for b in range(2):
+        for h in range(3):
+            named = torch.isin(j, vi[b, h]).expand(n, nk) | torch.isin(i - j, si[b, h])
+            assert bool((m[b, h] | ~(named & causal)).all())
+            assert not bool((m[b, h] & ~causal).any())
+    bi = torch.randint(-1, 4, (2, 3, 4, 2), generator=g)
+    mb = mk.block_sparse_mask(bi, n, n_kv=nk)
+    for b in range(2):
+        for h in range(3):
+            for qb in range(4):
+                for kb in bi[b, h, qb].tolist():
+                    if kb < 0:
+                        continue
+                    blk = mb[b, h, qb * 64 : (qb + 1) * 64, kb * 64 : (kb + 1) * 64]
+                    cz = causal[qb * 64 : (qb + 1) * 64, kb * 64 : (kb + 1) * 64]
+                    assert bool(blk.eq(cz).all())
+
+
+def test_single_slash_tile_shape():
+    # one slash s: each 64-row query block attends to the 64 keys [a0 - s, a0 - s + 63], causal
+    n, s = 256, 100
+    m = mk.vertical_slash_mask(torch.zeros(1, 1, 0, dtype=torch.long), torch.tensor([[[s]]]), n)[
+        0, 0
+    ]
+    for i in range(n):
+        a0 = (i // 64) * 64
+        expect = [j for j in range(max(0, a0 - s), a0 - s + 64) if j <= i]
+        assert m[i].nonzero().flatten().tolist() == expect
+    # 200 and 201 span 65 keys per block: two tiles (the fewest 64-wide tiles that cover them)
+    assert greedy_slash_tiles([0, 1, 2, 70, 200, 201]) == [0, -64, -128, -200, -264]
+
+
+def test_duplicates_and_order_do_not_matter():
+    q, k, v = qkv(n=140)
+    vi = torch.tensor([5, 5, 90, 3, 90]).expand(2, 4, 5)
+    si = torch.tensor([0, 40, 0, 7]).expand(2, 4, 4)
+    a = mk.vertical_slash_attention(q, k, v, vi, si)
+    vu = torch.tensor([90, 5, 3]).expand(2, 4, 3)
+    b = mk.vertical_slash_attention(q, k, v, vu, si.unique().flip(0).expand(2, 4, 3))
+    assert torch.equal(a, b)
+    bi = torch.tensor([[1, 0, 1, -1]]).expand(2, 4, 3, 4)
+    x = mk.block_sparse_attention(q, k, v, bi)
+    y = mk.block_sparse_attention(q, k, v, torch.tensor([[0, 1]]).expand(2, 4, 3, 2))
+    assert torch.equal(x, y)
+
+
+def test_empty_rows_give_zeros():
+    q, k, v = qkv(n=130)
+    bi = torch.full((2, 4, 3, 1), -1)
+    out = mk.block_sparse_attention(q, k, v, bi)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def _planted(n=400, d=64, verticals=(37, 150, 260), slashes=(130, 210), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 1, n, d, generator=g) * 0.3
+    q = torch.randn(1, 1, n, d, generator=g) * 0.3
+    u = torch.randn(d, generator=g)
+    u = u / u.norm() * 4
+    for j in verticals:
+        k[0, 0, j] += u
+    q[0, 0] += u  # every query likes the vertical direction
+    keys = torch.randn(n, d, generator=g)
+    keys = keys / keys.norm(dim=-1, keepdim=True) * 3.5
+    k[0, 0] += keys
+    for s in slashes:  # query i points at key i - s
+        q[0, 0, s:] += keys[: n - s] * 1.2
+    return q, k
+
+
+def test_vertical_slash_estimator_finds_planted():
+    q, k = _planted()
+    vi, si = mk.estimate_vertical_slash(q, k, 40, 110)
+    assert vi.shape == (1, 1, 40) and si.shape == (1, 1, 110)
+    assert set(range(30)) <= set(vi[0, 0].tolist())  # sinks always kept
+    assert {37, 150, 260} <= set(vi[0, 0].tolist())
+    assert set(range(100)) <= set(si[0, 0].tolist())  # local window always kept
+    assert {130, 210} <= set(si[0, 0].tolist())
+    # budgets larger than N are clipped
+    vi, si = mk.estimate_vertical_slash(q[..., :10, :], k[..., :10, :], 50, 50)
+    assert vi.shape[-1] == 10 and si.shape[-1] == 10
+
+
+def test_block_sparse_estimator_finds_planted_topics():
+    g = torch.Generator().manual_seed(1)
+    n, d = 512, 64
+    topics = torch.randn(4, d, generator=g) * 2
+    # key block kb has topic kb % 4; query block qb asks for topic (qb + 1) % 4
+    k = torch.randn(1, 1, n, d, generator=g) * 0.2
+    q = torch.randn(1, 1, n, d, generator=g) * 0.2
+    for b in range(8):
+        k[0, 0, b * 64 : (b + 1) * 64] += topics[b % 4]
+        q[0, 0, b * 64 : (b + 1) * 64] += topics[(b + 1) % 4]
+    bi = mk.estimate_block_sparse(q, k, 3)
+    assert bi.shape == (1, 1, 8, 3)
+    for qb in range(8):
+        got = set(bi[0, 0, qb].tolist()) - {-1}
+        assert qb in got  # diagonal always kept
+        want = {kb for kb in range(qb + 1) if kb % 4 == (qb + 1) % 4}
+        assert want <= got or len(want) > 2, (qb, got, want)
+    assert bi[0, 0, 0].tolist() == [0, -1, -1]  # only one causal key block
+
+
+def test_deterministic():
+    q, k, v = qkv(n=333, hq=8, hkv=2)
+    heads = [mk.HeadPattern.vertical_slash(20, 40), mk.HeadPattern.block_sparse(2)] * 4
+    a = mk.sparse_prefill(q, k, v, heads)
+    b = mk.sparse_prefill(q, k, v, heads)
+    assert torch.equal(a, b)
+    va, sa = mk.estimate_vertical_slash(q, k, 20, 40)
+    vb, sb = mk.estimate_vertical_slash(q, k, 20, 40)
+    assert torch.equal(va, vb) and torch.equal(sa, sb)
+
+
+def test_strided_and_expanded_inputs():
+    q, k, v = qkv(b=1, hq=4, hkv=2, n=130, d=64)
+    ref = mk.sparse_prefill(q, k, v, [mk.HeadPattern.vertical_slash(10, 20)] * 4)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] storage
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    out = mk.sparse_prefill(qt, kt, v, [mk.HeadPattern.vertical_slash(10, 20)] * 4)
+    assert torch.allclose(out, ref, atol=1e-6)
+    # K/V expanded over the batch (stride 0) work too
+    k1, v1 = k[:1], v[:1]
+    q2 = torch.cat([q, q])
+    out2 = mk.dense_attention(q2, k1.expand(2, -1, -1, -1), v1.expand(2, -1, -1, -1))
+    assert torch.allclose(out2[0], out2[1])
+    assert rel_err(out2[:1], reference(q, k, v, mk.dense_mask(130))) < 1e-5
+
+
+def test_index_density_counts_exact_pairs():
+    q, k, v = qkv(b=1, hq=2, hkv=1, n=200)
+    heads = [mk.HeadPattern.vertical_slash(5, 8), mk.HeadPattern.a_shape(3, 50)]
+    _, idx = mk.sparse_prefill(q, k, v, heads, return_index=True)
+    dens = mk.index_density(idx)
+    mask = mk.sparse_prefill_mask(q, k, heads)
+    expect = mask.sum((-1, -2)).double() / (200 * 201 / 2)
+    assert torch.allclose(dens, expect)
+
+
+@pytest.mark.triton
+def test_triton_estimator_matches_torch():
+    from minference_kernels import _triton
+    from minference_kernels.estimate import vs_scores_torch
+
+    q, k = _planted(n=300)
+    q = torch.cat([q, q * 0.5], 1)
+    k = k.expand(1, 1, -1, -1)
+    vt, st = _triton.vs_scores(q, k, 64, 64**-0.5)
+    vr, sr = vs_scores_torch(q, k, 64, 64**-0.5)
+    assert torch.allclose(vt, vr, atol=1e-5) and torch.allclose(st, sr, atol=1e-5)
+    a = mk.estimate_vertical_slash(q, k, 40, 110, backend="triton")
+    b = mk.estimate_vertical_slash(q, k, 40, 110, backend="torch")
+    assert all(set(x.flatten().tolist()) == set(y.flatten().tolist()) for x, y in zip(a, b))
