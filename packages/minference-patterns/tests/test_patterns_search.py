@@ -120,6 +120,15 @@ def test_all_rows_when_prompt_is_short():
     kept = ((i[:, None] - i[None, :] < 64) | (i[None, :] < 4)) & (i[None, :] <= i[:, None])
     by = {c.pattern: c for c in r.candidates}
     assert by[AS(4, 64)].density == pytest.approx(float(kept.sum()) / (256 * 257 / 2))
+    # recall and output error against an independent float64 computation
+    s = (q[0, 0].double() @ k[0, 0].double().T) / 8.0
+    p = torch.softmax(s.masked_fill(i[None, :] > i[:, None], float("-inf")), -1)
+    mass = (p * kept).sum(-1)
+    assert by[AS(4, 64)].recall == pytest.approx(float(mass.mean()), rel=1e-9)
+    o = p @ v[0, 0].double()
+    o_s = (p * kept / mass[:, None]) @ v[0, 0].double()
+    err = ((o_s - o).norm(dim=-1) / o.norm(dim=-1)).mean()
+    assert by[AS(4, 64)].output_error == pytest.approx(float(err), rel=1e-6)
 
 
 def gqa_layer(seed=0):

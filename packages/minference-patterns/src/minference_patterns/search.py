@@ -281,18 +281,23 @@ def search_layer(
         kv1 = min(hkv, kv0 + kv_per_chunk)
         h0, h1 = kv0 * group, kv1 * group
         qs, ks = q[:, h0:h1], k[:, kv0:kv1]
-        qr = qs[0, :, rows].to(work)  # [Hc, R, D]
-        kk = ks[0].to(work).repeat_interleave(group, 0)  # [Hc, N, D] (small chunk only)
-        logits = torch.matmul(qr, kk.transpose(-1, -2)) * sm_scale
-        logits = logits.masked_fill(~causal, float("-inf"))
+        hc, kvc = h1 - h0, kv1 - kv0
+        # the query heads of a KV head share it: [KVc, g * R, D] @ [KVc, D, N], no K/V copies
+        qr = qs[0, :, rows].to(work).reshape(kvc, group * r, d)
+        logits = torch.matmul(qr, ks[0].to(work).transpose(-1, -2)) * sm_scale
+        logits = logits.view(hc, r, n).masked_fill(~causal, float("-inf"))
         prob = torch.softmax(logits, dim=-1)  # [Hc, R, N]
-        del logits, kk
+        del logits, qr
         o_dense = None
         if v is not None:
-            vv = v[0, kv0:kv1].to(work).repeat_interleave(group, 0)
-            o_dense = torch.matmul(prob, vv)
+            vv = v[0, kv0:kv1].to(work)  # [KVc, N, Dv]
+
+            def attend(p: torch.Tensor) -> torch.Tensor:
+                out = torch.matmul(p.reshape(kvc, group * r, n), vv)
+                return out.view(hc, r, -1)
+
+            o_dense = attend(prob)
             o_norm = o_dense.norm(dim=-1).clamp(min=1e-30)
-        hc = h1 - h0
         for cand in cands:
             if cand.kind == "dense":
                 rec = torch.ones(hc, dtype=work, device=q.device)
@@ -309,7 +314,7 @@ def search_layer(
                 dens = mask.sum((-1, -2)).to(work) / causal_pairs
                 err = None
                 if v is not None:
-                    o_sparse = torch.matmul(kept / mass.clamp(min=1e-30)[..., None], vv)
+                    o_sparse = attend(kept / mass.clamp(min=1e-30)[..., None])
                     err = ((o_sparse - o_dense).norm(dim=-1) / o_norm).mean(-1)
                 del mask, kept
             for j in range(hc):
