@@ -6,6 +6,7 @@ The shipped configs are MInference's published per-head configs (MIT licence, Mi
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -101,8 +102,8 @@ def shipped_path(model: ShippedModel) -> Path:
 
 @lru_cache(maxsize=16)
 def _load_shipped_file(file: str) -> PatternConfig:
-    path = files("minference_patterns").joinpath("configs", file)
-    return PatternConfig.from_dict(read_json(Path(str(path))), source=f"shipped config {file}")
+    text = files("minference_patterns").joinpath("configs", file).read_text(encoding="utf-8")
+    return PatternConfig.from_dict(json.loads(text), source=f"shipped config {file}")
 
 
 def load_shipped(model_id: str) -> PatternConfig:
