@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from . import _compat as compat
-from .kvcache import CacheLayout, gather_kv, probe_layout
+from .kvcache import CacheLayout, probe_layout
+from .prefill import prefill_request
 from .settings import (
     PluginSettings,
     heads_for_rank,
@@ -309,41 +310,29 @@ class SparseImplMixin:
         output: torch.Tensor,
     ) -> None:
         global SPARSE_CALLS
-        import minference_kernels
-
         settings = self._mi_settings
         assert settings is not None
         if self._mi_layer is None:
             self._mi_layer = layer_index(layer.layer_name)
         s, e = row.q_start, row.q_end
-        cached = row.num_cached
-        if key is not None and value is not None:
-            k = key[s:e].transpose(0, 1)
-            v = value[s:e].transpose(0, 1)
-            if cached > 0:
-                layout = self._mi_cache_layout(layer, kv_cache, block_size)
-                k_old, v_old = gather_kv(kv_cache, layout, row.block_ids, cached)
-                k = torch.cat([k_old.to(k.dtype), k], dim=1)
-                v = torch.cat([v_old.to(v.dtype), v], dim=1)
-        else:  # a layer that shares another layer's KV cache: everything is in the cache
-            layout = self._mi_cache_layout(layer, kv_cache, block_size)
-            k, v = gather_kv(kv_cache, layout, row.block_ids, row.seq_len)
-            k, v = k.to(query.dtype), v.to(query.dtype)
         patterns = load_patterns(settings.config)
         heads = heads_for_rank(
             patterns.heads_for_layer(self._mi_layer, seq_len=row.seq_len), *self._mi_tp
         )
-        out = minference_kernels.sparse_prefill(
-            query[s:e].transpose(0, 1).unsqueeze(0),
-            k.unsqueeze(0),
-            v.unsqueeze(0),
+        out = prefill_request(
+            query[s:e],
+            None if key is None else key[s:e],
+            None if value is None else value[s:e],
+            kv_cache,
+            lambda: self._mi_cache_layout(layer, kv_cache, block_size),
+            row.block_ids,
+            row.seq_len,
             heads,
             scale=self.scale,
             last_q=settings.last_q,
             backend=settings.kernel_backend,
-            validate=False,
         )
-        output[s:e].copy_(out[0].transpose(0, 1))
+        output[s:e].copy_(out)
         SPARSE_CALLS += 1
         if settings.trace:
             _trace(settings.trace, self._mi_layer, row, heads, self._mi_tp)

@@ -1,0 +1,77 @@
+"""Sparse pre-fill of one request's chunk against a paged KV cache (no vLLM import).
+
+This is the computation the backends run for each request that takes the sparse path; it is kept
+free of vLLM so it can be tested on its own, on CPU and on GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kvcache import CacheLayout, gather_kv
+
+if TYPE_CHECKING:
+    from minference_kernels import HeadPattern
+
+__all__ = ["prefill_request"]
+
+
+def prefill_request(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
+    kv_cache: torch.Tensor,
+    layout: Callable[[], CacheLayout],
+    block_ids: torch.Tensor,
+    seq_len: int,
+    heads: Sequence[HeadPattern],
+    *,
+    scale: float,
+    last_q: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention output ``[Nq, Hq, D]`` for the last ``Nq`` tokens of a ``seq_len``-token request.
+
+    Args:
+        query: the chunk's queries, ``[Nq, Hq, D]`` (vLLM's token-major layout).
+        key, value: the chunk's keys/values ``[Nq, Hkv, D]``; ``None`` when the layer reads a
+            cache another layer wrote (then every key comes from the cache).
+        kv_cache: the layer's paged cache; its first ``seq_len - Nq`` tokens (or all ``seq_len``
+            when ``key`` is ``None``) are read through ``layout`` from blocks ``block_ids``.
+        layout: returns the cache's :class:`CacheLayout`; called only when the cache is read.
+        heads: one pattern per query head of ``query``.
+        scale, last_q, backend: passed to ``minference_kernels.sparse_prefill``.
+
+    The causal diagonal is aligned bottom-right: query ``i`` of the chunk sits at position
+    ``seq_len - Nq + i`` and sees keys ``0 .. seq_len - Nq + i``.
+    """
+    import minference_kernels
+
+    n = query.shape[0]
+    cached = seq_len - n
+    if cached < 0:
+        raise ValueError(f"chunk of {n} tokens is longer than its request ({seq_len} tokens)")
+    if key is not None and value is not None:
+        k = key[:n].transpose(0, 1)
+        v = value[:n].transpose(0, 1)
+        if cached > 0:
+            k_old, v_old = gather_kv(kv_cache, layout(), block_ids, cached)
+            k = torch.cat([k_old.to(k.dtype), k], dim=1)
+            v = torch.cat([v_old.to(v.dtype), v], dim=1)
+    else:
+        k, v = gather_kv(kv_cache, layout(), block_ids, seq_len)
+        k, v = k.to(query.dtype), v.to(query.dtype)
+    out = minference_kernels.sparse_prefill(
+        query.transpose(0, 1).unsqueeze(0).contiguous(),
+        k.unsqueeze(0).contiguous(),
+        v.unsqueeze(0).contiguous(),
+        heads,
+        scale=scale,
+        last_q=last_q,
+        backend=backend,
+        validate=False,
+    )
+    return out[0].transpose(0, 1)
