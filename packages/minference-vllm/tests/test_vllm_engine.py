@@ -7,7 +7,7 @@ Each engine configuration runs once per test session, in a fresh process
 * ``full``: the plugin with full-budget patterns of every kind, a low threshold and small chunks:
   every pre-fill chunk past 64 tokens of context runs the sparse kernels, which at full budget must
   reproduce dense attention;
-* ``sparse``: real sparse budgets on a long prompt;
+* ``sparse``: real sparse budgets on a long prompt, configured through environment variables;
 * ``mismatch``: a config for another model shape, which must stop the engine at start-up.
 """
 
@@ -83,12 +83,14 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
         engine: dict[str, Any],
         minference: dict[str, Any] | None = None,
         plugins: bool = True,
+        via_env: bool = False,
     ) -> EngineRun:
         spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
         trace_path = workdir / f"{name}.trace.jsonl"
         engine = dict(engine)
-        if minference is not None:
-            engine["additional_config"] = {"minference": {**minference, "trace": str(trace_path)}}
+        settings = None if minference is None else {**minference, "trace": str(trace_path)}
+        if settings is not None and not via_env:
+            engine["additional_config"] = {"minference": settings}
         spec = {"model": model_dir, "prompts": prompts, "max_tokens": MAX_TOKENS, "engine": engine}
         spec_path.write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINFERENCE_VLLM_")}
@@ -97,6 +99,8 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
         env["HF_HUB_OFFLINE"] = "1"
         if not plugins:
             env["VLLM_PLUGINS"] = ""  # vLLM's own switch: load no general plugin
+        if settings is not None and via_env:  # the environment-variable fallback
+            env.update({f"MINFERENCE_VLLM_{k.upper()}": str(v) for k, v in settings.items()})
         proc = subprocess.run(
             [sys.executable, str(HERE / "vllm_engine_runner.py"), str(spec_path), str(out_path)],
             env=env,
@@ -155,7 +159,9 @@ def sparse_budget(run_engine, workdir: Path) -> EngineRun:
         ],
     )
     engine = {**ENGINE, "max_num_batched_tokens": 512}
-    return _ok(run_engine("sparse", [LONG_PROMPT], engine, {"config": config, "threshold": 256}))
+    settings = {"config": config, "threshold": 256}
+    # configured through MINFERENCE_VLLM_* variables instead of --additional-config
+    return _ok(run_engine("sparse", [LONG_PROMPT], engine, settings, via_env=True))
 
 
 def test_full_budget_matches_dense(baseline: EngineRun, full_budget: EngineRun) -> None:
