@@ -45,8 +45,9 @@ def tests(session: nox.Session) -> None:
         f"{HF}[test]",
         f"{VLLM}[test]",
     )
-    paths = [f"{p}/tests" for p in (KERNELS, PATTERNS, HF, VLLM) if os.path.isdir(f"{p}/tests")]
-    session.run("pytest", *paths, "-m", "not triton and not gpu", *session.posargs)
+    # one pytest process per package: test modules of different packages never shadow each other
+    for pkg in (KERNELS, PATTERNS, HF, VLLM):
+        session.run("pytest", f"{pkg}/tests", "-m", "not triton and not gpu", *session.posargs)
     session.run(
         "pytest",
         f"{KERNELS}/tests",

@@ -6,7 +6,7 @@ import itertools
 import minference_kernels as mk
 import pytest
 import torch
-from conftest import TOL, reference, rel_err
+from kernels_testlib import TOL, reference, rel_err
 
 NS = [1, 17, 63, 64, 65, 200, 333]
 GQA = [(4, 4), (4, 2), (4, 1)]

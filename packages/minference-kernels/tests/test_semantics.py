@@ -4,7 +4,7 @@ determinism; strided and expanded inputs."""
 import minference_kernels as mk
 import pytest
 import torch
-from conftest import reference, rel_err
+from kernels_testlib import reference, rel_err
 from minference_kernels.masks import greedy_slash_tiles
 
 
@@ -208,3 +208,25 @@ def test_triton_estimator_matches_torch():
     a = mk.estimate_vertical_slash(q, k, 40, 110, backend="triton")
     b = mk.estimate_vertical_slash(q, k, 40, 110, backend="torch")
     assert all(set(x.flatten().tolist()) == set(y.flatten().tolist()) for x, y in zip(a, b))
+
+
+def test_adaptive_coverage_budgets():
+    from minference_kernels.synthetic import structured_qkv
+
+    q, k, v = structured_qkv(2, 4, 2, 700, 64, kind="vertical_slash", seed=4)
+    heads = [mk.HeadPattern.vertical_slash(120, 300)] * 4
+    fixed = mk.sparse_prefill_mask(q, k, heads)
+    adapt = mk.sparse_prefill_mask(q, k, heads, coverage=0.9)
+    assert adapt.sum() < fixed.sum()  # fewer pairs
+    assert bool((fixed | ~adapt).all())  # and a subset of the fixed budget's pairs
+    out = mk.sparse_prefill(q, k, v, heads, coverage=0.9)
+    assert rel_err(out, reference(q, k, v, adapt)) < 1e-5
+    with pytest.raises(ValueError, match="coverage must be in"):
+        mk.sparse_prefill(q, k, v, heads, coverage=1.5)
+
+
+def test_dense_below_takes_dense_path():
+    q, k, v = qkv(n=100)
+    heads = [mk.HeadPattern.vertical_slash(1, 1)] * 4
+    out = mk.sparse_prefill(q, k, v, heads, dense_below=128)
+    assert rel_err(out, reference(q, k, v, mk.dense_mask(100))) < 1e-5

@@ -294,6 +294,7 @@ def build_index(
     last_q: int = 64,
     backend: str = "auto",
     validate: bool = True,
+    coverage: float | None = None,
 ) -> SparseIndex:
     """Estimate every head's index (per its pattern) and assemble the layer's :class:`SparseIndex`."""
     shape = check_qkv(q, k, None, check_values=validate)
@@ -327,7 +328,7 @@ def build_index(
 
         hsel = torch.tensor(hid, device=dev)
         v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
-            vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns
+            vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns, coverage=coverage
         )
         v_ok = v_ok.expand(b, -1, -1)
         s_ok = s_ok.expand(b, -1, -1)
@@ -413,31 +414,26 @@ def build_index(
 
 
 def _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, block_size):
-    """Block-sparse estimation for a subset of query heads without copying K per query head."""
-    from .estimate import block_scores
+    """Block-sparse estimation for a subset of query heads (one batched matmul; K is pooled once per
+    KV head, never copied per query head). Returns ``[B, h', MBq, max(topk)]`` int64, ``-1`` = none."""
+    from .estimate import _topk_indices, block_scores
 
-    qs = q.index_select(1, hsel)  # [B, h', Nq, D]: queries are per head anyway
     uniq, inv = torch.unique(kv_sel, return_inverse=True)
+    qs = q.index_select(1, hsel)  # queries are per head anyway
     ks = k.index_select(1, uniq)  # each needed KV head once
-    b = q.shape[0]
-    out = []
-    for j in range(hsel.numel()):
-        scores, forced = block_scores(
-            qs[:, j : j + 1], ks[:, int(inv[j]) : int(inv[j]) + 1], block_size
-        )
-        out.append((scores, forced))
-    scores = torch.cat([s for s, _ in out], 1)
-    forced = out[0][1]  # [MBq, MBk], the same for every head
+    scores, forced = block_scores(qs, ks, block_size, kv_of_q=inv)
     scores = torch.where(forced, torch.full_like(scores, float("inf")), scores)
     kmax = int(topk.max())
     kk = min(kmax, scores.shape[-1])
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kk]
+    order = _topk_indices(scores, kk)
     vals = torch.gather(scores, -1, order)
     ok = (vals > float("-inf")) & (
         torch.arange(kk, device=q.device)[None, None, None, :] < topk[None, :, None, None]
     )
     idx = torch.where(ok, order, torch.full_like(order, -1))
-    return idx.expand(b, -1, -1, -1)
+    if kk < kmax:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], kmax - kk), -1)], -1)
+    return idx
 
 
 def sparse_prefill(
@@ -451,6 +447,8 @@ def sparse_prefill(
     backend: str = "auto",
     validate: bool = True,
     return_index: bool = False,
+    coverage: float | None = None,
+    dense_below: int = 0,
 ):
     """One layer of sparse pre-fill: estimate each head's index per its :class:`HeadPattern`, then run
     every head in one attention launch.
@@ -458,15 +456,23 @@ def sparse_prefill(
     q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``, ``heads``: ``Hq`` patterns. Returns
     ``[B, Hq, Nq, D]`` (and the :class:`SparseIndex` with ``return_index=True``). With
     ``validate=False`` the NaN/Inf scan of q/k/v is skipped (shapes are still checked).
-    If every head is ``dense``, this is :func:`dense_attention`.
+    If every head is ``dense``, or ``Nq < dense_below`` (below the length where sparse pays off; the
+    benchmarks report the crossover), this is :func:`dense_attention`.
+    ``coverage`` (e.g. 0.95) turns vertical-slash budgets adaptive: each head keeps only the columns
+    and diagonals needed to reach that share of its estimated attention mass, at most its budget.
     """
     shape = check_qkv(q, k, v, check_values=validate)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
     be = resolve_backend(backend, q.device)
-    if all(p.kind == "dense" for p in heads) and not return_index:
+    if coverage is not None and not (0.0 < coverage <= 1.0):
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    check_int(dense_below, "dense_below")
+    if not return_index and (all(p.kind == "dense" for p in heads) or shape.n_q < dense_below):
         return dense_attention(q, k, v, scale, backend=backend)
-    idx = build_index(q, k, heads, scale=scale, last_q=last_q, backend=be, validate=False)
+    idx = build_index(
+        q, k, heads, scale=scale, last_q=last_q, backend=be, validate=False, coverage=coverage
+    )
     out = _attend(q, k, v, idx, scale, be)
     return (out, idx) if return_index else out
 
@@ -479,6 +485,7 @@ def sparse_prefill_mask(
     scale: float | None = None,
     last_q: int = 64,
     query_rows: torch.Tensor | None = None,
+    coverage: float | None = None,
 ) -> torch.Tensor:
     """The exact pairs :func:`sparse_prefill` attends to: ``bool [B, Hq, R, Nk]`` for the given local
     ``query_rows`` (default all). Runs the same online estimation (PyTorch path), then builds each
@@ -500,12 +507,15 @@ def sparse_prefill_mask(
         nv = torch.tensor([heads[i].num_vertical for i in vs], device=q.device)
         ns = torch.tensor([heads[i].num_slash for i in vs], device=q.device)
         v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
-            vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns
+            vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns, coverage=coverage
         )
         for j, hi in enumerate(vs):
-            vv = v_idx[:, j : j + 1, : int(nv[j].clamp(max=nk))]
-            ss = s_idx[:, j : j + 1, : int(ns[j].clamp(max=nk))]
-            out[:, hi : hi + 1] = _masks.vertical_slash_mask(vv, ss, nq, n_kv=nk, query_rows=rows)
+            for bi in range(shape.batch):
+                vv = v_idx[bi : bi + 1, j : j + 1][v_ok[bi : bi + 1, j : j + 1]][None, None]
+                ss = s_idx[bi : bi + 1, j : j + 1][s_ok[bi : bi + 1, j : j + 1]][None, None]
+                out[bi : bi + 1, hi : hi + 1] = _masks.vertical_slash_mask(
+                    vv, ss, nq, n_kv=nk, query_rows=rows
+                )
     for i, p in enumerate(heads):
         if p.kind == "dense":
             out[:, i] = _masks.dense_mask(nq, n_kv=nk, query_rows=rows, device=q.device)[:, 0]

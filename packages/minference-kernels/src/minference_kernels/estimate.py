@@ -19,7 +19,7 @@ blocks per query block. The key blocks that hold the query block's own positions
 always kept, so every row attends at least to itself. Rows with fewer than ``top_k`` causal key
 blocks are padded with ``-1``.
 
-Ties are broken deterministically (lower index first).
+Selection is deterministic: the same inputs give the same indices run to run.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ KEEP_LOCAL = 100
 
 
 def _topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k along the last dim, ties to the lower index (stable), returns int64 ``[..., k]``."""
+    """Top-k along the last dim, highest first, int64 ``[..., k]``. Deterministic run to run."""
     if k == 0:
         return score.new_zeros((*score.shape[:-1], 0), dtype=torch.int64)
-    # a stable descending sort breaks ties by position; topk alone does not promise that
-    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    return order[..., :k].contiguous()
+    return torch.topk(score, k, dim=-1, largest=True, sorted=True).indices
 
 
 def vs_scores_torch(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
@@ -74,30 +72,50 @@ def select_vertical_slash(
     num_slash: torch.Tensor | int,
     keep_first: int = KEEP_FIRST,
     keep_local: int = KEEP_LOCAL,
+    coverage: float | None = None,
 ):
     """Scores -> indices with per-head budgets. Returns ``(v [B,H,NVmax], v_valid, s [B,H,NSmax],
-    s_valid)``; entries beyond a head's budget are invalid (``valid == False``)."""
+    s_valid)``; entries beyond a head's budget are invalid (``valid == False``).
+
+    ``coverage`` (adaptive budgets): keep only the highest-scoring columns and diagonals, taken
+    jointly by score, until their estimated mass reaches ``coverage`` of the last queries' total
+    attention (always at least the forced sinks and local diagonals, never more than the budget).
+    """
     b, h, nk = vertical.shape
     dev = vertical.device
     nv = torch.as_tensor(num_vertical, device=dev).clamp(max=nk).expand(b, h)
     ns = torch.as_tensor(num_slash, device=dev).clamp(max=nk).expand(b, h)
     nv_max, ns_max = int(nv.max()), int(ns.max())
     pos = torch.arange(nk, device=dev)
-    vertical = torch.where(
-        pos[None, None, :] < torch.minimum(nv, torch.full_like(nv, keep_first))[..., None],
-        torch.full_like(vertical, float("inf")),
-        vertical,
-    )
-    slash = torch.where(
-        pos[None, None, :] < torch.minimum(ns, torch.full_like(ns, keep_local))[..., None],
-        torch.full_like(slash, float("inf")),
-        slash,
-    )
-    v_idx = _topk_indices(vertical, nv_max)
-    s_idx = _topk_indices(slash, ns_max)
+    fv = torch.minimum(nv, torch.full_like(nv, keep_first))
+    fs = torch.minimum(ns, torch.full_like(ns, keep_local))
+    v_forced = torch.where(pos[None, None, :] < fv[..., None], float("inf"), vertical)
+    s_forced = torch.where(pos[None, None, :] < fs[..., None], float("inf"), slash)
+    v_idx = _topk_indices(v_forced, nv_max)
+    s_idx = _topk_indices(s_forced, ns_max)
+    if coverage is not None:
+        nv, ns = _coverage_budgets(vertical, slash, v_idx, s_idx, nv, ns, fv, fs, coverage)
     v_valid = torch.arange(nv_max, device=dev)[None, None, :] < nv[..., None]
     s_valid = torch.arange(ns_max, device=dev)[None, None, :] < ns[..., None]
     return v_idx, v_valid, s_idx, s_valid
+
+
+def _coverage_budgets(vertical, slash, v_idx, s_idx, nv, ns, fv, fs, coverage):
+    """Per-head counts of columns / diagonals whose joint estimated mass reaches ``coverage``."""
+    dev = vertical.device
+    vv = torch.gather(vertical, -1, v_idx)
+    sv = torch.gather(slash, -1, s_idx)
+    # beyond-budget entries never count
+    vv = torch.where(torch.arange(vv.shape[-1], device=dev) < nv[..., None], vv, -1.0)
+    sv = torch.where(torch.arange(sv.shape[-1], device=dev) < ns[..., None], sv, -1.0)
+    both = torch.sort(torch.cat([vv, sv], -1), dim=-1, descending=True).values
+    total = vertical.sum(-1)  # = number of estimation rows (each softmax row sums to 1)
+    cum = torch.cumsum(both.clamp(min=0), -1)
+    n_take = (cum < coverage * total[..., None]).sum(-1, keepdim=True).clamp(max=both.shape[-1] - 1)
+    tau = torch.gather(both, -1, n_take)  # the score of the last entry needed
+    nv_eff = (vv >= tau).sum(-1)
+    ns_eff = (sv >= tau).sum(-1)
+    return torch.maximum(nv_eff, fv).minimum(nv), torch.maximum(ns_eff, fs).minimum(ns)
 
 
 def estimate_vertical_slash_impl(
@@ -110,6 +128,7 @@ def estimate_vertical_slash_impl(
     backend,
     keep_first=KEEP_FIRST,
     keep_local=KEEP_LOCAL,
+    coverage=None,
 ):
     if backend == "triton":
         from . import _triton
@@ -117,12 +136,17 @@ def estimate_vertical_slash_impl(
         vertical, slash = _triton.vs_scores(q, k, last_q, scale)
     else:
         vertical, slash = vs_scores_torch(q, k, last_q, scale)
-    return select_vertical_slash(vertical, slash, num_vertical, num_slash, keep_first, keep_local)
+    return select_vertical_slash(
+        vertical, slash, num_vertical, num_slash, keep_first, keep_local, coverage
+    )
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, head_chunk: int = 8):
+def block_scores(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, kv_of_q: torch.Tensor | None = None
+):
     """Pooled block scores with causality: ``[B, Hq, MBq, MBk]`` float32 (``-inf`` = not causal),
-    plus the forced (diagonal) mask of the same shape."""
+    plus the forced (diagonal) mask ``[MBq, MBk]``. ``kv_of_q [Hq]`` maps query heads to K's heads
+    (default: consecutive groups)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -138,9 +162,12 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int, head_chunk: 
         cnt = torch.clamp(n - torch.arange(nb, device=x.device) * block_size, max=block_size)
         return s / cnt[:, None].to(s.dtype)
 
-    pq = pool(q, nq, mbq).reshape(b, hkv, g * mbq, d)
-    pk = pool(k, nk, mbk)
-    scores = torch.matmul(pq, pk.transpose(-1, -2)).reshape(b, hq, mbq, mbk)
+    pk = pool(k, nk, mbk)  # [B, Hkv, MBk, D]: pooled keys are small
+    if kv_of_q is None:
+        pq = pool(q, nq, mbq).reshape(b, hkv, g * mbq, d)
+        scores = torch.matmul(pq, pk.transpose(-1, -2)).reshape(b, hq, mbq, mbk)
+    else:
+        scores = torch.matmul(pool(q, nq, mbq), pk.index_select(1, kv_of_q).transpose(-1, -2))
     first = torch.arange(mbq, device=q.device) * block_size + off  # abs pos of first row
     last = torch.clamp((torch.arange(mbq, device=q.device) + 1) * block_size, max=nq) - 1 + off
     kstart = torch.arange(mbk, device=q.device) * block_size
@@ -157,7 +184,7 @@ def estimate_block_sparse_impl(q, k, top_k, block_size):
     top_k = torch.as_tensor(top_k, device=q.device).expand(q.shape[0], q.shape[1])
     kmax = int(top_k.max())
     kk = min(kmax, mbk)
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kk]
+    order = _topk_indices(scores, kk)
     vals = torch.gather(scores, -1, order)
     ok = (vals > float("-inf")) & (
         torch.arange(kk, device=q.device)[None, None, None, :] < top_k[..., None, None]

@@ -63,13 +63,16 @@ def vertical_slash_mask(
     a0 = (rows // BLOCK) * BLOCK + off
     keys = torch.arange(n_kv, device=dev)
     out = torch.zeros((b, h, rows.numel(), n_kv), dtype=torch.bool, device=dev)
+    # offsets key - a0 of each pair; beyond 63 a key is past the block (non-causal), so clamp
+    rel = (keys[None, :] - a0[:, None]).clamp(max=BLOCK - 1)
     for bi in range(b):
         for hi in range(h):
-            tiles = greedy_slash_tiles(slash_indices[bi, hi].tolist())
-            rel = keys[None, :] - a0[:, None]  # [R, n_kv]
-            m = torch.zeros_like(rel, dtype=torch.bool)
-            for t in tiles:
-                m |= (rel >= t) & (rel < t + BLOCK)
+            # coverage of relative offsets by the head's tiles, looked up once per pair
+            cov = torch.zeros(n_kv + 2 * BLOCK, dtype=torch.bool, device=dev)
+            for t in greedy_slash_tiles(slash_indices[bi, hi].tolist()):
+                lo = max(t + n_kv + BLOCK, 0)
+                cov[lo : max(t + n_kv + 2 * BLOCK, 0)] = True
+            m = cov[rel + n_kv + BLOCK]
             vert = torch.zeros(n_kv, dtype=torch.bool, device=dev)
             vert[vertical_indices[bi, hi].long()] = True
             m |= vert[None, :]

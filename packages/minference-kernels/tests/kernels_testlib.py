@@ -1,12 +1,6 @@
-import os
+"""Shared helpers of the kernels tests (a uniquely named module, not conftest)."""
 
-import pytest
 import torch
-
-# The Triton kernels run on CPU tensors only under the interpreter; it must be set before triton is
-# imported. nox's tests session runs the `triton`-marked tests in a separate pytest process with it.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "0")
 
 
 def reference(q, k, v, mask, scale=None):
@@ -27,9 +21,3 @@ def rel_err(out, ref):
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-
-
-@pytest.fixture
-def seeded():
-    torch.manual_seed(1234)
-    yield
