@@ -115,7 +115,10 @@ def build_prompt(
     seed: int = 0,
     use_chat_template: bool = True,
 ) -> tuple[list[int], str]:
-    """Token ids of a haystack prompt of at most ``length`` tokens with the needle at ``depth``.
+    """Token ids of a haystack prompt of ``length`` tokens with the needle at ``depth``.
+
+    The filler is made of whole sentences (the last one cut to fit); the needle goes between two
+    sentences, at ``depth`` of them (0: first, 1: last).
 
     Returns:
         ``(input_ids, answer)``: the prompt ids and the 7-digit number to retrieve.
@@ -133,18 +136,14 @@ def build_prompt(
     order = list(range(len(sentences)))
     context: list[list[int]] = []
     used = 0
-    while True:
+    while used < budget:
         rng.shuffle(order)
         for i in order:
-            if used + len(sentences[i]) > budget:
+            piece = sentences[i][: budget - used]  # the last sentence is cut to fit exactly
+            context.append(piece)
+            used += len(piece)
+            if used >= budget:
                 break
-            context.append(sentences[i])
-            used += len(sentences[i])
-        else:
-            continue
-        break
-    if not context:  # budget smaller than one sentence: cut one
-        context = [sentences[order[0]][:budget]]
     at = round(depth * len(context))
     ids = head + [t for s in context[:at] for t in s] + needle
     ids += [t for s in context[at:] for t in s] + tail
