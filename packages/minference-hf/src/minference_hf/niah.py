@@ -294,7 +294,9 @@ def plot_heatmap(result: dict[str, Any], method: str, path: str | Path) -> Path:
         ) from e
     grid = result["methods"][method]["scores"]
     lengths, depths = result["lengths"], result["depths"]
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.2 + 0.6 * len(depths)))
+    fig, ax = plt.subplots(
+        figsize=(max(5.0, 1.6 + 1.1 * len(lengths)), max(3.0, 1.6 + 0.5 * len(depths)))
+    )
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [_fmt_len(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -303,11 +305,10 @@ def plot_heatmap(result: dict[str, Any], method: str, path: str | Path) -> Path:
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="black")
-    title = (
-        f"{result['model'] or 'model'} - {method} (mean {result['methods'][method]['mean']:.2f})"
-    )
+    mean = result["methods"][method]["mean"]
+    title = f"{result['model'] or 'model'}\n{method} pre-fill: mean retrieval {mean:.2f}"
     if result.get("untrained"):
-        title += "\nUNTRAINED default model"
+        title += " (UNTRAINED default model)"
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
