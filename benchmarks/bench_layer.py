@@ -99,7 +99,7 @@ def flex_case(q, k, v, blocks):
 def run_n(n, kind, patterns, flex_ns, log):
     q, k, v = (
         structured_qkv(
-            1, HQ, HKV, n, D, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind=kind
+            1, HQ, HKV, n, D, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind="mixed"
         )
         if kind != "random"
         else (

@@ -157,3 +157,15 @@ def test_static_cache_generate_goes_sparse_and_matches():
     stats = model.minference_plan.stats
     assert stats.sparse_calls == 2 * LAYERS and stats.fallback_calls == 0
     assert torch.equal(out, ref)
+
+
+def test_static_cache_threshold_counts_filled_positions_only():
+    model = make_model("llama")
+    minference_hf.patch(model, full_budget_config(), min_sparse_len=THRESHOLD)
+    batch = padded_batch([600, 500], "right")
+    # the static cache holds 600 + 3 positions of a 4096-slot buffer: below the threshold
+    model.generate(
+        **batch, max_new_tokens=3, do_sample=False, cache_implementation="static",
+        cache_config={"max_cache_len": 4096},
+    )  # fmt: skip
+    assert model.minference_plan.stats.sparse_calls == 0

@@ -254,15 +254,15 @@ def minference_attention(
         and attention_mask.shape[-2] == 1
         and num_queries > 1
     )
-    if plan.wants_sparse(num_queries, num_keys):
+    # a static cache passes its whole buffer; the compact mask says how much of it is filled
+    filled = num_keys
+    if plan.wants_sparse(num_queries, filled):
         if dropout and module.training:
             raise UnsupportedAttentionError(
                 "minference sparse pre-fill is inference-only: call model.eval() (attention "
                 "dropout is active)"
             )
-        if compact and attention_mask.shape[-1] < num_keys:
-            # static cache: only the first L positions are filled; the queries end at L
-            filled = attention_mask.shape[-1]
+        if filled < num_keys:
             key, value = key[:, :, :filled], value[:, :, :filled]
         usable, key_valid = _key_valid_for_sparse(plan, attention_mask, num_queries)
         if usable:
