@@ -160,12 +160,25 @@ def test_static_cache_generate_goes_sparse_and_matches():
 
 
 def test_static_cache_threshold_counts_filled_positions_only():
+    from transformers import StaticCache
+
     model = make_model("llama")
+    batch = padded_batch([600, 500], "left")
+
+    def run():
+        # 600 filled positions of a 4096-slot buffer
+        cache = StaticCache(config=model.config, max_cache_len=4096)
+        return model.generate(
+            **batch, max_new_tokens=3, do_sample=False, **{cache_kwarg(model): cache}
+        )
+
+    ref = run()
     minference_hf.patch(model, full_budget_config(), min_sparse_len=THRESHOLD)
-    batch = padded_batch([600, 500], "right")
-    # the static cache holds 600 + 3 positions of a 4096-slot buffer: below the threshold
-    model.generate(
-        **batch, max_new_tokens=3, do_sample=False, cache_implementation="static",
-        cache_config={"max_cache_len": 4096},
-    )  # fmt: skip
-    assert model.minference_plan.stats.sparse_calls == 0
+    out = run()
+    stats = model.minference_plan.stats
+    assert (stats.sparse_calls, stats.dense_calls) == (0, 3 * LAYERS)  # below the threshold
+    assert torch.equal(out, ref)
+    model.minference_plan.min_sparse_len = 400
+    stats.reset()
+    assert torch.equal(run(), ref)  # and above it, on the filled part of the buffer
+    assert stats.sparse_calls == 2 * LAYERS

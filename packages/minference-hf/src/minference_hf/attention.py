@@ -255,7 +255,7 @@ def minference_attention(
         and num_queries > 1
     )
     # a static cache passes its whole buffer; the compact mask says how much of it is filled
-    filled = num_keys
+    filled = attention_mask.shape[-1] if compact else num_keys
     if plan.wants_sparse(num_queries, filled):
         if dropout and module.training:
             raise UnsupportedAttentionError(
