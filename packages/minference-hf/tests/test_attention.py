@@ -184,3 +184,15 @@ def test_plan_is_per_model_not_global():
     minference_attention(_module(a), q, k, v, None)
     minference_attention(_module(b), q, k, v, None)
     assert (a.stats.sparse_calls, b.stats.sparse_calls) == (1, 0)
+
+
+def test_coverage_is_passed_to_the_kernels():
+    q, k, v = _qkv(1, 256, 256)
+    heads = (HeadPattern.vertical_slash(64, 128),) * HQ
+    plan = _plan(heads=heads)
+    plan.coverage = 0.5
+    out, _ = minference_attention(_module(plan), q, k, v, None, scaling=D**-0.5)
+    ref = sparse_prefill(q, k, v, heads, D**-0.5, coverage=0.5)
+    torch.testing.assert_close(out.transpose(1, 2), ref)
+    with pytest.raises(ValueError, match="coverage"):
+        SparsePrefillPlan(config=plan.config, coverage=1.5)

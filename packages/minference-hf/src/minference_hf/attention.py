@@ -144,8 +144,9 @@ def _call_one(
     heads = plan.heads_for_layer(layer, nk)
     plan.stats.sparse_calls += 1
     plan.stats.sparse_layers.add(layer)
+    extra = {} if plan.coverage is None else {"coverage": plan.coverage}
     return minference_kernels.sparse_prefill(
-        q, k, v, heads, scale, last_q=plan.last_q, backend=plan.backend
+        q, k, v, heads, scale, last_q=plan.last_q, backend=plan.backend, **extra
     )
 
 

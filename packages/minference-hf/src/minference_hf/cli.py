@@ -149,7 +149,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"model: {loaded.name} on {device}, {next(model.parameters()).dtype}")
     print(f"pattern config: {_describe_config(cfg)}")
     print(f"prompt: {len(ids)} tokens; sparse pre-fill from {thr} tokens")
-    patch(model, cfg, min_sparse_len=thr)
+    patch(model, cfg, min_sparse_len=thr, coverage=args.coverage)
     progress = not args.no_progress
 
     warmup = args.warmup if args.warmup is not None else device.type == "cuda"
@@ -302,6 +302,7 @@ def _cmd_niah(args: argparse.Namespace) -> int:
         sparse_config=cfg,
         min_sparse_len=thr,
         out_dir=args.out_dir,
+        coverage=args.coverage,
         model_name=loaded.name,
         untrained=loaded.untrained,
         methods=methods,
@@ -349,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--min-sparse-len", type=int, help="sparse pre-fill threshold (tokens)")
     g.add_argument("--chunk-size", type=int, help="chunked pre-fill with chunks of this size")
+    g.add_argument(
+        "--coverage",
+        type=float,
+        help="adaptive vertical-slash budgets: keep this share of each head's estimated "
+        "attention mass (e.g. 0.95), at most the configured budget",
+    )
     g.add_argument("--prompt-tokens", type=int, help="keep the last N prompt tokens")
     g.add_argument(
         "--no-chat-template",
@@ -391,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--max-new-tokens", type=int, default=12)
     n.add_argument("--min-sparse-len", type=int, help="sparse pre-fill threshold (tokens)")
     n.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    n.add_argument("--coverage", type=float, help="adaptive vertical-slash budgets (see generate)")
     n.set_defaults(func=_cmd_niah)
     return parser
 

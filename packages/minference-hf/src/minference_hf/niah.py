@@ -174,6 +174,7 @@ def run_niah(
     sparse_config: PatternConfig | None,
     min_sparse_len: int,
     out_dir: str | Path,
+    coverage: float | None = None,
     model_name: str = "",
     untrained: bool = False,
     methods: Sequence[str] = ("dense", "sparse"),
@@ -193,6 +194,8 @@ def run_niah(
             shipped config).
         min_sparse_len: sparse threshold for the ``sparse`` method.
         out_dir: where the JSON and PNGs go (created).
+        coverage: adaptive vertical-slash budgets for the ``sparse`` method (see
+            :func:`minference_hf.patch`).
         model_name: recorded in the JSON.
         untrained: recorded in the JSON (the embedded default model).
         methods: subset of ``("dense", "sparse")``.
@@ -225,7 +228,7 @@ def run_niah(
                 cfg = sparse_config
                 if cfg is None and was is not None:
                     cfg = was.config
-                patch(model, cfg, min_sparse_len=min_sparse_len)
+                patch(model, cfg, min_sparse_len=min_sparse_len, coverage=coverage)
             total = len(lengths) * len(depths)
             for i, ((L, d), (ids, answer)) in enumerate(prompts.items()):
                 x = torch.tensor([ids], dtype=torch.long, device=device)
@@ -249,13 +252,22 @@ def run_niah(
         if was is None and get_plan(model) is not None:
             unpatch(model)
         elif was is not None:
-            patch(model, was.config, min_sparse_len=was.min_sparse_len)
+            patch(
+                model,
+                was.config,
+                min_sparse_len=was.min_sparse_len,
+                min_sparse_query=was.min_sparse_query,
+                last_q=was.last_q,
+                backend=was.backend,
+                coverage=was.coverage,
+            )
     result: dict[str, Any] = {
         "model": model_name,
         "untrained": untrained,
         "lengths": list(lengths),
         "depths": list(depths),
         "min_sparse_len": min_sparse_len,
+        "coverage": coverage,
         "methods": {},
         "cases": [asdict(c) for c in cases],
     }

@@ -243,6 +243,7 @@ def patch(
     min_sparse_query: int = DEFAULT_MIN_SPARSE_QUERY,
     last_q: int = 64,
     backend: str = "auto",
+    coverage: float | None = None,
     verify: bool = True,
 ) -> PreTrainedModel:
     """Switch ``model`` to ``attn_implementation="minference"`` with a per-layer, per-head plan.
@@ -260,6 +261,8 @@ def patch(
         min_sparse_query: new tokens from which a forward call may go sparse.
         last_q: trailing queries used for the online vertical-slash estimate.
         backend: :func:`minference_kernels.sparse_prefill` backend.
+        coverage: adaptive vertical-slash budgets (see :class:`SparsePrefillPlan`); ``None``
+            keeps the configured budgets.
         verify: run a 2-token forward to check every layer reaches the ``minference`` function
             (raises :class:`UnsupportedModelError` otherwise, and restores the previous setting).
 
@@ -295,6 +298,7 @@ def patch(
         min_sparse_query=min_sparse_query,
         last_q=last_q,
         backend=backend,
+        coverage=coverage,
         previous_attn_implementation=previous,
     )
     modules = _attention_modules(model)

@@ -66,6 +66,9 @@ class SparsePrefillPlan:
         last_q: number of trailing queries used for the online vertical-slash estimate.
         backend: passed to :func:`minference_kernels.sparse_prefill` (``"auto"``, or a backend it
             names).
+        coverage: when set (e.g. ``0.95``), vertical-slash budgets become adaptive: each head
+            keeps only the columns and diagonals needed for that share of its estimated attention
+            mass, at most its configured budget (passed to ``sparse_prefill``).
         previous_attn_implementation: what :func:`minference_hf.unpatch` restores.
         stats: call counters (:class:`AttentionStats`).
     """
@@ -75,6 +78,7 @@ class SparsePrefillPlan:
     min_sparse_query: int = DEFAULT_MIN_SPARSE_QUERY
     last_q: int = 64
     backend: str = "auto"
+    coverage: float | None = None
     previous_attn_implementation: str | None = None
     stats: AttentionStats = field(default_factory=AttentionStats)
     _heads_cache: dict[tuple[int, int], tuple[HeadPattern, ...]] = field(
@@ -89,6 +93,8 @@ class SparsePrefillPlan:
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.coverage is not None and not 0.0 < float(self.coverage) <= 1.0:
+            raise ValueError(f"coverage must be in (0, 1], got {self.coverage!r}")
 
     def wants_sparse(self, num_queries: int, num_keys: int) -> bool:
         """Whether a call with ``num_queries`` new tokens over ``num_keys`` keys goes sparse."""
