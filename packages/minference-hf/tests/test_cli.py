@@ -96,3 +96,33 @@ def test_niah_prompt_places_needle_at_depth(depth):
     assert text.count(answer) == 1
     where = text.index(answer) / len(text)
     assert abs(where - depth) < 0.1
+
+
+def test_generate_and_niah_with_a_local_model_directory(tmp_path, capsys):
+    """The --model path: AutoModelForCausalLM / AutoTokenizer from a saved directory, a config
+    file, chunked pre-fill with a sparse threshold, and NIAH on it."""
+    from minference_hf.tiny import build_model, default_pattern_config
+
+    model_dir = tmp_path / "tiny-model"
+    build_model(num_layers=4).save_pretrained(model_dir)
+    build_tokenizer().save_pretrained(model_dir)
+    cfg = default_pattern_config().save(tmp_path / "cfg.json")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("All work and no play makes a dull model. " * 40)
+    out = tmp_path / "gen.json"
+    rc = main(["generate", "--model", str(model_dir), "--prompt-file", str(prompt),
+               "--config", str(cfg), "--min-sparse-len", "512", "--chunk-size", "1024",
+               "--max-new-tokens", "3", "--compare-dense", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["untrained"] is False and "UNTRAINED" not in capsys.readouterr().out
+    assert res["prompt_tokens"] == 1 + 40 * len("All work and no play makes a dull model. ")
+    # chunks of 1024 + 617 tokens: both at least 512 keys, so 2 sparse calls per layer
+    assert res["minference"]["sparse_calls"] == 2 * 4
+    assert res["dense"]["sparse_calls"] == 0
+    rc = main(["niah", "--model", str(model_dir), "--config", str(cfg), "--lengths", "700",
+               "--depths", "0.5", "--min-sparse-len", "512", "--max-new-tokens", "2",
+               "--out-dir", str(tmp_path / "niah"), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    res = json.loads((tmp_path / "niah" / "niah.json").read_text())
+    assert [c["sparse_calls"] for c in res["cases"]] == [0, 4]
