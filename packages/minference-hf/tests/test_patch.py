@@ -243,3 +243,18 @@ def test_sliding_window_longer_than_prompt_goes_sparse():
     assert model.minference_plan.stats.sparse_calls == 2 * LAYERS
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(out[valid], ref[valid], atol=ATOL_F32, rtol=1e-4)
+
+
+def test_patched_model_can_be_deep_copied():
+    import copy
+
+    model = make_model("llama")
+    minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
+    batch = padded_batch([100, 80], "left")
+    _logits(model, batch)
+    twin = copy.deepcopy(model)
+    assert twin.minference_plan is not model.minference_plan
+    assert twin.model.layers[0].self_attn._minference_plan is twin.minference_plan
+    twin.minference_plan.stats.reset()
+    _logits(twin, batch)
+    assert twin.minference_plan.stats.sparse_calls == 2 * LAYERS

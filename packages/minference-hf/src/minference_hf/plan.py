@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +84,6 @@ class SparsePrefillPlan:
     _heads_cache: dict[tuple[int, int], tuple[HeadPattern, ...]] = field(
         default_factory=dict, repr=False
     )
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _mask_check: Any = field(default=None, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)
 
@@ -95,6 +94,21 @@ class SparsePrefillPlan:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if self.coverage is not None and not 0.0 < float(self.coverage) <= 1.0:
             raise ValueError(f"coverage must be in (0, 1], got {self.coverage!r}")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SparsePrefillPlan:
+        # The pattern config is immutable (and holds read-only mappings): share it.
+        new = SparsePrefillPlan(
+            config=self.config,
+            min_sparse_len=self.min_sparse_len,
+            min_sparse_query=self.min_sparse_query,
+            last_q=self.last_q,
+            backend=self.backend,
+            coverage=self.coverage,
+            previous_attn_implementation=self.previous_attn_implementation,
+            stats=copy.deepcopy(self.stats, memo),
+        )
+        memo[id(self)] = new
+        return new
 
     def wants_sparse(self, num_queries: int, num_keys: int) -> bool:
         """Whether a call with ``num_queries`` new tokens over ``num_keys`` keys goes sparse."""
@@ -110,10 +124,9 @@ class SparsePrefillPlan:
         heads = self._heads_cache.get(key)
         if heads is None:
             heads = tuple(self.config.heads_for_layer(layer, seq_len=seq_len))
-            with self._lock:
-                if len(self._heads_cache) > 4096:
-                    self._heads_cache.clear()
-                self._heads_cache[key] = heads
+            if len(self._heads_cache) > 4096:
+                self._heads_cache.clear()
+            self._heads_cache[key] = heads
         return heads
 
     def summary(self) -> str:
