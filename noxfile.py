@@ -68,9 +68,23 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: sparse pre-fill on the embedded tiny model (or ``-- --model PATH``)."""
+    """The main job: ``minference generate --compare-dense`` — sparse pre-fill + generation on the
+    embedded tiny model (untrained, built in code), or on yours with ``python3 dev.py demo --model
+    PATH``. Then the kernel demo (dense vs sparse attention on structured synthetic heads)."""
     install_packages(session, KERNELS, PATTERNS, HF)
-    session.run("python", "-m", "minference_kernels.demo", *session.posargs)
+    args = session.posargs or ["--compare-dense"]
+    session.run("minference", "generate", *args)
+    if not session.posargs:
+        session.run("python", "-m", "minference_kernels.demo")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The layer benchmark on a CUDA machine (set MINFERENCE_TORCH_SPEC to a CUDA torch build)."""
+    install_packages(session, KERNELS, PATTERNS)
+    session.install("matplotlib")
+    out = session.posargs[0] if session.posargs else "benchmarks/results"
+    session.run("python", "benchmarks/bench_layer.py", "--out", out)
 
 
 @nox.session(tags=["ci"])
