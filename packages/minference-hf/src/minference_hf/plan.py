@@ -12,7 +12,9 @@ if TYPE_CHECKING:
 
 #: Default prompt length (keys) from which pre-fill takes the sparse path. Below it dense SDPA
 #: (cuDNN / FlashAttention on GPU) is as fast or faster, so short prompts never pay for sparsity.
-DEFAULT_MIN_SPARSE_LEN = 16384
+#: Measured crossover of the shipped Llama-3.1 config vs cuDNN on an H200 (benchmarks/NOTES.md):
+#: 0.42x at 16K, 1.18x at 32K.
+DEFAULT_MIN_SPARSE_LEN = 32768
 #: Default number of new query tokens a forward call needs before it may take the sparse path
 #: (a chunk of a chunked pre-fill smaller than this runs dense).
 DEFAULT_MIN_SPARSE_QUERY = 64
