@@ -143,7 +143,9 @@ def _sparse_attn_fwd(
         st = a0 + r
         if SPLIT_MASK:
             # interior tiles (fully causal, in range, no A-shape window) need no mask
-            need = (st + BLOCK_N - 1 > a0) | (st < 0) | (st + BLOCK_N > Nk) | (win > 0)
+            # A-shape heads: only tiles reaching past the window (for the block's last row) mask
+            past_window = (win > 0) & (a0 + BLOCK_M - 1 - st >= win)
+            need = (st + BLOCK_N - 1 > a0) | (st < 0) | (st + BLOCK_N > Nk) | past_window
         else:
             need = True
         if need:
