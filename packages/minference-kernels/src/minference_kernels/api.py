@@ -416,13 +416,13 @@ def build_index(
 def _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, block_size):
     """Block-sparse estimation for a subset of query heads (one batched matmul; K is pooled once per
     KV head, never copied per query head). Returns ``[B, h', MBq, max(topk)]`` int64, ``-1`` = none."""
-    from .estimate import _topk_indices, block_scores
+    from .estimate import _topk_indices, block_scores, force_diagonal
 
     uniq, inv = torch.unique(kv_sel, return_inverse=True)
     qs = q.index_select(1, hsel)  # queries are per head anyway
     ks = k.index_select(1, uniq)  # each needed KV head once
     scores, forced = block_scores(qs, ks, block_size, kv_of_q=inv)
-    scores = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+    scores = force_diagonal(scores, forced)
     kmax = int(topk.max())
     kk = min(kmax, scores.shape[-1])
     order = _topk_indices(scores, kk)

@@ -16,8 +16,9 @@ Block-sparse (per query head): mean-pool queries and keys over blocks of ``block
 (queries from q's first row, keys from position 0; a partial last block averages its real rows),
 score block pairs by the dot product of the pooled vectors, and keep the ``top_k`` highest causal key
 blocks per query block. The key blocks that hold the query block's own positions (its diagonal) are
-always kept, so every row attends at least to itself. Rows with fewer than ``top_k`` causal key
-blocks are padded with ``-1``.
+always kept, so every row attends at least to itself (with ``top_k = 1`` and a query block that
+straddles two key blocks, the one holding its first row: every row still attends to a key). Rows
+with fewer than ``top_k`` causal key blocks are padded with ``-1``.
 
 Selection is deterministic: the same inputs give the same indices run to run.
 """
@@ -177,9 +178,22 @@ def block_scores(
     return scores, forced
 
 
+def force_diagonal(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """Rank the forced (diagonal) key blocks first: the one holding the query block's first row
+    above all (``inf``), any other diagonal block next (the largest finite score). A query block can
+    straddle two key blocks (``Nq < Nk``, offset not a multiple of the block); with ``top_k = 1`` the
+    block of its first row is kept, so every row still attends to a key (its own block, or a fully
+    causal earlier one) -- never to nothing."""
+    first = forced & ~torch.nn.functional.pad(forced[:, :-1], (1, 0))  # leftmost forced block
+    top = torch.full_like(scores, torch.finfo(scores.dtype).max)
+    return torch.where(
+        first, torch.full_like(scores, float("inf")), torch.where(forced, top, scores)
+    )
+
+
 def estimate_block_sparse_impl(q, k, top_k, block_size):
     scores, forced = block_scores(q, k, block_size)
-    scores = torch.where(forced, torch.full_like(scores, float("inf")), scores)
+    scores = force_diagonal(scores, forced)
     mbk = scores.shape[-1]
     top_k = torch.as_tensor(top_k, device=q.device).expand(q.shape[0], q.shape[1])
     kmax = int(top_k.max())
@@ -200,6 +214,7 @@ __all__ = [
     "KEEP_LOCAL",
     "estimate_vertical_slash_impl",
     "estimate_block_sparse_impl",
+    "force_diagonal",
     "vs_scores_torch",
     "select_vertical_slash",
     "_BIG",
