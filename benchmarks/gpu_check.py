@@ -35,6 +35,7 @@ def rel(o, r):
 
 
 DEV = "cuda"
+T0 = time.time()
 QUICK = False
 
 
@@ -50,6 +51,11 @@ def grid(log):
     for i, (n, (hq, hkv), d) in enumerate(cases):
         if QUICK and i % 5:
             continue
+        if i % 20 == 0:
+            print(
+                f"  case {i}/{len(cases)} passed so far {n_ok} ({time.time() - T0:.0f}s)",
+                flush=True,
+            )
         b = 1 + i % 3
         nk = n + (i % 2) * 37  # every other case: continuation (Nq < Nk)
         for dt in (torch.bfloat16, torch.float16, torch.float32):

@@ -45,7 +45,12 @@ def _qk(q, k, UPCAST: tl.constexpr):
         return tl.dot(q, tl.trans(k))
 
 
-@triton.jit
+# Sizes and counts vary per prompt; specialising on them (divisibility by 16, == 1) would compile a
+# new variant for many prompt lengths. Strides stay specialised (alignment matters for loads).
+_NO_SPEC = ["n_rel", "n_cols", "n_cov", "n_abs", "H", "G", "Nq", "Nk", "q_off", "MB"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC)
 def _sparse_attn_fwd(
     Q,
     K,
@@ -269,7 +274,7 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
 # slash offsets -> relative tiles (right-to-left greedy; one program per (b, h) row)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_len"])
 def _slash_tiles_kernel(S, CNT, OUT, NOUT, s_len, BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     n = tl.load(CNT + row)
@@ -308,7 +313,7 @@ def slash_tiles(slashes: torch.Tensor, count: torch.Tensor):
 # vertical-slash estimation: pass 1 = per-row log-sum-exp of the last queries, pass 2 = scores
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "G", "Nq", "Nk", "LQ", "CHUNK", "NCHUNK"])
 def _vs_lse_kernel(
     Q,
     K,
@@ -379,7 +384,7 @@ def _vs_lse_kernel(
     tl.store(L_OUT + base + t, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "G", "Nq", "Nk", "LQ"])
 def _vs_score_kernel(
     Q,
     K,
