@@ -14,7 +14,7 @@ from typing import Any
 
 from griffe import Extension, Object
 
-_ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const)`(~?)([^`]+)`")
+_ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const):`(~?)([^`]+)`")
 _LITERAL = re.compile(r"``([^`]+?)``")
 
 
