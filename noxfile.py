@@ -109,3 +109,25 @@ def vllm(session: nox.Session) -> None:
     session.run("pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
     session.install("--no-deps", "-e", KERNELS, "-e", PATTERNS, "-e", VLLM)
     session.run("pytest", f"{VLLM}/tests", *session.posargs, env={"MINFERENCE_REQUIRE_VLLM": "1"})
+    session.run("python", "examples/vllm_plugin.py", env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session(tags=["ci"])
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs-material), built in strict mode into ``site/``.
+
+    Regenerates the benchmark page (``benchmarks/report.py``) and the figures and generated pages
+    (``docs/gen_figures.py``: real computations on CPU), runs every script in ``examples/`` on CPU
+    with its tiny defaults (the vLLM one skips without vLLM; the ``vllm`` session runs it for
+    real), then ``mkdocs build --strict``: broken links, anchors and docstring references fail.
+    """
+    import glob
+
+    install_packages(session, KERNELS, f"{PATTERNS}[plot]", HF, VLLM)
+    # ruff: mkdocstrings formats the API reference's signatures with it
+    session.install("mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")
+    session.run("python", "benchmarks/report.py")
+    session.run("python", "docs/gen_figures.py")
+    for script in sorted(glob.glob("examples/*.py")):
+        session.run("python", script)
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
