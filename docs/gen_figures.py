@@ -172,8 +172,10 @@ def fig_estimation_vs() -> dict:
     vi, si = mk.estimate_vertical_slash(q, k, nv, ns)
     p = _dense_probs(q[0, 0], k[0, 0])
 
-    fig = Figure(figsize=(12, 3.9), layout="constrained")
-    ax1, ax2, ax3 = fig.subplots(1, 3)
+    fig = Figure(figsize=(10, 8), layout="constrained")
+    gs = fig.add_gridspec(2, 2)
+    ax1, ax2 = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1])
+    ax3 = fig.add_subplot(gs[1, :])
     x = torch.arange(n)
     ax1.plot(x, vert[0, 0], lw=0.6, color="0.4")
     ax1.scatter(vi[0, 0], vert[0, 0, vi[0, 0]], s=10, color=KIND_COLORS["vertical_slash"], zorder=3)
