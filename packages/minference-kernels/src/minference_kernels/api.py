@@ -19,6 +19,7 @@ from . import index as _index
 from . import masks as _masks
 from ._validate import (
     Shape,
+    _check_tensor,
     check_index,
     check_int,
     check_qkv,
@@ -52,7 +53,7 @@ def dense_attention(
     Triton kernel with every key tile. CPU: SDPA in chunks of 1024 query rows (memory
     ``O(1024 * Nk)``), or the Triton kernel under the interpreter with ``backend="triton"``.
     """
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, _check_tensor(v, "v"))
     scale = check_scale(scale, shape.head_dim)
     be = resolve_backend(backend, q.device)
     if be == "triton" and (q.device.type != "cuda" or shape.n_q != shape.n_kv):
@@ -123,7 +124,7 @@ def vertical_slash_attention(
     Slashes are computed at 64-key tile granularity: the exact attended set (a superset of the named
     pairs) is :func:`vertical_slash_mask`.
     """
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, _check_tensor(v, "v"))
     scale = check_scale(scale, shape.head_dim)
     be = resolve_backend(backend, q.device)
     for name, x in (("vertical_indices", vertical_indices), ("slash_indices", slash_indices)):
@@ -174,7 +175,7 @@ def block_sparse_attention(
     for none; any order, duplicates allowed. Causal masking applies inside blocks. ``block_size`` is a
     multiple of 64. Exact set: :func:`block_sparse_mask`.
     """
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, _check_tensor(v, "v"))
     scale = check_scale(scale, shape.head_dim)
     _check_block_size(block_size)
     be = resolve_backend(backend, q.device)
@@ -224,15 +225,16 @@ def streaming_attention(
 ) -> torch.Tensor:
     """A-shape (StreamingLLM) attention: each query attends to the first ``sink_tokens`` keys and to
     the keys with ``0 <= i - j < window_tokens``. Exact (:func:`streaming_mask`). ``[B, Hq, Nq, D]``."""
-    shape = check_qkv(q, k, v)
+    shape = check_qkv(q, k, _check_tensor(v, "v"))
     scale = check_scale(scale, shape.head_dim)
     check_int(sink_tokens, "sink_tokens", low=0)
     check_int(window_tokens, "window_tokens", low=1)
     be = resolve_backend(backend, q.device)
     b, h = shape.batch, shape.heads_q
     full = lambda x: torch.full((b, h), x, dtype=torch.int64, device=q.device)
+    nk = shape.n_kv  # clip: beyond the keys means every key (and Python ints may exceed int64)
     idx = streaming_index(
-        b, h, shape.n_q, shape.n_kv, full(sink_tokens), full(window_tokens), q.device
+        b, h, shape.n_q, nk, full(min(sink_tokens, nk)), full(min(window_tokens, nk)), q.device
     )
     return _attend(q, k, v, idx, scale, be)
 
@@ -257,12 +259,28 @@ def estimate_vertical_slash(
     scale = check_scale(scale, shape.head_dim)
     check_int(num_vertical, "num_vertical")
     check_int(num_slash, "num_slash")
+    _check_last_q(last_q)
+    be = resolve_backend(backend, q.device)
+    nv, ns = min(num_vertical, shape.n_kv), min(num_slash, shape.n_kv)  # budgets clip to Nk
+    v, _, s, _ = estimate_vertical_slash_impl(q, k, nv, ns, last_q, scale, be)
+    return v, s
+
+
+def _check_last_q(last_q: int) -> None:
     check_int(last_q, "last_q", low=1)
     if last_q > 128:
         raise ValueError(f"last_q must be <= 128, got {last_q}")
-    be = resolve_backend(backend, q.device)
-    v, _, s, _ = estimate_vertical_slash_impl(q, k, num_vertical, num_slash, last_q, scale, be)
-    return v, s
+
+
+def _check_coverage(coverage: float | None) -> None:
+    if coverage is None:
+        return
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)):
+        raise TypeError(
+            f"coverage must be a float in (0, 1] or None, got {type(coverage).__name__}"
+        )
+    if not (0.0 < coverage <= 1.0):
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
 
 
 def estimate_block_sparse(
@@ -300,6 +318,8 @@ def build_index(
     shape = check_qkv(q, k, None, check_values=validate)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
+    _check_last_q(last_q)
+    _check_coverage(coverage)
     be = resolve_backend(backend, q.device)
     dev = q.device
     b, h, nq, nk = shape.batch, shape.heads_q, shape.n_q, shape.n_kv
@@ -314,8 +334,9 @@ def build_index(
 
     if "vertical_slash" in ids:
         hid = ids["vertical_slash"]
-        nv = torch.tensor([heads[i].num_vertical for i in hid], device=dev)
-        ns = torch.tensor([heads[i].num_slash for i in hid], device=dev)
+        # budgets clip to Nk (a config's huge number means 'everything', may exceed int64)
+        nv = torch.tensor([min(heads[i].num_vertical, nk) for i in hid], device=dev)
+        ns = torch.tensor([min(heads[i].num_slash, nk) for i in hid], device=dev)
         if be == "triton":
             from . import _triton
 
@@ -371,7 +392,7 @@ def build_index(
             kv_sel = hsel // shape.group
             # estimation on the selected query heads with their own KV heads (a view per head pair
             # would need a copy of K for each query head; pooled K is tiny, so pool per KV head)
-            topk = torch.tensor([heads[i].top_k for i in hl], device=dev)
+            topk = torch.tensor([min(heads[i].top_k, -(-nk // bs)) for i in hl], device=dev)
             bi = _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, bs)
             pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk)))
         a_max = max(p[1].shape[-1] for p in pieces)
@@ -461,12 +482,12 @@ def sparse_prefill(
     ``coverage`` (e.g. 0.95) turns vertical-slash budgets adaptive: each head keeps only the columns
     and diagonals needed to reach that share of its estimated attention mass, at most its budget.
     """
-    shape = check_qkv(q, k, v, check_values=validate)
+    shape = check_qkv(q, k, _check_tensor(v, "v"), check_values=validate)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
     be = resolve_backend(backend, q.device)
-    if coverage is not None and not (0.0 < coverage <= 1.0):
-        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    _check_coverage(coverage)
+    _check_last_q(last_q)
     check_int(dense_below, "dense_below")
     if not return_index and (all(p.kind == "dense" for p in heads) or shape.n_q < dense_below):
         return dense_attention(q, k, v, scale, backend=backend)
@@ -493,8 +514,10 @@ def sparse_prefill_mask(
     shape = check_qkv(q, k, None)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
+    _check_last_q(last_q)
+    _check_coverage(coverage)
     nq, nk = shape.n_q, shape.n_kv
-    rows = torch.arange(nq) if query_rows is None else query_rows
+    rows, _, _ = _masks.check_rows(nq, nk, query_rows, q.device)
     out = torch.zeros(
         (shape.batch, shape.heads_q, rows.numel(), nk), dtype=torch.bool, device=q.device
     )
@@ -504,8 +527,8 @@ def sparse_prefill_mask(
 
         vert, sl = vs_scores_torch(q, k, last_q, scale)
         hsel = torch.tensor(vs, device=q.device)
-        nv = torch.tensor([heads[i].num_vertical for i in vs], device=q.device)
-        ns = torch.tensor([heads[i].num_slash for i in vs], device=q.device)
+        nv = torch.tensor([min(heads[i].num_vertical, nk) for i in vs], device=q.device)
+        ns = torch.tensor([min(heads[i].num_slash, nk) for i in vs], device=q.device)
         v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
             vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns, coverage=coverage
         )
@@ -530,7 +553,7 @@ def sparse_prefill_mask(
                 k,
                 hsel,
                 hsel // shape.group,
-                torch.tensor([p.top_k], device=q.device),
+                torch.tensor([min(p.top_k, -(-nk // p.block_size))], device=q.device),
                 p.block_size,
             )
             out[:, i : i + 1] = _masks.block_sparse_mask(
@@ -542,6 +565,8 @@ def sparse_prefill_mask(
 def index_density(index: SparseIndex, blocks: list[int] | None = None) -> torch.Tensor:
     """Fraction of causal (query, key) pairs an index attends to, ``float64 [B, H]`` (exact; over
     the given query blocks only if ``blocks`` is set)."""
+    if not isinstance(index, SparseIndex):
+        raise TypeError(f"index must be a SparseIndex, got {type(index).__name__}")
     kept = _torch_attn.count_pairs(index, blocks).double()
     off = index.q_offset
     rows = (

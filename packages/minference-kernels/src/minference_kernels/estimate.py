@@ -152,6 +152,8 @@ def block_scores(
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
     off = nk - nq
+    # a block beyond the sequence is one block either way: pool without padding to its size
+    block_size = min(block_size, -(-nk // 64) * 64)
     mbq, mbk = -(-nq // block_size), -(-nk // block_size)
 
     def pool(x, n, nb):

@@ -259,7 +259,7 @@ def block_sparse_pieces(block_indices: torch.Tensor, block_size: int, n_q: int, 
     b, h, _, kk = block_indices.shape
     device = block_indices.device
     mb = -(-n_q // BLOCK)
-    sub = block_size // BLOCK
+    sub = min(block_size // BLOCK, -(-n_kv // BLOCK))  # tiles past the keys are never valid
     row = (torch.arange(mb, device=device) * BLOCK) // block_size
     bi = block_indices.to(torch.int64).index_select(2, row)  # [B, H, MB, K]
     starts = bi[..., None] * block_size + BLOCK * torch.arange(sub, device=device)  # [B,H,MB,K,sub]

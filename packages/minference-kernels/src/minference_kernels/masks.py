@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import INDEX_DTYPES, Shape, _check_tensor, check_index, check_int
 from .index import BLOCK
 
 
-def _rows(n: int, n_kv: int | None, query_rows: torch.Tensor | None, device):
-    n_kv = n if n_kv is None else n_kv
+def check_rows(n: int, n_kv: int | None, query_rows: torch.Tensor | None, device):
+    """Validate ``n``, ``n_kv`` and ``query_rows``; return ``(rows, n_kv, offset)``."""
+    check_int(n, "n")
+    n_kv = n if n_kv is None else check_int(n_kv, "n_kv")
     if n < 1 or n_kv < n:
         raise ValueError(f"need 1 <= n <= n_kv, got n={n}, n_kv={n_kv}")
+    if query_rows is not None:
+        _check_tensor(query_rows, "query_rows")
+        if query_rows.dtype not in INDEX_DTYPES:
+            raise TypeError(f"query_rows must be an integer tensor, got {query_rows.dtype}")
     rows = torch.arange(n, device=device) if query_rows is None else query_rows.to(device).long()
     if rows.dim() != 1:
         raise ValueError("query_rows must be a 1-D tensor of query row indices")
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
         raise ValueError(f"query_rows must lie in [0, {n - 1}]")
     return rows, n_kv, n_kv - n
+
+
+def _check_indices(x, name: str, like: torch.Tensor, *, ndim: int, low: int, high: int, dim2=None):
+    """The kernels' index checks (dtype, rank, ``[B, H]`` of ``like``, value range)."""
+    _check_tensor(like, name)
+    if like.dim() < 2:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(like.shape)}")
+    shape = Shape(like.shape[0], like.shape[1], like.shape[1], 1, 1, 1)
+    check_index(x, name, shape, ndim=ndim, low=low, high=high, dim2=dim2)
 
 
 def greedy_slash_tiles(offsets: list[int]) -> list[int]:
@@ -56,8 +72,10 @@ def vertical_slash_mask(
     tiles (greedy from the diagonal outwards), and every causal pair inside a tile is attended. So a
     lone slash costs (and includes) a 64x64 parallelogram per query block. Verticals are exact columns.
     """
+    rows, n_kv, off = check_rows(n, n_kv, query_rows, getattr(vertical_indices, "device", None))
+    for name, x in (("vertical_indices", vertical_indices), ("slash_indices", slash_indices)):
+        _check_indices(x, name, vertical_indices, ndim=3, low=0, high=n_kv)
     b, h = vertical_indices.shape[:2]
-    rows, n_kv, off = _rows(n, n_kv, query_rows, vertical_indices.device)
     dev = vertical_indices.device
     qpos = rows + off
     a0 = (rows // BLOCK) * BLOCK + off
@@ -94,8 +112,15 @@ def block_sparse_mask(
     ``j // block_size`` is listed for that block (``-1`` entries ignored) and ``j`` is causal for it.
     Exact: nothing beyond the listed blocks.
     """
+    check_int(block_size, "block_size", low=1)
+    if block_size % BLOCK:
+        raise ValueError(f"block_size must be a positive multiple of {BLOCK}, got {block_size}")
+    rows, n_kv, off = check_rows(n, n_kv, query_rows, getattr(block_indices, "device", None))
+    n_qb, n_kb = -(-n // block_size), -(-n_kv // block_size)
+    _check_indices(
+        block_indices, "block_indices", block_indices, ndim=4, low=-1, high=n_kb, dim2=n_qb
+    )
     b, h = block_indices.shape[:2]
-    rows, n_kv, off = _rows(n, n_kv, query_rows, block_indices.device)
     dev = block_indices.device
     qpos = rows + off
     kb = torch.arange(n_kv, device=dev) // block_size
@@ -123,7 +148,10 @@ def streaming_mask(
 ) -> torch.Tensor:
     """The exact pairs :func:`streaming_attention` attends to: ``bool [1, 1, R, n_kv]``:
     causal and (``j < sink_tokens`` or ``i - j < window_tokens``). Exact at token granularity."""
-    rows, n_kv, off = _rows(n, n_kv, query_rows, device)
+    check_int(sink_tokens, "sink_tokens")
+    check_int(window_tokens, "window_tokens", low=1)
+    rows, n_kv, off = check_rows(n, n_kv, query_rows, device)
+    sink_tokens, window_tokens = min(sink_tokens, n_kv), min(window_tokens, n_kv)  # may be > int64
     qpos = (rows + off)[:, None]
     keys = torch.arange(n_kv, device=rows.device)[None, :]
     m = (keys <= qpos) & ((keys < sink_tokens) | (qpos - keys < window_tokens))
@@ -138,6 +166,6 @@ def dense_mask(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Causal pairs, bottom-right aligned: ``bool [1, 1, R, n_kv]``."""
-    rows, n_kv, off = _rows(n, n_kv, query_rows, device)
+    rows, n_kv, off = check_rows(n, n_kv, query_rows, device)
     keys = torch.arange(n_kv, device=rows.device)[None, :]
     return (keys <= (rows + off)[:, None])[None, None]

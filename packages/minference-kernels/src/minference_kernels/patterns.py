@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,6 +90,10 @@ class HeadPattern:
 
 def check_heads(heads: Sequence[HeadPattern], num_heads: int) -> tuple[HeadPattern, ...]:
     """Validate a per-query-head pattern list against the number of query heads."""
+    if isinstance(heads, (str, bytes, HeadPattern)) or not isinstance(heads, Iterable):
+        raise TypeError(
+            f"heads must be a sequence of HeadPattern (one per query head), got {type(heads).__name__}"
+        )
     heads = tuple(heads)
     if len(heads) != num_heads:
         raise ValueError(f"heads has {len(heads)} patterns but q has {num_heads} query heads")
