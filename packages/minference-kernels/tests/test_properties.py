@@ -518,6 +518,61 @@ def test_deterministic_run_to_run(data):
     checked("determinism")
 
 
+def _tied_inputs(nq=300, nk=330, d=64, seed=0):
+    """Every key of a head equal and constant queries: all logits of a row tie exactly, so the
+    vertical scores of the columns every estimation row sees tie, and every pooled block score ties."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, 1, d, generator=g).expand(2, 4, nq, d).contiguous()
+    k = torch.randn(1, 1, 1, d, generator=g).expand(2, 2, nk, d).contiguous()
+    v = torch.randn(2, 2, nk, d, generator=g)
+    return q, k, v
+
+
+def test_estimation_ties_are_broken_deterministically():
+    """Exact ties: the selection is the same run to run, the same for every head and batch entry
+    holding the same data (it depends on the head's scores only), a valid top-k of the float64
+    scores, and the layer runs exactly the selection that sparse_prefill_mask reports."""
+    q, k, v = _tied_inputs()
+    vr, sr = ref_vs_scores(q, k, 64, 64**-0.5)
+    nq, nk = q.shape[2], k.shape[2]
+    assert int((vr[0, 0] == vr[0, 0, 100]).sum()) > 200  # the ties are real
+    runs = [mk.estimate_vertical_slash(q, k, 60, 150) for _ in range(3)]
+    for vi, si in runs:
+        assert torch.equal(vi, runs[0][0]) and torch.equal(si, runs[0][1])
+        assert bool((vi == vi[:1, :1]).all()) and bool((si == si[:1, :1]).all())
+        _check_topk(vi[0, 0], vr[0, 0], 60, KEEP_FIRST, "vertical")
+        _check_topk(si[0, 0], sr[0, 0], 150, KEEP_LOCAL, "slash")
+    bis = [mk.estimate_block_sparse(q, k, 3) for _ in range(3)]
+    assert all(torch.equal(b_, bis[0]) for b_ in bis)
+    assert bool((bis[0] == bis[0][:1, :1]).all())
+    heads = [mk.HeadPattern.vertical_slash(60, 150), mk.HeadPattern.block_sparse(3)] * 2
+    outs = [mk.sparse_prefill(q, k, v, heads, return_index=True) for _ in range(2)]
+    assert torch.equal(outs[0][0], outs[1][0])
+    mask = mk.sparse_prefill_mask(q, k, heads)
+    assert torch.equal(_torch_attn.index_mask(outs[0][1]), mask)
+    check_rows(outs[0][0], reference(q, k, v, mask), mask, torch.float32, "tied layer")
+    assert nq < nk
+
+
+@pytest.mark.triton
+def test_estimation_ties_triton():
+    """Under the Triton score kernel the tied scores match float64 and the selection is
+    deterministic run to run and a valid top-k. (Which of exactly tied entries is taken is not
+    promised to agree with the PyTorch path: the two sum in different orders.)"""
+    q, k, v = _tied_inputs(nq=200, nk=220)
+    vr, sr = ref_vs_scores(q, k, 64, 64**-0.5)
+    runs = [mk.estimate_vertical_slash(q, k, 60, 150, backend="triton") for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    vi, si = runs[0]
+    for x in range(2):
+        for h in range(4):
+            _check_topk(vi[x, h], vr[x, h], 60, KEEP_FIRST, "vertical")
+            _check_topk(si[x, h], sr[x, h], 150, KEEP_LOCAL, "slash")
+    heads = [mk.HeadPattern.vertical_slash(60, 150)] * 4
+    a = mk.sparse_prefill(q, k, v, heads, backend="triton")
+    assert torch.equal(a, mk.sparse_prefill(q, k, v, heads, backend="triton"))
+
+
 # ---------------------------------------------------------------------------------------------
 # the same properties through the Triton kernels under the interpreter (smaller N)
 
