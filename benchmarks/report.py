@@ -1,6 +1,6 @@
 """Turn benchmarks/results/bench_layer_*.json into docs/benchmarks.md tables and a speedup plot.
 
-    python benchmarks/report.py [benchmarks/results/bench_layer_h200.json]
+python benchmarks/report.py [benchmarks/results/bench_layer_h200.json]
 """
 
 from __future__ import annotations

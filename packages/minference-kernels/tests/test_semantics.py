@@ -230,3 +230,19 @@ def test_dense_below_takes_dense_path():
     heads = [mk.HeadPattern.vertical_slash(1, 1)] * 4
     out = mk.sparse_prefill(q, k, v, heads, dense_below=128)
     assert rel_err(out, reference(q, k, v, mk.dense_mask(100))) < 1e-5
+
+
+def test_max_density_falls_back_to_dense_on_unstructured_inputs():
+    q, k, v = qkv(b=1, n=1500, seed=9)  # random heads: 120 scattered slashes keep ~80% of pairs
+    heads = [mk.HeadPattern.vertical_slash(60, 120)] * 4
+    sparse = mk.sparse_prefill(q, k, v, heads)
+    dense = reference(q, k, v, mk.dense_mask(1500))
+    assert rel_err(sparse, dense) > 1e-3  # the sparse result differs from dense ...
+    out = mk.sparse_prefill(q, k, v, heads, max_density=0.6)
+    assert rel_err(out, dense) < 1e-5  # ... but above max_density the layer runs dense
+    # a sparse enough index (~13% of the pairs) keeps the sparse path
+    few = [mk.HeadPattern.vertical_slash(4, 8)] * 4
+    out = mk.sparse_prefill(q, k, v, few, max_density=0.6)
+    assert torch.equal(out, mk.sparse_prefill(q, k, v, few))
+    with pytest.raises(ValueError, match="max_density must be in"):
+        mk.sparse_prefill(q, k, v, few, max_density=0.0)

@@ -144,7 +144,11 @@ def _call_one(
     heads = plan.heads_for_layer(layer, nk)
     plan.stats.sparse_calls += 1
     plan.stats.sparse_layers.add(layer)
-    extra = {} if plan.coverage is None else {"coverage": plan.coverage}
+    extra: dict[str, Any] = {} if plan.coverage is None else {"coverage": plan.coverage}
+    if q.is_cuda:  # on CPU our kernels never beat SDPA anyway; there sparse runs as configured
+        from .plan import DEFAULT_MAX_DENSITY
+
+        extra["max_density"] = DEFAULT_MAX_DENSITY
     return minference_kernels.sparse_prefill(
         q, k, v, heads, scale, last_q=plan.last_q, backend=plan.backend, **extra
     )

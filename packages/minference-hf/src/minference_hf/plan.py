@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 #: Measured crossover of the shipped Llama-3.1 config vs cuDNN on an H200 (benchmarks/NOTES.md):
 #: 0.42x at 16K, 1.18x at 32K.
 DEFAULT_MIN_SPARSE_LEN = 32768
+#: On CUDA, a layer whose estimated index keeps more than this share of the causal pairs (inputs
+#: without sparse structure) runs dense: our kernel computes kept pairs at ~0.68 of cuDNN's dense rate
+#: on an H200 (benchmarks/NOTES.md), so above ~0.6 sparse stops paying.
+DEFAULT_MAX_DENSITY = 0.6
 #: Default number of new query tokens a forward call needs before it may take the sparse path
 #: (a chunk of a chunked pre-fill smaller than this runs dense).
 DEFAULT_MIN_SPARSE_QUERY = 64

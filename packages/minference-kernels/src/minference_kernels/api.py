@@ -10,6 +10,7 @@ A query row that attends to no key (possible only with user-given empty index se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,8 @@ from ._validate import (
 from .estimate import estimate_block_sparse_impl, estimate_vertical_slash_impl
 from .index import BLOCK, SparseIndex
 from .patterns import HeadPattern, check_heads
+
+_log = logging.getLogger("minference_kernels")
 
 
 def _attend(q, k, v, idx: SparseIndex, scale: float, backend: str) -> torch.Tensor:
@@ -470,6 +473,7 @@ def sparse_prefill(
     return_index: bool = False,
     coverage: float | None = None,
     dense_below: int = 0,
+    max_density: float | None = None,
 ):
     """One layer of sparse pre-fill: estimate each head's index per its :class:`HeadPattern`, then run
     every head in one attention launch.
@@ -481,6 +485,10 @@ def sparse_prefill(
     benchmarks report the crossover), this is :func:`dense_attention`.
     ``coverage`` (e.g. 0.95) turns vertical-slash budgets adaptive: each head keeps only the columns
     and diagonals needed to reach that share of its estimated attention mass, at most its budget.
+    ``max_density`` (e.g. 0.6): after estimation, if the index would visit more than this share of
+    the layer's causal pairs (inputs without sparse structure: every tile is kept), run
+    :func:`dense_attention` instead — cheaper than a sparse kernel at that density. Costs one
+    device-to-host read. The decision is logged at DEBUG level (logger ``minference_kernels``).
     """
     shape = check_qkv(q, k, _check_tensor(v, "v"), check_values=validate)
     heads = check_heads(heads, shape.heads_q)
@@ -491,9 +499,22 @@ def sparse_prefill(
     check_int(dense_below, "dense_below")
     if not return_index and (all(p.kind == "dense" for p in heads) or shape.n_q < dense_below):
         return dense_attention(q, k, v, scale, backend=backend)
+    if max_density is not None and not (0.0 < max_density <= 1.0):
+        raise ValueError(f"max_density must be in (0, 1], got {max_density}")
     idx = build_index(
         q, k, heads, scale=scale, last_q=last_q, backend=be, validate=False, coverage=coverage
     )
+    if max_density is not None and not return_index:
+        visited = (
+            float(idx.candidate_keys().sum()) * BLOCK
+        )  # upper bound of pairs the kernel visits
+        causal = shape.batch * shape.heads_q * shape.n_q * (shape.n_q + 1) / 2
+        causal += shape.batch * shape.heads_q * shape.n_q * shape.q_offset
+        if visited > max_density * causal:
+            _log.debug(
+                "index visits %.2f of the causal pairs > max_density: dense", visited / causal
+            )
+            return dense_attention(q, k, v, scale, backend=backend)
     out = _attend(q, k, v, idx, scale, be)
     return (out, idx) if return_index else out
 

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 __all__ = ["prefill_request"]
 
 
+#: Share of causal pairs above which a sparse index runs dense on CUDA (kernel rate ~0.68 of
+#: cuDNN's on an H200, see benchmarks/NOTES.md).
+MAX_DENSITY = 0.6
+
+
 def prefill_request(
     query: torch.Tensor,
     key: torch.Tensor | None,
@@ -73,5 +78,7 @@ def prefill_request(
         last_q=last_q,
         backend=backend,
         validate=False,
+        # on CUDA an index that keeps most pairs (no sparse structure) runs dense instead
+        max_density=MAX_DENSITY if query.is_cuda else None,
     )
     return out[0].transpose(0, 1)
