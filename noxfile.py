@@ -87,6 +87,51 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def fuzz(session: nox.Session) -> None:
+    """The kernels' property-based tests at fuzz depth (hypothesis profile ``fuzz``): the PyTorch
+    path, then the Triton kernels under the interpreter. Reports the number of cases actually checked
+    (counted by the tests themselves) and fails below 1000. Not part of CI (about 10 minutes on two
+    cores). Reproduce a failure with the printed ``@reproduce_failure`` blob or
+    ``nox -s fuzz -- --hypothesis-seed=N``."""
+    import json
+    import time
+
+    install_packages(session, f"{KERNELS}[test]")
+    cases = os.path.join(session.create_tmp(), "fuzz-cases.jsonl")
+    if os.path.exists(cases):
+        os.remove(cases)
+    env = {"MINFERENCE_HYPOTHESIS_PROFILE": "fuzz", "MINFERENCE_CASES_FILE": cases}
+    props = f"{KERNELS}/tests/test_properties.py"
+    t0 = time.monotonic()
+    session.run("pytest", props, "-q", "-m", "not triton and not gpu", *session.posargs, env=env)
+    t1 = time.monotonic()
+    session.run(
+        "pytest",
+        props,
+        "-q",
+        "-m",
+        "triton",
+        *session.posargs,
+        env={**env, "TRITON_INTERPRET": "1"},
+    )
+    t2 = time.monotonic()
+    totals: dict[str, int] = {}
+    with open(cases) as f:
+        for line in f:
+            rec = json.loads(line)
+            totals[rec["path"]] = totals.get(rec["path"], 0) + sum(rec["cases"].values())
+            for name, n in sorted(rec["cases"].items()):
+                session.log(f"  {rec['path']:>18}  {name:<26} {n:>5} cases")
+    total = sum(totals.values())
+    session.log(
+        f"fuzz: {total} cases checked ({totals.get('torch', 0)} PyTorch path in {t1 - t0:.0f} s, "
+        f"{totals.get('triton-interpreter', 0)} Triton interpreter in {t2 - t1:.0f} s)"
+    )
+    if not session.posargs and total < 1000:
+        session.error(f"fuzz ran only {total} cases (< 1000)")
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """The layer benchmark on a CUDA machine (set MINFERENCE_TORCH_SPEC to a CUDA torch build)."""
     install_packages(session, KERNELS, PATTERNS)

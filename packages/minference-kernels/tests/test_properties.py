@@ -236,21 +236,21 @@ def _stream_dense_case(data, backend, max_n, max_heads=8, dims=None):
     check_rows(out, reference(q, k, v, mask, scale), mask, dt, "dense", logit_bound(q, k, scale))
 
 
-@examples(25, 300)
+@examples(25, 600)
 @given(st.data())
 def test_vertical_slash_attention(data):
     _vs_case(data, "torch", 600)
     checked("vertical_slash")
 
 
-@examples(25, 250)
+@examples(25, 500)
 @given(st.data())
 def test_block_sparse_attention(data):
     _bs_case(data, "torch", 600)
     checked("block_sparse")
 
 
-@examples(15, 150)
+@examples(15, 300)
 @given(st.data())
 def test_streaming_and_dense_attention(data):
     _stream_dense_case(data, "torch", 600)
@@ -278,7 +278,7 @@ def _layer_args(data, hq):
     return heads, coverage, last_q, scale
 
 
-@examples(20, 200)
+@examples(20, 400)
 @given(st.data())
 def test_sparse_prefill_layer(data):
     geom, (q, k, v), _ = data.draw(inputs(500))
@@ -412,7 +412,7 @@ def _check_topk(sel, score, n, forced, name):
     assert bool((rest[1:] <= rest[:-1] + 2e-5).all()), f"{name}: not ordered by score"
 
 
-@examples(20, 200)
+@examples(20, 300)
 @given(st.data())
 def test_estimate_vertical_slash(data):
     geom, (q, k, _), _ = data.draw(inputs(400))
@@ -455,7 +455,7 @@ def ref_block_scores(q, k, bs):
     return s.masked_fill(~causal, float("-inf")), causal, forced, own_first
 
 
-@examples(20, 200)
+@examples(20, 300)
 @given(st.data())
 def test_estimate_block_sparse(data):
     geom, (q, k, v), _ = data.draw(inputs(500))
