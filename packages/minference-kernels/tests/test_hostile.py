@@ -117,6 +117,8 @@ def test_estimators_reject_bad_qk(fn, args, exc, words):
         (lambda: mk.sparse_prefill(q, k, v, DENSE, coverage="0.9"), TypeError, "coverage must be"),
         (lambda: mk.sparse_prefill(q, k, v, DENSE, coverage=float("nan")), ValueError, "coverage"),
         (lambda: mk.sparse_prefill(q, k, v, DENSE, dense_below=-1), ValueError, "dense_below"),
+        (lambda: mk.sparse_prefill(q, k, v, DENSE, max_density=0.0), ValueError, "max_density"),
+        (lambda: mk.sparse_prefill(q, k, v, DENSE, max_density="1"), TypeError, "max_density"),
         (lambda: mk.sparse_prefill(q, k, v, DENSE, last_q=0), ValueError, "last_q must be >= 1"),
         (lambda: mk.HeadPattern.vertical_slash(0, 0), ValueError, "num_vertical \\+ num_slash"),
         (lambda: mk.HeadPattern.vertical_slash(1.0, 2), TypeError, "num_vertical must be an int"),

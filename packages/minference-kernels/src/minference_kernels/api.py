@@ -275,15 +275,13 @@ def _check_last_q(last_q: int) -> None:
         raise ValueError(f"last_q must be <= 128, got {last_q}")
 
 
-def _check_coverage(coverage: float | None) -> None:
+def _check_coverage(coverage: float | None, name: str = "coverage") -> None:
     if coverage is None:
         return
     if isinstance(coverage, bool) or not isinstance(coverage, (int, float)):
-        raise TypeError(
-            f"coverage must be a float in (0, 1] or None, got {type(coverage).__name__}"
-        )
+        raise TypeError(f"{name} must be a float in (0, 1] or None, got {type(coverage).__name__}")
     if not (0.0 < coverage <= 1.0):
-        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+        raise ValueError(f"{name} must be in (0, 1], got {coverage}")
 
 
 def estimate_block_sparse(
@@ -495,12 +493,11 @@ def sparse_prefill(
     scale = check_scale(scale, shape.head_dim)
     be = resolve_backend(backend, q.device)
     _check_coverage(coverage)
+    _check_coverage(max_density, "max_density")
     _check_last_q(last_q)
     check_int(dense_below, "dense_below")
     if not return_index and (all(p.kind == "dense" for p in heads) or shape.n_q < dense_below):
         return dense_attention(q, k, v, scale, backend=backend)
-    if max_density is not None and not (0.0 < max_density <= 1.0):
-        raise ValueError(f"max_density must be in (0, 1], got {max_density}")
     idx = build_index(
         q, k, heads, scale=scale, last_q=last_q, backend=be, validate=False, coverage=coverage
     )
