@@ -357,6 +357,29 @@ def test_vertical_slash_mask_bounds(data):
     checked("vs_mask")
 
 
+@examples(15, 150)
+@given(st.data())
+def test_masks_for_query_rows_are_rows_of_the_full_mask(data):
+    """Every mask function (and sparse_prefill_mask) restricted to ``query_rows`` -- any order,
+    duplicates -- equals those rows of the full mask."""
+    geom, (q, k, _), seed = data.draw(inputs(300, max_heads=4))
+    b, hq, _, nq, nk, _, _ = geom
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, nq - 1), min_size=1, max_size=20)))
+    vi, si = data.draw(vs_indices(b, hq, nk, seed))
+    bs, bi = data.draw(block_indices(b, hq, nq, nk, seed))
+    pairs = [
+        (lambda r: mk.vertical_slash_mask(vi, si, nq, n_kv=nk, query_rows=r)),
+        (lambda r: mk.block_sparse_mask(bi, nq, bs, n_kv=nk, query_rows=r)),
+        (lambda r: mk.streaming_mask(3, 70, nq, n_kv=nk, query_rows=r)),
+        (lambda r: mk.dense_mask(nq, n_kv=nk, query_rows=r)),
+    ]
+    heads = data.draw(head_patterns(hq))
+    pairs.append(lambda r: mk.sparse_prefill_mask(q, k, heads, query_rows=r))
+    for f in pairs:
+        assert torch.equal(f(rows), f(None)[:, :, rows])
+    checked("query_rows")
+
+
 @examples(40, 300)
 @given(st.lists(st.integers(0, 2000), max_size=60), st.integers(0, 8))
 def test_slash_tiles_match_greedy(offsets, pad):
