@@ -24,6 +24,13 @@ def _upcast(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def _load_rows(base, rows, ok, s_row, offs_d, d_ok, s_d):
+    """Rows ``rows`` (masked by ``ok``) of a ``[N, D]`` slice at ``base``: ``[len(rows), BLOCK_D]``."""
+    ptrs = base + rows[:, None].to(tl.int64) * s_row + offs_d[None, :] * s_d
+    return tl.load(ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _online_update(acc, m_i, l_i, s, v, UPCAST: tl.constexpr):
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -134,16 +141,8 @@ def _sparse_attn_fwd(
         r = tl.load(REL + bh * n_rel + t)
         offs_n = a0 + r + offs_n0
         kv_ok = (offs_n >= 0) & (offs_n < Nk)
-        k = tl.load(
-            k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-            mask=kv_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-            mask=kv_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
+        v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
         s = _qk(q, k, UPCAST) * qk_scale
         st = a0 + r
         if SPLIT_MASK:
@@ -169,16 +168,8 @@ def _sparse_attn_fwd(
         cidx = tl.load(COLS + bh * n_cols + offs_c, mask=c_ok, other=0)
         cov = tl.load(COV + bh * n_cov + (cidx - a0 + Nk + BLOCK_N), mask=c_ok, other=1)
         c_ok = c_ok & (cov == 0)
-        k = tl.load(
-            k_base + cidx[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-            mask=c_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + cidx[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-            mask=c_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        k = _load_rows(k_base, cidx, c_ok, skn, offs_d, d_ok, skd)
+        v = _load_rows(v_base, cidx, c_ok, svn, offs_d, d_ok, svd)
         s = _qk(q, k, UPCAST) * qk_scale
         ok = c_ok[None, :] & (cidx[None, :] <= q_pos[:, None])
         s = tl.where(ok, s, float("-inf"))
@@ -190,16 +181,8 @@ def _sparse_attn_fwd(
         st = tl.load(ABS + (bh * MB + m).to(tl.int64) * n_abs + t)
         offs_n = st + offs_n0
         kv_ok = offs_n < Nk
-        k = tl.load(
-            k_base + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-            mask=kv_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :] * svd,
-            mask=kv_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
+        v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
         s = _qk(q, k, UPCAST) * qk_scale
         if SPLIT_MASK:
             need = (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)
@@ -351,11 +334,7 @@ def _vs_lse_kernel(
     d_ok = offs_d < HEAD_D
     row_ok = t < LQ
     qrow = Nq - LQ + t
-    q = tl.load(
-        Q + b * sqb + h * sqh + qrow[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = _load_rows(Q + b * sqb + h * sqh, qrow, row_ok, sqn, offs_d, d_ok, sqd)
     if UPCAST:
         q = q.to(tl.float32)
     qpos = Nk - LQ + t
@@ -366,11 +345,7 @@ def _vs_lse_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = offs_n < hi
-        k = tl.load(
-            K + b * skb + hk * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-            mask=kv_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        k = _load_rows(K + b * skb + hk * skh, offs_n, kv_ok, skn, offs_d, d_ok, skd)
         s = _qk(q, k, UPCAST) * qk_scale
         s = tl.where(
             kv_ok[None, :] & (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None], s, float("-inf")
@@ -422,11 +397,7 @@ def _vs_score_kernel(
     d_ok = offs_d < HEAD_D
     row_ok = t < LQ
     qrow = Nq - LQ + t
-    q = tl.load(
-        Q + b * sqb + h * sqh + qrow[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd,
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q = _load_rows(Q + b * sqb + h * sqh, qrow, row_ok, sqn, offs_d, d_ok, sqd)
     if UPCAST:
         q = q.to(tl.float32)
     p0 = Nk - LQ
@@ -437,11 +408,7 @@ def _vs_score_kernel(
     c = tl.arange(0, LQ_P + BS)
     keys = w0 + c
     kv_ok = (keys >= 0) & (keys < Nk)
-    k = tl.load(
-        K + b * skb + hk * skh + keys[:, None].to(tl.int64) * skn + offs_d[None, :] * skd,
-        mask=kv_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    k = _load_rows(K + b * skb + hk * skh, keys, kv_ok, skn, offs_d, d_ok, skd)
     s = _qk(q, k, UPCAST) * qk_scale
     ok = kv_ok[None, :] & (keys[None, :] <= qpos[:, None]) & row_ok[:, None]
     p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [LQ_P, LQ_P + BS]
