@@ -16,6 +16,15 @@ from __future__ import annotations
 
 from .attention import UnsupportedAttentionError
 from .capture import CapturedLayer, capture_qkv, search_model_config
+from .longctx import (
+    MemoryEstimate,
+    OffloadedKVCache,
+    PrefillResult,
+    estimate_memory,
+    long_prefill,
+    plan_offload,
+)
+from .longctx import generate as generate_long
 from .patching import UnsupportedModelError, get_plan, patch, register, unpatch
 from .plan import (
     DEFAULT_MIN_SPARSE_LEN,
@@ -31,12 +40,19 @@ __all__ = [
     "DEFAULT_MIN_SPARSE_QUERY",
     "AttentionStats",
     "CapturedLayer",
+    "MemoryEstimate",
+    "OffloadedKVCache",
+    "PrefillResult",
     "SparsePrefillPlan",
     "UnsupportedAttentionError",
     "UnsupportedModelError",
     "capture_qkv",
+    "estimate_memory",
+    "generate_long",
     "get_plan",
+    "long_prefill",
     "patch",
+    "plan_offload",
     "register",
     "search_model_config",
     "unpatch",

@@ -119,6 +119,8 @@ def greedy_generate(
     eos_token_id: int | list[int] | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    offload_kv: bool | int | str | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Greedy decoding of one prompt with timing.
 
@@ -130,6 +132,12 @@ def greedy_generate(
         chunk_size: pre-fill in chunks of this many tokens (each chunk attends to the cached
             ones), ``None`` for one pass.
         progress: print per-layer pre-fill progress on stderr.
+        offload_kv: ``None`` pre-fills with ``model(...)``; anything else pre-fills with
+            :func:`minference_hf.long_prefill` (layer by layer, chunked MLP) with this cache
+            placement (``"auto"``, ``True``, ``False`` or a number of layers to offload).
+            ``chunk_size`` must then be ``None``.
+        prefill_chunk: tokens per chunk of :func:`~minference_hf.long_prefill` (its default when
+            ``None``).
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"input_ids must be [1, N], got {tuple(input_ids.shape)}")
@@ -147,16 +155,33 @@ def greedy_generate(
     chunks = [input_ids] if not chunk_size else list(input_ids.split(int(chunk_size), dim=1))
     plan = get_plan(model)
     s0 = (plan.stats.sparse_calls, plan.stats.dense_calls) if plan else (0, 0)
-    cache = new_cache(model)
+    if offload_kv is not None and chunk_size:
+        raise ValueError(
+            "chunk_size (chunked model(...) pre-fill) and offload_kv exclude each other"
+        )
     with torch.no_grad():
         _sync(device)
         t0 = time.perf_counter()
-        with layer_progress(model, f"pre-fill {n} tokens", len(chunks), enabled=progress):
-            for chunk in chunks:
-                out = model(input_ids=chunk, use_cache=True, **{ck: cache}, **extra)
+        if offload_kv is None:
+            cache = new_cache(model)
+            with layer_progress(model, f"pre-fill {n} tokens", len(chunks), enabled=progress):
+                for chunk in chunks:
+                    out = model(input_ids=chunk, use_cache=True, **{ck: cache}, **extra)
+            logits = out.logits[:, -1, :]
+        else:
+            from .longctx import DEFAULT_CHUNK_SIZE, long_prefill
+
+            res = long_prefill(
+                model,
+                input_ids,
+                offload_kv=offload_kv,
+                chunk_size=prefill_chunk or DEFAULT_CHUNK_SIZE,
+                reserve_tokens=max_new_tokens + 1,
+                progress=progress,
+            )
+            cache, logits = res.cache, res.logits
         _sync(device)
         tp = time.perf_counter()
-        logits = out.logits[:, -1, :]
         next_id = logits.argmax(dim=-1)
         tok = int(next_id.item())  # synchronises
         t1 = time.perf_counter()
