@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from minference_hf.cli import main
+from minference_hf.cli import build_parser, main
 from minference_hf.niah import build_prompt, parse_depths, parse_length
 from minference_hf.tiny import build_tokenizer
 
@@ -126,3 +126,88 @@ def test_generate_and_niah_with_a_local_model_directory(tmp_path, capsys):
     assert rc == 0
     res = json.loads((tmp_path / "niah" / "niah.json").read_text())
     assert [c["sparse_calls"] for c in res["cases"]] == [0, 4]
+
+
+def _generate_json(tmp_path, name, *extra):
+    out = tmp_path / f"{name}.json"
+    rc = main(["generate", "--prompt-tokens", "1100", "--max-new-tokens", "4", "--no-warmup",
+               "--no-progress", "--json", str(out), *extra])  # fmt: skip
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_generate_offload_kv_on_matches_off(tmp_path, capsys):
+    """--offload-kv on: layer-by-layer pre-fill with every cache layer in host memory, the same
+    sparse calls and tokens as the model(...) pre-fill."""
+    off = _generate_json(tmp_path, "off", "--offload-kv", "off")
+    text = capsys.readouterr().out
+    assert "pre-fill: model(...), one pass (--offload-kv off)" in text
+    on = _generate_json(tmp_path, "on", "--offload-kv", "on", "--prefill-chunk", "300")
+    text = capsys.readouterr().out
+    assert (
+        "pre-fill: long_prefill, layer by layer (KV cache 0/4 layers on the device, 4 in host "
+        in text
+    )
+    assert "memory (predicted): 1100 tokens: GPU peak ~" in text
+    assert off["prefill"]["path"] == "model" and "memory" not in off["prefill"]
+    assert on["prefill"]["path"] == "long_prefill" and on["prefill"]["chunk_size"] == 300
+    mem = on["prefill"]["memory"]
+    assert mem["seq_len"] == 1100 and mem["gpu_kv_layers"] == 0 and mem["num_layers"] == 4
+    assert mem["host_kv"] == 4 * mem["kv_per_layer"] > 0
+    assert on["minference"]["sparse_calls"] == off["minference"]["sparse_calls"] == 4
+    assert on["minference"]["token_ids"] == off["minference"]["token_ids"]
+    assert len(on["minference"]["token_ids"]) == 4
+
+
+def test_generate_offload_kv_auto_follows_free_gpu_memory(tmp_path, capsys, monkeypatch):
+    """auto on CPU: model(...); where a plain forward does not fit the free (CUDA) memory:
+    long_prefill with automatic placement (all layers stay resident on CPU: no budget there)."""
+    import minference_hf.cli as cli
+
+    plain = _generate_json(tmp_path, "auto-cpu")
+    assert "(--offload-kv auto: cpu, not CUDA)" in capsys.readouterr().out
+    assert plain["prefill"]["path"] == "model"
+    monkeypatch.setattr(cli, "_free_device_memory", lambda device: 1 << 20)
+    tight = _generate_json(tmp_path, "auto-tight")
+    text = capsys.readouterr().out
+    assert "pre-fill: long_prefill, layer by layer (KV cache 4/4 layers on the device" in text
+    assert "a plain forward would need ~" in text
+    assert tight["prefill"]["path"] == "long_prefill"
+    assert tight["minference"]["token_ids"] == plain["minference"]["token_ids"]
+    monkeypatch.setattr(cli, "_free_device_memory", lambda device: 1 << 40)
+    roomy = _generate_json(tmp_path, "auto-roomy")
+    assert "pre-fill: model(...), one pass (--offload-kv auto: a plain forward needs" in (
+        capsys.readouterr().out
+    )
+    assert roomy["prefill"]["path"] == "model"
+
+
+def test_generate_plan_memory_error_is_one_clear_line(capsys, monkeypatch):
+    import minference_hf.longctx as longctx
+
+    def no_room(*args, **kwargs):
+        raise MemoryError("long_prefill of 1100 tokens needs ~9.0 GiB of activations")
+
+    monkeypatch.setattr(longctx, "plan_offload", no_room)
+    rc = main(
+        ["generate", "--offload-kv", "on", "--prompt-tokens", "1100", "--max-new-tokens", "1"]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "minference generate: error: MemoryError: long_prefill of 1100 tokens needs" in err
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--offload-kv", "on", "--chunk-size", "512"], "--offload-kv on .* exclude each other"),
+        (["--offload-kv", "off", "--prefill-chunk", "512"], "which --offload-kv off does not use"),
+        (["--chunk-size", "512", "--prefill-chunk", "512"], "which --chunk-size does not use"),
+        (["--prefill-chunk", "0"], "--prefill-chunk must be >= 1"),
+    ],
+)
+def test_generate_prefill_argument_errors(args, words):
+    with pytest.raises(SystemExit, match=words):
+        main(["generate", "--max-new-tokens", "1", *args])
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        build_parser().parse_args(["generate", "--offload-kv", "yes"])

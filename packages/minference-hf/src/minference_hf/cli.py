@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from minference_patterns import PatternConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .longctx import MemoryEstimate
+
 #: Sparse threshold used with the embedded default model, so its short demo prompts go sparse.
 TINY_MIN_SPARSE_LEN = 1024
 TINY_PROMPT_TOKENS = 2048
@@ -139,6 +141,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.model and not args.prompt_file:
         raise SystemExit("minference generate: --prompt-file is required with --model")
+    _check_prefill_args(args)
     loaded = _load(args)
     model, tok = loaded.model, loaded.tokenizer
     cfg = _pattern_config(args, loaded)
@@ -153,16 +156,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     progress = not args.no_progress
 
     warmup = args.warmup if args.warmup is not None else device.type == "cuda"
+    prefill = _prefill_plan(args, model, len(ids))
+    print(f"pre-fill: {prefill.describe()}")
+    if prefill.memory is not None:
+        print(f"memory (predicted): {prefill.memory.summary()}")
+    long_kw: dict[str, Any] = (
+        {"offload_kv": prefill.offload_kv, "prefill_chunk": args.prefill_chunk}
+        if prefill.offload_kv is not None
+        else {}
+    )
 
     def run() -> GenerationResult:
         if warmup:
-            greedy_generate(model, x, max_new_tokens=2, chunk_size=args.chunk_size)
+            greedy_generate(model, x, max_new_tokens=2, chunk_size=args.chunk_size, **long_kw)
         return greedy_generate(
             model,
             x,
             max_new_tokens=args.max_new_tokens,
             chunk_size=args.chunk_size,
             progress=progress and len(ids) >= 8192,
+            **long_kw,
         )
 
     sparse = run()
@@ -180,6 +193,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "untrained": loaded.untrained,
         "prompt_tokens": len(ids),
         "min_sparse_len": thr,
+        "prefill": prefill.to_dict(),
         "minference": _result_dict(sparse, text),
     }
     if args.compare_dense:
@@ -214,6 +228,111 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _check_prefill_args(args: argparse.Namespace) -> None:
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise SystemExit(
+            f"minference generate: --prefill-chunk must be >= 1, got {args.prefill_chunk}"
+        )
+    if args.chunk_size and args.offload_kv == "on":
+        raise SystemExit(
+            "minference generate: --offload-kv on (layer-by-layer pre-fill, KV cache in host "
+            "memory) and --chunk-size (chunked model(...) pre-fill) exclude each other; use "
+            "--prefill-chunk to set the layer-by-layer pre-fill's chunk"
+        )
+    if args.prefill_chunk and (args.chunk_size or args.offload_kv == "off"):
+        which = "--chunk-size" if args.chunk_size else "--offload-kv off"
+        raise SystemExit(
+            f"minference generate: --prefill-chunk sets the chunk of the layer-by-layer pre-fill, "
+            f"which {which} does not use"
+        )
+
+
+@dataclass
+class PrefillChoice:
+    """Which pre-fill ``generate`` runs: ``model(...)`` or :func:`~minference_hf.long_prefill`."""
+
+    offload_kv: bool | str | None  # None: model(...); else long_prefill's offload_kv
+    reason: str
+    chunk_size: int | None = None
+    memory: MemoryEstimate | None = None  # long_prefill's plan
+
+    def describe(self) -> str:
+        if self.offload_kv is None:
+            how = f"in chunks of {self.chunk_size} tokens" if self.chunk_size else "one pass"
+            return f"model(...), {how} ({self.reason})"
+        m = self.memory
+        assert m is not None
+        placement = (
+            f"KV cache {m.gpu_kv_layers}/{m.num_layers} layers on the device, "
+            f"{m.num_layers - m.gpu_kv_layers} in host memory"
+        )
+        return f"long_prefill, layer by layer ({placement}; {self.reason})"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "path": "model" if self.offload_kv is None else "long_prefill",
+            "reason": self.reason,
+            "chunk_size": self.chunk_size,
+        }
+        if self.memory is not None:
+            import dataclasses
+
+            out["memory"] = dataclasses.asdict(self.memory)
+            out["memory"]["gpu_peak"] = self.memory.gpu_peak
+            out["memory"]["host_kv"] = self.memory.host_kv
+        return out
+
+
+def _free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA ``device`` (the allocator's cached blocks included); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def _prefill_plan(args: argparse.Namespace, model: PreTrainedModel, n: int) -> PrefillChoice:
+    """Resolve ``--offload-kv`` / ``--chunk-size`` / ``--prefill-chunk`` for an ``n``-token prompt."""
+    from .longctx import DEFAULT_CHUNK_SIZE, estimate_memory, plan_offload
+    from .patching import UnsupportedModelError
+
+    mode = args.offload_kv
+    if mode == "off":
+        return PrefillChoice(None, "--offload-kv off", chunk_size=args.chunk_size)
+    if args.chunk_size:
+        return PrefillChoice(None, "--chunk-size given", chunk_size=args.chunk_size)
+    chunk = args.prefill_chunk or DEFAULT_CHUNK_SIZE
+    reserve = args.max_new_tokens + 1
+    device = next(model.parameters()).device
+    if mode == "on":
+        plan = plan_offload(model, n, offload_kv=True, chunk_size=chunk, reserve_tokens=reserve)
+        return PrefillChoice(True, "--offload-kv on", chunk_size=chunk, memory=plan)
+    # auto: long_prefill only where a plain forward would not fit the free GPU memory
+    free = _free_device_memory(device)
+    if free is None:
+        return PrefillChoice(None, f"--offload-kv auto: {device.type}, not CUDA")
+    try:
+        est = estimate_memory(model, n, chunk_size=chunk, reserve_tokens=reserve)
+    except UnsupportedModelError as e:
+        return PrefillChoice(None, f"--offload-kv auto: long_prefill does not support it: {e}")
+    need = est.standard_forward - est.weights  # the weights are loaded already
+    gib = 1 << 30
+    if need <= free:
+        return PrefillChoice(
+            None,
+            f"--offload-kv auto: a plain forward needs ~{need / gib:.1f} GiB besides the weights, "
+            f"{free / gib:.1f} GiB free",
+        )
+    plan = plan_offload(model, n, offload_kv="auto", chunk_size=chunk, reserve_tokens=reserve)
+    return PrefillChoice(
+        "auto",
+        f"--offload-kv auto: a plain forward would need ~{need / gib:.1f} GiB besides the "
+        f"weights, {free / gib:.1f} GiB free",
+        chunk_size=chunk,
+        memory=plan,
+    )
 
 
 def _result_dict(r: Any, text: str) -> dict[str, Any]:
@@ -349,7 +468,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare-dense", action="store_true", help="also run dense and compare")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--min-sparse-len", type=int, help="sparse pre-fill threshold (tokens)")
-    g.add_argument("--chunk-size", type=int, help="chunked pre-fill with chunks of this size")
+    g.add_argument(
+        "--chunk-size",
+        type=int,
+        help="chunked model(...) pre-fill with chunks of this size (each chunk attends to the "
+        "cached ones); excludes --offload-kv on",
+    )
+    g.add_argument(
+        "--offload-kv",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="pre-fill layer by layer with minference_hf.long_prefill: 'on' keeps every layer's "
+        "KV cache in host memory; 'auto' (default) does so, with automatic placement, only on "
+        "CUDA when a plain model(...) pre-fill would not fit the free GPU memory; 'off' always "
+        "uses model(...)",
+    )
+    g.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="tokens per chunk of the layer-by-layer pre-fill's norms, projections and MLP "
+        "(default 16384)",
+    )
     g.add_argument(
         "--coverage",
         type=float,
@@ -412,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (OSError, ValueError, KeyError) as e:  # bad model / config / file: one clear line
+    except (OSError, ValueError, KeyError, MemoryError) as e:  # bad model / config / file / plan
         if args.verbose:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
