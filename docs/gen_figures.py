@@ -380,6 +380,64 @@ def memory_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def long_prefill_table() -> str:
+    """``minference_hf.estimate_memory`` / ``plan_offload`` for a Llama-3-8B-shaped model built on
+    the meta device (no weights), bf16, batch 1, default chunk and reserve (docs/guides/long-context.md)."""
+    try:
+        from minference_hf import estimate_memory, plan_offload
+    except ImportError:  # pragma: no cover - minference-hf not installed
+        return "(minference-hf is not installed where these docs were built.)\n"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=1 << 20,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(torch.bfloat16)
+    budgets = (("80 GB H100", 75 * GIB), ("141 GB H200", 135 * GIB))
+    g = lambda b: f"{b / GIB:.1f}"
+    lines = [
+        "| N | KV per layer | KV, 32 layers | activations + chunk | plain `model(...)` peak "
+        "| `long_prefill`, cache on the GPU | "
+        + " | ".join(f"{name} ({budget // GIB} GiB): layers on GPU, GPU peak, host KV"
+                     for name, budget in budgets)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(budgets),
+    ]  # fmt: skip
+    for n in (131072, 262144, 524288, 1048576):
+        est = estimate_memory(model, n)
+        cells = [
+            _fmt_n(n),
+            g(est.kv_per_layer),
+            g(est.num_layers * est.kv_per_layer),
+            g(est.activations + est.chunk),
+            g(est.standard_forward),
+            g(est.gpu_peak),
+        ]
+        for _, budget in budgets:
+            try:
+                plan = plan_offload(model, n, offload_kv="auto", device_budget=budget)
+                cells.append(f"{plan.gpu_kv_layers}/32, {g(plan.gpu_peak)}, {g(plan.host_kv)}")
+            except MemoryError:
+                cells.append("does not fit")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"GiB. Weights {g(est.weights)} GiB (bf16, {est.weights // 2:,} parameters), batch 1, "
+        "`chunk_size` 16384, 1024 tokens of decode reserve in every cache layer. The budgets are "
+        '`device_budget=` values: about what `offload_kv="auto"` finds on an otherwise empty '
+        "card after the CUDA context and its 3 GiB margin."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def kv_table() -> str:
     """KV cache of one sequence (bf16) for every shipped model's attention shape."""
     from minference_patterns.registry import SHIPPED_MODELS
@@ -586,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (
         ("memory_8b.md", memory_table()),
         ("kv_shipped.md", kv_table()),
+        ("long_prefill_8b.md", long_prefill_table()),
         ("config_schema.md", schema_page()),
         ("cli.md", cli_page()),
     ):
