@@ -297,16 +297,11 @@ def test_sliding_window_that_bites_is_rejected_per_layer():
         long_prefill(model, _ids())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="longctx._check_window reads the window from the attention module only; Mistral and "
-    "Phi-3 keep it in model.config.sliding_window, so long_prefill silently computes full "
-    "attention (logits differ from model(...) by ~1)",
-)
 @pytest.mark.parametrize("arch", ["mistral", "phi3"])
 def test_sliding_window_in_the_config_that_bites_is_rejected(arch):
+    # Mistral and Phi-3 keep the window in model.config only
     model = make_model(arch, sliding_window=64)
-    with pytest.raises(UnsupportedModelError, match="sliding-window"):
+    with pytest.raises(UnsupportedModelError, match=r"layer 0 .*sliding-window.*window 64"):
         long_prefill(model, _ids())
 
 
@@ -349,16 +344,73 @@ def test_generate_long_argument_errors():
         generate_long(model, ids, max_new_tokens=2, past_key_values=new_cache(model))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_KVBuffer.crop treats a negative argument as the length to keep; transformers 5 "
-    "calls crop(-k) to remove k tokens (assisted / prompt-lookup decoding)",
-)
 def test_crop_removes_tokens_like_dynamic_cache():
     model, ids, _, _ = _reference("llama")
     cache = long_prefill(model, ids, offload_kv=1).cache
     cache.crop(-1)
     assert cache.get_seq_length() == N - 1
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_crop_semantics(offload):
+    model, ids, _, ref_cache = _reference("llama")
+    cache = long_prefill(model, ids, offload_kv=offload).cache
+    cache.crop(0)  # no-op
+    assert cache.get_seq_length() == N
+    cache.crop(-10)  # negative: remove that many tokens
+    assert cache.get_seq_length() == N - 10
+    cache.crop(N - 30)  # positive: the legacy final absolute length
+    assert cache.get_seq_length() == N - 30
+    cache.crop(N)  # longer than the cache: nothing to remove
+    assert cache.get_seq_length() == N - 30
+    cache.crop(-(2 * N))  # removing more than there is empties it
+    assert cache.get_seq_length() == 0
+    cache = long_prefill(model, ids, offload_kv=offload).cache
+    cache.crop(-7)
+    for layer, ref in zip(cache.layers, ref_cache.layers):
+        assert layer.keys.shape[2] == layer.values.shape[2] == N - 7
+        torch.testing.assert_close(layer.keys, ref.keys[:, :, : N - 7], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.values, ref.values[:, :, : N - 7], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "resident"])
+def test_beam_search_matches_generate(offload):
+    model, ids, _, _ = _reference("llama")
+    kw = dict(max_new_tokens=6, num_beams=2, do_sample=False)
+    ref = model.generate(ids, **kw)
+    out = generate_long(model, ids, offload_kv=offload, **kw)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "resident"])
+def test_prompt_lookup_decoding_matches_generate(offload):
+    model, _, _, _ = _reference("llama")
+    base = _ids(b=1)
+    ids = torch.cat([base, base[:, :40]], dim=1)  # repeated n-grams give candidates
+    kw = dict(max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=3)
+    ref = model.generate(ids, **kw)
+    out = generate_long(model, ids, offload_kv=offload, **kw)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "resident"])
+def test_batch_reindexing_keeps_buffers(offload):
+    model, ids, _, ref_cache = _reference("llama")
+    cache = long_prefill(model, ids, offload_kv=offload, reserve_tokens=5).cache
+    layer, ref = cache.layers[0], ref_cache.layers[0]
+    pinned = layer._kbuf.is_pinned()
+    cap = layer.capacity
+    cache.reorder_cache(torch.tensor([1, 0]))
+    torch.testing.assert_close(layer.keys, ref.keys.flip(0), atol=1e-5, rtol=1e-5)
+    cache.batch_repeat_interleave(2)
+    assert layer.keys.shape[0] == 4 and layer.capacity == cap
+    torch.testing.assert_close(
+        layer.values, ref.values.flip(0).repeat_interleave(2, dim=0), atol=1e-5, rtol=1e-5
+    )
+    cache.batch_select_indices(torch.tensor([0, 3]))
+    assert layer.keys.shape[0] == 2 and layer._kbuf.is_pinned() == pinned
+    torch.testing.assert_close(layer.keys, ref.keys[[1, 0]], atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == N
 
 
 # ---- memory model --------------------------------------------------------------------------

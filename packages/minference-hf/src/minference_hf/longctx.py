@@ -55,6 +55,8 @@ from ._progress import Progress
 from .patching import UnsupportedModelError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transformers import PreTrainedModel
 
 logger = logging.getLogger("minference_hf")
@@ -123,9 +125,39 @@ class _KVBuffer(CacheLayerMixin):
         return -1
 
     def crop(self, tokens_to_remove: int) -> None:
-        n = self.length - tokens_to_remove if tokens_to_remove >= 0 else -tokens_to_remove
+        """Shorten the cache: ``crop(-k)`` removes the last ``k`` tokens (transformers 5);
+        ``crop(n)`` with ``n > 0`` keeps the first ``n`` (the legacy absolute length); ``crop(0)``
+        does nothing."""
+        if tokens_to_remove == 0:
+            return
+        n = self.length + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove
         self.length = max(0, min(self.length, n))
         self._sync_views()
+
+    def _index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        pinned = self._kbuf.is_pinned()
+        if pinned:  # earlier non-blocking copies into the old buffer must land first
+            torch.cuda.synchronize()
+        for name in ("_kbuf", "_vbuf"):
+            new = fn(getattr(self, name))
+            if pinned and not new.is_pinned():
+                new = new.pin_memory()
+            setattr(self, name, new)
+        self._sync_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch (beam search)."""
+        self._index_batch(lambda b: b.index_select(0, beam_idx.to(b.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch entry ``repeats`` times (beam search / contrastive search expansion)."""
+        self._index_batch(lambda b: b.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch entries ``indices``."""
+        self._index_batch(
+            lambda b: b[indices.to(b.device) if torch.is_tensor(indices) else indices]
+        )
 
     def reset(self) -> None:
         self.length = 0
@@ -196,6 +228,18 @@ class HostKVLayer(_KVBuffer):
                 self.keys.to(self.device, non_blocking=nb),
                 self.values.to(self.device, non_blocking=nb),
             )
+
+    def _index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._fetched = None  # a prefetched copy has the old batch order
+        super()._index_batch(fn)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._fetched = None  # a prefetched copy has the old length
+        super().crop(tokens_to_remove)
+
+    def reset(self) -> None:
+        self._fetched = None
+        super().reset()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -350,8 +394,13 @@ def _inspect(model: torch.nn.Module) -> _Model:
     )
 
 
-def _check_window(attn: torch.nn.Module, layer: int, n: int) -> None:
-    window = getattr(attn, "sliding_window", None)
+def _check_window(attn: torch.nn.Module, config: Any, layer: int, n: int) -> None:
+    # Qwen2 sets the window per attention module (None on full-attention layers); Mistral and
+    # Phi-3 keep it in the config only
+    if hasattr(attn, "sliding_window"):
+        window = attn.sliding_window
+    else:
+        window = getattr(config, "sliding_window", None)
     if isinstance(window, int) and 0 < window < n:
         raise _fail(
             f"layer {layer} uses sliding-window attention (window {window} < {n} tokens); "
@@ -681,7 +730,7 @@ def long_prefill(
         raise ValueError(f"input_ids out of range [0, {m.embed.weight.shape[0]})")
     bsz, n = int(input_ids.shape[0]), int(input_ids.shape[1])
     for i, layer in enumerate(m.layers):
-        _check_window(layer.self_attn, i, n)
+        _check_window(layer.self_attn, model.config, i, n)
     attention = _attention_fn(model)
     plan = plan_offload(
         model,
@@ -830,6 +879,42 @@ def generate(
         reserve_tokens=max_new + 1,
         progress=progress,
     )
+    # generate() expands the prompt to B x num_beams (or x num_return_sequences) rows but not a
+    # cache passed in: expand the cache the same way
+    gc = generate_kwargs.get("generation_config") or model.generation_config
+    expand = max(
+        int(generate_kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1),
+        int(
+            generate_kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+        ),
+    )
+    if expand > 1:
+        res.cache.batch_repeat_interleave(expand)
     from .generation import cache_kwarg
 
-    return model.generate(input_ids, **{cache_kwarg(model): res.cache}, **generate_kwargs)
+    # assisted / prompt-lookup decoding feeds the whole sequence on its first step, whatever the
+    # cache holds: feed only the tokens past the pre-filled cache instead
+    prepare = model.prepare_inputs_for_generation
+
+    def prepare_past_the_cache(ids: torch.Tensor, *args: Any, **kwargs: Any) -> dict:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (
+            kwargs.get("is_first_iteration")
+            and kwargs.get("next_sequence_length") is None
+            and not args
+            and kwargs.get("inputs_embeds") is None
+            and cache is res.cache
+            and 0 < cache.get_seq_length() < ids.shape[1]
+        ):
+            kwargs["next_sequence_length"] = ids.shape[1] - cache.get_seq_length()
+        return prepare(ids, *args, **kwargs)
+
+    own = model.__dict__.get("prepare_inputs_for_generation")
+    model.prepare_inputs_for_generation = prepare_past_the_cache
+    try:
+        return model.generate(input_ids, **{cache_kwarg(model): res.cache}, **generate_kwargs)
+    finally:
+        if own is None:
+            del model.prepare_inputs_for_generation
+        else:
+            model.prepare_inputs_for_generation = own
