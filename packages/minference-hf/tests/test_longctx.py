@@ -382,15 +382,11 @@ def test_beam_search_matches_generate(offload):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "resident"])
-def test_prompt_lookup_decoding_matches_generate(offload):
-    model, _, _, _ = _reference("llama")
-    base = _ids(b=1)
-    ids = torch.cat([base, base[:, :40]], dim=1)  # repeated n-grams give candidates
-    kw = dict(max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=3)
-    ref = model.generate(ids, **kw)
-    out = generate_long(model, ids, offload_kv=offload, **kw)
-    assert torch.equal(out, ref)
+def test_assisted_decoding_is_rejected():
+    model = make_model("llama")
+    ids = torch.randint(3, 500, (1, 40))
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        generate_long(model, ids, max_new_tokens=4, prompt_lookup_num_tokens=3)
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offloaded", "resident"])
@@ -492,7 +488,7 @@ def test_llama3_8b_memory_at_1m(llama3_8b):
     assert 4 * GIB < with_reserve.kv_per_layer < 4.01 * GIB
     assert 14.9 * GIB < est.weights < 16 * GIB
     # residual + q + out + k + v in bf16 at 1M: 28 GiB, plus the coverage bytes
-    assert 28 * GIB < est.activations < 29 * GIB
+    assert 32.5 * GIB < est.activations < 33.5 * GIB  # + NaN scan of q, RoPE tables
     assert est.standard_forward > est.gpu_peak  # whole cache + full-length MLP
 
 

@@ -495,7 +495,9 @@ def estimate_memory(
     c = min(int(chunk_size), n)
     kv_layer = 2 * b * (n + reserve_tokens) * kv * s
     # residual + q + out + k + v; the coverage byte per head and key; estimator scratch
+    # + the kernels' NaN scan of q (one byte per element), the RoPE tables
     act = b * n * s * (m.hidden + 2 * q + 2 * kv) + b * m.num_heads * n * (1 + 8)
+    act += b * n * q + 2 * b * n * m.head_dim * s
     chunk = b * c * (4 * m.hidden * 4 + 3 * m.intermediate * s + (q + 2 * kv) * s)
     chunk += b * m.vocab * 4
     layers = len(m.layers)
@@ -563,7 +565,10 @@ def plan_offload(
     dev = next(model.parameters()).device
     if device_budget is None:
         avail = _device_budget(dev)
-        device_budget = None if avail is None else avail + est.weights - _GPU_MARGIN
+        if avail is not None:  # margin: 3 GiB or 4% of the card, whichever is larger
+            total = torch.cuda.get_device_properties(dev).total_memory
+            avail -= max(_GPU_MARGIN, total // 25)
+        device_budget = None if avail is None else avail + est.weights
     if isinstance(offload_kv, bool):
         g = 0 if offload_kv else layers
     elif isinstance(offload_kv, int):
@@ -870,6 +875,12 @@ def generate(
         raise ValueError(f"input_ids must be [B, N] with N >= 2, got {tuple(input_ids.shape)}")
     if "past_key_values" in generate_kwargs or "cache" in generate_kwargs:
         raise ValueError("generate() makes the cache itself; do not pass past_key_values")
+    for key in ("prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit"):
+        if generate_kwargs.get(key) is not None:
+            raise ValueError(
+                f"generate_long does not support {key} (assisted / prompt-lookup decoding re-feeds "
+                "the whole prompt on its first step, ignoring the pre-filled cache)"
+            )
     max_new = int(generate_kwargs.get("max_new_tokens") or DEFAULT_RESERVE_TOKENS)
     res = long_prefill(
         model,
@@ -892,29 +903,4 @@ def generate(
         res.cache.batch_repeat_interleave(expand)
     from .generation import cache_kwarg
 
-    # assisted / prompt-lookup decoding feeds the whole sequence on its first step, whatever the
-    # cache holds: feed only the tokens past the pre-filled cache instead
-    prepare = model.prepare_inputs_for_generation
-
-    def prepare_past_the_cache(ids: torch.Tensor, *args: Any, **kwargs: Any) -> dict:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if (
-            kwargs.get("is_first_iteration")
-            and kwargs.get("next_sequence_length") is None
-            and not args
-            and kwargs.get("inputs_embeds") is None
-            and cache is res.cache
-            and 0 < cache.get_seq_length() < ids.shape[1]
-        ):
-            kwargs["next_sequence_length"] = ids.shape[1] - cache.get_seq_length()
-        return prepare(ids, *args, **kwargs)
-
-    own = model.__dict__.get("prepare_inputs_for_generation")
-    model.prepare_inputs_for_generation = prepare_past_the_cache
-    try:
-        return model.generate(input_ids, **{cache_kwarg(model): res.cache}, **generate_kwargs)
-    finally:
-        if own is None:
-            del model.prepare_inputs_for_generation
-        else:
-            model.prepare_inputs_for_generation = own
+    return model.generate(input_ids, **{cache_kwarg(model): res.cache}, **generate_kwargs)

@@ -119,14 +119,14 @@ def _sparse_attn_fwd(
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_D
     row_ok = offs_m < Nq
-    q_ptr = Q + b64 * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd
+    q_ptr = Q + b64 * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd
     q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     q_pos = offs_m + q_off
     a0 = m * BLOCK_M + q_off
-    k_base = K + b64 * skb + hk * skh
-    v_base = V + b64 * svb + hk * svh
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -166,7 +166,7 @@ def _sparse_attn_fwd(
         offs_c = c0 + offs_n0
         c_ok = offs_c < c_cnt
         cidx = tl.load(COLS + bh * n_cols + offs_c, mask=c_ok, other=0)
-        cov = tl.load(COV + bh * n_cov + (cidx - a0 + Nk + BLOCK_N), mask=c_ok, other=1)
+        cov = tl.load(COV + bh.to(tl.int64) * n_cov + (cidx - a0 + Nk + BLOCK_N), mask=c_ok, other=1)
         c_ok = c_ok & (cov == 0)
         k = _load_rows(k_base, cidx, c_ok, skn, offs_d, d_ok, skd)
         v = _load_rows(v_base, cidx, c_ok, svn, offs_d, d_ok, svd)
@@ -195,7 +195,7 @@ def _sparse_attn_fwd(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptr = Out + b64 * sob + h * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :] * sod
+    o_ptr = Out + b64 * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :] * sod
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -334,7 +334,7 @@ def _vs_lse_kernel(
     d_ok = offs_d < HEAD_D
     row_ok = t < LQ
     qrow = Nq - LQ + t
-    q = _load_rows(Q + b * sqb + h * sqh, qrow, row_ok, sqn, offs_d, d_ok, sqd)
+    q = _load_rows(Q + b * sqb + h.to(tl.int64) * sqh, qrow, row_ok, sqn, offs_d, d_ok, sqd)
     if UPCAST:
         q = q.to(tl.float32)
     qpos = Nk - LQ + t
@@ -345,7 +345,7 @@ def _vs_lse_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = offs_n < hi
-        k = _load_rows(K + b * skb + hk * skh, offs_n, kv_ok, skn, offs_d, d_ok, skd)
+        k = _load_rows(K + b * skb + hk.to(tl.int64) * skh, offs_n, kv_ok, skn, offs_d, d_ok, skd)
         s = _qk(q, k, UPCAST) * qk_scale
         s = tl.where(
             kv_ok[None, :] & (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None], s, float("-inf")
@@ -397,7 +397,7 @@ def _vs_score_kernel(
     d_ok = offs_d < HEAD_D
     row_ok = t < LQ
     qrow = Nq - LQ + t
-    q = _load_rows(Q + b * sqb + h * sqh, qrow, row_ok, sqn, offs_d, d_ok, sqd)
+    q = _load_rows(Q + b * sqb + h.to(tl.int64) * sqh, qrow, row_ok, sqn, offs_d, d_ok, sqd)
     if UPCAST:
         q = q.to(tl.float32)
     p0 = Nk - LQ
@@ -408,7 +408,7 @@ def _vs_score_kernel(
     c = tl.arange(0, LQ_P + BS)
     keys = w0 + c
     kv_ok = (keys >= 0) & (keys < Nk)
-    k = _load_rows(K + b * skb + hk * skh, keys, kv_ok, skn, offs_d, d_ok, skd)
+    k = _load_rows(K + b * skb + hk.to(tl.int64) * skh, keys, kv_ok, skn, offs_d, d_ok, skd)
     s = _qk(q, k, UPCAST) * qk_scale
     ok = kv_ok[None, :] & (keys[None, :] <= qpos[:, None]) & row_ok[:, None]
     p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [LQ_P, LQ_P + BS]
