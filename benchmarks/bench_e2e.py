@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
-import minference_hf
-import torch
-from minference_hf.generation import cache_kwarg
-from transformers import LlamaConfig, LlamaForCausalLM
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA init
+
+import minference_hf  # noqa: E402
+import torch  # noqa: E402
+from minference_hf.generation import cache_kwarg  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 CONFIG_ID = "meta-llama/Llama-3.1-8B-Instruct"
 DEVICE = "cuda"

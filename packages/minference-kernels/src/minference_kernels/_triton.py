@@ -119,7 +119,13 @@ def _sparse_attn_fwd(
     offs_n0 = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_D
     row_ok = offs_m < Nq
-    q_ptr = Q + b64 * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :] * sqd
+    q_ptr = (
+        Q
+        + b64 * sqb
+        + h.to(tl.int64) * sqh
+        + offs_m[:, None].to(tl.int64) * sqn
+        + offs_d[None, :] * sqd
+    )
     q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -166,7 +172,9 @@ def _sparse_attn_fwd(
         offs_c = c0 + offs_n0
         c_ok = offs_c < c_cnt
         cidx = tl.load(COLS + bh * n_cols + offs_c, mask=c_ok, other=0)
-        cov = tl.load(COV + bh.to(tl.int64) * n_cov + (cidx - a0 + Nk + BLOCK_N), mask=c_ok, other=1)
+        cov = tl.load(
+            COV + bh.to(tl.int64) * n_cov + (cidx - a0 + Nk + BLOCK_N), mask=c_ok, other=1
+        )
         c_ok = c_ok & (cov == 0)
         k = _load_rows(k_base, cidx, c_ok, skn, offs_d, d_ok, skd)
         v = _load_rows(v_base, cidx, c_ok, svn, offs_d, d_ok, svd)
@@ -195,7 +203,13 @@ def _sparse_attn_fwd(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptr = Out + b64 * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * son + offs_d[None, :] * sod
+    o_ptr = (
+        Out
+        + b64 * sob
+        + h.to(tl.int64) * soh
+        + offs_m[:, None].to(tl.int64) * son
+        + offs_d[None, :] * sod
+    )
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
