@@ -52,6 +52,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ._progress import Progress
+from .generation import _sync, cache_kwarg
 from .patching import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -674,11 +675,6 @@ def _project(
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def long_prefill(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -901,6 +897,4 @@ def generate(
     )
     if expand > 1:
         res.cache.batch_repeat_interleave(expand)
-    from .generation import cache_kwarg
-
     return model.generate(input_ids, **{cache_kwarg(model): res.cache}, **generate_kwargs)
