@@ -177,7 +177,22 @@ def dense_attention_seconds(n: int, repeats: int = 1) -> float:
     return best
 
 
-def run_one(model, ids, label: str, offload_kv) -> dict[str, object]:
+def decode_seconds(model, r, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` greedy decode steps continuing from a pre-fill's cache."""
+    nxt = r.logits.argmax(-1, keepdim=True)  # [B, 1]
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            _sync()
+            t0 = time.perf_counter()
+            logits = model(input_ids=nxt, **{cache_kwarg(model): r.cache}, use_cache=True).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            _sync()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_one(model, ids, label: str, offload_kv, decode_steps: int = 0) -> dict[str, object]:
     torch.cuda.empty_cache()
     r = minference_hf.long_prefill(
         model, ids, offload_kv=offload_kv, time_layers=True, progress=True
@@ -185,6 +200,7 @@ def run_one(model, ids, label: str, offload_kv) -> dict[str, object]:
     t0 = time.perf_counter()
     tok = int(r.logits.argmax(-1)[0])
     ttft = r.seconds + time.perf_counter() - t0
+    decode = decode_seconds(model, r, decode_steps) if decode_steps else []
     row = {
         "method": label,
         "n": int(ids.shape[1]),
@@ -197,6 +213,8 @@ def run_one(model, ids, label: str, offload_kv) -> dict[str, object]:
         "host_kv_gib": r.cache.host_bytes / 2**30,
         "first_token": tok,
         "estimated": False,
+        "layer_s": [round(x, 3) for x in r.layer_seconds],
+        "decode_step_s": [round(x, 3) for x in decode],
     }
     del r
     torch.cuda.empty_cache()
@@ -212,6 +230,9 @@ def main() -> None:
     ap.add_argument("--offload-kv", default="auto", help="auto | on | off | number of layers")
     ap.add_argument("--check", type=int, default=0, help="run the GPU check at this length first")
     ap.add_argument("--warmup", type=int, default=32768)
+    ap.add_argument(
+        "--decode-steps", type=int, default=0, help="time this many decode steps after pre-fill"
+    )
     ap.add_argument("--out", default="bench_e2e.json")
     ap.add_argument("--min-sparse-len", type=int, default=32768)
     ap.add_argument("--smoke", action="store_true", help="CPU smoke test: a narrow 2-layer model")
@@ -256,7 +277,7 @@ def main() -> None:
     for n in lengths:
         ids = torch.randint(3, config.vocab_size, (1, n), device=DEVICE)
         minference_hf.patch(model, config=CONFIG_ID, min_sparse_len=args.min_sparse_len)
-        sp = run_one(model, ids, "minference", off)
+        sp = run_one(model, ids, "minference", off, args.decode_steps)
         stats = model.minference_plan.stats
         sp["sparse_calls"], sp["dense_calls"] = stats.sparse_calls, stats.dense_calls
         minference_hf.unpatch(model)

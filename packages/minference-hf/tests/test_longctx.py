@@ -57,7 +57,7 @@ def _expected_offloaded(offload) -> tuple[int, ...]:
         return tuple(range(LAYERS))
     if offload is False:
         return ()
-    return tuple(range(offload))  # an int offloads the first layers
+    return tuple(range(LAYERS - offload, LAYERS))  # an int offloads the last layers
 
 
 # ---- same logits and cache as model(...) ---------------------------------------------------
@@ -145,8 +145,8 @@ def test_decoding_past_the_reserve_grows_the_buffers():
     ck = cache_kwarg(model)
     res = long_prefill(model, ids, offload_kv=1, chunk_size=CHUNK, reserve_tokens=2)
     cache = res.cache
-    assert isinstance(cache.layers[0], HostKVLayer)
-    assert isinstance(cache.layers[1], ResidentKVLayer)
+    assert isinstance(cache.layers[-1], HostKVLayer)
+    assert isinstance(cache.layers[0], ResidentKVLayer)
     ref_cache = new_cache(model)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=True, **{ck: ref_cache})
@@ -487,8 +487,8 @@ def test_llama3_8b_memory_at_1m(llama3_8b):
     with_reserve = estimate_memory(llama3_8b, M1)
     assert 4 * GIB < with_reserve.kv_per_layer < 4.01 * GIB
     assert 14.9 * GIB < est.weights < 16 * GIB
-    # residual + q + out + k + v in bf16 at 1M: 28 GiB, plus the coverage bytes
-    assert 32.5 * GIB < est.activations < 33.5 * GIB  # + NaN scan of q, RoPE tables
+    # residual + q + out + k + v in bf16 at 1M: 28 GiB, plus the coverage bytes, the RoPE tables
+    assert 28.5 * GIB < est.activations < 29.5 * GIB
     assert est.standard_forward > est.gpu_peak  # whole cache + full-length MLP
 
 

@@ -111,3 +111,23 @@ def test_import_has_no_side_effects():
     code = "import sys, minference_kernels; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("where", [0, 1, 517, -1])
+@pytest.mark.parametrize("strided", [False, True])
+def test_check_finite_in_slices(monkeypatch, where, strided):
+    """Large tensors are scanned in slices (bounded temporary); every slice is still checked."""
+    from minference_kernels import _validate
+
+    monkeypatch.setattr(_validate, "_FINITE_CHUNK", 64)
+    x = torch.randn(2, 3, 37, 8)
+    if strided:
+        x = x.transpose(1, 2)  # [2, 37, 3, 8] view, not contiguous
+    _validate.check_finite("q", x)  # finite: no error
+    flat_idx = where % x.numel()
+    idx = torch.unravel_index(torch.tensor(flat_idx), x.shape)
+    for bad, word in ((float("nan"), "NaN"), (float("inf"), "Inf")):
+        y = x.clone()
+        y[tuple(int(i) for i in idx)] = bad
+        with pytest.raises(ValueError, match=f"q contains {word}"):
+            _validate.check_finite("q", y)

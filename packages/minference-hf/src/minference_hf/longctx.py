@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ._pinned import HostBufferQueue, pinned_empty
 from ._progress import Progress
 from .generation import _sync, cache_kwarg
 from .patching import UnsupportedModelError
@@ -142,7 +143,7 @@ class _KVBuffer(CacheLayerMixin):
         for name in ("_kbuf", "_vbuf"):
             new = fn(getattr(self, name))
             if pinned and not new.is_pinned():
-                new = new.pin_memory()
+                new = pinned_empty(tuple(new.shape), new.dtype).copy_(new)
             setattr(self, name, new)
         self._sync_views()
 
@@ -177,11 +178,11 @@ class _KVBuffer(CacheLayerMixin):
             torch.cuda.synchronize()
         for name in ("_kbuf", "_vbuf"):
             old = getattr(self, name)
-            new = torch.empty(
-                (*old.shape[:2], cap, old.shape[3]),
-                dtype=old.dtype,
-                device=old.device,
-                pin_memory=pinned,
+            shape = (*old.shape[:2], cap, old.shape[3])
+            new = (
+                pinned_empty(shape, old.dtype)
+                if pinned
+                else torch.empty(shape, dtype=old.dtype, device=old.device)
             )
             new[:, :, : self.length].copy_(old[:, :, : self.length])
             setattr(self, name, new)
@@ -496,9 +497,9 @@ def estimate_memory(
     c = min(int(chunk_size), n)
     kv_layer = 2 * b * (n + reserve_tokens) * kv * s
     # residual + q + out + k + v; the coverage byte per head and key; estimator scratch
-    # + the kernels' NaN scan of q (one byte per element), the RoPE tables
+    # + the RoPE tables (the kernels' NaN scan of q runs in 64 MiB slices: inside the margin)
     act = b * n * s * (m.hidden + 2 * q + 2 * kv) + b * m.num_heads * n * (1 + 8)
-    act += b * n * q + 2 * b * n * m.head_dim * s
+    act += 2 * b * n * m.head_dim * s
     chunk = b * c * (4 * m.hidden * 4 + 3 * m.intermediate * s + (q + 2 * kv) * s)
     chunk += b * m.vocab * 4
     layers = len(m.layers)
@@ -549,7 +550,7 @@ def plan_offload(
 
     Args:
         offload_kv: ``False`` keep every layer on the device; ``True`` offload every layer;
-            an ``int`` offload that many layers (the first ones); ``"auto"`` offload the fewest
+            an ``int`` offload that many layers (the last ones); ``"auto"`` offload the fewest
             layers that make the predicted peak fit ``device_budget``.
         device_budget: bytes the run may use on the device (default: free CUDA memory plus the
             allocator's cached blocks, minus a 3 GiB margin; no limit on CPU).
@@ -675,6 +676,10 @@ def _project(
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
 def long_prefill(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -742,7 +747,8 @@ def long_prefill(
         reserve_tokens=reserve_tokens,
     )
     num_layers = len(m.layers)
-    host_layers = set(range(num_layers - plan.gpu_kv_layers))
+    # the last layers go to the host: their pinned buffers are made while the first layers compute
+    host_layers = set(range(plan.gpu_kv_layers, num_layers))
     if host_layers:
         logger.info("long_prefill: %s", plan.summary())
     rope = sys.modules[type(m.layers[0].self_attn).__module__].apply_rotary_pos_emb
@@ -761,7 +767,10 @@ def long_prefill(
         torch.cuda.reset_peak_memory_stats(dev)
     _sync(dev)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    host_bufs = HostBufferQueue(
+        sorted(host_layers), (bsz, hkv, cap, d), dtype, alloc=pinned_empty if pin else _empty
+    )
+    with torch.no_grad(), host_bufs:
         x = m.embed(input_ids)  # [B, N, hidden]
         pos = torch.arange(n, device=dev)[None].expand(bsz, n)
         rot = [m.rotary(x[:, s:e], pos[:, s:e]) for s, e in chunks]
@@ -792,8 +801,7 @@ def long_prefill(
             del q
             out = out.reshape(bsz, n, hq * d)
             if li in host_layers:
-                hk = torch.empty(bsz, hkv, cap, d, dtype=dtype, pin_memory=pin)
-                hv = torch.empty(bsz, hkv, cap, d, dtype=dtype, pin_memory=pin)
+                hk, hv = host_bufs.get(li)
                 if copy_stream is not None:
                     copy_stream.wait_stream(torch.cuda.current_stream(dev))
                     with torch.cuda.stream(copy_stream):
