@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from minference_hf._pinned import pinned_empty
+from minference_hf._pinned import copy_kv, pinned_empty
 
 GIB = 1 << 30
 
@@ -73,7 +73,15 @@ def main() -> int:
     res["pinned_empty_is_pinned"] = bool(b.is_pinned())
     res["pinned_empty_copy_gbs"] = _copy_rate(b, src)
     assert torch.equal(b.cuda(), src) and torch.equal(a.cuda(), src)
-    del a, b
+    # a cache layer's filled part is a non-contiguous view of its capacity buffer
+    part = src[:, :, :-1024]
+    _, res["strided_copy_s"] = _time(lambda: b[:, :, :-1024].copy_(part, non_blocking=True))
+    _, res["copy_kv_s"] = _time(lambda: copy_kv(b[:, :, :-1024], part, non_blocking=True))
+    _, res["strided_fetch_s"] = _time(lambda: b[:, :, :-1024].to("cuda", non_blocking=True))
+    dev = torch.empty(part.shape, dtype=part.dtype, device="cuda")
+    _, res["copy_kv_fetch_s"] = _time(lambda: copy_kv(dev, b[:, :, :-1024], non_blocking=True))
+    assert torch.equal(dev, part)
+    a = b = dev = None  # free the pinned and device buffers
 
     iters = 60
     _gpu_work(5)
@@ -99,6 +107,11 @@ def main() -> int:
         f"{res['pinned_empty_copy_gbs']:.1f} GB/s | GPU work alone {res['gpu_work_alone_s']:.2f} s,"
         f" while a worker pins {res['worker_pinned_gib']:.0f} GiB "
         f"{res['gpu_work_while_pinning_s']:.2f} s |"
+    )
+    print(
+        f"| filled part (strided) GPU->host: copy_ {res['strided_copy_s']:.2f} s, copy_kv "
+        f"{res['copy_kv_s']:.3f} s | host->GPU: .to {res['strided_fetch_s']:.2f} s, copy_kv "
+        f"{res['copy_kv_fetch_s']:.3f} s |"
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_pinned.json").write_text(json.dumps(res, indent=1))

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from minference_hf._pinned import HostBufferQueue
+from minference_hf._pinned import HostBufferQueue, copy_kv
 
 
 def test_queue_gives_each_layer_its_own_pair_in_order():
@@ -58,3 +58,15 @@ def test_queue_reports_allocation_errors_at_get():
     with HostBufferQueue([0], (2,), torch.float32, alloc=alloc) as q:
         with pytest.raises(MemoryError, match="no host memory"):
             q.get(0)
+
+
+def test_copy_kv_blockwise_equals_copy():
+    buf = torch.zeros(2, 3, 11, 4)
+    src = torch.randn(2, 3, 7, 4)
+    out = copy_kv(buf[:, :, :7], src)  # a cache's filled part: not contiguous
+    assert torch.equal(buf[:, :, :7], src) and torch.equal(buf[:, :, 7:], torch.zeros(2, 3, 4, 4))
+    assert out.data_ptr() == buf.data_ptr()
+    back = copy_kv(torch.empty(2, 3, 7, 4), buf[:, :, :7])
+    assert torch.equal(back, src)
+    with pytest.raises(ValueError, match=r"equal \[B, H, N, D\] shapes"):
+        copy_kv(buf, src)

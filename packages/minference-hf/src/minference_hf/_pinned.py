@@ -68,6 +68,25 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return raw.view(dtype).view(shape)
 
 
+def copy_kv(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """``dst.copy_(src)`` for ``[B, H, N, D]`` cache views, one ``[N, D]`` block per batch and head.
+
+    A cache layer's filled part (``buf[:, :, :n]`` of a ``[B, H, capacity, D]`` buffer) is not
+    contiguous. PyTorch copies a non-contiguous tensor between devices through a contiguous
+    temporary in pageable host memory, synchronously, followed by a strided CPU copy: seconds for
+    a 2 GiB layer. Each ``[N, D]`` block is contiguous on both sides, so copying block by block
+    is a plain DMA at the link's rate, asynchronous with ``non_blocking`` and pinned memory.
+    """
+    if dst.shape != src.shape or dst.dim() != 4:
+        raise ValueError(f"copy_kv needs equal [B, H, N, D] shapes, got {dst.shape} <- {src.shape}")
+    if dst.is_contiguous() and src.is_contiguous():
+        return dst.copy_(src, non_blocking=non_blocking)
+    for b in range(dst.shape[0]):
+        for h in range(dst.shape[1]):
+            dst[b, h].copy_(src[b, h], non_blocking=non_blocking)
+    return dst
+
+
 class HostBufferQueue:
     """Allocates ``(keys, values)`` host buffers for a list of layers on a worker thread.
 

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ._pinned import HostBufferQueue, pinned_empty
+from ._pinned import HostBufferQueue, copy_kv, pinned_empty
 from ._progress import Progress
 from .generation import _sync, cache_kwarg
 from .patching import UnsupportedModelError
@@ -192,8 +192,8 @@ class _KVBuffer(CacheLayerMixin):
         if self.length + n > self.capacity:
             self._grow(self.length + n)
         nb = self._kbuf.is_pinned() and key_states.is_cuda
-        self._kbuf[:, :, self.length : self.length + n].copy_(key_states, non_blocking=nb)
-        self._vbuf[:, :, self.length : self.length + n].copy_(value_states, non_blocking=nb)
+        copy_kv(self._kbuf[:, :, self.length : self.length + n], key_states, nb)
+        copy_kv(self._vbuf[:, :, self.length : self.length + n], value_states, nb)
         self.length += n
         self._sync_views()
 
@@ -226,9 +226,9 @@ class HostKVLayer(_KVBuffer):
         """Start copying the filled part to ``device`` (on the caller's current stream)."""
         if self._fetched is None:
             nb = self._kbuf.is_pinned()
-            self._fetched = (
-                self.keys.to(self.device, non_blocking=nb),
-                self.values.to(self.device, non_blocking=nb),
+            self._fetched = tuple(  # type: ignore[assignment]
+                copy_kv(torch.empty(t.shape, dtype=t.dtype, device=self.device), t, nb)
+                for t in (self.keys, self.values)
             )
 
     def _index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -760,6 +760,10 @@ def long_prefill(
     d, hq, hkv = m.head_dim, m.num_heads, m.num_kv_heads
     chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     cache_layers: list[_KVBuffer] = []
+    # (copy done, device keys, device values) of the last offloaded layer: its device buffers are
+    # freed once the copy has landed, before the next layer allocates (no record_stream, so the
+    # allocator never holds two layers' keys and values at the peak)
+    pending: tuple[torch.cuda.Event, torch.Tensor, torch.Tensor] | None = None
     layer_times: list[float] = []
     attn_times: list[float] = []
     prog = Progress(f"long pre-fill {n} tokens", num_layers, enabled=progress)
@@ -776,6 +780,9 @@ def long_prefill(
         rot = [m.rotary(x[:, s:e], pos[:, s:e]) for s, e in chunks]
         for li, layer in enumerate(m.layers):
             tl = time.perf_counter()
+            if pending is not None:  # the last layer's copy to the host has landed: free its KV
+                pending[0].synchronize()
+                pending = None
             attn = layer.self_attn
             q = torch.empty(bsz, hq, n, d, dtype=dtype, device=dev)
             kbuf = torch.empty(
@@ -805,13 +812,14 @@ def long_prefill(
                 if copy_stream is not None:
                     copy_stream.wait_stream(torch.cuda.current_stream(dev))
                     with torch.cuda.stream(copy_stream):
-                        hk[:, :, :n].copy_(k, non_blocking=True)
-                        hv[:, :, :n].copy_(v, non_blocking=True)
-                    kbuf.record_stream(copy_stream)
-                    vbuf.record_stream(copy_stream)
+                        copy_kv(hk[:, :, :n], k, non_blocking=True)
+                        copy_kv(hv[:, :, :n], v, non_blocking=True)
+                        done = torch.cuda.Event()
+                        done.record(copy_stream)
+                    pending = (done, kbuf, vbuf)
                 else:
-                    hk[:, :, :n].copy_(k)
-                    hv[:, :, :n].copy_(v)
+                    copy_kv(hk[:, :, :n], k)
+                    copy_kv(hv[:, :, :n], v)
                 cache_layers.append(HostKVLayer(hk, hv, n, dev))
             else:
                 cache_layers.append(ResidentKVLayer(kbuf, vbuf, n))
@@ -834,8 +842,9 @@ def long_prefill(
             prog.update(1, note=f"layer {li + 1}/{num_layers}")
         logits = m.lm_head(m.norm(x[:, -1:]))[:, -1].float()
         del x
-        if copy_stream is not None:
-            torch.cuda.current_stream(dev).wait_stream(copy_stream)
+        if pending is not None:
+            pending[0].synchronize()
+            pending = None
     _sync(dev)
     if copy_stream is not None:
         copy_stream.synchronize()
