@@ -107,3 +107,14 @@ def test_gqa_ratio_8_and_bf16():
     q, k, v, g = make(2, 8, 1, 150, 20, 96, torch.bfloat16, seed=5)
     for name, out, mask in run_all(q, k, v, g, "torch"):
         assert rel_err(out, reference(q, k, v, mask)) < TOL[torch.bfloat16], name
+
+
+@pytest.mark.triton
+def test_triton_output_is_token_major():
+    """The Triton output is a [B, Hq, Nq, D] view of [B, Nq, Hq, D] memory (no copy for HF/vLLM)."""
+    q, k, v, g = make(2, 4, 2, 70, 0, 64, torch.float32, seed=11)
+    heads = [mk.HeadPattern.vertical_slash(4, 8)] * 2 + [mk.HeadPattern.dense()] * 2
+    out = mk.sparse_prefill(q, k, v, heads, backend="triton")
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    ref = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads))
+    assert rel_err(out, ref) < 1e-5

@@ -169,7 +169,7 @@ def _sparse_forward(
     bsz, hq, nq, _ = query.shape
     nk = key.shape[2]
     offset = nk - nq
-    out = query.new_zeros(bsz, hq, nq, value.shape[-1])
+    out = query.new_zeros(bsz, nq, hq, value.shape[-1]).transpose(1, 2)  # see below: no copy
     if key_valid.shape[0] == 1 and bsz > 1:
         key_valid = key_valid.expand(bsz, -1)
     for b in range(bsz):
@@ -274,6 +274,7 @@ def minference_attention(
             out = _sparse_forward(
                 plan, int(module.layer_idx), query, key, value, key_valid, scaling
             )
+            # the Triton kernels write [B, N, H, D] memory, so this is a view, not a copy
             return out.transpose(1, 2).contiguous(), None
         plan.stats.fallback_calls += 1
         _warn_once(

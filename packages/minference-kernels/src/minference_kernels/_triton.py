@@ -220,7 +220,9 @@ ATTN_CONFIG = {"num_warps": 4, "num_stages": 3, "split_mask": True}
 def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
+    # [B, Hq, Nq, D] view of [B, Nq, Hq, D] memory: what integrations hand back to the model
+    # (``out.transpose(1, 2)`` is then contiguous: no extra copy, no second output-sized buffer)
+    out = torch.empty((b, nq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
     mb = index.num_blocks
     block_d = max(16, triton.next_power_of_2(d))
     upcast = _upcast(q.dtype)

@@ -6,6 +6,8 @@ Every function runs on CPU tensors (PyTorch, float32 arithmetic) and CUDA tensor
 float32, float16 and bfloat16. ``backend="auto"`` picks Triton on CUDA and PyTorch on CPU;
 ``backend="triton"`` on CPU tensors runs the Triton kernels under ``TRITON_INTERPRET=1``.
 A query row that attends to no key (possible only with user-given empty index sets) outputs zeros.
+Outputs are ``[B, Hq, Nq, D]``; the Triton path returns a view of ``[B, Nq, Hq, D]`` memory (so
+``out.transpose(1, 2)``, the layout transformers and vLLM want, is contiguous without a copy).
 """
 
 from __future__ import annotations
