@@ -3,9 +3,8 @@
 For the end-to-end benchmark's model (``bench_e2e.build_model``, structured weights) and for the
 layer benchmark's synthetic heads, per N: cuDNN time, index time, the index's size per head
 (relative tiles per query block, gathered columns, computed-pair fraction = an upper bound of the
-density), how much the query heads of one GQA group share tiles, and the attention kernel's time
-with the two launch orders (block-major: all blocks of one head together; heads-first: every head
-of one block together). Also the peak memory of estimation + index building at long N (the memory
+density), how much the query heads of one GQA group share tiles (Jaccard of their tile sets), and
+the attention kernel's time and rate on the pairs it computes. Also the peak memory of estimation + index building at long N (the memory
 model's workspace term). CUDA only; writes ``diag_heads.json`` to ``--out``.
 """
 
@@ -75,29 +74,16 @@ def analyse(label: str, q, k, v, heads, log: list) -> None:
         "cols_per_block_mean": float(cols.mean()),
         "group_tile_jaccard": group_sharing(idx, g),
     }
-    ref = None
-    for hf in (False, True):
-        out = _triton.attend(q, k, v, idx, scale, heads_first=hf)
-        if ref is None:
-            ref = out
-        else:
-            row["orders_identical"] = bool(torch.equal(out, ref))
-        t = bench(lambda hf=hf: _triton.attend(q, k, v, idx, scale, heads_first=hf))
-        flops = 4 * d * float((cand * rows).sum())
-        row["kernel_ms_heads_first" if hf else "kernel_ms_block_major"] = t
-        row["computed_tflops_heads_first" if hf else "computed_tflops_block_major"] = (
-            flops / t / 1e9
-        )
+    t = bench(lambda: _triton.attend(q, k, v, idx, scale))
+    row["kernel_ms"] = t
+    row["computed_tflops"] = 4 * d * float((cand * rows).sum()) / t / 1e9
     row["cudnn_tflops"] = 4 * d * hq * causal / t_cudnn / 1e9
     log.append(row)
     print(
         f"{label:28s} N={n:>7} cuDNN {t_cudnn:7.1f} ms | index {t_index:5.1f} ms | computed "
         f"{row['computed_frac_mean']:.3f} (tiles/blk {float(tiles.mean()):5.1f}, cols "
         f"{row['cols_per_block_mean']:5.0f}) | group jaccard {row['group_tile_jaccard']:.2f} | "
-        f"kernel block-major {row['kernel_ms_block_major']:7.2f} ms "
-        f"({row['computed_tflops_block_major']:.0f} TF/s) heads-first "
-        f"{row['kernel_ms_heads_first']:7.2f} ms ({row['computed_tflops_heads_first']:.0f} TF/s)"
-        f" same={row['orders_identical']}",
+        f"kernel {t:7.2f} ms ({row['computed_tflops']:.0f} TF/s)",
         flush=True,
     )
 
