@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fmt_n(n: int) -> str:
-    return f"{n // 1024}K"
+    return f"{n >> 20}M" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n // 1024}K"
 
 
 def table(rows: list[dict], inputs: str) -> list[str]:
@@ -75,7 +75,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-E2E_FILES = ("e2e_v1_h200.json", "e2e_512k_v1_h200.json", "e2e_1m_v1_h200.json")
+E2E_FILES = ("e2e_v2_h200.json", "e2e_1m_v2_h200.json")
 
 
 def e2e_section() -> list[str]:
@@ -99,10 +99,13 @@ def e2e_section() -> list[str]:
         "(shared embedding direction, query heads tied to their KV group; see the script). Dense SDPA "
         "vs the shipped Llama-3.1-8B config, both through `minference_hf.long_prefill`, same process. "
         "Rows marked *est.*: dense not run; its time is the minference run's non-attention time plus "
-        "32 x one measured dense SDPA call at that length.",
+        "32 x one measured dense SDPA call at that length. Offloaded layers live in pinned host "
+        "memory; *decode s/token* is the median of greedy decode steps 2-4 from the pre-filled "
+        "cache (every offloaded layer is streamed back to the GPU each step).",
         "",
-        "| N | dense TTFT s | minference TTFT s | speedup | attention s dense / ours | peak GPU GiB | offloaded layers |",
-        "|---|---|---|---|---|---|---|",
+        "| N | dense TTFT s | minference TTFT s | speedup | attention s dense / ours | peak GPU GiB "
+        "(predicted) | offloaded layers | decode s/token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     pts = []
     for r in sorted(ours, key=lambda r: r["n"]):
@@ -112,10 +115,12 @@ def e2e_section() -> list[str]:
         est = " (est.)" if d.get("estimated") else ""
         sp = d["ttft_s"] / r["ttft_s"]
         pts.append((r["n"], sp, bool(d.get("estimated"))))
+        steps = sorted(r.get("decode_step_s", [])[1:])  # the first step warms up
+        dec = f"{steps[len(steps) // 2]:.3f}" if steps else "-"
         out.append(
             f"| {fmt_n(r['n'])} | {d['ttft_s']:.1f}{est} | {r['ttft_s']:.1f} | {sp:.2f}x | "
-            f"{d['attention_s']:.1f} / {r['attention_s']:.1f} | {r['peak_gpu_gib']:.1f} | "
-            f"{r['offloaded_layers']} |"
+            f"{d['attention_s']:.1f} / {r['attention_s']:.1f} | {r['peak_gpu_gib']:.1f} "
+            f"({r['predicted_peak_gib']:.1f}) | {r['offloaded_layers']} | {dec} |"
         )
     rnd = ROOT / "benchmarks/results/e2e_random_v1_h200.json"
     if rnd.exists():
