@@ -76,6 +76,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 E2E_FILES = ("e2e_v2_h200.json", "e2e_1m_v2_h200.json")
+E2E_OTHER_CARDS = ("e2e_1m_v2_h100.json",)
 
 
 def e2e_section() -> list[str]:
@@ -122,6 +123,24 @@ def e2e_section() -> list[str]:
             f"{d['attention_s']:.1f} / {r['attention_s']:.1f} | {r['peak_gpu_gib']:.1f} "
             f"({r['predicted_peak_gib']:.1f}) | {r['offloaded_layers']} | {dec} |"
         )
+    for f in E2E_OTHER_CARDS:
+        path = ROOT / "benchmarks/results" / f
+        if not path.exists():
+            continue
+        other = json.loads(path.read_text())
+        rr = {r["method"]: r for r in other["rows"]}
+        o, d = rr["minference"], rr["dense"]
+        steps = sorted(o.get("decode_step_s", [])[1:])
+        out += [
+            "",
+            f"Same benchmark on **{other['device']}** (80 GB; torch {other['torch']}) at "
+            f"{fmt_n(o['n'])} tokens: minference {o['ttft_s']:.1f} s vs dense "
+            f"{d['ttft_s']:.1f} s{' (est.)' if d.get('estimated') else ''}, "
+            f"**{d['ttft_s'] / o['ttft_s']:.2f}x**; {o['offloaded_layers']} of 32 cache layers in "
+            f"pinned host memory ({o['host_kv_gib']:.0f} GiB), peak GPU {o['peak_gpu_gib']:.1f} GiB "
+            f"(predicted {o['predicted_peak_gib']:.1f})"
+            + (f", decode {steps[len(steps) // 2]:.2f} s/token." if steps else "."),
+        ]
     rnd = ROOT / "benchmarks/results/e2e_random_v1_h200.json"
     if rnd.exists():
         rr = {r["method"]: r for r in json.loads(rnd.read_text())["rows"]}
