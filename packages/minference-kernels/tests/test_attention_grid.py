@@ -118,3 +118,18 @@ def test_triton_output_is_token_major():
     assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
     ref = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads))
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("n,lq,per", [(1, 64, 1), (65, 64, 3), (200, 17, 4), (333, 100, 2)])
+def test_triton_vs_scores_match_float64(n, lq, per):
+    """Both estimation passes vs the PyTorch estimator, with several key windows per program
+    (``score_per``), odd lengths and GQA."""
+    from minference_kernels import _triton
+    from minference_kernels.estimate import vs_scores_torch
+
+    q, k, _, _ = make(2, 4, 2, n, 0, 64, torch.float32, seed=n + lq)
+    vt, st = vs_scores_torch(q, k, lq, 0.125)
+    vx, sx = _triton.vs_scores(q, k, lq, 0.125, score_per=per)
+    torch.testing.assert_close(vx, vt, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(sx, st, atol=2e-5, rtol=1e-4)

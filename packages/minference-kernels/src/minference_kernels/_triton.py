@@ -375,7 +375,7 @@ def _vs_lse_kernel(
     tl.store(L_OUT + base + t, l_i)
 
 
-@triton.jit(do_not_specialize=["H", "G", "Nq", "Nk", "LQ"])
+@triton.jit(do_not_specialize=["H", "G", "Nq", "Nk", "LQ", "PER"])
 def _vs_score_kernel(
     Q,
     K,
@@ -396,14 +396,16 @@ def _vs_score_kernel(
     Nk,
     LQ,
     qk_scale,
+    PER,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LQ_P: tl.constexpr,
     BS: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    # program owns slash offsets [s0, s0 + BS) and vertical keys [w0 + LQ_P, w0 + LQ_P + BS)
-    sid = tl.program_id(0)
+    # program owns PER consecutive steps; step sid owns slash offsets [s0, s0 + BS) and vertical
+    # keys [w0 + LQ_P, w0 + LQ_P + BS). The last queries and their LSE are loaded once per program.
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
@@ -419,29 +421,47 @@ def _vs_score_kernel(
     p0 = Nk - LQ
     qpos = p0 + t
     lse = tl.load(LSE + bh.to(tl.int64) * LQ_P + t)
-    s0 = sid * BS
-    w0 = p0 - s0 - (BS - 1)
     c = tl.arange(0, LQ_P + BS)
-    keys = w0 + c
-    kv_ok = (keys >= 0) & (keys < Nk)
-    k = _load_rows(K + b * skb + hk.to(tl.int64) * skh, keys, kv_ok, skn, offs_d, d_ok, skd)
-    s = _qk(q, k, UPCAST) * qk_scale
-    ok = kv_ok[None, :] & (keys[None, :] <= qpos[:, None]) & row_ok[:, None]
-    p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [LQ_P, LQ_P + BS]
-    # verticals: column sums of the keys this program owns
-    colsum = tl.sum(p, 0)
-    own = (c >= LQ_P) & kv_ok
-    tl.store(VERT + bh.to(tl.int64) * Nk + keys, colsum, mask=own)
-    # slashes: offset s0 + u for row t is column BS - 1 + t - u
     u = tl.arange(0, BS)
     idx = (BS - 1) + t[:, None] - u[None, :]
-    diag = tl.gather(p, idx, axis=1)
-    ssum = tl.sum(diag, 0)
-    offs_s = s0 + u
-    tl.store(SLASH + bh.to(tl.int64) * Nk + offs_s, ssum, mask=offs_s < Nk)
+    k_base = K + b * skb + hk.to(tl.int64) * skh
+    for j in range(0, PER):
+        sid = pid * PER + j
+        s0 = sid * BS
+        w0 = p0 - s0 - (BS - 1)
+        keys = w0 + c
+        kv_ok = (keys >= 0) & (keys < Nk)  # steps past the last window see only keys < 0
+        k = _load_rows(k_base, keys, kv_ok, skn, offs_d, d_ok, skd)
+        s = _qk(q, k, UPCAST) * qk_scale
+        ok = kv_ok[None, :] & (keys[None, :] <= qpos[:, None]) & row_ok[:, None]
+        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [LQ_P, LQ_P + BS]
+        # verticals: column sums of the keys this step owns
+        colsum = tl.sum(p, 0)
+        own = (c >= LQ_P) & kv_ok
+        tl.store(VERT + bh.to(tl.int64) * Nk + keys, colsum, mask=own)
+        # slashes: offset s0 + u for row t is column BS - 1 + t - u
+        diag = tl.gather(p, idx, axis=1)
+        ssum = tl.sum(diag, 0)
+        offs_s = s0 + u
+        tl.store(SLASH + bh.to(tl.int64) * Nk + offs_s, ssum, mask=offs_s < Nk)
 
 
-def vs_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
+# score pass: key windows per program (the last queries are loaded once per program) and warps;
+# tuned on an H200 (benchmarks/tune_vs_scores.py, NOTES v0.2.0-c): 16 windows on 4 warps is 31%
+# faster than 1 window on 8
+VS_SCORE_PER = 16
+VS_SCORE_WARPS = 4
+
+
+def vs_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    last_q: int,
+    scale: float,
+    *,
+    score_per: int | None = None,
+    score_warps: int | None = None,
+):
     """``(vertical, slash)`` float32 ``[B, Hq, Nk]`` for every query head, two launches."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -486,7 +506,8 @@ def vs_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
     slash = torch.empty((b, hq, nk), dtype=torch.float32, device=q.device)
     bs = lq_p  # the window of LQ_P + BS keys must be a power of two
     nsb = triton.cdiv(nk, bs) + 1
-    _vs_score_kernel[(nsb, b * hq)](
+    per = score_per if score_per is not None else VS_SCORE_PER
+    _vs_score_kernel[(triton.cdiv(nsb, per), b * hq)](
         q,
         k,
         lse,
@@ -500,12 +521,13 @@ def vs_scores(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
         nk,
         lq,
         qk_scale,
+        per,
         HEAD_D=d,
         BLOCK_D=block_d,
         LQ_P=lq_p,
         BS=bs,
         UPCAST=upcast,
-        num_warps=8,
+        num_warps=score_warps if score_warps is not None else VS_SCORE_WARPS,
     )
     return vertical, slash
 

@@ -1,0 +1,56 @@
+"""Profile estimation + index building for one Llama-3-8B layer (shipped Llama-3.1 config).
+
+Prints the wall time of ``build_index``, the sum of its GPU kernel times (if the wall time is far
+above it, the host side, meaning launches and syncs, is the bottleneck), and the top kernels and
+operators. CUDA only; writes ``profile_index.txt`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import minference_kernels as mk
+import torch
+import triton
+from minference_kernels.synthetic import structured_qkv
+from minference_patterns.registry import load_shipped
+from torch.profiler import ProfilerActivity, profile
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--ns", default="131072,524288")
+    args = ap.parse_args()
+    cfg = load_shipped("meta-llama/Llama-3.1-8B-Instruct")
+    lines = []
+    for n in [int(x) for x in args.ns.split(",")]:
+        q, k, _ = structured_qkv(
+            1, 32, 8, n, 128, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind="mixed"
+        )
+        heads = cfg.heads_for_layer(0, n)
+
+        def fn(q=q, k=k, heads=heads):
+            return mk.build_index(q, k, heads, validate=False)
+
+        wall = triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        ev = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in ev) / 5
+        head = f"N={n}: build_index wall {wall:.2f} ms, GPU kernels {gpu_us / 1000:.2f} ms per call"
+        print(head, flush=True)
+        lines += [head, ev.table(sort_by="self_device_time_total", row_limit=25), ""]
+        lines += [ev.table(sort_by="self_cpu_time_total", row_limit=20), ""]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "profile_index.txt").write_text("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
