@@ -306,6 +306,26 @@ def estimate_block_sparse(
 # the layer entry: every head its own pattern kind and budget, one attention launch
 
 
+def _small_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device`` without a host sync (pinned staging on CUDA;
+    a plain ``torch.tensor(..., device=cuda)`` waits for the stream)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _head_index(hid: list[int], device: torch.device) -> slice | torch.Tensor:
+    """Index of the heads ``hid`` along dim 1: a slice when they are consecutive (no copy)."""
+    if hid == list(range(hid[0], hid[0] + len(hid))):
+        return slice(hid[0], hid[0] + len(hid))
+    return _small_tensor(hid, device)
+
+
+def _take_heads(x: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    return x[:, index] if isinstance(index, slice) else x.index_select(1, index)
+
+
 def build_index(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -337,9 +357,12 @@ def build_index(
 
     if "vertical_slash" in ids:
         hid = ids["vertical_slash"]
+        hs = _head_index(hid, dev)
         # budgets clip to Nk (a config's huge number means 'everything', may exceed int64)
-        nv = torch.tensor([min(heads[i].num_vertical, nk) for i in hid], device=dev)
-        ns = torch.tensor([min(heads[i].num_slash, nk) for i in hid], device=dev)
+        nv_l = [min(heads[i].num_vertical, nk) for i in hid]
+        ns_l = [min(heads[i].num_slash, nk) for i in hid]
+        nv = nv_l[0] if len(set(nv_l)) == 1 else _small_tensor(nv_l, dev)
+        ns = ns_l[0] if len(set(ns_l)) == 1 else _small_tensor(ns_l, dev)
         if be == "triton":
             from . import _triton
 
@@ -350,9 +373,13 @@ def build_index(
             vert, sl = vs_scores_torch(q, k, last_q, scale)
         from .estimate import select_vertical_slash
 
-        hsel = torch.tensor(hid, device=dev)
         v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
-            vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns, coverage=coverage
+            _take_heads(vert, hs),
+            _take_heads(sl, hs),
+            nv,
+            ns,
+            coverage=coverage,
+            budget_max=(max(nv_l), max(ns_l)),
         )
         v_ok = v_ok.expand(b, -1, -1)
         s_ok = s_ok.expand(b, -1, -1)
@@ -366,16 +393,17 @@ def build_index(
 
     if "a_shape" in ids:
         hid = ids["a_shape"]
-        w = torch.tensor([min(heads[i].window_tokens, nk) for i in hid], device=dev)
-        s = torch.tensor([min(heads[i].sink_tokens, nk) for i in hid], device=dev)
-        t_max = _index.n_window_tiles(int(w.max()))
+        w_l = [min(heads[i].window_tokens, nk) for i in hid]
+        s_l = [min(heads[i].sink_tokens, nk) for i in hid]
+        w, s = _small_tensor(w_l, dev), _small_tensor(s_l, dev)
+        t_max = _index.n_window_tiles(max(w_l))
         tiles, n_t = _index.window_tiles(w, t_max)
         rel_parts.append((hid, tiles.expand(b, -1, -1), n_t.expand(b, -1)))
-        c_max = max(int(s.max()), 1)
+        c_max = max(max(s_l), 1)
         cols = torch.arange(c_max, device=dev).expand(b, len(hid), c_max)
         col_parts.append((hid, cols, s.expand(b, -1)))
-        sink[:, hid] = s
-        window[:, hid] = w
+        sink[:, _head_index(hid, dev)] = s
+        window[:, _head_index(hid, dev)] = w
 
     if "dense" in ids:
         hid = ids["dense"]
@@ -411,15 +439,17 @@ def build_index(
         rel_tiles = torch.full((b, h, t_max), -(2**30), dtype=torch.int64, device=dev)
         rel_count = torch.zeros((b, h), dtype=torch.int64, device=dev)
         for hid, tiles, n_t in rel_parts:
-            rel_tiles[:, hid, : tiles.shape[-1]] = tiles
-            rel_count[:, hid] = n_t
+            hs = _head_index(hid, dev)
+            rel_tiles[:, hs, : tiles.shape[-1]] = tiles
+            rel_count[:, hs] = n_t
     if col_parts:
         c_max = max(p[1].shape[-1] for p in col_parts)
         cols_all = torch.full((b, h, c_max), 2**30, dtype=torch.int64, device=dev)
         col_total = torch.zeros((b, h), dtype=torch.int64, device=dev)
         for hid, cols, ctot in col_parts:
-            cols_all[:, hid, : cols.shape[-1]] = cols
-            col_total[:, hid] = ctot
+            hs = _head_index(hid, dev)
+            cols_all[:, hs, : cols.shape[-1]] = cols
+            col_total[:, hs] = ctot
     return _index.assemble(
         batch=b,
         heads=h,

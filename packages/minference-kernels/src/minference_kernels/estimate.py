@@ -74,9 +74,14 @@ def select_vertical_slash(
     keep_first: int = KEEP_FIRST,
     keep_local: int = KEEP_LOCAL,
     coverage: float | None = None,
+    budget_max: tuple[int, int] | None = None,
 ):
     """Scores -> indices with per-head budgets. Returns ``(v [B,H,NVmax], v_valid, s [B,H,NSmax],
     s_valid)``; entries beyond a head's budget are invalid (``valid == False``).
+
+    Budgets are ints (every head) or ``[H]`` / ``[B, H]`` tensors. ``budget_max`` (the largest
+    vertical and slash budget, when the caller knows them) avoids reading them back from the
+    device (a host sync).
 
     ``coverage`` (adaptive budgets): keep only the highest-scoring columns and diagonals, taken
     jointly by score, until their estimated mass reaches ``coverage`` of the last queries' total
@@ -84,9 +89,19 @@ def select_vertical_slash(
     """
     b, h, nk = vertical.shape
     dev = vertical.device
-    nv = torch.as_tensor(num_vertical, device=dev).clamp(max=nk).expand(b, h)
-    ns = torch.as_tensor(num_slash, device=dev).clamp(max=nk).expand(b, h)
-    nv_max, ns_max = int(nv.max()), int(ns.max())
+
+    def budget(x: torch.Tensor | int) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x.to(dev).clamp(max=nk).expand(b, h)
+        return torch.full((b, h), min(int(x), nk), dtype=torch.int64, device=dev)  # no sync
+
+    nv, ns = budget(num_vertical), budget(num_slash)
+    if budget_max is not None:
+        nv_max, ns_max = min(int(budget_max[0]), nk), min(int(budget_max[1]), nk)
+    elif isinstance(num_vertical, int) and isinstance(num_slash, int):
+        nv_max, ns_max = min(num_vertical, nk), min(num_slash, nk)
+    else:
+        nv_max, ns_max = int(nv.max()), int(ns.max())
     pos = torch.arange(nk, device=dev)
     fv = torch.minimum(nv, torch.full_like(nv, keep_first))
     fs = torch.minimum(ns, torch.full_like(ns, keep_local))
