@@ -246,3 +246,21 @@ def test_max_density_falls_back_to_dense_on_unstructured_inputs():
     assert torch.equal(out, mk.sparse_prefill(q, k, v, few))
     with pytest.raises(ValueError, match="max_density must be in"):
         mk.sparse_prefill(q, k, v, few, max_density=0.0)
+
+
+def test_budget_forms_select_the_same_indices():
+    """Int budgets, per-head tensors and a caller-given maximum (the sync-free path) agree."""
+    from minference_kernels.api import _head_index
+    from minference_kernels.estimate import select_vertical_slash
+
+    g = torch.Generator().manual_seed(0)
+    vert, sl = torch.rand(2, 3, 50, generator=g), torch.rand(2, 3, 50, generator=g)
+    a = select_vertical_slash(vert, sl, 7, 60)  # slash budget clips to Nk = 50
+    b = select_vertical_slash(vert, sl, torch.tensor([7, 7, 7]), torch.tensor([60, 60, 60]))
+    c = select_vertical_slash(vert, sl, 7, 60, budget_max=(7, 60))
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    mixed = select_vertical_slash(vert, sl, torch.tensor([2, 7, 4]), 9, budget_max=(7, 9))
+    assert mixed[1].sum(-1).tolist() == [[2, 7, 4], [2, 7, 4]]
+    assert _head_index([2, 3, 4], torch.device("cpu")) == slice(2, 5)
+    assert torch.equal(_head_index([0, 2], torch.device("cpu")), torch.tensor([0, 2]))
