@@ -31,6 +31,7 @@ from minference_kernels.index import BLOCK
 from minference_kernels.synthetic import structured_qkv
 
 HQ, HKV, D = 32, 8, 128
+CONFIG_ID = "meta-llama/Llama-3.1-8B-Instruct"  # the shipped config every layer script times
 
 
 def do_bench(fn):
@@ -96,11 +97,17 @@ def flex_case(q, k, v, blocks):
     return fn, min(1.0, density)
 
 
+def structured_layer(n: int):
+    """The benchmark's structured ``q, k, v`` for one Llama-3-8B-shaped layer of ``n`` tokens
+    (bf16, CUDA; the same seed per length in every script)."""
+    return structured_qkv(
+        1, HQ, HKV, n, D, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind="mixed"
+    )
+
+
 def run_n(n, kind, patterns, flex_ns, log):
     q, k, v = (
-        structured_qkv(
-            1, HQ, HKV, n, D, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind="mixed"
-        )
+        structured_layer(n)
         if kind != "random"
         else (
             torch.randn(1, HQ, n, D, device="cuda", dtype=torch.bfloat16),
@@ -207,7 +214,7 @@ def main():
     try:
         import minference_patterns as mp
 
-        cfg = mp.load("meta-llama/Llama-3.1-8B-Instruct")
+        cfg = mp.load(CONFIG_ID)
         llama = lambda n: list(cfg.heads_for_layer(0, n))
     except Exception as e:  # noqa: BLE001
         print("shipped config unavailable:", e)

@@ -19,10 +19,10 @@ import minference_kernels as mk
 import torch
 import triton
 from minference_kernels import _triton
-from minference_kernels.synthetic import structured_qkv
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402
+from bench_layer import structured_layer  # noqa: E402
 
 GIB = 1 << 30
 
@@ -120,9 +120,7 @@ def main() -> int:
     log: dict[str, list] = {"rows": [], "memory": []}
     torch.manual_seed(0)
     for n in [int(x) for x in args.synthetic_ns.split(",") if x]:
-        q, k, v = structured_qkv(
-            1, 32, 8, n, 128, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind="mixed"
-        )
+        q, k, v = structured_layer(n)
         analyse("synthetic (bench_layer)", q, k, v, cfg.heads_for_layer(0, n), log["rows"])
         del q, k, v
     want = {int(x) for x in args.e2e_layers.split(",") if x}

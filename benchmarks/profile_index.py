@@ -13,7 +13,7 @@ from pathlib import Path
 import minference_kernels as mk
 import torch
 import triton
-from minference_kernels.synthetic import structured_qkv
+from bench_layer import CONFIG_ID, structured_layer
 from minference_patterns.registry import load_shipped
 from torch.profiler import ProfilerActivity, profile
 
@@ -23,12 +23,10 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--ns", default="131072,524288")
     args = ap.parse_args()
-    cfg = load_shipped("meta-llama/Llama-3.1-8B-Instruct")
+    cfg = load_shipped(CONFIG_ID)
     lines = []
     for n in [int(x) for x in args.ns.split(",")]:
-        q, k, _ = structured_qkv(
-            1, 32, 8, n, 128, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind="mixed"
-        )
+        q, k, _ = structured_layer(n)
         heads = cfg.heads_for_layer(0, n)
 
         def fn(q=q, k=k, heads=heads):

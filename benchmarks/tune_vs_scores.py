@@ -14,8 +14,8 @@ from pathlib import Path
 import minference_kernels as mk
 import torch
 import triton
+from bench_layer import CONFIG_ID, structured_layer
 from minference_kernels import _triton
-from minference_kernels.synthetic import structured_qkv
 from minference_patterns.registry import load_shipped
 
 
@@ -24,12 +24,10 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--ns", default="131072,524288")
     args = ap.parse_args()
-    cfg = load_shipped("meta-llama/Llama-3.1-8B-Instruct")
+    cfg = load_shipped(CONFIG_ID)
     rows = []
     for n in [int(x) for x in args.ns.split(",")]:
-        q, k, _ = structured_qkv(
-            1, 32, 8, n, 128, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind="mixed"
-        )
+        q, k, _ = structured_layer(n)
         ref = _triton.vs_scores(q, k, 64, 128**-0.5)
         for per in (1, 2, 4, 8, 16):
             for warps in (4, 8):

@@ -845,9 +845,7 @@ def long_prefill(
         if pending is not None:
             pending[0].synchronize()
             pending = None
-    _sync(dev)
-    if copy_stream is not None:
-        copy_stream.synchronize()
+    _sync(dev)  # the copy stream's last work was awaited through `pending` above
     seconds = time.perf_counter() - t0
     prog.close()
     peak = torch.cuda.max_memory_allocated(dev) if cuda else None
