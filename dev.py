@@ -10,6 +10,7 @@ Anything else is passed to nox as-is, e.g. ``python3 dev.py -s bench``.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -17,6 +18,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 BOOT = ROOT / ".nox" / "_bootstrap"
+# The CI sessions' virtual environments take ~11 GiB together (torch in each, vLLM in one).
+TEST_DISK_GIB = 12
+
+
+def _check_disk(need_gib: float) -> None:
+    """Say so up front when the disk cannot hold the sessions' environments: pip's late
+    'No space left on device' in the middle of an install is easy to misread as a test failure."""
+    free = shutil.disk_usage(ROOT).free / 2**30
+    if free < need_gib:
+        print(
+            f"[dev] warning: {free:.1f} GiB free under {ROOT}; the test sessions need about "
+            f"{need_gib} GiB for their virtual environments (.nox/). Installs may fail with "
+            "'No space left on device'.",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _nox_python() -> str:
@@ -41,6 +58,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[0] == "test":
         args = ["-t", "ci", *argv[1:]]
+        _check_disk(TEST_DISK_GIB)
     elif argv[0] == "demo":
         args = ["-s", "demo", *(["--", *argv[1:]] if argv[1:] else [])]
     else:
