@@ -264,3 +264,42 @@ def test_budget_forms_select_the_same_indices():
     assert mixed[1].sum(-1).tolist() == [[2, 7, 4], [2, 7, 4]]
     assert _head_index([2, 3, 4], torch.device("cpu")) == slice(2, 5)
     assert torch.equal(_head_index([0, 2], torch.device("cpu")), torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,nq,nk,bs,top_k",
+    [(2, 4, 2, 700, 700, 64, 3), (1, 8, 1, 333, 1000, 128, 5), (1, 2, 2, 130, 130, 192, 40)],
+)
+def test_block_estimation_chunks_change_nothing(monkeypatch, b, hq, hkv, nq, nk, bs, top_k):
+    """Scoring query blocks in bounded chunks against only their causal key blocks selects the
+    same blocks as scoring every block pair at once (and memory no longer grows as N^2)."""
+    from minference_kernels import estimate
+
+    g = torch.Generator().manual_seed(nq)
+    q = torch.randn(b, hq, nq, 64, generator=g)
+    k = torch.randn(b, hkv, nk, 64, generator=g)
+    # the unchunked reference: every block pair, ranked, one top-k
+    scores, forced = estimate.block_scores(q, k, bs)
+    ranked = estimate.force_diagonal(scores, forced)
+    kk = min(top_k, ranked.shape[-1])
+    order = torch.topk(ranked, kk, -1).indices
+    ok = torch.gather(ranked, -1, order) > float("-inf")
+    want = torch.full((b, hq, ranked.shape[2], top_k), -1, dtype=torch.int64)
+    want[..., :kk] = torch.where(ok, order, -1)
+    whole = mk.estimate_block_sparse(q, k, top_k, bs)
+    monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)  # one query block per chunk
+    chunked = mk.estimate_block_sparse(q, k, top_k, bs)
+    assert torch.equal(whole, want)
+    assert torch.equal(chunked, want)
+    # a subset of query heads (slice or index) estimates exactly those heads, with their KV heads
+    pick = torch.tensor([hq - 1, 0])
+    assert torch.equal(estimate.block_topk(q, k, top_k, bs, heads=pick), want[:, pick])
+    assert torch.equal(estimate.block_topk(q, k, top_k, bs, heads=slice(1, hq)), want[:, 1:])
+    # per-head budgets through the layer entry, chunked: the same blocks per head
+    heads = [mk.HeadPattern.block_sparse(top_k if i % 2 else 1, bs) for i in range(hq)]
+    idx = mk.build_index(q, k, heads)
+    monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1 << 40)
+    again = mk.build_index(q, k, heads)
+    assert torch.equal(idx.abs_tiles, again.abs_tiles) and torch.equal(
+        idx.abs_count, again.abs_count
+    )

@@ -496,8 +496,10 @@ def estimate_memory(
     q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
     c = min(int(chunk_size), n)
     kv_layer = 2 * b * (n + reserve_tokens) * kv * s
-    # residual + q + out + k + v; the coverage byte per head and key; estimator scratch
-    # + the RoPE tables (the kernels' NaN scan of q runs in 64 MiB slices: inside the margin)
+    # residual + q + out + k + v; the coverage byte per head and key; estimator scratch (VS scores,
+    # or block-sparse pooled q/k: ~8 bytes per head and token either way; block scores are chunked,
+    # estimate.BLOCK_SCORE_CHUNK_BYTES) + the RoPE tables (the kernels' NaN scan of q runs in 64 MiB
+    # slices: inside the margin)
     act = b * n * s * (m.hidden + 2 * q + 2 * kv) + b * m.num_heads * n * (1 + 8)
     act += 2 * b * n * m.head_dim * s
     chunk = b * c * (4 * m.hidden * 4 + 3 * m.intermediate * s + (q + 2 * kv) * s)

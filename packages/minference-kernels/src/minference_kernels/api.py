@@ -419,19 +419,25 @@ def build_index(
             per_bs.setdefault(heads[i].block_size, []).append(i)
         pieces = []
         for bs, hl in per_bs.items():
-            hsel = torch.tensor(hl, device=dev)
-            kv_sel = hsel // shape.group
-            # estimation on the selected query heads with their own KV heads (a view per head pair
-            # would need a copy of K for each query head; pooled K is tiny, so pool per KV head)
-            topk = torch.tensor([min(heads[i].top_k, -(-nk // bs)) for i in hl], device=dev)
-            bi = _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, bs)
+            # estimation on the selected query heads with their own KV heads; no host syncs
+            tk_l = [min(heads[i].top_k, -(-nk // bs)) for i in hl]
+            bi = _estimate_block_sparse_subset(
+                q,
+                k,
+                _head_index(hl, dev),
+                _small_tensor([i // shape.group for i in hl], dev),
+                _small_tensor(tk_l, dev),
+                bs,
+                topk_max=max(tk_l),
+            )
             pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk)))
         a_max = max(p[1].shape[-1] for p in pieces)
         abs_tiles = torch.zeros((b, h, mb, a_max), dtype=torch.int64, device=dev)
         abs_count = torch.zeros((b, h, mb), dtype=torch.int64, device=dev)
         for hl, tl_, cnt in pieces:
-            abs_tiles[:, hl, :, : tl_.shape[-1]] = tl_
-            abs_count[:, hl] = cnt
+            hs = _head_index(hl, dev)
+            abs_tiles[:, hs, :, : tl_.shape[-1]] = tl_
+            abs_count[:, hs] = cnt
 
     rel_tiles = rel_count = cols_all = col_total = None
     if rel_parts:
@@ -467,27 +473,12 @@ def build_index(
     )
 
 
-def _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, block_size):
-    """Block-sparse estimation for a subset of query heads (one batched matmul; K is pooled once per
-    KV head, never copied per query head). Returns ``[B, h', MBq, max(topk)]`` int64, ``-1`` = none."""
-    from .estimate import _topk_indices, block_scores, force_diagonal
+def _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, block_size, topk_max=None):
+    """Block-sparse estimation for the query heads ``hsel`` (a slice or an index tensor; pooled, so
+    neither q nor K is copied). Returns ``[B, h', MBq, max(topk)]`` int64, ``-1`` = none."""
+    from .estimate import block_topk
 
-    uniq, inv = torch.unique(kv_sel, return_inverse=True)
-    qs = q.index_select(1, hsel)  # queries are per head anyway
-    ks = k.index_select(1, uniq)  # each needed KV head once
-    scores, forced = block_scores(qs, ks, block_size, kv_of_q=inv)
-    scores = force_diagonal(scores, forced)
-    kmax = int(topk.max())
-    kk = min(kmax, scores.shape[-1])
-    order = _topk_indices(scores, kk)
-    vals = torch.gather(scores, -1, order)
-    ok = (vals > float("-inf")) & (
-        torch.arange(kk, device=q.device)[None, None, None, :] < topk[None, :, None, None]
-    )
-    idx = torch.where(ok, order, torch.full_like(order, -1))
-    if kk < kmax:
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], kmax - kk), -1)], -1)
-    return idx
+    return block_topk(q, k, topk, block_size, heads=hsel, kv_of_q=kv_sel, top_k_max=topk_max)
 
 
 def sparse_prefill(

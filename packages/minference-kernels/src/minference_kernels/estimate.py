@@ -157,42 +157,61 @@ def estimate_vertical_slash_impl(
     )
 
 
+def _pool_blocks(x: torch.Tensor, n: int, nb: int, block_size: int) -> torch.Tensor:
+    """Mean over consecutive ``block_size`` positions: ``[B, H, n, D] -> [B, H, nb, D]`` float32
+    (a partial last block averages its real rows). Accumulates in float32 without a float32 copy
+    of ``x`` (16 GB for a 32-head q at 1M tokens); strided views are fine."""
+    full = min(n // block_size, nb)
+    parts = []
+    if full:
+        head = x[:, :, : full * block_size].unflatten(2, (full, block_size))
+        parts.append(head.sum(-2, dtype=torch.float32) / block_size)
+    if nb > full:
+        tail = x[:, :, full * block_size : n]
+        parts.append(tail.sum(-2, keepdim=True, dtype=torch.float32) / tail.shape[2])
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+
+def _block_geometry(nq: int, nk: int, block_size: int) -> tuple[int, int, int]:
+    # a block beyond the sequence is one block either way: pool without padding to its size
+    block_size = min(block_size, -(-nk // 64) * 64)
+    return block_size, -(-nq // block_size), -(-nk // block_size)
+
+
+def _causal_forced(rows: torch.Tensor, width: int, nq: int, off: int, block_size: int):
+    """For query blocks ``rows [R]`` and key blocks ``0 .. width-1``: ``causal`` and ``forced``
+    (the diagonal blocks: they hold some of the query block's own positions), ``bool [R, width]``."""
+    first = rows * block_size + off  # absolute position of the block's first row
+    last = torch.clamp((rows + 1) * block_size, max=nq) - 1 + off
+    kstart = torch.arange(width, device=rows.device) * block_size
+    causal = kstart[None, :] <= last[:, None]
+    forced = (kstart[None, :] + block_size > first[:, None]) & causal
+    return causal, forced
+
+
 def block_scores(
     q: torch.Tensor, k: torch.Tensor, block_size: int, kv_of_q: torch.Tensor | None = None
 ):
     """Pooled block scores with causality: ``[B, Hq, MBq, MBk]`` float32 (``-inf`` = not causal),
     plus the forced (diagonal) mask ``[MBq, MBk]``. ``kv_of_q [Hq]`` maps query heads to K's heads
-    (default: consecutive groups)."""
+    (default: consecutive groups). Materialises every block pair (``4 Hq MBq MBk`` bytes): for
+    pictures and tests; the estimator itself (:func:`block_topk`) works in bounded chunks."""
     b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    g = hq // hkv
-    off = nk - nq
-    # a block beyond the sequence is one block either way: pool without padding to its size
-    block_size = min(block_size, -(-nk // 64) * 64)
-    mbq, mbk = -(-nq // block_size), -(-nk // block_size)
+    nk = k.shape[2]
+    block_size, mbq, mbk = _block_geometry(nq, nk, block_size)
+    kv_of_q = _kv_map(hq, k.shape[1], kv_of_q, q.device)
+    pk = _pool_blocks(k, nk, mbk, block_size).index_select(1, kv_of_q)
+    scores = torch.matmul(_pool_blocks(q, nq, mbq, block_size), pk.transpose(-1, -2))
+    causal, forced = _causal_forced(
+        torch.arange(mbq, device=q.device), mbk, nq, nk - nq, block_size
+    )
+    return scores.masked_fill(~causal, float("-inf")), forced
 
-    def pool(x, n, nb):
-        pad = nb * block_size - n
-        xf = x.float()
-        if pad:
-            xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
-        s = xf.reshape(*x.shape[:2], nb, block_size, x.shape[-1]).sum(-2)
-        cnt = torch.clamp(n - torch.arange(nb, device=x.device) * block_size, max=block_size)
-        return s / cnt[:, None].to(s.dtype)
 
-    pk = pool(k, nk, mbk)  # [B, Hkv, MBk, D]: pooled keys are small
-    if kv_of_q is None:
-        pq = pool(q, nq, mbq).reshape(b, hkv, g * mbq, d)
-        scores = torch.matmul(pq, pk.transpose(-1, -2)).reshape(b, hq, mbq, mbk)
-    else:
-        scores = torch.matmul(pool(q, nq, mbq), pk.index_select(1, kv_of_q).transpose(-1, -2))
-    first = torch.arange(mbq, device=q.device) * block_size + off  # abs pos of first row
-    last = torch.clamp((torch.arange(mbq, device=q.device) + 1) * block_size, max=nq) - 1 + off
-    kstart = torch.arange(mbk, device=q.device) * block_size
-    causal = kstart[None, :] <= last[:, None]
-    forced = (kstart[None, :] + block_size > first[:, None]) & causal
-    scores = scores.masked_fill(~causal, float("-inf"))
-    return scores, forced
+def _kv_map(hq: int, hkv: int, kv_of_q: torch.Tensor | None, device) -> torch.Tensor:
+    if kv_of_q is not None:
+        return kv_of_q
+    return torch.arange(hq, device=device) // (hq // hkv)
 
 
 def force_diagonal(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
@@ -202,28 +221,85 @@ def force_diagonal(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     block of its first row is kept, so every row still attends to a key (its own block, or a fully
     causal earlier one) -- never to nothing."""
     first = forced & ~torch.nn.functional.pad(forced[:, :-1], (1, 0))  # leftmost forced block
-    top = torch.full_like(scores, torch.finfo(scores.dtype).max)
-    return torch.where(
-        first, torch.full_like(scores, float("inf")), torch.where(forced, top, scores)
-    )
+    rank = torch.where(forced, torch.finfo(scores.dtype).max, scores)
+    return rank.masked_fill_(first, float("inf"))
+
+
+# Scratch bytes of one chunk of query blocks in :func:`block_topk` (scores, their ranking copy and
+# top-k temporaries). Bounds the estimator's memory at any length: all block pairs of a 32-head
+# layer at 1M tokens would be 34 GB in float32.
+BLOCK_SCORE_CHUNK_BYTES = 256 << 20
+
+
+def block_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top_k: torch.Tensor | int,
+    block_size: int,
+    *,
+    heads: slice | torch.Tensor | None = None,
+    kv_of_q: torch.Tensor | None = None,
+    top_k_max: int | None = None,
+) -> torch.Tensor:
+    """Block-sparse estimation (module doc): ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` ->
+    ``[B, Hq, ceil(Nq / block_size), K]`` int64 key-block ids, highest score first, ``-1`` = none,
+    with ``K = top_k_max`` (default ``max(top_k)``: a host sync when ``top_k`` is a tensor).
+
+    ``heads`` (a slice or an index tensor) estimates only those query heads of ``q`` (``Hq`` below
+    is then their count; q is never copied). ``top_k`` is an int or a per-head ``[Hq]`` tensor;
+    ``kv_of_q [Hq]`` maps the query heads to K's heads (default: consecutive GQA groups). Query blocks are scored in chunks of at most
+    ``BLOCK_SCORE_CHUNK_BYTES`` against the key blocks causal for the chunk, so memory stays bounded
+    and the non-causal half of the block pairs is never computed.
+    """
+    b, _, nq, d = q.shape
+    nk = k.shape[2]
+    dev = q.device
+    block_size, mbq, mbk = _block_geometry(nq, nk, block_size)
+    off = nk - nq
+    if heads is None:
+        pq = _pool_blocks(q, nq, mbq, block_size)  # [B, Hq, MBq, D]: 8 bytes per head and token
+    elif isinstance(heads, slice):
+        pq = _pool_blocks(q[:, heads], nq, mbq, block_size)
+    else:
+        pq = _pool_blocks(q, nq, mbq, block_size).index_select(1, heads)
+    hq = pq.shape[1]
+    if kv_of_q is None and heads is not None:  # the selected heads' own KV heads
+        ids = heads if isinstance(heads, torch.Tensor) else torch.arange(q.shape[1])[heads]
+        kv_of_q = ids.to(dev) // (q.shape[1] // k.shape[1])
+    if top_k_max is None:
+        top_k_max = int(top_k) if isinstance(top_k, int) else int(top_k.max())
+    kmax = int(top_k_max)
+    if isinstance(top_k, int):
+        limit = torch.full((hq,), top_k, dtype=torch.int64, device=dev)
+    else:
+        limit = top_k.to(device=dev, dtype=torch.int64).expand(hq)
+    kv_of_q = _kv_map(hq, k.shape[1], kv_of_q, dev)
+    pk = _pool_blocks(k, nk, mbk, block_size).index_select(1, kv_of_q)  # [B, Hq, MBk, D]
+    out = torch.full((b, hq, mbq, kmax), -1, dtype=torch.int64, device=dev)
+    if kmax == 0:
+        return out
+    rows_per = max(1, BLOCK_SCORE_CHUNK_BYTES // (3 * 4 * b * hq * mbk))
+    for r0 in range(0, mbq, rows_per):
+        r1 = min(mbq, r0 + rows_per)
+        rows = torch.arange(r0, r1, device=dev)
+        # key blocks causal for the chunk's last row; later ones are -inf for every row here
+        last_pos = min(r1 * block_size, nq) - 1 + off
+        width = min(mbk, last_pos // block_size + 1)
+        causal, forced = _causal_forced(rows, width, nq, off, block_size)
+        s = torch.matmul(pq[:, :, r0:r1], pk[:, :, :width].transpose(-1, -2))
+        s = force_diagonal(s.masked_fill_(~causal, float("-inf")), forced)
+        kk = min(kmax, width)
+        order = _topk_indices(s, kk)
+        vals = torch.gather(s, -1, order)
+        ok = (vals > float("-inf")) & (
+            torch.arange(kk, device=dev)[None, None, None, :] < limit[None, :, None, None]
+        )
+        out[:, :, r0:r1, :kk] = torch.where(ok, order, torch.full_like(order, -1))
+    return out
 
 
 def estimate_block_sparse_impl(q, k, top_k, block_size):
-    scores, forced = block_scores(q, k, block_size)
-    scores = force_diagonal(scores, forced)
-    mbk = scores.shape[-1]
-    top_k = torch.as_tensor(top_k, device=q.device).expand(q.shape[0], q.shape[1])
-    kmax = int(top_k.max())
-    kk = min(kmax, mbk)
-    order = _topk_indices(scores, kk)
-    vals = torch.gather(scores, -1, order)
-    ok = (vals > float("-inf")) & (
-        torch.arange(kk, device=q.device)[None, None, None, :] < top_k[..., None, None]
-    )
-    idx = torch.where(ok, order, torch.full_like(order, -1))
-    if kk < kmax:
-        idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], kmax - kk), -1)], -1)
-    return idx
+    return block_topk(q, k, int(top_k), block_size)
 
 
 __all__ = [
@@ -231,6 +307,8 @@ __all__ = [
     "KEEP_LOCAL",
     "estimate_vertical_slash_impl",
     "estimate_block_sparse_impl",
+    "block_topk",
+    "BLOCK_SCORE_CHUNK_BYTES",
     "force_diagonal",
     "vs_scores_torch",
     "select_vertical_slash",
