@@ -223,23 +223,31 @@ def run_one(model, ids, label: str, offload_kv, decode_steps: int = 0) -> dict[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", default="131072,262144,524288,1048576")
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--lengths", help="default 131072,262144,524288,1048576 (--smoke: 4096)")
+    ap.add_argument("--layers", type=int, default=32, help="the shipped config's 32 by default")
     ap.add_argument("--weights", default="structured", choices=("structured", "random"))
     ap.add_argument("--dense-max", type=int, default=524288, help="longest length run dense")
     ap.add_argument("--offload-kv", default="auto", help="auto | on | off | number of layers")
     ap.add_argument("--check", type=int, default=0, help="run the GPU check at this length first")
-    ap.add_argument("--warmup", type=int, default=32768)
+    ap.add_argument("--warmup", type=int, help="warm-up prompt length; default 32768 (--smoke: 512)")
     ap.add_argument(
         "--decode-steps", type=int, default=0, help="time this many decode steps after pre-fill"
     )
     ap.add_argument("--out", default="bench_e2e.json")
-    ap.add_argument("--min-sparse-len", type=int, default=32768)
-    ap.add_argument("--smoke", action="store_true", help="CPU smoke test: a narrow 2-layer model")
+    ap.add_argument("--min-sparse-len", type=int, help="default 32768 (--smoke: 1024)")
+    ap.add_argument("--smoke", action="store_true", help="CPU smoke test: a narrow model, short prompts")
     args = ap.parse_args()
     global DEVICE
     if args.smoke:
         DEVICE = "cpu"
+    # unset sizes: the GPU run's, or a CPU smoke test's that finishes in about a minute
+    for name, full, smoke in (
+        ("lengths", "131072,262144,524288,1048576", "4096"),
+        ("min_sparse_len", 32768, 1024),
+        ("warmup", 32768, 512),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
     lengths = [int(x) for x in args.lengths.split(",") if x]
     off = {"auto": "auto", "on": True, "off": False}.get(args.offload_kv)
     off = off if off is not None else int(args.offload_kv)
