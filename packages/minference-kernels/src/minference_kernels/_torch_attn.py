@@ -13,27 +13,37 @@ import torch
 from .index import BLOCK, SparseIndex
 
 
-def _gather_rows(x: torch.Tensor, pos: torch.Tensor, group: int) -> torch.Tensor:
-    """``x [B, Hkv, N, D]``, ``pos [B, Hq, L]`` -> ``[B, Hq, L, D]`` without repeating ``x``."""
+def _gather_rows(
+    x: torch.Tensor, pos: torch.Tensor, group: int, out: torch.Tensor, raw: torch.Tensor | None
+) -> torch.Tensor:
+    """``x [B, Hkv, N, D]`` (contiguous), ``pos [B, Hq, L]`` -> ``[B, Hq, L, D]`` without repeating
+    ``x``: whole rows through ``index_select`` into the preallocated flat ``out`` (the compute
+    dtype; through ``raw``, x's dtype, when they differ). Fresh tensors of this size cost more in
+    page faults than the copy itself on CPU."""
     b, hkv, n, d = x.shape
     hq, length = pos.shape[1], pos.shape[2]
-    p = pos.reshape(b, hkv, group * length, 1).expand(b, hkv, group * length, d)
-    out = torch.gather(x, 2, p)
-    return out.reshape(b, hq, length, d)
+    base = (torch.arange(b, device=x.device)[:, None] * hkv) + (
+        torch.arange(hq, device=x.device)[None, :] // group
+    )  # [B, Hq]: the row block of each query head's KV head
+    rows = (base[..., None] * n + pos).reshape(-1)
+    size = rows.numel() * d
+    dst = out[:size].view(rows.numel(), d)
+    if raw is None:
+        torch.index_select(x.reshape(b * hkv * n, d), 0, rows, out=dst)
+    else:
+        dst.copy_(
+            torch.index_select(x.reshape(b * hkv * n, d), 0, rows, out=raw[:size].view(-1, d))
+        )
+    return dst.view(b, hq, length, d)
 
 
-def block_keep(index: SparseIndex, m: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Candidate keys of query block ``m`` and which pairs are attended.
-
-    Returns ``pos [B, H, L]`` (key positions, clamped into range) and ``keep [B, H, R, L]`` (pairs
-    attended, exact: causal, in range, not covered twice, A-shape window applied), or ``None`` when no
-    head of the block has any candidate key.
-    """
-    nq, nk = index.n_q, index.n_kv
-    off = nk - nq
-    r0, r1 = m * BLOCK, min((m + 1) * BLOCK, nq)
-    a0 = r0 + off
-    qpos = torch.arange(r0, r1, device=device) + off  # [R]
+def _candidates(index: SparseIndex, m: int, device):
+    """Candidate keys of query block ``m``: ``pos [B, H, L]`` (raw, may be out of range), ``ok``
+    (a real candidate: in range, inside the head's counts, not covered twice) and ``in_rel`` (from a
+    relative tile, where the A-shape window applies), all ``[B, H, L]``; ``None`` when no head of
+    the block has a candidate."""
+    nk = index.n_kv
+    a0 = m * BLOCK + nk - index.n_q  # absolute position of the block's first row
     ar = torch.arange(BLOCK, device=device)
     parts_pos, parts_ok, parts_rel = [], [], []
 
@@ -72,9 +82,17 @@ def block_keep(index: SparseIndex, m: int, device) -> tuple[torch.Tensor, torch.
 
     if not parts_pos:
         return None
-    pos = torch.cat(parts_pos, -1)
-    ok = torch.cat(parts_ok, -1)
-    in_rel = torch.cat(parts_rel, -1)
+    return torch.cat(parts_pos, -1), torch.cat(parts_ok, -1), torch.cat(parts_rel, -1)
+
+
+def _qpos(index: SparseIndex, m: int, device) -> torch.Tensor:
+    r0, r1 = m * BLOCK, min((m + 1) * BLOCK, index.n_q)
+    return torch.arange(r0, r1, device=device) + (index.n_kv - index.n_q)  # [R]
+
+
+def _pair_keep(index, pos, ok, in_rel, qpos) -> torch.Tensor:
+    """Which pairs of rows ``qpos [R]`` and candidates ``pos/ok/in_rel [B, H, L]`` are attended:
+    ``[B, H, R, L]`` (causal, and the A-shape window inside relative tiles)."""
     keep = ok[:, :, None, :] & (pos[:, :, None, :] <= qpos[None, None, :, None])
     win = index.window.long()[..., None, None]
     sink = index.sink.long()[..., None, None]
@@ -83,8 +101,22 @@ def block_keep(index: SparseIndex, m: int, device) -> tuple[torch.Tensor, torch.
         | (pos[:, :, None, :] < sink)
         | (qpos[None, None, :, None] - pos[:, :, None, :] < win)
     )
-    keep = keep & (~in_rel[:, :, None, :] | a_shape_ok)
-    return torch.where(ok, pos, torch.zeros_like(pos)).clamp(0, nk - 1), keep
+    return keep & (~in_rel[:, :, None, :] | a_shape_ok)
+
+
+def block_keep(index: SparseIndex, m: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Candidate keys of query block ``m`` and which pairs are attended.
+
+    Returns ``pos [B, H, L]`` (key positions, clamped into range) and ``keep [B, H, R, L]`` (pairs
+    attended, exact: causal, in range, not covered twice, A-shape window applied), or ``None`` when no
+    head of the block has any candidate key.
+    """
+    cand = _candidates(index, m, device)
+    if cand is None:
+        return None
+    pos, ok, in_rel = cand
+    keep = _pair_keep(index, pos, ok, in_rel, _qpos(index, m, device))
+    return torch.where(ok, pos, torch.zeros_like(pos)).clamp(0, index.n_kv - 1), keep
 
 
 def attend(
@@ -95,25 +127,69 @@ def attend(
     scale: float,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
+    """Attention over the index's pairs, a 64-row query block at a time.
+
+    Most candidate keys of a block are attended by all of its rows (keys before the block, outside
+    any A-shape window edge); they get a per-key bias of 0 or ``-inf`` (``L`` values, not ``R x L``).
+    Only the few keys whose status changes from row to row (the causal edge inside the block, the
+    A-shape window's edge) get a per-pair mask, on a gathered ``[.., R, L_edge]`` slice. Gathered
+    keys, values and scores live in buffers allocated once per call.
+    """
     b, hq, nq, d = q.shape
     group = hq // k.shape[1]
+    k, v = k.contiguous(), v.contiguous()  # row gathers need [B, Hkv, N, D] rows
     out = torch.empty_like(q)
+    win = index.window.long()[..., None]  # [B, H, 1]
+    sink = index.sink.long()[..., None]
+    # the most candidate keys any block has (an upper bound; one host read on the CPU path)
+    l_max = int((index.rel_end.amax() + index.abs_count.amax()) * BLOCK + index.col_count.amax())
+    ws = dict(dtype=compute_dtype, device=q.device)
+    kbuf = torch.empty(b * hq * l_max * d, **ws)
+    vbuf = torch.empty(b * hq * l_max * d, **ws)
+    sbuf = torch.empty(b * hq * BLOCK * l_max, **ws)
+    raw = None if k.dtype == compute_dtype else torch.empty(b * hq * l_max * d, dtype=k.dtype)
     for m in range(index.num_blocks):
         r0, r1 = m * BLOCK, min((m + 1) * BLOCK, nq)
-        cand = block_keep(index, m, q.device)
+        cand = _candidates(index, m, q.device)
         if cand is None:
             out[:, :, r0:r1] = 0
             continue
-        pos, keep = cand
-        kg = _gather_rows(k, pos, group).to(compute_dtype)
-        vg = _gather_rows(v, pos, group).to(compute_dtype)
-        s = torch.matmul(q[:, :, r0:r1].to(compute_dtype), kg.transpose(-1, -2)) * scale
-        s = s.masked_fill(~keep, float("-inf"))
+        pos, ok, in_rel = cand
+        qpos = _qpos(index, m, q.device)
+        a0, a1 = int(qpos[0]), int(qpos[-1])
+        # per key: attended by every row, by none, or row-dependent (the edge)
+        windowed = in_rel & (win > 0) & (pos >= sink)  # the window applies to these keys
+        none = ~ok | (windowed & (a0 - pos >= win))
+        every = ok & (pos <= a0) & ~(windowed & (a1 - pos >= win))
+        edge = ~none & ~every
+        posc = torch.where(ok, pos, torch.zeros_like(pos)).clamp(0, index.n_kv - 1)
+        kg = _gather_rows(k, posc, group, kbuf, raw)
+        vg = _gather_rows(v, posc, group, vbuf, raw)
+        qb = q[:, :, r0:r1].to(compute_dtype) * scale
+        length = pos.shape[-1]
+        s = sbuf[: b * hq * (r1 - r0) * length].view(b, hq, r1 - r0, length)
+        torch.matmul(qb, kg.transpose(-1, -2), out=s)
+        bias = torch.zeros(pos.shape, **ws).masked_fill_(~every, -torch.inf)
+        n_edge = int(edge.sum(-1).max())
+        if n_edge:
+            # the row-dependent keys of each head (padded with other keys, which stay as they are)
+            e_idx = torch.topk(edge.to(torch.int8), n_edge, -1, sorted=False).indices
+            e_ok = torch.gather(edge, -1, e_idx)
+            keep_e = _pair_keep(
+                index, torch.gather(pos, -1, e_idx), e_ok, torch.gather(in_rel, -1, e_idx), qpos
+            )  # [B, H, R, E]
+            idx4 = e_idx[:, :, None, :].expand(-1, -1, r1 - r0, -1)
+            raw_e = torch.gather(s, -1, idx4)
+            s.add_(bias[:, :, None, :])
+            fixed = torch.where(keep_e, raw_e, -torch.inf)
+            s.scatter_(-1, idx4, torch.where(e_ok[:, :, None, :], fixed, torch.gather(s, -1, idx4)))
+        else:
+            s.add_(bias[:, :, None, :])
+        # softmax in place; a row with no attended key has max -inf -> exp 0 -> output 0
         mx = s.amax(-1, keepdim=True)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = torch.exp(s - mx)
-        denom = p.sum(-1, keepdim=True)
-        o = torch.matmul(p, vg) / torch.where(denom > 0, denom, torch.ones_like(denom))
+        s.sub_(torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))).exp_()
+        denom = s.sum(-1, keepdim=True)
+        o = torch.matmul(s, vg).div_(torch.where(denom > 0, denom, torch.ones_like(denom)))
         out[:, :, r0:r1] = o.to(q.dtype)
     return out
 
