@@ -1,13 +1,15 @@
-"""Profile estimation + index building for one Llama-3-8B layer (shipped Llama-3.1 config).
+"""Profile estimation + index building for one Llama-3-8B layer (shipped Llama-3.1 config, or
+``--pattern block_sparse``: every head block-sparse at 2% of its key blocks, as in bench_layer).
 
 Prints the wall time of ``build_index``, the sum of its GPU kernel times (if the wall time is far
 above it, the host side, meaning launches and syncs, is the bottleneck), and the top kernels and
-operators. CUDA only; writes ``profile_index.txt`` to ``--out``.
+operators, and the peak memory that ``build_index`` adds. CUDA only; writes ``profile_index_<pattern>.txt`` to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import minference_kernels as mk
@@ -22,31 +24,41 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--ns", default="131072,524288")
+    ap.add_argument("--pattern", default="config", choices=("config", "block_sparse"))
     args = ap.parse_args()
     cfg = load_shipped(CONFIG_ID)
     lines = []
     for n in [int(x) for x in args.ns.split(",")]:
         q, k, _ = structured_layer(n)
         heads = cfg.heads_for_layer(0, n)
+        if args.pattern == "block_sparse":
+            heads = [mk.HeadPattern.block_sparse(math.ceil(0.02 * n / 64))] * len(heads)
 
         def fn(q=q, k=k, heads=heads):
             return mk.build_index(q, k, heads, validate=False)
 
         wall = triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()
         ev = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in ev) / 5
-        head = f"N={n}: build_index wall {wall:.2f} ms, GPU kernels {gpu_us / 1000:.2f} ms per call"
+        head = (
+            f"N={n} {args.pattern}: build_index wall {wall:.2f} ms, GPU kernels "
+            f"{gpu_us / 1000:.2f} ms per call, peak +{extra:.2f} GiB"
+        )
         print(head, flush=True)
         lines += [head, ev.table(sort_by="self_device_time_total", row_limit=25), ""]
         lines += [ev.table(sort_by="self_cpu_time_total", row_limit=20), ""]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "profile_index.txt").write_text("\n".join(lines))
+    (Path(args.out) / f"profile_index_{args.pattern}.txt").write_text("\n".join(lines))
     return 0
 
 
