@@ -229,13 +229,17 @@ def main() -> None:
     ap.add_argument("--dense-max", type=int, default=524288, help="longest length run dense")
     ap.add_argument("--offload-kv", default="auto", help="auto | on | off | number of layers")
     ap.add_argument("--check", type=int, default=0, help="run the GPU check at this length first")
-    ap.add_argument("--warmup", type=int, help="warm-up prompt length; default 32768 (--smoke: 512)")
+    ap.add_argument(
+        "--warmup", type=int, help="warm-up prompt length; default 32768 (--smoke: 512)"
+    )
     ap.add_argument(
         "--decode-steps", type=int, default=0, help="time this many decode steps after pre-fill"
     )
     ap.add_argument("--out", default="bench_e2e.json")
     ap.add_argument("--min-sparse-len", type=int, help="default 32768 (--smoke: 1024)")
-    ap.add_argument("--smoke", action="store_true", help="CPU smoke test: a narrow model, short prompts")
+    ap.add_argument(
+        "--smoke", action="store_true", help="CPU smoke test: a narrow model, short prompts"
+    )
     args = ap.parse_args()
     global DEVICE
     if args.smoke:

@@ -64,7 +64,8 @@ def exact_probs(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.T
 
 
 def tile_values(slash: torch.Tensor) -> torch.Tensor:
-    """``[B, H, N]`` slash scores -> ``[B, H, ceil(N/64)]`` mass of the relative tile at ``-64m``."""
+    """``[B, H, N]`` slash scores -> ``[B, H, ceil(N/64)]``: the mass of the relative tile at
+    offset ``-64m``."""
     b, h, n = slash.shape
     tri = (BLOCK - torch.arange(-BLOCK + 1, BLOCK, device=slash.device).abs()).float() / BLOCK
     x = F.pad(slash.reshape(b * h, 1, n), (BLOCK - 1, BLOCK - 1))

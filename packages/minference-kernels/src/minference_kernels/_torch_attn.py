@@ -108,8 +108,8 @@ def block_keep(index: SparseIndex, m: int, device) -> tuple[torch.Tensor, torch.
     """Candidate keys of query block ``m`` and which pairs are attended.
 
     Returns ``pos [B, H, L]`` (key positions, clamped into range) and ``keep [B, H, R, L]`` (pairs
-    attended, exact: causal, in range, not covered twice, A-shape window applied), or ``None`` when no
-    head of the block has any candidate key.
+    attended, exact: causal, in range, not covered twice, A-shape window applied), or ``None`` when
+    no head of the block has any candidate key.
     """
     cand = _candidates(index, m, device)
     if cand is None:
@@ -130,7 +130,8 @@ def attend(
     """Attention over the index's pairs, a 64-row query block at a time.
 
     Most candidate keys of a block are attended by all of its rows (keys before the block, outside
-    any A-shape window edge); they get a per-key bias of 0 or ``-inf`` (``L`` values, not ``R x L``).
+    any A-shape window edge); they get a per-key bias of 0 or ``-inf`` (``L`` values, not
+    ``R x L``).
     Only the few keys whose status changes from row to row (the causal edge inside the block, the
     A-shape window's edge) get a per-pair mask, on a gathered ``[.., R, L_edge]`` slice. Gathered
     keys, values and scores live in buffers allocated once per call.
@@ -147,7 +148,9 @@ def attend(
     kbuf = torch.empty(b * hq * l_max * d, **ws)
     vbuf = torch.empty(b * hq * l_max * d, **ws)
     sbuf = torch.empty(b * hq * BLOCK * l_max, **ws)
-    raw = None if k.dtype == compute_dtype else torch.empty(b * hq * l_max * d, dtype=k.dtype)
+    raw = None
+    if k.dtype != compute_dtype:
+        raw = torch.empty(b * hq * l_max * d, dtype=k.dtype, device=q.device)
     for m in range(index.num_blocks):
         r0, r1 = m * BLOCK, min((m + 1) * BLOCK, nq)
         cand = _candidates(index, m, q.device)

@@ -180,7 +180,8 @@ def _block_geometry(nq: int, nk: int, block_size: int) -> tuple[int, int, int]:
 
 def _causal_forced(rows: torch.Tensor, width: int, nq: int, off: int, block_size: int):
     """For query blocks ``rows [R]`` and key blocks ``0 .. width-1``: ``causal`` and ``forced``
-    (the diagonal blocks: they hold some of the query block's own positions), ``bool [R, width]``."""
+    (the diagonal blocks: they hold some of the query block's own positions), both
+    ``bool [R, width]``."""
     first = rows * block_size + off  # absolute position of the block's first row
     last = torch.clamp((rows + 1) * block_size, max=nq) - 1 + off
     kstart = torch.arange(width, device=rows.device) * block_size
@@ -247,9 +248,10 @@ def block_topk(
 
     ``heads`` (a slice or an index tensor) estimates only those query heads of ``q`` (``Hq`` below
     is then their count; q is never copied). ``top_k`` is an int or a per-head ``[Hq]`` tensor;
-    ``kv_of_q [Hq]`` maps the query heads to K's heads (default: consecutive GQA groups). Query blocks are scored in chunks of at most
-    ``BLOCK_SCORE_CHUNK_BYTES`` against the key blocks causal for the chunk, so memory stays bounded
-    and the non-causal half of the block pairs is never computed.
+    ``kv_of_q [Hq]`` maps the query heads to K's heads (default: the selected heads' own KV heads
+    in consecutive GQA groups). Query blocks are scored in chunks of at most
+    ``BLOCK_SCORE_CHUNK_BYTES`` against the key blocks causal for the chunk, so memory stays
+    bounded and the non-causal half of the block pairs is never computed.
     """
     b, _, nq, d = q.shape
     nk = k.shape[2]
