@@ -38,10 +38,11 @@ def do_bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def sample_rows(n, count=96, seed=0):
+def sample_rows(n, count=96, seed=0, device="cuda"):
+    """The last row plus ``count - 1`` random query rows (sorted, unique): the recall sample."""
     g = torch.Generator().manual_seed(seed)
     rows = torch.cat([torch.tensor([n - 1]), torch.randint(0, n, (count - 1,), generator=g)])
-    return rows.unique().sort().values.cuda()
+    return rows.unique().sort().values.to(device)
 
 
 def dense_probs(q, k, rows):

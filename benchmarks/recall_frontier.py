@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -40,14 +41,11 @@ from minference_kernels.estimate import select_vertical_slash, vs_scores_torch
 from minference_kernels.index import BLOCK, assemble, vertical_slash_pieces
 from minference_kernels.synthetic import structured_qkv
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_layer import sample_rows  # noqa: E402
+
 HQ, HKV, D = 32, 8, 128
 TARGETS = (0.64, 0.711, 0.807, 0.9)
-
-
-def sample_rows(n: int, count: int = 96, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.cat([torch.tensor([n - 1]), torch.randint(0, n, (count - 1,), generator=g)])
-    return rows.unique().sort().values
 
 
 def exact_probs(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -112,7 +110,7 @@ def main() -> None:
         )
         source = "structured_qkv (bench_layer's heads)"
     n, hq = q.shape[2], q.shape[1]
-    rows = sample_rows(n).to(dev)
+    rows = sample_rows(n, device=dev)
     p = exact_probs(q, k, rows)
     blocks = sorted(set((rows // BLOCK).tolist()))
     vert, sl = vs_scores_torch(q, k, 64, q.shape[-1] ** -0.5)

@@ -29,7 +29,7 @@ from ._validate import (
     check_scale,
     resolve_backend,
 )
-from .estimate import estimate_block_sparse_impl, estimate_vertical_slash_impl
+from .estimate import block_topk, estimate_block_sparse_impl, estimate_vertical_slash_impl
 from .index import BLOCK, SparseIndex
 from .patterns import HeadPattern, check_heads
 
@@ -421,14 +421,14 @@ def build_index(
         for bs, hl in per_bs.items():
             # estimation on the selected query heads with their own KV heads; no host syncs
             tk_l = [min(heads[i].top_k, -(-nk // bs)) for i in hl]
-            bi = _estimate_block_sparse_subset(
+            bi = block_topk(
                 q,
                 k,
-                _head_index(hl, dev),
-                _small_tensor([i // shape.group for i in hl], dev),
                 _small_tensor(tk_l, dev),
                 bs,
-                topk_max=max(tk_l),
+                heads=_head_index(hl, dev),
+                kv_of_q=_small_tensor([i // shape.group for i in hl], dev),
+                top_k_max=max(tk_l),
             )
             pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk)))
         a_max = max(p[1].shape[-1] for p in pieces)
@@ -471,14 +471,6 @@ def build_index(
         sink=sink,
         window=window,
     )
-
-
-def _estimate_block_sparse_subset(q, k, hsel, kv_sel, topk, block_size, topk_max=None):
-    """Block-sparse estimation for the query heads ``hsel`` (a slice or an index tensor; pooled, so
-    neither q nor K is copied). Returns ``[B, h', MBq, max(topk)]`` int64, ``-1`` = none."""
-    from .estimate import block_topk
-
-    return block_topk(q, k, topk, block_size, heads=hsel, kv_of_q=kv_sel, top_k_max=topk_max)
 
 
 def sparse_prefill(
@@ -588,14 +580,12 @@ def sparse_prefill_mask(
                 p.sink_tokens, p.window_tokens, nq, n_kv=nk, query_rows=rows, device=q.device
             )[:, 0]
         elif p.kind == "block_sparse":
-            hsel = torch.tensor([i], device=q.device)
-            bi = _estimate_block_sparse_subset(
+            bi = block_topk(
                 q,
                 k,
-                hsel,
-                hsel // shape.group,
                 torch.tensor([min(p.top_k, -(-nk // p.block_size))], device=q.device),
                 p.block_size,
+                heads=slice(i, i + 1),
             )
             out[:, i : i + 1] = _masks.block_sparse_mask(
                 bi, nq, p.block_size, n_kv=nk, query_rows=rows
