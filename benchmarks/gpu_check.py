@@ -172,6 +172,41 @@ def check_32k(log):
     return out
 
 
+def score_grid(log):
+    """The Triton vertical-slash score pass against the PyTorch one at the largest ``last_q`` per
+    pipeline depth, per dtype, D = 128 (shared memory grows with both; ``last_q = 128`` once asked
+    240 KiB). Each (dtype, last_q) pair compiles its own kernels: keep the grid small."""
+    from minference_kernels import _triton
+    from minference_kernels.estimate import vs_scores_torch
+
+    worst, n_ok, t0 = 0.0, 0, time.time()
+    for dt, lq, n in itertools.product(
+        (torch.bfloat16, torch.float16, torch.float32), (64, 128), (300, 4100)
+    ):
+        d = 128
+        q, k, _ = structured_qkv(1, 4, 2, n, d, dtype=dt, device=DEV, seed=lq + n)
+        case = dict(dtype=str(dt), last_q=lq, d=d, n=n)
+        try:
+            vt, st = _triton.vs_scores(q, k, lq, d**-0.5)
+            vr, sr = vs_scores_torch(q, k, lq, d**-0.5)
+            err = max(
+                ((vt - vr).abs().max() / vr.abs().max()).item(),
+                ((st - sr).abs().max() / sr.abs().max()).item(),
+            )
+        except Exception as e:  # noqa: BLE001
+            log["failures"].append({"check": "score_grid", **case, "why": repr(e)[:300]})
+            print("  score grid", case, "failed", repr(e)[:200], flush=True)
+            continue
+        if not err <= 2e-3:
+            log["failures"].append({"check": "score_grid", **case, "err": err})
+        else:
+            n_ok += 1
+        worst = max(worst, err)
+        print(f"  score grid {case} err {err:.1e} ({time.time() - t0:.0f}s)", flush=True)
+    log["score_grid"] = {"passed": n_ok, "worst": worst}
+    return n_ok, worst
+
+
 def bench(log, ns):
     rows = []
     for n in ns:
@@ -260,6 +295,7 @@ if __name__ == "__main__":
             )
             for kk, vv in sorted(w.items()):
                 print(f"  worst rel err {kk[0]:7s} {kk[1]:15s} {vv:.2e}")
+            print("score grid (passed, worst):", score_grid(log), flush=True)
             print("32K:", check_32k(log), f"{time.time() - t0:.0f}s", flush=True)
         if a.ns:
             bench(log, [int(x) for x in a.ns.split(",")])

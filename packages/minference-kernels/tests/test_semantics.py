@@ -210,6 +210,37 @@ def test_triton_estimator_matches_torch():
     assert all(set(x.flatten().tolist()) == set(y.flatten().tolist()) for x, y in zip(a, b))
 
 
+@pytest.mark.triton
+def test_score_window_limits(monkeypatch, caplog):
+    """The score pass's shared memory: pipeline depth per window size, and the PyTorch score pass
+    (with a log line) for windows over the limit, e.g. fp32 with last_q = 128 and D = 128."""
+    import logging
+
+    from minference_kernels import _triton
+    from minference_kernels.estimate import vs_scores_torch
+
+    assert _triton._score_stages(64, 128, 2) == 3  # the tuned default: bf16, last_q = 64, D = 128
+    assert _triton._score_stages(128, 128, 2) == 2  # 3 stages asked 240 KiB on an H200
+    assert _triton._score_window(128, 128, 2) <= _triton.VS_SCORE_WINDOW_MAX
+    assert _triton._score_window(128, 128, 4) > _triton.VS_SCORE_WINDOW_MAX
+
+    q, k = _planted(n=300)
+    calls = []
+    monkeypatch.setattr(_triton, "VS_SCORE_WINDOW_MAX", 1)
+    monkeypatch.setattr(_triton, "_warned", set())
+    monkeypatch.setattr(
+        "minference_kernels.estimate.vs_scores_torch",
+        lambda *a: calls.append(a) or vs_scores_torch(*a),
+    )
+    with caplog.at_level(logging.WARNING, logger="minference_kernels"):
+        vt, st = _triton.vs_scores(q, k, 32, 64**-0.5)
+        _triton.vs_scores(q, k, 32, 64**-0.5)
+    vr, sr = vs_scores_torch(q, k, 32, 64**-0.5)
+    assert len(calls) == 2 and torch.equal(vt, vr) and torch.equal(st, sr)
+    logged = [r for r in caplog.records if "PyTorch score pass" in r.getMessage()]
+    assert len(logged) == 1  # once per (dtype, last_q bucket, head dim bucket)
+
+
 def test_adaptive_coverage_budgets():
     from minference_kernels.synthetic import structured_qkv
 

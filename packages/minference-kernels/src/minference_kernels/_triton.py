@@ -6,6 +6,7 @@ Imported lazily by the public functions; importing this module compiles nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -31,16 +32,22 @@ def _load_rows(base, rows, ok, s_row, offs_d, d_ok, s_d):
 
 
 @triton.jit
-def _online_update(acc, m_i, l_i, s, v, UPCAST: tl.constexpr):
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST: tl.constexpr):
+    """Fold one key step's raw scores ``s`` (unscaled; masked pairs -inf) into the running state.
+
+    The softmax scale folds into the exponent (one FMA per score) and ``p @ v`` accumulates into
+    ``acc`` in place (benchmarks/NOTES.md, v0.2.0-e: ~2% over scale-first and ``acc + p @ v``).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
@@ -149,7 +156,7 @@ def _sparse_attn_fwd(
         kv_ok = (offs_n >= 0) & (offs_n < Nk)
         k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
         v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST) * qk_scale
+        s = _qk(q, k, UPCAST)
         st = a0 + r
         if SPLIT_MASK:
             # interior tiles (fully causal, in range, no A-shape window) need no mask
@@ -164,7 +171,7 @@ def _sparse_attn_fwd(
                 (win <= 0) | (offs_n[None, :] < sink) | (q_pos[:, None] - offs_n[None, :] < win)
             )
             s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, UPCAST)
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST)
 
     # gathered columns not covered by this block's relative tiles
     c_cnt = tl.load(COL_CNT + bh * MB + m)
@@ -178,10 +185,10 @@ def _sparse_attn_fwd(
         c_ok = c_ok & (cov == 0)
         k = _load_rows(k_base, cidx, c_ok, skn, offs_d, d_ok, skd)
         v = _load_rows(v_base, cidx, c_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST) * qk_scale
+        s = _qk(q, k, UPCAST)
         ok = c_ok[None, :] & (cidx[None, :] <= q_pos[:, None])
         s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, UPCAST)
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST)
 
     # absolute tiles (block-sparse)
     a_cnt = tl.load(ABS_CNT + bh * MB + m)
@@ -191,7 +198,7 @@ def _sparse_attn_fwd(
         kv_ok = offs_n < Nk
         k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
         v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST) * qk_scale
+        s = _qk(q, k, UPCAST)
         if SPLIT_MASK:
             need = (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)
         else:
@@ -199,7 +206,7 @@ def _sparse_attn_fwd(
         if need:
             ok = kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, UPCAST)
+        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -451,6 +458,26 @@ def _vs_score_kernel(
 # faster than 1 window on 8
 VS_SCORE_PER = 16
 VS_SCORE_WARPS = 4
+# shared memory for the pipelined key windows; the rest of the kernel's scratch (the last queries,
+# layout conversions for the diagonal gather) must still fit beside them (H100/H200: 227 KiB)
+VS_SCORE_WINDOW_SMEM = 144 << 10
+# largest key window (2 * last_q rounded up to a power of two, times D, times the element size) the
+# score pass takes: measured on an H200 (NOTES v0.2.0-e) up to 64 KiB (bf16/fp16 with last_q = 128
+# and D = 128; fp32 with last_q = 64). fp32 with last_q = 128 (128 KiB) did not finish compiling
+# in 200 s. Larger windows use the PyTorch score pass, with a log line.
+VS_SCORE_WINDOW_MAX = 64 << 10
+_log = logging.getLogger("minference_kernels")
+_warned: set = set()
+
+
+def _score_window(lq_p: int, block_d: int, elem_bytes: int) -> int:
+    return 2 * lq_p * block_d * elem_bytes
+
+
+def _score_stages(lq_p: int, block_d: int, elem_bytes: int) -> int:
+    """Pipeline depth of the score pass: up to 3 key windows in flight, as many as fit
+    ``VS_SCORE_WINDOW_SMEM`` (bf16 with ``last_q = 128`` and D = 128 takes 2; 3 would ask 240 KiB)."""
+    return max(1, min(3, VS_SCORE_WINDOW_SMEM // _score_window(lq_p, block_d, elem_bytes)))
 
 
 def vs_scores(
@@ -462,12 +489,26 @@ def vs_scores(
     score_per: int | None = None,
     score_warps: int | None = None,
 ):
-    """``(vertical, slash)`` float32 ``[B, Hq, Nk]`` for every query head, two launches."""
+    """``(vertical, slash)`` float32 ``[B, Hq, Nk]`` for every query head, two launches (the
+    PyTorch score pass where the key window exceeds ``VS_SCORE_WINDOW_MAX``)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     lq = min(last_q, nq)
     lq_p = max(16, triton.next_power_of_2(lq))
     block_d = max(16, triton.next_power_of_2(d))
+    window = _score_window(lq_p, block_d, k.element_size())
+    if window > VS_SCORE_WINDOW_MAX:
+        from .estimate import vs_scores_torch
+
+        key = (k.dtype, lq_p, block_d)
+        if key not in _warned:
+            _warned.add(key)
+            _log.warning(
+                "vertical-slash scores: last_q=%d, head dim %d, %s need a %d KiB key window, "
+                "over the Triton score pass's %d KiB; using the PyTorch score pass",
+                last_q, d, k.dtype, window >> 10, VS_SCORE_WINDOW_MAX >> 10,
+            )  # fmt: skip
+        return vs_scores_torch(q, k, last_q, scale)
     upcast = _upcast(q.dtype)
     qk_scale = scale * LOG2E
     block_n = 64
@@ -528,6 +569,7 @@ def vs_scores(
         BS=bs,
         UPCAST=upcast,
         num_warps=score_warps if score_warps is not None else VS_SCORE_WARPS,
+        num_stages=_score_stages(lq_p, block_d, k.element_size()),
     )
     return vertical, slash
 
