@@ -75,6 +75,15 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+# partial reruns after a kernel change (only some lengths), shown beside the full run
+LATER_LAYER_RUNS = (
+    (
+        "bench_layer_128k_v020e_h200.json",
+        "v0.2.0-e kernel (scale folded into the exponent, in-place `p @ v`; chunked block-sparse"
+        " estimation): 128K remeasured",
+    ),
+)
+
 E2E_FILES = ("e2e_v2_h200.json", "e2e_1m_v2_h200.json")
 E2E_OTHER_CARDS = ("e2e_1m_v2_h100.json",)
 
@@ -206,6 +215,20 @@ def main(argv: list[str]) -> int:
     ]
     body = head + table(rows, "structured") + ["", "## Random inputs (reference)", ""]
     body += table(rows, "random") + [""]
+    for name, what in LATER_LAYER_RUNS:
+        path = ROOT / "benchmarks/results" / name
+        if not path.exists():
+            continue
+        later = json.loads(path.read_text())
+        body += [
+            f"## Later run: {what}",
+            "",
+            f"`benchmarks/results/{name}`; card **{later['device']}**, torch {later['torch']}, "
+            f"triton {later['triton']}; run {later['date']}. Same inputs and columns as above.",
+            "",
+            *table(later["rows"], "structured"),
+            "",
+        ]
     if log.get("errors"):
         body += ["## Errors during the run", ""] + [f"- `{e}`" for e in log["errors"]] + [""]
     body += e2e_section()
