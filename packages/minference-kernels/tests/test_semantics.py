@@ -241,6 +241,56 @@ def test_score_window_limits(monkeypatch, caplog):
     assert len(logged) == 1  # once per (dtype, last_q bucket, head dim bucket)
 
 
+@pytest.mark.triton
+def test_launch_steps_down_stages_when_shared_memory_is_short(monkeypatch, caplog):
+    """A GPU with less shared memory (~100 KiB on sm_86/sm_89) rejects the tuned pipeline depth
+    with OutOfResources: the launch retries with fewer stages, logs it, and remembers the depth."""
+    import logging
+
+    import triton
+    from minference_kernels import _triton
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 150, 64, generator=g) for h in (4, 2, 2))
+    heads = [mk.HeadPattern.vertical_slash(8, 40)] * 4
+    want = mk.sparse_prefill(q, k, v, heads, backend="triton")
+
+    class SmallSmem:  # the real kernel behind a launcher that refuses more than one stage
+        def __init__(self, real):
+            self.real, self.fn, self.stages = real, real.fn, []
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **meta):
+                self.stages.append(num_stages)
+                if num_stages > 1:
+                    raise triton.OutOfResources(245760, 101376, "shared memory")
+                return self.real[grid](*args, num_stages=num_stages, **meta)
+
+            return launch
+
+    fake = SmallSmem(_triton._sparse_attn_fwd)
+    monkeypatch.setattr(_triton, "_sparse_attn_fwd", fake)
+    monkeypatch.setattr(_triton, "_FIT_STAGES", {})
+    with caplog.at_level(logging.WARNING, logger="minference_kernels"):
+        got = mk.sparse_prefill(q, k, v, heads, backend="triton")
+        again = mk.sparse_prefill(q, k, v, heads, backend="triton")
+    assert fake.stages == [3, 2, 1, 1]  # the second call starts at the depth that fit
+    assert torch.equal(got, want) and torch.equal(again, want)
+    steps = [r.getMessage() for r in caplog.records if "does not fit this GPU" in r.getMessage()]
+    assert len(steps) == 2 and "num_stages=3" in steps[0] and "retrying with 1" in steps[1]
+
+    def never(*args, num_stages, **meta):
+        raise triton.OutOfResources(1 << 20, 101376, "shared memory")
+
+    monkeypatch.setattr(
+        _triton,
+        "_sparse_attn_fwd",
+        type("K", (), {"fn": fake.fn, "__getitem__": lambda s, g: never})(),
+    )
+    with pytest.raises(triton.OutOfResources):  # nothing fits: the error reaches the caller
+        mk.sparse_prefill(q, k, v, heads, backend="triton")
+
+
 def test_adaptive_coverage_budgets():
     from minference_kernels.synthetic import structured_qkv
 

@@ -17,11 +17,41 @@ from ._validate import interpreting
 from .index import BLOCK, SparseIndex
 
 LOG2E = 1.4426950408889634
+_log = logging.getLogger("minference_kernels")
 
 
 def _upcast(dtype: torch.dtype) -> bool:
     # The interpreter computes half-precision dots wrongly; float32 inputs want IEEE products.
     return interpreting() or dtype == torch.float32
+
+
+# Pipeline depth that fits each launch's shared memory on this device, learnt at its first launch.
+_FIT_STAGES: dict = {}
+
+
+def _launch(kernel, grid, args: tuple, *, num_stages: int, **meta) -> None:
+    """``kernel[grid](*args, num_stages=num_stages, **meta)``, with fewer stages where this GPU's
+    shared memory is too small for the requested depth (cards with ~100 KiB per SM, such as sm_86 and
+    sm_89, or large head dims). Each step down is logged; the depth that fits is remembered per
+    (kernel, device, dtype, compile-time arguments)."""
+    name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
+    t = args[0]
+    key = (name, str(t.device), t.dtype, tuple(sorted(meta.items())), num_stages)
+    stages = _FIT_STAGES.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_stages=stages, **meta)
+        except triton.OutOfResources as e:
+            if stages <= 1:
+                raise
+            _log.warning(
+                "%s does not fit this GPU with num_stages=%d (%s); retrying with %d",
+                name, stages, e, stages - 1,
+            )  # fmt: skip
+            stages -= 1
+            continue
+        _FIT_STAGES[key] = stages
+        return
 
 
 @triton.jit
@@ -235,35 +265,40 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
     upcast = _upcast(q.dtype)
     c = {**ATTN_CONFIG, **cfg}
     grid = (mb, b * hq)
-    _sparse_attn_fwd[grid](
-        q,
-        k,
-        v,
-        out,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        index.rel_tiles,
-        index.rel_end,
-        index.cols,
-        index.col_count,
-        index.cov,
-        index.abs_tiles,
-        index.abs_count,
-        index.sink,
-        index.window,
-        index.rel_tiles.shape[-1],
-        index.cols.shape[-1],
-        index.cov.shape[-1],
-        index.abs_tiles.shape[-1],
-        hq,
-        hq // hkv,
-        nq,
-        nk,
-        nk - nq,
-        mb,
-        scale * LOG2E,
+    _launch(
+        _sparse_attn_fwd,
+        grid,
+        (
+            q,
+            k,
+            v,
+            out,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            index.rel_tiles,
+            index.rel_end,
+            index.cols,
+            index.col_count,
+            index.cov,
+            index.abs_tiles,
+            index.abs_count,
+            index.sink,
+            index.window,
+            index.rel_tiles.shape[-1],
+            index.cols.shape[-1],
+            index.cov.shape[-1],
+            index.abs_tiles.shape[-1],
+            hq,
+            hq // hkv,
+            nq,
+            nk,
+            nk - nq,
+            mb,
+            scale * LOG2E,
+        ),
+        num_stages=c["num_stages"],
         HEAD_D=d,
         BLOCK_D=block_d,
         BLOCK_M=BLOCK,
@@ -271,7 +306,6 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
         UPCAST=upcast,
         SPLIT_MASK=c["split_mask"],
         num_warps=c["num_warps"],
-        num_stages=c["num_stages"],
     )
     return out
 
@@ -466,7 +500,6 @@ VS_SCORE_WINDOW_SMEM = 144 << 10
 # and D = 128; fp32 with last_q = 64). fp32 with last_q = 128 (128 KiB) did not finish compiling
 # in 200 s. Larger windows use the PyTorch score pass, with a log line.
 VS_SCORE_WINDOW_MAX = 64 << 10
-_log = logging.getLogger("minference_kernels")
 _warned: set = set()
 
 
@@ -517,21 +550,26 @@ def vs_scores(
     m_part = torch.empty((b * hq, nchunk, lq_p), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     nw = 4
-    _vs_lse_kernel[(nchunk, b * hq)](
-        q,
-        k,
-        m_part,
-        l_part,
-        *q.stride(),
-        *k.stride(),
-        hq,
-        hq // hkv,
-        nq,
-        nk,
-        lq,
-        qk_scale,
-        chunk,
-        nchunk,
+    _launch(
+        _vs_lse_kernel,
+        (nchunk, b * hq),
+        (
+            q,
+            k,
+            m_part,
+            l_part,
+            *q.stride(),
+            *k.stride(),
+            hq,
+            hq // hkv,
+            nq,
+            nk,
+            lq,
+            qk_scale,
+            chunk,
+            nchunk,
+        ),
+        num_stages=3,
         HEAD_D=d,
         BLOCK_D=block_d,
         LQ_P=lq_p,
@@ -548,28 +586,32 @@ def vs_scores(
     bs = lq_p  # the window of LQ_P + BS keys must be a power of two
     nsb = triton.cdiv(nk, bs) + 1
     per = score_per if score_per is not None else VS_SCORE_PER
-    _vs_score_kernel[(triton.cdiv(nsb, per), b * hq)](
-        q,
-        k,
-        lse,
-        vertical,
-        slash,
-        *q.stride(),
-        *k.stride(),
-        hq,
-        hq // hkv,
-        nq,
-        nk,
-        lq,
-        qk_scale,
-        per,
+    _launch(
+        _vs_score_kernel,
+        (triton.cdiv(nsb, per), b * hq),
+        (
+            q,
+            k,
+            lse,
+            vertical,
+            slash,
+            *q.stride(),
+            *k.stride(),
+            hq,
+            hq // hkv,
+            nq,
+            nk,
+            lq,
+            qk_scale,
+            per,
+        ),
+        num_stages=_score_stages(lq_p, block_d, k.element_size()),
         HEAD_D=d,
         BLOCK_D=block_d,
         LQ_P=lq_p,
         BS=bs,
         UPCAST=upcast,
         num_warps=score_warps if score_warps is not None else VS_SCORE_WARPS,
-        num_stages=_score_stages(lq_p, block_d, k.element_size()),
     )
     return vertical, slash
 
