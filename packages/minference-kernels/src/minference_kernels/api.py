@@ -402,8 +402,9 @@ def build_index(
         c_max = max(max(s_l), 1)
         cols = torch.arange(c_max, device=dev).expand(b, len(hid), c_max)
         col_parts.append((hid, cols, s.expand(b, -1)))
-        sink[:, _head_index(hid, dev)] = s
-        window[:, _head_index(hid, dev)] = w
+        hs = _head_index(hid, dev)
+        sink[:, hs] = s
+        window[:, hs] = w
 
     if "dense" in ids:
         hid = ids["dense"]
