@@ -172,6 +172,52 @@ def check_32k(log):
     return out
 
 
+def big_head_dims(log):
+    """Head dims above the tuned range (D = 192, 256; e.g. Gemma's 256): every kernel on odd shapes
+    against float64 over the exact masks, and which pipeline depth each launch settled on (a
+    launch that does not fit steps down, logged; ``_triton._FIT_STAGES``)."""
+    from minference_kernels import _triton
+
+    torch.manual_seed(1)
+    n_ok, worst = 0, 0.0
+    for d, dt, (n, nk), lq in itertools.product(
+        (192, 256),
+        (torch.bfloat16, torch.float16, torch.float32),
+        ((333, 370), (1100, 1100)),
+        (64, 128),
+    ):
+        b, hq, hkv = 2, 4, 2
+        q = torch.randn(b, hq, n, d, device=DEV, dtype=dt)
+        k = torch.randn(b, hkv, nk, d, device=DEV, dtype=dt)
+        v = torch.randn(b, hkv, nk, d, device=DEV, dtype=dt)
+        heads = [
+            mk.HeadPattern.vertical_slash(12, 20),
+            mk.HeadPattern.a_shape(4, 70),
+            mk.HeadPattern.block_sparse(2),
+            mk.HeadPattern.dense(),
+        ]
+        case = dict(d=d, dtype=str(dt), n=n, nk=nk, last_q=lq)
+        try:
+            o = mk.sparse_prefill(q, k, v, heads, last_q=lq)
+            e = rel(o, ref(q, k, v, mk.sparse_prefill_mask(q, k, heads, last_q=lq)))
+        except Exception as ex:  # noqa: BLE001
+            log["failures"].append({"check": "big_head_dims", **case, "why": repr(ex)[:300]})
+            print("  big head dims", case, "failed", repr(ex)[:200], flush=True)
+            continue
+        tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dt]
+        ok = e < tol and torch.isfinite(o).all().item()
+        n_ok += ok
+        worst = max(worst, e)
+        if not ok:
+            log["failures"].append({"check": "big_head_dims", **case, "err": e})
+        print(f"  big head dims {case} err {e:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+    stages = {
+        f"{k_[0]} {k_[2]} {dict(k_[3]).get('HEAD_D')}": v_ for k_, v_ in _triton._FIT_STAGES.items()
+    }
+    log["big_head_dims"] = {"passed": n_ok, "worst": worst, "stages": stages}
+    return n_ok, worst, stages
+
+
 def score_grid(log):
     """The Triton vertical-slash score pass against the PyTorch one at the largest ``last_q`` per
     pipeline depth, per dtype, D = 128 (shared memory grows with both; ``last_q = 128`` once asked
@@ -269,6 +315,7 @@ if __name__ == "__main__":
     ap.add_argument("--skip-grid", action="store_true")
     ap.add_argument("--cpu-grid", action="store_true", help="run the grid on CPU (torch path)")
     ap.add_argument("--quick", action="store_true", help="every 5th grid case, no timing table")
+    ap.add_argument("--big-d", action="store_true", help="also head dims 192 and 256")
     a = ap.parse_args()
     if a.cpu_grid:
         DEV = "cpu"
@@ -296,6 +343,8 @@ if __name__ == "__main__":
             for kk, vv in sorted(w.items()):
                 print(f"  worst rel err {kk[0]:7s} {kk[1]:15s} {vv:.2e}")
             print("score grid (passed, worst):", score_grid(log), flush=True)
+            if a.big_d:
+                print("head dims 192/256 (passed, worst, stages):", big_head_dims(log), flush=True)
             print("32K:", check_32k(log), f"{time.time() - t0:.0f}s", flush=True)
         if a.ns:
             bench(log, [int(x) for x in a.ns.split(",")])
