@@ -212,7 +212,8 @@ def big_head_dims(log):
             log["failures"].append({"check": "big_head_dims", **case, "err": e})
         print(f"  big head dims {case} err {e:.1e} {'ok' if ok else 'FAIL'}", flush=True)
     stages = {
-        f"{k_[0]} {k_[2]} {dict(k_[3]).get('HEAD_D')}": v_ for k_, v_ in _triton._FIT_STAGES.items()
+        f"{k_[0]} {k_[2]} D={dict(k_[3]).get('HEAD_D')} asked {k_[4]}": got
+        for k_, got in _triton._FIT_STAGES.items()
     }
     log["big_head_dims"] = {"passed": n_ok, "worst": worst, "stages": stages}
     return n_ok, worst, stages
