@@ -259,6 +259,9 @@ def estimate_vertical_slash(
     Returns ``(vertical_indices [B, Hq, NV], slash_indices [B, Hq, NS])`` int64 with
     ``NV = min(num_vertical, Nk)``, ``NS = min(num_slash, Nk)``, ordered by score (highest first).
     Definitions (MInference 1.0): see :mod:`minference_kernels.estimate`. ``last_q`` in [1, 128].
+    With the Triton backend, a ``last_q`` / head dim / dtype whose key window would exceed 64 KiB of
+    shared memory (e.g. float32 with ``last_q > 64`` and D > 64) is scored by the PyTorch pass
+    instead: same scores, a warning on the ``minference_kernels`` logger.
     """
     shape = check_qkv(q, k, None)
     scale = check_scale(scale, shape.head_dim)
