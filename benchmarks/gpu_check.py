@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 
 import minference_kernels as mk
@@ -37,6 +38,34 @@ def rel(o, r):
 DEV = "cuda"
 T0 = time.time()
 QUICK = False
+# relative error allowed against float64, per input dtype
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
+
+
+def mixed_heads():
+    """One head of every kind (repeat for more heads)."""
+    return [
+        mk.HeadPattern.vertical_slash(12, 20),
+        mk.HeadPattern.a_shape(4, 70),
+        mk.HeadPattern.block_sparse(2),
+        mk.HeadPattern.dense(),
+    ]
+
+
+def run_case(log, check: str, case: dict, compute, tol: float):
+    """``compute()`` gives a relative error; a raise or an error above ``tol`` is recorded in
+    ``log["failures"]``. Returns ``(err, ok)``, or ``None`` when it raised."""
+    try:
+        err = compute()
+    except Exception as ex:  # noqa: BLE001
+        log["failures"].append({"check": check, **case, "why": repr(ex)[:300]})
+        print(f"  {check} {case} failed {repr(ex)[:200]}", flush=True)
+        return None
+    ok = err <= tol
+    if not ok:
+        log["failures"].append({"check": check, **case, "err": err})
+    print(f"  {check} {case} err {err:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+    return err, ok
 
 
 def grid(log):
@@ -67,12 +96,7 @@ def grid(log):
             vi = torch.randint(0, nk, (b, hq, 9), device=DEV)
             si = torch.randint(0, nk, (b, hq, 6), device=DEV)
             bi = torch.randint(-1, -(-nk // 64), (b, hq, -(-n // 64), 3), device=DEV)
-            heads = [
-                mk.HeadPattern.vertical_slash(12, 20),
-                mk.HeadPattern.a_shape(4, 70),
-                mk.HeadPattern.block_sparse(2),
-                mk.HeadPattern.dense(),
-            ] * (hq // 4)
+            heads = mixed_heads() * (hq // 4)
             res = {
                 "vs": (
                     mk.vertical_slash_attention(q, k, v, vi, si),
@@ -93,7 +117,7 @@ def grid(log):
                 e = rel(o, ref(q, k, v, m))
                 key = (name, str(dt))
                 worst[key] = max(worst.get(key, 0), e)
-                tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dt]
+                tol = TOL[dt]
                 ok = e < tol and torch.isfinite(o).all().item()
                 n_ok += ok
                 if not ok:
@@ -190,30 +214,21 @@ def big_head_dims(log):
         q = torch.randn(b, hq, n, d, device=DEV, dtype=dt)
         k = torch.randn(b, hkv, nk, d, device=DEV, dtype=dt)
         v = torch.randn(b, hkv, nk, d, device=DEV, dtype=dt)
-        heads = [
-            mk.HeadPattern.vertical_slash(12, 20),
-            mk.HeadPattern.a_shape(4, 70),
-            mk.HeadPattern.block_sparse(2),
-            mk.HeadPattern.dense(),
-        ]
+        heads = mixed_heads()
         case = dict(d=d, dtype=str(dt), n=n, nk=nk, last_q=lq)
-        try:
+
+        def err(q=q, k=k, v=v, heads=heads, lq=lq):
             o = mk.sparse_prefill(q, k, v, heads, last_q=lq)
-            e = rel(o, ref(q, k, v, mk.sparse_prefill_mask(q, k, heads, last_q=lq)))
-        except Exception as ex:  # noqa: BLE001
-            log["failures"].append({"check": "big_head_dims", **case, "why": repr(ex)[:300]})
-            print("  big head dims", case, "failed", repr(ex)[:200], flush=True)
-            continue
-        tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dt]
-        ok = e < tol and torch.isfinite(o).all().item()
-        n_ok += ok
-        worst = max(worst, e)
-        if not ok:
-            log["failures"].append({"check": "big_head_dims", **case, "err": e})
-        print(f"  big head dims {case} err {e:.1e} {'ok' if ok else 'FAIL'}", flush=True)
+            if not torch.isfinite(o).all():
+                return math.inf
+            return rel(o, ref(q, k, v, mk.sparse_prefill_mask(q, k, heads, last_q=lq)))
+
+        got = run_case(log, "big_head_dims", case, err, TOL[dt])
+        if got is not None:
+            worst, n_ok = max(worst, got[0]), n_ok + got[1]
     stages = {
-        f"{k_[0]} {k_[2]} D={dict(k_[3]).get('HEAD_D')} asked {k_[4]}": got
-        for k_, got in _triton._FIT_STAGES.items()
+        f"{k_[0]} {k_[2]} D={dict(k_[3]).get('HEAD_D')} asked {k_[4]}": depth
+        for k_, depth in _triton._FIT_STAGES.items()
     }
     log["big_head_dims"] = {"passed": n_ok, "worst": worst, "stages": stages}
     return n_ok, worst, stages
@@ -226,30 +241,25 @@ def score_grid(log):
     from minference_kernels import _triton
     from minference_kernels.estimate import vs_scores_torch
 
-    worst, n_ok, t0 = 0.0, 0, time.time()
+    worst, n_ok = 0.0, 0
     for dt, lq, n in itertools.product(
         (torch.bfloat16, torch.float16, torch.float32), (64, 128), (300, 4100)
     ):
         d = 128
         q, k, _ = structured_qkv(1, 4, 2, n, d, dtype=dt, device=DEV, seed=lq + n)
         case = dict(dtype=str(dt), last_q=lq, d=d, n=n)
-        try:
+
+        def err(q=q, k=k, lq=lq, d=d):
             vt, st = _triton.vs_scores(q, k, lq, d**-0.5)
             vr, sr = vs_scores_torch(q, k, lq, d**-0.5)
-            err = max(
+            return max(
                 ((vt - vr).abs().max() / vr.abs().max()).item(),
                 ((st - sr).abs().max() / sr.abs().max()).item(),
             )
-        except Exception as e:  # noqa: BLE001
-            log["failures"].append({"check": "score_grid", **case, "why": repr(e)[:300]})
-            print("  score grid", case, "failed", repr(e)[:200], flush=True)
-            continue
-        if not err <= 2e-3:
-            log["failures"].append({"check": "score_grid", **case, "err": err})
-        else:
-            n_ok += 1
-        worst = max(worst, err)
-        print(f"  score grid {case} err {err:.1e} ({time.time() - t0:.0f}s)", flush=True)
+
+        got = run_case(log, "score_grid", case, err, 2e-3)
+        if got is not None:
+            worst, n_ok = max(worst, got[0]), n_ok + got[1]
     log["score_grid"] = {"passed": n_ok, "worst": worst}
     return n_ok, worst
 

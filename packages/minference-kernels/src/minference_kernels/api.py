@@ -423,16 +423,11 @@ def build_index(
             per_bs.setdefault(heads[i].block_size, []).append(i)
         pieces = []
         for bs, hl in per_bs.items():
-            # estimation on the selected query heads with their own KV heads; no host syncs
+            # estimation on the selected query heads (block_topk pairs them with their own KV
+            # heads); no host syncs
             tk_l = [min(heads[i].top_k, -(-nk // bs)) for i in hl]
             bi = block_topk(
-                q,
-                k,
-                _small_tensor(tk_l, dev),
-                bs,
-                heads=_head_index(hl, dev),
-                kv_of_q=_small_tensor([i // shape.group for i in hl], dev),
-                top_k_max=max(tk_l),
+                q, k, _small_tensor(tk_l, dev), bs, heads=_head_index(hl, dev), top_k_max=max(tk_l)
             )
             pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk)))
         a_max = max(p[1].shape[-1] for p in pieces)

@@ -266,8 +266,12 @@ def block_topk(
         pq = _pool_blocks(q, nq, mbq, block_size).index_select(1, heads)
     hq = pq.shape[1]
     if kv_of_q is None and heads is not None:  # the selected heads' own KV heads
-        ids = heads if isinstance(heads, torch.Tensor) else torch.arange(q.shape[1])[heads]
-        kv_of_q = ids.to(dev) // (q.shape[1] // k.shape[1])
+        ids = (
+            heads.to(dev)
+            if isinstance(heads, torch.Tensor)
+            else torch.arange(q.shape[1], device=dev)[heads]
+        )
+        kv_of_q = ids // (q.shape[1] // k.shape[1])  # built on the device: no host sync
     if top_k_max is None:
         top_k_max = int(top_k) if isinstance(top_k, int) else int(top_k.max())
     kmax = int(top_k_max)
