@@ -328,6 +328,9 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="every 5th grid case, no timing table")
     ap.add_argument("--big-d", action="store_true", help="also head dims 192 and 256")
     a = ap.parse_args()
+    QUICK = a.quick  # module global: grid() reads it
+    if a.quick:
+        a.ns = ""
     if a.cpu_grid:
         DEV = "cpu"
         log = {"failures": []}
