@@ -291,6 +291,69 @@ def test_launch_steps_down_stages_when_shared_memory_is_short(monkeypatch, caplo
         mk.sparse_prefill(q, k, v, heads, backend="triton")
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_tma_loads_match_pointer_loads(dt, layout, monkeypatch):
+    """K/V tiles read through tensor descriptors (the Hopper path, on by default) give exactly the
+    pointer loads' output: tiles reaching before key 0 or past Nk arrive as zeros, D = 80 is padded
+    to the 128-wide tile, GQA 4, batch 2, Nq < Nk, the integrations' [B, N, H, D] memory layout."""
+    from minference_kernels import _triton
+
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, n, nk, d = 2, 8, 2, 141, 203, 80
+    shapes = [(b, hq, n, d), (b, hkv, nk, d), (b, hkv, nk, d)]
+    if layout == "bhnd":
+        q, k, v = (torch.randn(*s, generator=g).to(dt) for s in shapes)
+    else:  # [B, H, N, D] views of [B, N, H, D] memory
+        q, k, v = (
+            torch.randn(s[0], s[2], s[1], s[3], generator=g).to(dt).transpose(1, 2) for s in shapes
+        )
+    heads = [
+        mk.HeadPattern.vertical_slash(12, 40),
+        mk.HeadPattern.block_sparse(2),
+        mk.HeadPattern.a_shape(8, 70),
+        mk.HeadPattern.dense(),
+    ] * 2
+    idx = mk.build_index(q, k, heads)
+    made = []
+    real = _triton._kv_descriptors
+    monkeypatch.setattr(_triton, "_kv_descriptors", lambda *a: made.append(1) or real(*a))
+    with_tma = _triton.attend(q, k, v, idx, d**-0.5, tma=True)
+    assert made, "the descriptor path was not taken"
+    pointers = _triton.attend(q, k, v, idx, d**-0.5, tma=False)
+    assert torch.equal(with_tma, pointers)
+    want = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads))
+    assert rel_err(with_tma, want) < 2e-2
+
+
+@pytest.mark.triton
+def test_tma_needs_aligned_half_precision(caplog):
+    """Layouts TMA cannot read (fp32; a row stride that is not a multiple of 16 bytes) take pointer
+    loads, say so once per layout at INFO, and still give the right answer."""
+    import logging
+
+    from minference_kernels import _triton
+
+    assert not _triton._tma_ok(torch.zeros(1, 2, 8, 64))  # fp32
+    bf = torch.bfloat16
+    assert not _triton._tma_ok(torch.zeros(1, 2, 8, 20, dtype=bf))  # 40-byte rows
+    assert not _triton._tma_ok(torch.zeros(1028, dtype=bf)[4:].view(1, 2, 8, 64))  # 8-byte base
+    assert not _triton._tma_ok(torch.zeros(1, 2, 64, 8, dtype=bf).transpose(2, 3))  # D stride 8
+    assert _triton._tma_ok(torch.zeros(1, 2, 8, 64, dtype=bf)[..., :60])  # D 60 of 64: zero-fill
+    assert _triton._tma_ok(torch.zeros(1, 2, 8, 64, dtype=bf).transpose(1, 2))
+    q, k, v = qkv(b=1, hq=2, hkv=1, n=90, d=20, dt=torch.bfloat16)  # 40-byte rows
+    heads = [mk.HeadPattern.vertical_slash(8, 30)] * 2
+    _triton._TMA_NOTED.clear()
+    with caplog.at_level(logging.INFO, logger="minference_kernels"):
+        got = mk.sparse_prefill(q, k, v, heads, backend="triton")
+        mk.sparse_prefill(q, k, v, heads, backend="triton")
+    said = [r.getMessage() for r in caplog.records if "tensor descriptors" in r.getMessage()]
+    assert len(said) == 1 and "pointer loads" in said[0]
+    want = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads))
+    assert rel_err(got, want) < 2e-2
+
+
 def test_adaptive_coverage_budgets():
     from minference_kernels.synthetic import structured_qkv
 

@@ -100,6 +100,8 @@ def _sparse_attn_fwd(
     K,
     V,
     Out,
+    DESC_K,
+    DESC_V,
     sqb,
     sqh,
     sqn,
@@ -142,6 +144,7 @@ def _sparse_attn_fwd(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     SPLIT_MASK: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -184,8 +187,13 @@ def _sparse_attn_fwd(
         r = tl.load(REL + bh * n_rel + t)
         offs_n = a0 + r + offs_n0
         kv_ok = (offs_n >= 0) & (offs_n < Nk)
-        k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
-        v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
+        if TMA:
+            # tensor-memory loads; rows outside [0, Nk) and dims past HEAD_D arrive as zeros
+            k = DESC_K.load([b, hk, a0 + r, 0]).reshape([BLOCK_N, BLOCK_D])
+            v = DESC_V.load([b, hk, a0 + r, 0]).reshape([BLOCK_N, BLOCK_D])
+        else:
+            k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
+            v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
         s = _qk(q, k, UPCAST)
         st = a0 + r
         if SPLIT_MASK:
@@ -226,8 +234,12 @@ def _sparse_attn_fwd(
         st = tl.load(ABS + (bh * MB + m).to(tl.int64) * n_abs + t)
         offs_n = st + offs_n0
         kv_ok = offs_n < Nk
-        k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
-        v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
+        if TMA:
+            k = DESC_K.load([b, hk, st, 0]).reshape([BLOCK_N, BLOCK_D])
+            v = DESC_V.load([b, hk, st, 0]).reshape([BLOCK_N, BLOCK_D])
+        else:
+            k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
+            v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
         s = _qk(q, k, UPCAST)
         if SPLIT_MASK:
             need = (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)
@@ -251,7 +263,35 @@ def _sparse_attn_fwd(
 
 
 # launch settings per head-dim bucket, tuned on an H200 (benchmarks/NOTES.md)
-ATTN_CONFIG = {"num_warps": 4, "num_stages": 3, "split_mask": True}
+# launch settings, tuned on an H200 (benchmarks/NOTES.md, v0.1.0-b and v0.2.0-f): K/V tiles of
+# relative and absolute tiles arrive through tensor descriptors (TMA) where the GPU and layout allow
+ATTN_CONFIG = {"num_warps": 4, "num_stages": 3, "split_mask": True, "tma": True}
+_TMA_NOTED: set = set()
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether ``t`` ([B, H, N, D]) can be read through a tensor descriptor (TMA, sm_90+): fp16/bf16,
+    unit stride on D, 16-byte aligned base and strides, and a Triton that has descriptors."""
+    if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
+        return False
+    if not interpreting() and (not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9):
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.3)
+    except ImportError:
+        return False
+    e = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    blk = [1, 1, block_n, block_d]
+    return (
+        TensorDescriptor(k, list(k.shape), list(k.stride()), blk),
+        TensorDescriptor(v, list(v.shape), list(v.stride()), blk),
+    )
 
 
 def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
@@ -264,6 +304,18 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
     block_d = max(16, triton.next_power_of_2(d))
     upcast = _upcast(q.dtype)
     c = {**ATTN_CONFIG, **cfg}
+    tma = bool(c["tma"]) and _tma_ok(k) and _tma_ok(v)
+    if c["tma"] and not tma:
+        why = (str(k.device), k.dtype, k.stride(), v.stride())
+        if why not in _TMA_NOTED:  # a speed choice, not a correctness one: said once per layout
+            _TMA_NOTED.add(why)
+            _log.info(
+                "K/V (%s, %s, strides %s / %s) cannot be read through tensor descriptors "
+                "(needs fp16/bf16, sm_90+, 16-byte aligned strides, Triton >= 3.3); the sparse "
+                "attention kernel uses pointer loads, which are ~20%% slower on Hopper",
+                *why,
+            )
+    desc_k, desc_v = _kv_descriptors(k, v, BLOCK, block_d) if tma else (k, v)
     grid = (mb, b * hq)
     _launch(
         _sparse_attn_fwd,
@@ -273,6 +325,8 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
             k,
             v,
             out,
+            desc_k,
+            desc_v,
             *q.stride(),
             *k.stride(),
             *v.stride(),
@@ -305,6 +359,7 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
         BLOCK_N=BLOCK,
         UPCAST=upcast,
         SPLIT_MASK=c["split_mask"],
+        TMA=tma,
         num_warps=c["num_warps"],
     )
     return out
