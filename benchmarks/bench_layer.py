@@ -211,7 +211,10 @@ def main():
     ap.add_argument("--ns", default="16384,32768,65536,131072,262144,524288")
     ap.add_argument("--random-ns", default="131072")
     ap.add_argument("--flex-ns", default="32768,131072")
+    ap.add_argument("--attn-config", default="", help="JSON merged into the kernel launch config")
     a = ap.parse_args()
+    if a.attn_config:
+        _triton.ATTN_CONFIG.update(json.loads(a.attn_config))
     try:
         import minference_patterns as mp
 
@@ -226,6 +229,7 @@ def main():
         triton=triton.__version__,
         date=datetime.date.today().isoformat(),
         layer=dict(hq=HQ, hkv=HKV, d=D, dtype="bf16", batch=1),
+        attn_config=dict(_triton.ATTN_CONFIG),
         rows=[],
         errors=[],
     )

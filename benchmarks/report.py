@@ -1,6 +1,6 @@
 """Turn benchmarks/results/bench_layer_*.json into docs/benchmarks.md tables and a speedup plot.
 
-python benchmarks/report.py [benchmarks/results/bench_layer_h200.json]
+python benchmarks/report.py [benchmarks/results/bench_layer_v020f_h200.json]
 """
 
 from __future__ import annotations
@@ -76,16 +76,18 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 # partial reruns after a kernel change (only some lengths), shown beside the full run
-LATER_LAYER_RUNS = (
+# earlier full or partial runs, kept below the current tables for comparison (newest first)
+EARLIER_LAYER_RUNS = (
     (
         "bench_layer_128k_v020e_h200.json",
-        "v0.2.0-e kernel (scale folded into the exponent, in-place `p @ v`; chunked block-sparse"
-        " estimation): 128K remeasured",
+        "v0.2.0-e kernel (pointer loads; scale folded into the exponent, in-place `p @ v`), 128K",
     ),
+    ("bench_layer_h200.json", "v0.2.0-c kernel (pointer loads), every length"),
 )
 
-E2E_FILES = ("e2e_v2_h200.json", "e2e_1m_v2_h200.json")
-E2E_OTHER_CARDS = ("e2e_1m_v2_h100.json",)
+# later files replace earlier rows of the same (method, length)
+E2E_FILES = ("e2e_v3_h200.json", "e2e_512k_v3_h200.json", "e2e_1m_v3_h200.json")
+E2E_OTHER_CARDS = (("e2e_1m_v2_h100.json", "the v0.2.0-c kernel, pointer loads"),)
 
 
 def e2e_section() -> list[str]:
@@ -97,7 +99,8 @@ def e2e_section() -> list[str]:
     ]
     if not logs:
         return []
-    rows = [r for log in logs for r in log["rows"]]
+    latest = {(r["method"], r["n"]): r for log in logs for r in log["rows"]}
+    rows = list(latest.values())
     ours = [r for r in rows if r["method"] == "minference"]
     dense = {r["n"]: r for r in rows if r["method"] == "dense"}
     out = [
@@ -132,7 +135,7 @@ def e2e_section() -> list[str]:
             f"{d['attention_s']:.1f} / {r['attention_s']:.1f} | {r['peak_gpu_gib']:.1f} "
             f"({r['predicted_peak_gib']:.1f}) | {r['offloaded_layers']} | {dec} |"
         )
-    for f in E2E_OTHER_CARDS:
+    for f, kernel in E2E_OTHER_CARDS:
         path = ROOT / "benchmarks/results" / f
         if not path.exists():
             continue
@@ -142,7 +145,8 @@ def e2e_section() -> list[str]:
         steps = sorted(o.get("decode_step_s", [])[1:])
         out += [
             "",
-            f"Same benchmark on **{other['device']}** (80 GB; torch {other['torch']}) at "
+            f"Same benchmark on **{other['device']}** (80 GB; torch {other['torch']}; "
+            f"{other['date']}, {kernel}) at "
             f"{fmt_n(o['n'])} tokens: minference {o['ttft_s']:.1f} s vs dense "
             f"{d['ttft_s']:.1f} s{' (est.)' if d.get('estimated') else ''}, "
             f"**{d['ttft_s'] / o['ttft_s']:.2f}x**; {o['offloaded_layers']} of 32 cache layers in "
@@ -185,7 +189,7 @@ def e2e_section() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    src = Path(argv[0]) if argv else ROOT / "benchmarks/results/bench_layer_h200.json"
+    src = Path(argv[0]) if argv else ROOT / "benchmarks/results/bench_layer_v020f_h200.json"
     log = json.loads(src.read_text())
     rows = log["rows"]
     png = ROOT / "docs/img/bench_layer_speedup.png"
@@ -215,13 +219,13 @@ def main(argv: list[str]) -> int:
     ]
     body = head + table(rows, "structured") + ["", "## Random inputs (reference)", ""]
     body += table(rows, "random") + [""]
-    for name, what in LATER_LAYER_RUNS:
+    for name, what in EARLIER_LAYER_RUNS:
         path = ROOT / "benchmarks/results" / name
-        if not path.exists():
+        if not path.exists() or path == src:
             continue
         later = json.loads(path.read_text())
         body += [
-            f"## Later run: {what}",
+            f"## Earlier run: {what}",
             "",
             f"`benchmarks/results/{name}`; card **{later['device']}**, torch {later['torch']}, "
             f"triton {later['triton']}; run {later['date']}. Same inputs and columns as above.",

@@ -28,8 +28,10 @@ from minference_kernels.api import _dense_index
 VARIANTS = {
     "w4 s3": dict(num_warps=4, num_stages=3),
     "w4 s2": dict(num_warps=4, num_stages=2),
+    "w4 s4": dict(num_warps=4, num_stages=4),
     "w8 s3": dict(num_warps=8, num_stages=3),
     "w4 s3 unsplit": dict(num_warps=4, num_stages=3, split_mask=False),
+    "w4 s3 pointers": dict(num_warps=4, num_stages=3, tma=False),  # the v0.2.0-e kernel
 }
 
 
