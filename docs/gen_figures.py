@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 IMG = DOCS / "img" / "gen"
 SNIPPETS = DOCS / "snippets"
-BENCH_JSON = ROOT / "benchmarks" / "results" / "bench_layer_h200.json"
+BENCH_JSON = ROOT / "benchmarks" / "results" / "bench_layer_v020f_h200.json"
 DPI = 110
 # PNG metadata without the matplotlib version, so the files only change when the pictures do
 META = {"Software": None}

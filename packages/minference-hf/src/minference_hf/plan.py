@@ -13,11 +13,12 @@ if TYPE_CHECKING:
 #: Default prompt length (keys) from which pre-fill takes the sparse path. Below it dense SDPA
 #: (cuDNN / FlashAttention on GPU) is as fast or faster, so short prompts never pay for sparsity.
 #: Measured crossover of the shipped Llama-3.1 config vs cuDNN on an H200 (benchmarks/NOTES.md):
-#: 0.42x at 16K, 1.18x at 32K.
+#: 0.93x at 16K, 1.89x at 32K (0.42x and 1.18x with the pointer-load kernel of other GPUs).
 DEFAULT_MIN_SPARSE_LEN = 32768
 #: On CUDA, a layer whose estimated index keeps more than this share of the causal pairs (inputs
-#: without sparse structure) runs dense: our kernel computes kept pairs at ~0.68 of cuDNN's dense rate
-#: on an H200 (benchmarks/NOTES.md), so above ~0.6 sparse stops paying.
+#: without sparse structure) runs dense. Our kernel computes kept pairs at ~0.68 of cuDNN's dense
+#: rate with pointer loads and ~0.85 with TMA loads on Hopper (benchmarks/NOTES.md); 0.6 keeps the
+#: sparse path a win for both, and dense is exact.
 DEFAULT_MAX_DENSITY = 0.6
 #: Default number of new query tokens a forward call needs before it may take the sparse path
 #: (a chunk of a chunked pre-fill smaller than this runs dense).

@@ -20,7 +20,7 @@ __all__ = ["prefill_request"]
 
 
 #: Share of causal pairs above which a sparse index runs dense on CUDA (kernel rate ~0.68 of
-#: cuDNN's on an H200, see benchmarks/NOTES.md).
+#: cuDNN's with pointer loads, ~0.85 with TMA loads on Hopper; see benchmarks/NOTES.md).
 MAX_DENSITY = 0.6
 
 
