@@ -341,6 +341,15 @@ def test_tma_needs_aligned_half_precision(caplog):
     assert not _triton._tma_ok(torch.zeros(1028, dtype=bf)[4:].view(1, 2, 8, 64))  # 8-byte base
     assert not _triton._tma_ok(torch.zeros(1, 2, 64, 8, dtype=bf).transpose(2, 3))  # D stride 8
     assert _triton._tma_ok(torch.zeros(1, 2, 8, 64, dtype=bf)[..., :60])  # D 60 of 64: zero-fill
+    assert not _triton._tma_ok(torch.zeros(1, 1, 8, 64, dtype=bf).expand(1, 4, 8, 64))  # stride 0
+    one = torch.zeros(1, 2, 1, 64, dtype=bf).expand(3, 2, 1, 64)[:1]  # size-1 dims: any stride
+    assert _triton._tma_ok(one) and _triton._desc_strides(one) == [128, 64, 64, 1]
+    assert _triton._desc_strides(torch.zeros(1, 2, 1, 64, dtype=bf).transpose(0, 2)) == [
+        128,
+        64,
+        64,
+        1,
+    ]
     assert _triton._tma_ok(torch.zeros(1, 2, 8, 64, dtype=bf).transpose(1, 2))
     q, k, v = qkv(b=1, hq=2, hkv=1, n=90, d=20, dt=torch.bfloat16)  # 40-byte rows
     heads = [mk.HeadPattern.vertical_slash(8, 30)] * 2

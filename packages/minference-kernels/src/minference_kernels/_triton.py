@@ -281,7 +281,19 @@ def _tma_ok(t: torch.Tensor) -> bool:
     except ImportError:
         return False
     e = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * e) % 16 == 0 for s in t.stride()[:-1])
+    # broadcast (stride-0) dims, e.g. expanded K/V, are left to pointer loads: not checked on a GPU
+    outer = [(n, st) for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n > 1]
+    return t.data_ptr() % 16 == 0 and all(st > 0 and (st * e) % 16 == 0 for _, st in outer)
+
+
+def _desc_strides(t: torch.Tensor) -> list:
+    """``t``'s strides, with those of size-1 dims (never stepped over, but still encoded in the
+    descriptor) replaced by the packed stride, so they too are positive multiples of 16 bytes."""
+    st = list(t.stride())
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            st[i] = st[i + 1] * max(1, t.shape[i + 1])
+    return st
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
@@ -289,8 +301,8 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int
 
     blk = [1, 1, block_n, block_d]
     return (
-        TensorDescriptor(k, list(k.shape), list(k.stride()), blk),
-        TensorDescriptor(v, list(v.shape), list(v.stride()), blk),
+        TensorDescriptor(k, list(k.shape), _desc_strides(k), blk),
+        TensorDescriptor(v, list(v.shape), _desc_strides(v), blk),
     )
 
 
