@@ -201,8 +201,6 @@ def big_head_dims(log):
     """Head dims above the tuned range (D = 192, 256; e.g. Gemma's 256): every kernel on odd shapes
     against float64 over the exact masks, and which pipeline depth each launch settled on (a
     launch that does not fit steps down, logged; ``_triton._FIT_STAGES``)."""
-    from minference_kernels import _triton
-
     torch.manual_seed(1)
     n_ok, worst = 0, 0.0
     # fp32 last: its large tiles compile slowly (and step down the most)
@@ -240,7 +238,6 @@ def score_grid(log):
     """The Triton vertical-slash score pass against the PyTorch one at the largest ``last_q`` per
     pipeline depth, per dtype, D = 128 (shared memory grows with both; ``last_q = 128`` once asked
     240 KiB). Each (dtype, last_q) pair compiles its own kernels: keep the grid small."""
-    from minference_kernels import _triton
     from minference_kernels.estimate import vs_scores_torch
 
     worst, n_ok = 0.0, 0
@@ -294,7 +291,6 @@ def bench(log, ns):
             n=n, cudnn_ms=t_cudnn, flash_ms=t_flash, cudnn_tflops=flops_dense / t_cudnn / 1e9
         )
         # our kernel with every tile (dense through the sparse kernel): kept-pair rate ceiling
-        from minference_kernels import _triton
         from minference_kernels._validate import check_qkv
         from minference_kernels.api import _dense_index
 

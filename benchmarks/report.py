@@ -75,7 +75,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-# partial reruns after a kernel change (only some lengths), shown beside the full run
 # earlier full or partial runs, kept below the current tables for comparison (newest first)
 EARLIER_LAYER_RUNS = (
     (

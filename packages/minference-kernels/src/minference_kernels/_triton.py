@@ -6,6 +6,7 @@ Imported lazily by the public functions; importing this module compiles nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -262,11 +263,24 @@ def _sparse_attn_fwd(
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-# launch settings per head-dim bucket, tuned on an H200 (benchmarks/NOTES.md)
 # launch settings, tuned on an H200 (benchmarks/NOTES.md, v0.1.0-b and v0.2.0-f): K/V tiles of
 # relative and absolute tiles arrive through tensor descriptors (TMA) where the GPU and layout allow
 ATTN_CONFIG = {"num_warps": 4, "num_stages": 3, "split_mask": True, "tma": True}
 _TMA_NOTED: set = set()
+
+
+@functools.cache
+def _tma_device(device: str, interp: bool) -> bool:
+    """Whether this device (sm_90+, or the interpreter) and Triton (>= 3.3) have tensor
+    descriptors; asked once per device, not on every launch."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    if interp:
+        return True
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -274,11 +288,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
     unit stride on D, 16-byte aligned base and strides, and a Triton that has descriptors."""
     if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
         return False
-    if not interpreting() and (not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9):
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.3)
-    except ImportError:
+    if not _tma_device(str(t.device), interpreting()):
         return False
     e = t.element_size()
     # broadcast (stride-0) dims, e.g. expanded K/V, are left to pointer loads: not checked on a GPU
