@@ -438,7 +438,8 @@ def test_block_estimation_chunks_change_nothing(monkeypatch, b, hq, hkv, nq, nk,
     order = torch.topk(ranked, kk, -1).indices
     ok = torch.gather(ranked, -1, order) > float("-inf")
     want = torch.full((b, hq, ranked.shape[2], top_k), -1, dtype=torch.int64)
-    want[..., :kk] = torch.where(ok, order, -1)
+    picked = torch.where(ok, order, 2**40).sort(-1).values  # ascending ids, -1 padding last
+    want[..., :kk] = torch.where(picked == 2**40, -1, picked)
     whole = mk.estimate_block_sparse(q, k, top_k, bs)
     monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)  # one query block per chunk
     chunked = mk.estimate_block_sparse(q, k, top_k, bs)
@@ -456,3 +457,69 @@ def test_block_estimation_chunks_change_nothing(monkeypatch, b, hq, hkv, nq, nk,
     assert torch.equal(idx.abs_tiles, again.abs_tiles) and torch.equal(
         idx.abs_count, again.abs_count
     )
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "b,hq,hkv,nq,nk,bs,top_k",
+    [
+        (2, 4, 2, 300, 300, 64, 3),
+        (1, 8, 1, 191, 254, 64, 1),
+        (1, 4, 4, 333, 400, 128, 2),
+        (2, 2, 1, 250, 250, 192, 40),  # budget above the causal count: -1 padding
+        (1, 4, 2, 1, 1, 64, 2),
+    ],
+)
+def test_triton_block_selection_matches_torch(monkeypatch, caplog, b, hq, hkv, nq, nk, bs, top_k):
+    """The Triton top-k (bisection over the scores, no sort) picks exactly the blocks of the
+    PyTorch stable sort: per-head budgets, head subsets, chunked rows, continuation, exact ties,
+    and rows too wide for it (PyTorch top-k, logged)."""
+    import logging
+
+    from minference_kernels import _triton, estimate
+
+    q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + bs)
+    want = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch")
+    got = mk.estimate_block_sparse(q, k, top_k, bs, backend="triton")
+    assert torch.equal(got, want)
+    limits = torch.tensor([1 + i % max(1, top_k) for i in range(hq)])
+    pick = torch.tensor([hq - 1, 0])
+    for kw in ({}, {"heads": pick}, {"heads": slice(1, hq)}):
+        t = limits if "heads" not in kw else limits[kw["heads"]]
+        a = estimate.block_topk(q, k, t, bs, top_k_max=top_k, backend="torch", **kw)
+        monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)  # one query block per chunk
+        c = estimate.block_topk(q, k, t, bs, top_k_max=top_k, backend="triton", **kw)
+        monkeypatch.undo()
+        assert torch.equal(a, c), kw
+    # exact ties everywhere: the lowest block ids win on both paths
+    qt, kt, _ = _tied_qk(b, hq, hkv, nq, nk)
+    tied = mk.estimate_block_sparse(qt, kt, top_k, bs, backend="torch")
+    assert torch.equal(mk.estimate_block_sparse(qt, kt, top_k, bs, backend="triton"), tied)
+    # rows wider than the Triton selection holds: the PyTorch top-k, with one log line
+    monkeypatch.setattr(_triton, "BLOCK_SELECT_MAX", 1)
+    monkeypatch.setattr(estimate, "_wide_logged", set())
+    with caplog.at_level(logging.INFO, logger="minference_kernels"):
+        wide = mk.estimate_block_sparse(q, k, top_k, bs, backend="triton")
+    assert torch.equal(wide, want)
+    assert -(-nk // bs) == 1 or "exceed the Triton selection" in caplog.text
+
+
+def _tied_qk(b, hq, hkv, nq, nk, d=64):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 1, d, generator=g).expand(b, hq, nq, d).contiguous()
+    k = torch.randn(1, 1, 1, d, generator=g).expand(b, hkv, nk, d).contiguous()
+    return q, k, None
+
+
+def test_block_selection_is_ascending_and_lowest_id_on_ties():
+    """Ascending key-block ids, -1 padding last; equal scores go to the lowest id."""
+    q, k, _ = _tied_qk(1, 2, 1, 640, 640)
+    bi = mk.estimate_block_sparse(q, k, 3)
+    # query block 9: the diagonal block 9, then blocks 0 and 1 (all scores tie)
+    assert bi[0, 0, 9].tolist() == [0, 1, 9]
+    assert bi[0, 0, 1].tolist() == [0, 1, -1]
+    q, k, _ = qkv(b=1, hq=2, hkv=1, n=700, d=64)
+    bi = mk.estimate_block_sparse(q, k, 4)
+    for row in bi.reshape(-1, 4).tolist():
+        valid = [j for j in row if j >= 0]
+        assert valid == sorted(valid) and row[len(valid) :] == [-1] * (4 - len(valid))

@@ -693,4 +693,120 @@ def vs_scores(
     return vertical, slash
 
 
-__all__ = ["attend", "slash_tiles", "vs_scores", "math"]
+# ---------------------------------------------------------------------------------------------
+# block-sparse estimation: top-k key blocks of each query block (one program per row)
+
+#: Widest row of block scores (causal key blocks of one query block) the Triton selection holds in
+#: registers: 16384 blocks = 1M tokens at ``block_size = 64``. Wider rows use the PyTorch selection.
+BLOCK_SELECT_MAX = 16384
+_I32_MAX = tl.constexpr(2147483647)
+
+
+@triton.jit(do_not_specialize=["hq", "r0", "width", "nq", "off", "bs", "kmax"])
+def _block_select_kernel(
+    S,
+    OUT,
+    LIMIT,
+    s_b,
+    s_h,
+    s_r,
+    o_b,
+    o_h,
+    o_r,
+    hq,
+    r0,
+    width,
+    nq,
+    off,
+    bs,
+    kmax,
+    W_P: tl.constexpr,
+):
+    """Row ``r`` (query block ``r0 + r``) of head ``bh``: the ``min(LIMIT[h], kmax, causal)``
+    highest-ranked causal key blocks, ascending, into ``OUT`` (pre-filled with -1). Rank: the block
+    of the query block's first row, then its other diagonal block, then the scores; ties go to the
+    lowest block id. The k-th largest rank is found by bisection over a monotone int32 image of the
+    float32 scores (32 counting passes over the row in registers), so nothing is sorted."""
+    r = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // hq
+    h = bh % hq
+    qb = (r0 + r).to(tl.int64)
+    first = qb * bs + off
+    last = tl.minimum((qb + 1) * bs, nq) - 1 + off
+    j = tl.arange(0, W_P)
+    kstart = j.to(tl.int64) * bs
+    causal = (j < width) & (kstart <= last)
+    base = S + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + r.to(tl.int64) * s_r
+    x = tl.load(base + j, mask=causal, other=0.0)
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats (NaN aside)
+    key = tl.minimum(tl.maximum(key, -_I32_MAX + 1), _I32_MAX - 2)
+    key = tl.where(causal & (kstart + bs > first), _I32_MAX - 1, key)  # diagonal blocks
+    key = tl.where(j == first // bs, _I32_MAX, key)  # the block holding the first row
+    key = tl.where(causal, key, -_I32_MAX - 1)
+    n_causal = tl.sum(causal.to(tl.int32), 0)
+    kk = tl.minimum(tl.minimum(tl.load(LIMIT + h).to(tl.int32), kmax), n_causal)
+    # invariant: count(key >= lo) >= kk > count(key >= hi)
+    lo = tl.full([], -_I32_MAX, tl.int64)
+    hi = tl.full([], _I32_MAX + 1, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        cnt = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
+        ge = cnt >= kk
+        lo = tl.where(ge, mid, lo)
+        hi = tl.where(ge, hi, mid)
+    t = lo.to(tl.int32)
+    gt = key > t
+    eq = key == t
+    need = kk - tl.sum(gt.to(tl.int32), 0)
+    sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
+    pos = tl.cumsum(sel.to(tl.int32), 0) - 1
+    dst = OUT + b.to(tl.int64) * o_b + h.to(tl.int64) * o_h + r.to(tl.int64) * o_r
+    tl.store(dst + pos, j.to(tl.int64), mask=sel)
+
+
+def block_select(
+    scores: torch.Tensor,
+    out: torch.Tensor,
+    limit: torch.Tensor,
+    *,
+    r0: int,
+    nq: int,
+    off: int,
+    block_size: int,
+    kmax: int,
+) -> None:
+    """Top-k selection of :func:`minference_kernels.estimate.block_topk` for one chunk of query
+    blocks: ``scores [B, H, R, W]`` float32 (raw pooled dot products; causality and the forced
+    diagonal blocks are applied here), ``out [B, H, R, >= kmax]`` int64 pre-filled with -1 (a view
+    is fine), ``limit [H]`` per-head budgets. ``W <= BLOCK_SELECT_MAX``."""
+    b, h, rows, width = scores.shape
+    if width > BLOCK_SELECT_MAX:
+        raise ValueError(f"block_select: {width} key blocks exceed {BLOCK_SELECT_MAX}")
+    if scores.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("block_select: scores and out need a contiguous last dim")
+    w_p = max(512, triton.next_power_of_2(width))
+    _block_select_kernel[(rows, b * h)](
+        scores,
+        out,
+        limit.to(torch.int64).contiguous(),
+        scores.stride(0),
+        scores.stride(1),
+        scores.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        h,
+        r0,
+        width,
+        nq,
+        off,
+        block_size,
+        kmax,
+        W_P=w_p,
+        num_warps=4 if w_p <= 2048 else (8 if w_p <= 8192 else 16),
+    )
+
+
+__all__ = ["attend", "block_select", "slash_tiles", "vs_scores", "math"]

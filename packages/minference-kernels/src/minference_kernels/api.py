@@ -294,15 +294,16 @@ def estimate_block_sparse(
 ) -> torch.Tensor:
     """Estimate each query block's ``top_k`` key blocks from mean-pooled Q and K.
 
-    Returns ``block_indices [B, Hq, ceil(Nq / block_size), top_k]`` int64, highest score first,
-    ``-1`` where a query block has fewer than ``top_k`` causal key blocks. The diagonal key blocks are
-    always kept. Definitions: see :mod:`minference_kernels.estimate`.
+    Returns ``block_indices [B, Hq, ceil(Nq / block_size), top_k]`` int64, key-block ids in
+    ascending order, ``-1`` padding after them where a query block has fewer than ``top_k`` causal
+    key blocks. The diagonal key blocks are always kept; equal scores go to the lowest block id, so
+    both backends select the same blocks. Definitions: see :mod:`minference_kernels.estimate`.
     """
     check_qkv(q, k, None)
     check_int(top_k, "top_k", low=1)
     _check_block_size(block_size)
-    resolve_backend(backend, q.device)
-    return estimate_block_sparse_impl(q, k, top_k, block_size)
+    be = resolve_backend(backend, q.device)
+    return estimate_block_sparse_impl(q, k, top_k, block_size, backend=be)
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +428,13 @@ def build_index(
             # heads); no host syncs
             tk_l = [min(heads[i].top_k, -(-nk // bs)) for i in hl]
             bi = block_topk(
-                q, k, _small_tensor(tk_l, dev), bs, heads=_head_index(hl, dev), top_k_max=max(tk_l)
+                q,
+                k,
+                _small_tensor(tk_l, dev),
+                bs,
+                heads=_head_index(hl, dev),
+                top_k_max=max(tk_l),
+                backend=be,
             )
             pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk)))
         a_max = max(p[1].shape[-1] for p in pieces)

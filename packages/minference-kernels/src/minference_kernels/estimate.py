@@ -25,9 +25,13 @@ Selection is deterministic: the same inputs give the same indices run to run.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .index import _BIG
+
+_log = logging.getLogger("minference_kernels")
 
 KEEP_FIRST = 30
 KEEP_LOCAL = 100
@@ -38,6 +42,33 @@ def _topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     if k == 0:
         return score.new_zeros((*score.shape[:-1], 0), dtype=torch.int64)
     return torch.topk(score, k, dim=-1, largest=True, sorted=True).indices
+
+
+def _topk_stable(score: torch.Tensor, k: int) -> torch.Tensor:
+    """As :func:`_topk_indices`, but equal scores go to the lowest index (a stable sort), the rule
+    of the Triton block selection: the same blocks on every device and backend."""
+    return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def _triton_select_max() -> int:
+    from . import _triton
+
+    return _triton.BLOCK_SELECT_MAX
+
+
+_wide_logged: set[int] = set()
+
+
+def _log_wide_once(width: int) -> None:
+    bucket = width.bit_length()
+    if bucket not in _wide_logged:
+        _wide_logged.add(bucket)
+        _log.info(
+            "block-sparse estimation: %d key blocks per row exceed the Triton selection's %d; "
+            "using the PyTorch top-k",
+            width,
+            _triton_select_max(),
+        )
 
 
 def vs_scores_torch(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
@@ -226,8 +257,8 @@ def force_diagonal(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     return rank.masked_fill_(first, float("inf"))
 
 
-# Scratch bytes of one chunk of query blocks in :func:`block_topk` (scores, their ranking copy and
-# top-k temporaries). Bounds the estimator's memory at any length: all block pairs of a 32-head
+# Scratch bytes of one chunk of query blocks in :func:`block_topk` (the scores; on the PyTorch
+# path also their ranking copy and sort temporaries). Bounds the estimator's memory at any length: all block pairs of a 32-head
 # layer at 1M tokens would be 34 GB in float32.
 BLOCK_SCORE_CHUNK_BYTES = 256 << 20
 
@@ -241,10 +272,16 @@ def block_topk(
     heads: slice | torch.Tensor | None = None,
     kv_of_q: torch.Tensor | None = None,
     top_k_max: int | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Block-sparse estimation (module doc): ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` ->
-    ``[B, Hq, ceil(Nq / block_size), K]`` int64 key-block ids, highest score first, ``-1`` = none,
-    with ``K = top_k_max`` (default ``max(top_k)``: a host sync when ``top_k`` is a tensor).
+    ``[B, Hq, ceil(Nq / block_size), K]`` int64 key-block ids in ascending order, ``-1`` padding
+    after them, with ``K = top_k_max`` (default ``max(top_k)``: a host sync when ``top_k`` is a
+    tensor). Equal scores go to the lowest block id.
+
+    ``backend="triton"`` selects with one Triton program per query block (no sort; rows of at most
+    ``_triton.BLOCK_SELECT_MAX`` key blocks, wider ones use the PyTorch top-k with a log line);
+    ``"torch"`` with a stable sort. Both pick the same blocks from the same scores.
 
     ``heads`` (a slice or an index tensor) estimates only those query heads of ``q`` (``Hq`` below
     is then their count; q is never copied). ``top_k`` is an int or a per-head ``[Hq]`` tensor;
@@ -284,28 +321,43 @@ def block_topk(
     out = torch.full((b, hq, mbq, kmax), -1, dtype=torch.int64, device=dev)
     if kmax == 0:
         return out
-    rows_per = max(1, BLOCK_SCORE_CHUNK_BYTES // (3 * 4 * b * hq * mbk))
+    use_triton = backend == "triton"
+    if use_triton and mbk > _triton_select_max():
+        _log_wide_once(mbk)
+        use_triton = False
+    # bytes per score held at once: the scores (Triton), plus a ranking copy, sorted values and
+    # int64 order (PyTorch)
+    per_score = 4 if use_triton else 20
+    rows_per = max(1, BLOCK_SCORE_CHUNK_BYTES // (per_score * b * hq * mbk))
     for r0 in range(0, mbq, rows_per):
         r1 = min(mbq, r0 + rows_per)
-        rows = torch.arange(r0, r1, device=dev)
         # key blocks causal for the chunk's last row; later ones are -inf for every row here
         last_pos = min(r1 * block_size, nq) - 1 + off
         width = min(mbk, last_pos // block_size + 1)
-        causal, forced = _causal_forced(rows, width, nq, off, block_size)
         s = torch.matmul(pq[:, :, r0:r1], pk[:, :, :width].transpose(-1, -2))
+        if use_triton:
+            from . import _triton
+
+            _triton.block_select(
+                s, out[:, :, r0:r1], limit, r0=r0, nq=nq, off=off, block_size=block_size, kmax=kmax
+            )
+            continue
+        rows = torch.arange(r0, r1, device=dev)
+        causal, forced = _causal_forced(rows, width, nq, off, block_size)
         s = force_diagonal(s.masked_fill_(~causal, float("-inf")), forced)
         kk = min(kmax, width)
-        order = _topk_indices(s, kk)
+        order = _topk_stable(s, kk)
         vals = torch.gather(s, -1, order)
         ok = (vals > float("-inf")) & (
             torch.arange(kk, device=dev)[None, None, None, :] < limit[None, :, None, None]
         )
-        out[:, :, r0:r1, :kk] = torch.where(ok, order, torch.full_like(order, -1))
+        picked = torch.where(ok, order, torch.full_like(order, _BIG)).sort(-1).values
+        out[:, :, r0:r1, :kk] = torch.where(picked == _BIG, torch.full_like(picked, -1), picked)
     return out
 
 
-def estimate_block_sparse_impl(q, k, top_k, block_size):
-    return block_topk(q, k, int(top_k), block_size)
+def estimate_block_sparse_impl(q, k, top_k, block_size, backend: str = "torch"):
+    return block_topk(q, k, int(top_k), block_size, backend=backend)
 
 
 __all__ = [
