@@ -523,3 +523,24 @@ def test_block_selection_is_ascending_and_lowest_id_on_ties():
     for row in bi.reshape(-1, 4).tolist():
         valid = [j for j in row if j >= 0]
         assert valid == sorted(valid) and row[len(valid) :] == [-1] * (4 - len(valid))
+
+
+@pytest.mark.parametrize(
+    "nq,nk,bs", [(300, 300, 64), (191, 254, 64), (333, 400, 128), (250, 517, 192)]
+)
+def test_block_pieces_fast_path_equals_sorted_path(nq, nk, bs):
+    """The estimator's ascending selections become tiles without a sort; the result equals the
+    general path (sort + unique, for user indices in any order) tile for tile."""
+    from minference_kernels import index as _index
+
+    q, k, _ = qkv(b=2, hq=4, hkv=2, n=nq, d=64, extra=nk - nq, seed=bs)
+    for top_k in (1, 2, 5, 40):
+        bi = mk.estimate_block_sparse(q, k, top_k, bs)
+        t_fast, c_fast = _index.block_sparse_pieces(bi, bs, nq, nk, ascending=True)
+        t_ref, c_ref = _index.block_sparse_pieces(bi, bs, nq, nk)
+        assert torch.equal(c_fast, c_ref)
+        width = t_ref.shape[-1]
+        keep = torch.arange(width) < c_ref[..., None]
+        assert torch.equal(
+            torch.where(keep, t_fast[..., :width].long(), 0), torch.where(keep, t_ref, 0)
+        )

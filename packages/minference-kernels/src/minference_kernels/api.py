@@ -436,9 +436,9 @@ def build_index(
                 top_k_max=max(tk_l),
                 backend=be,
             )
-            pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk)))
+            pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk, ascending=True)))
         a_max = max(p[1].shape[-1] for p in pieces)
-        abs_tiles = torch.zeros((b, h, mb, a_max), dtype=torch.int64, device=dev)
+        abs_tiles = torch.zeros((b, h, mb, a_max), dtype=torch.int32, device=dev)
         abs_count = torch.zeros((b, h, mb), dtype=torch.int64, device=dev)
         for hl, tl_, cnt in pieces:
             hs = _head_index(hl, dev)

@@ -253,18 +253,31 @@ def vertical_slash_pieces(
     return tiles.reshape(b, h, -1), n_tiles.reshape(b, h), cols, col_total
 
 
-def block_sparse_pieces(block_indices: torch.Tensor, block_size: int, n_q: int, n_kv: int):
+def block_sparse_pieces(
+    block_indices: torch.Tensor, block_size: int, n_q: int, n_kv: int, *, ascending: bool = False
+):
     """``block_indices [B, H, ceil(n_q / bs), K]`` (key-block ids, -1 = none) -> absolute 64-key tiles
-    per 64-row kernel block: ``(abs_tiles [B, H, MB, K * bs/64], abs_count [B, H, MB])``."""
+    per 64-row kernel block: ``(abs_tiles [B, H, MB, K * bs/64], abs_count [B, H, MB])``.
+
+    ``ascending=True`` promises rows of causal, strictly ascending ids with the -1 padding last (the
+    estimator's output): the tiles are then already sorted and unique, with the invalid ones (past
+    the keys or the block's last row, only in the last id's block) at the end, so no sort is needed.
+    """
     b, h, _, kk = block_indices.shape
     device = block_indices.device
     mb = -(-n_q // BLOCK)
     sub = min(block_size // BLOCK, -(-n_kv // BLOCK))  # tiles past the keys are never valid
     row = (torch.arange(mb, device=device) * BLOCK) // block_size
-    bi = block_indices.to(torch.int64).index_select(2, row)  # [B, H, MB, K]
+    bi = block_indices.index_select(2, row)  # [B, H, MB, K]
+    if ascending and sub == 1:
+        # block_size 64: one tile per block; a causal block of a 64-row block reaches its rows
+        return (bi * BLOCK).to(torch.int32), (bi >= 0).sum(-1)
+    bi = bi.to(torch.int64)
     starts = bi[..., None] * block_size + BLOCK * torch.arange(sub, device=device)  # [B,H,MB,K,sub]
     starts = starts.reshape(b, h, mb, kk * sub)
     _, a1 = block_starts(n_q, n_kv, device)
     valid = (bi >= 0)[..., None].expand(b, h, mb, kk, sub).reshape(b, h, mb, kk * sub)
     valid = valid & (starts <= a1[None, None, :, None]) & (starts < n_kv)
+    if ascending:
+        return torch.where(valid, starts, 0).to(torch.int32), valid.sum(-1)
     return sorted_unique(starts, valid)
