@@ -213,6 +213,11 @@ def main():
     ap.add_argument("--flex-ns", default="32768,131072")
     ap.add_argument("--attn-config", default="", help="JSON merged into the kernel launch config")
     ap.add_argument("--only", default="", help="method names separated by ; (default: all)")
+    ap.add_argument(
+        "--block-fracs",
+        default="0.02,0.10",
+        help="block-sparse rows: shares of the key blocks kept per query block",
+    )
     a = ap.parse_args()
     if a.attn_config:
         _triton.ATTN_CONFIG.update(json.loads(a.attn_config))
@@ -246,16 +251,17 @@ def main():
                         0.95,
                     ),
                     "vs(100,800)": ([mk.HeadPattern.vertical_slash(100, 800)] * HQ, None),
-                    "block_sparse(2%)": (
-                        [mk.HeadPattern.block_sparse(max(1, math.ceil(0.02 * n / 64)))] * HQ,
-                        None,
-                    ),
-                    # issue 3's equal-recall row: about VS(1000, 6096)'s recall on these heads
-                    # (0.816 vs 0.807 at 128K, results/recall_frontier_128k_cpu.json)
-                    "block_sparse(10%)": (
-                        [mk.HeadPattern.block_sparse(max(1, math.ceil(0.10 * n / 64)))] * HQ,
-                        None,
-                    ),
+                    # block_sparse(10%) is issue 3's equal-recall row: about VS(1000, 6096)'s
+                    # recall on these heads (0.816 vs 0.807 at 128K, recall_frontier_128k_cpu)
+                    **{
+                        f"block_sparse({float(f) * 100:g}%)": (
+                            [mk.HeadPattern.block_sparse(max(1, math.ceil(float(f) * n / 64)))]
+                            * HQ,
+                            None,
+                        )
+                        for f in a.block_fracs.split(",")
+                        if f
+                    },
                     "a_shape(128,4096)": ([mk.HeadPattern.a_shape(128, 4096)] * HQ, None),
                 }
                 if a.only:

@@ -146,9 +146,17 @@ def _sparse_attn_fwd(
     UPCAST: tl.constexpr,
     SPLIT_MASK: tl.constexpr,
     TMA: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    if HEAD_MAJOR:
+        # grid (B * Hq, MB): programs launch head-fastest, so the query heads of a KV group work on
+        # the same query block together (their K/V tiles meet in L2), heaviest blocks first overall
+        bh = tl.program_id(0)
+        pid_m = tl.program_id(1)
+    else:
+        # grid (MB, B * Hq): all blocks of one head, then the next head
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1)
     m = MB - 1 - pid_m  # the longest causal rows start first
     b = bh // H
     h = bh % H
@@ -265,7 +273,13 @@ def _sparse_attn_fwd(
 
 # launch settings, tuned on an H200 (benchmarks/NOTES.md, v0.1.0-b and v0.2.0-f): K/V tiles of
 # relative and absolute tiles arrive through tensor descriptors (TMA) where the GPU and layout allow
-ATTN_CONFIG = {"num_warps": 4, "num_stages": 3, "split_mask": True, "tma": True}
+ATTN_CONFIG = {
+    "num_warps": 4,
+    "num_stages": 3,
+    "split_mask": True,
+    "tma": True,
+    "head_major": False,
+}
 _TMA_NOTED: set = set()
 
 
@@ -338,7 +352,8 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
                 *why,
             )
     desc_k, desc_v = _kv_descriptors(k, v, BLOCK, block_d) if tma else (k, v)
-    grid = (mb, b * hq)
+    head_major = bool(c["head_major"]) and mb <= 65535  # CUDA's limit on grid dimension 1
+    grid = (b * hq, mb) if head_major else (mb, b * hq)
     _launch(
         _sparse_attn_fwd,
         grid,
@@ -382,6 +397,7 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
         UPCAST=upcast,
         SPLIT_MASK=c["split_mask"],
         TMA=tma,
+        HEAD_MAJOR=head_major,
         num_warps=c["num_warps"],
     )
     return out
