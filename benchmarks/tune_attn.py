@@ -32,8 +32,6 @@ VARIANTS = {
     "w8 s3": dict(num_warps=8, num_stages=3),
     "w4 s3 unsplit": dict(num_warps=4, num_stages=3, split_mask=False),
     "w4 s3 pointers": dict(num_warps=4, num_stages=3, tma=False),  # the v0.2.0-e kernel
-    # grid (B * Hq, MB): the query heads of a KV group run the same query block together
-    "w4 s3 head-major": dict(num_warps=4, num_stages=3, head_major=True),
 }
 
 
@@ -42,7 +40,9 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--ns", default="32768,131072")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--indices", default="dense,VS(512,2048),block 2%,block 10%")
+    ap.add_argument(
+        "--indices", default="dense;VS(512,2048);block 2%;block 10%", help="separated by ;"
+    )
     a = ap.parse_args()
     names = a.variants.split(",")
     res = []
@@ -71,7 +71,7 @@ def main() -> None:
                 q, k, [mk.HeadPattern.block_sparse(math.ceil(0.10 * n / 64))] * hq, validate=False
             ),
         }
-        idxs = {k_: v_ for k_, v_ in idxs.items() if k_ in a.indices.split(",")}
+        idxs = {k_: v_ for k_, v_ in idxs.items() if k_ in a.indices.split(";")}
         for iname, idx in idxs.items():
             blocks = list(range(0, idx.num_blocks, max(1, idx.num_blocks // 256)))
             dens = mk.index_density(idx, blocks).mean().item()

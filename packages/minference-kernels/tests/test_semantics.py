@@ -544,28 +544,3 @@ def test_block_pieces_fast_path_equals_sorted_path(nq, nk, bs):
         assert torch.equal(
             torch.where(keep, t_fast[..., :width].long(), 0), torch.where(keep, t_ref, 0)
         )
-
-
-@pytest.mark.triton
-def test_head_major_launch_order_matches():
-    """The head-fastest launch order (``head_major``) runs the same programs in another order: the
-    output is bit-identical to the block-fastest order, on every head kind, GQA 4, batch 2,
-    Nq < Nk."""
-    from minference_kernels import _triton
-
-    g = torch.Generator().manual_seed(5)
-    b, hq, hkv, n, nk, d = 2, 8, 2, 150, 211, 64
-    q = torch.randn(b, hq, n, d, generator=g)
-    k, v = (torch.randn(b, hkv, nk, d, generator=g) for _ in range(2))
-    heads = [
-        mk.HeadPattern.vertical_slash(12, 40),
-        mk.HeadPattern.block_sparse(2),
-        mk.HeadPattern.a_shape(8, 70),
-        mk.HeadPattern.dense(),
-    ] * 2
-    idx = mk.build_index(q, k, heads)
-    blocks = _triton.attend(q, k, v, idx, d**-0.5, head_major=False)
-    heads_first = _triton.attend(q, k, v, idx, d**-0.5, head_major=True)
-    assert torch.equal(blocks, heads_first)
-    want = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads))
-    assert rel_err(heads_first, want) < 1e-4

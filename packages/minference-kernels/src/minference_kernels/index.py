@@ -281,3 +281,93 @@ def block_sparse_pieces(
     if ascending:
         return torch.where(valid, starts, 0).to(torch.int32), valid.sum(-1)
     return sorted_unique(starts, valid)
+
+
+@dataclass
+class PairIndex:
+    """A :class:`SparseIndex` regrouped for 128-row programs: query blocks ``2p`` and ``2p + 1``
+    (*halves* 0 and 1 of pair ``p``) visit the union of their key tiles, so a K/V tile both halves
+    need is loaded once for 128 query rows. Each tile carries ``flags`` (bit 0: half 0 attends it,
+    bit 1: half 1), and the kernel masks the rows of a half that does not.
+
+    Shapes (``MP = ceil(MB / 2)``): ``rel [B, H, U]`` int32 starts relative to the pair's first
+    row, descending (a head's tiles ``r`` for half 0 and ``r + 64`` for half 1), ``rel_flags
+    [B, H, U]`` int8, ``rel_end [B, H, MP]`` int32 (tiles reaching key ``>= 0``); ``abs [B, H, MP,
+    A2]`` int32 absolute starts, ascending, ``abs_flags`` int8 alike, ``abs_count [B, H, MP]``.
+    Columns and the coverage map stay the :class:`SparseIndex`'s (per 64-row block).
+    """
+
+    rel: torch.Tensor
+    rel_flags: torch.Tensor
+    rel_end: torch.Tensor
+    abs: torch.Tensor
+    abs_flags: torch.Tensor
+    abs_count: torch.Tensor
+
+
+def _union_flags(
+    x0: torch.Tensor, x1: torch.Tensor, pad: int, descending: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sorted union of two rows of unique values (``pad`` marks empty slots): ``(values, flags,
+    count)``; ``flags`` has bit 0 where the value is in ``x0``, bit 1 where it is in ``x1``; empty
+    slots hold ``pad`` and flag 0 at the end of each row."""
+    v = torch.cat([x0, x1], -1)
+    f = torch.cat(
+        [
+            torch.where(x0 == pad, 0, 1).to(torch.int8),
+            torch.where(x1 == pad, 0, 2).to(torch.int8),
+        ],
+        -1,
+    )
+    v, order = torch.sort(v, dim=-1, descending=descending, stable=True)
+    f = torch.gather(f, -1, order)
+    if v.shape[-1] > 1:
+        # a value in both rows appears twice, side by side: keep the first, with both flags
+        dup = torch.zeros_like(v, dtype=torch.bool)
+        dup[..., 1:] = (v[..., 1:] == v[..., :-1]) & (v[..., 1:] != pad)
+        f[..., :-1] = f[..., :-1] | torch.where(dup[..., 1:], f[..., 1:], 0)
+        v = torch.where(dup, pad, v)
+        f = torch.where(dup, 0, f)
+        v, order = torch.sort(v, dim=-1, descending=descending, stable=True)
+        f = torch.gather(f, -1, order)
+    return v, f, (f != 0).sum(-1)
+
+
+def pair_index(index: SparseIndex) -> PairIndex:
+    """Regroup ``index`` for 128-row programs (see :class:`PairIndex`). Relative tiles are merged
+    per head (``O(T)``), absolute tiles per pair of blocks (a sort of ``[B, H, MP, 2A]``)."""
+    b, h, t_len = index.rel_tiles.shape
+    mb = index.num_blocks
+    mp = -(-mb // 2)
+    dev = index.rel_tiles.device
+    # the head's tiles that reach key >= 0 for some block: those of the last block
+    n_valid = index.rel_end[:, :, -1:].long()
+    valid = torch.arange(t_len, device=dev)[None, None, :] < n_valid
+    r = index.rel_tiles.long()
+    lo = torch.full_like(r, -_BIG)
+    rel, rel_flags, _ = _union_flags(
+        torch.where(valid, r, lo), torch.where(valid, r + BLOCK, lo), -_BIG, descending=True
+    )
+    # pair p's first row a0 = a0(2p); a tile u reaches key >= 0 iff u >= -a0 - 63 (both halves)
+    a0, _ = block_starts(index.n_q, index.n_kv, dev)
+    neg = torch.where(rel_flags != 0, -rel, _BIG).contiguous()
+    rel_end = torch.searchsorted(
+        neg, (a0[0::2] + BLOCK - 1).expand(b, h, mp).contiguous(), right=True
+    )
+
+    a_len = index.abs_tiles.shape[-1]
+    starts = index.abs_tiles.long()
+    ok = torch.arange(a_len, device=dev)[None, None, None, :] < index.abs_count.long()[..., None]
+    starts = torch.where(ok, starts, _BIG)
+    if mb % 2:  # an empty second half for the last pair
+        starts = torch.cat([starts, torch.full_like(starts[:, :, :1], _BIG)], 2)
+    ab, ab_flags, ab_count = _union_flags(starts[:, :, 0::2], starts[:, :, 1::2], _BIG, False)
+    i32 = torch.int32
+    return PairIndex(
+        rel=torch.where(rel_flags != 0, rel, 0).to(i32).contiguous(),
+        rel_flags=rel_flags.contiguous(),
+        rel_end=rel_end.to(i32).contiguous(),
+        abs=torch.where(ab_flags != 0, ab, 0).to(i32).contiguous(),
+        abs_flags=ab_flags.contiguous(),
+        abs_count=ab_count.to(i32).contiguous(),
+    )
