@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._validate import interpreting
-from .index import BLOCK, SparseIndex, pair_index
+from .index import BLOCK, SparseIndex
 
 LOG2E = 1.4426950408889634
 _log = logging.getLogger("minference_kernels")
@@ -263,206 +263,9 @@ def _sparse_attn_fwd(
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-_NO_SPEC_PAIR = [*_NO_SPEC, "n_prel", "n_pabs", "MP"]
-
-
-@triton.jit(do_not_specialize=_NO_SPEC_PAIR)
-def _sparse_attn_pair_fwd(
-    Q,
-    K,
-    V,
-    Out,
-    DESC_K,
-    DESC_V,
-    sqb,
-    sqh,
-    sqn,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    svd,
-    sob,
-    soh,
-    son,
-    sod,
-    PREL,
-    PREL_F,
-    PREL_END,
-    COLS,
-    COL_CNT,
-    COV,
-    PABS,
-    PABS_F,
-    PABS_CNT,
-    SINK,
-    WIN,
-    n_prel,
-    n_cols,
-    n_cov,
-    n_pabs,
-    H,
-    G,
-    Nq,
-    Nk,
-    q_off,
-    MB,
-    MP,
-    qk_scale,
-    HEAD_D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr,
-    SPLIT_MASK: tl.constexpr,
-    TMA: tl.constexpr,
-):
-    """As :func:`_sparse_attn_fwd`, for 128 query rows: 64-row blocks ``2p`` (half 0) and ``2p+1``
-    (half 1) over the union of their key tiles (:class:`~minference_kernels.index.PairIndex`); a
-    K/V tile both halves attend is loaded once. Rows of a half that does not attend a tile are
-    masked, so each row sees exactly the pairs of the 64-row kernel, in the same order."""
-    BLOCK_M: tl.constexpr = 2 * BLOCK_N
-    pid_p = tl.program_id(0)
-    bh = tl.program_id(1)
-    p = MP - 1 - pid_p  # the longest causal rows start first
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    b64 = b.to(tl.int64)
-
-    offs_m = p * BLOCK_M + tl.arange(0, BLOCK_M)
-    half1 = tl.arange(0, BLOCK_M) >= BLOCK_N
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_D
-    row_ok = offs_m < Nq
-    q_ptr = (
-        Q
-        + b64 * sqb
-        + h.to(tl.int64) * sqh
-        + offs_m[:, None].to(tl.int64) * sqn
-        + offs_d[None, :] * sqd
-    )
-    q = tl.load(q_ptr, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    q_pos = offs_m + q_off
-    a0 = p * BLOCK_M + q_off  # first row of half 0; half 1 starts at a0 + 64
-    k_base = K + b64 * skb + hk.to(tl.int64) * skh
-    v_base = V + b64 * svb + hk.to(tl.int64) * svh
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    sink = tl.load(SINK + bh)
-    win = tl.load(WIN + bh)
-
-    # relative tiles: keys [a0 + u, a0 + u + 64); flags say which half attends them
-    t_end = tl.load(PREL_END + bh * MP + p)
-    for t in range(0, t_end):
-        u = tl.load(PREL + bh * n_prel + t)
-        f = tl.load(PREL_F + bh * n_prel + t).to(tl.int32)
-        st = a0 + u
-        offs_n = st + offs_n0
-        kv_ok = (offs_n >= 0) & (offs_n < Nk)
-        if TMA:
-            k = DESC_K.load([b, hk, st, 0]).reshape([BLOCK_N, BLOCK_D])
-            v = DESC_V.load([b, hk, st, 0]).reshape([BLOCK_N, BLOCK_D])
-        else:
-            k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
-            v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST)
-        if SPLIT_MASK:
-            # a tile of both halves, before half 0's first row, in range, inside any window: no mask
-            past_window = (win > 0) & (a0 + BLOCK_M - 1 - st >= win)
-            need = (f != 3) | (st + BLOCK_N - 1 > a0) | (st < 0) | (st + BLOCK_N > Nk)
-            need = need | past_window
-        else:
-            need = True
-        if need:
-            row_in = tl.where(half1, (f & 2) != 0, (f & 1) != 0)
-            ok = row_in[:, None] & kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            ok = ok & (
-                (win <= 0) | (offs_n[None, :] < sink) | (q_pos[:, None] - offs_n[None, :] < win)
-            )
-            s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST)
-
-    # gathered columns: each half skips those inside its own relative tiles
-    m1 = tl.minimum(2 * p + 1, MB - 1)
-    c_cnt = tl.load(COL_CNT + bh * MB + m1)
-    cov_base = COV + bh.to(tl.int64) * n_cov
-    for c0 in range(0, c_cnt, BLOCK_N):
-        offs_c = c0 + offs_n0
-        c_ok = offs_c < c_cnt
-        cidx = tl.load(COLS + bh * n_cols + offs_c, mask=c_ok, other=0)
-        # coverage of offset r = key - (first row of the half) sits at cov[r + Nk + 64]
-        in0 = c_ok & (cidx <= a0 + BLOCK_N - 1)
-        cov0 = tl.load(cov_base + (cidx - a0 + Nk + BLOCK_N), mask=in0, other=1)
-        cov1 = tl.load(cov_base + (cidx - a0 + Nk), mask=c_ok, other=1)
-        ok0 = in0 & (cov0 == 0)
-        ok1 = c_ok & (cov1 == 0)
-        any_ok = ok0 | ok1
-        k = _load_rows(k_base, cidx, any_ok, skn, offs_d, d_ok, skd)
-        v = _load_rows(v_base, cidx, any_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST)
-        ok = tl.where(half1[:, None], ok1[None, :], ok0[None, :])
-        ok = ok & (cidx[None, :] <= q_pos[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST)
-
-    # absolute tiles (block-sparse), the union of both halves' ascending lists
-    a_cnt = tl.load(PABS_CNT + bh * MP + p)
-    for t in range(0, a_cnt):
-        st = tl.load(PABS + (bh * MP + p).to(tl.int64) * n_pabs + t)
-        f = tl.load(PABS_F + (bh * MP + p).to(tl.int64) * n_pabs + t).to(tl.int32)
-        offs_n = st + offs_n0
-        kv_ok = offs_n < Nk
-        if TMA:
-            k = DESC_K.load([b, hk, st, 0]).reshape([BLOCK_N, BLOCK_D])
-            v = DESC_V.load([b, hk, st, 0]).reshape([BLOCK_N, BLOCK_D])
-        else:
-            k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
-            v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST)
-        if SPLIT_MASK:
-            need = (f != 3) | (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)
-        else:
-            need = True
-        if need:
-            row_in = tl.where(half1, (f & 2) != 0, (f & 1) != 0)
-            ok = row_in[:, None] & kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST)
-
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    o_ptr = (
-        Out
-        + b64 * sob
-        + h.to(tl.int64) * soh
-        + offs_m[:, None].to(tl.int64) * son
-        + offs_d[None, :] * sod
-    )
-    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-
-
 # launch settings, tuned on an H200 (benchmarks/NOTES.md, v0.1.0-b and v0.2.0-f): K/V tiles of
 # relative and absolute tiles arrive through tensor descriptors (TMA) where the GPU and layout allow
-# "pair": 128-row programs over the union of two 64-row blocks' tiles (_sparse_attn_pair_fwd),
-# with "pair_warps" warps
-ATTN_CONFIG = {
-    "num_warps": 4,
-    "num_stages": 3,
-    "split_mask": True,
-    "tma": True,
-    "pair": False,
-    "pair_warps": 8,
-}
+ATTN_CONFIG = {"num_warps": 4, "num_stages": 3, "split_mask": True, "tma": True}
 _TMA_NOTED: set = set()
 
 
@@ -535,9 +338,6 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
                 *why,
             )
     desc_k, desc_v = _kv_descriptors(k, v, BLOCK, block_d) if tma else (k, v)
-    if c["pair"]:
-        _attend_pairs(q, k, v, out, desc_k, desc_v, index, scale, c, tma, block_d, upcast)
-        return out
     grid = (mb, b * hq)
     _launch(
         _sparse_attn_fwd,
@@ -585,60 +385,6 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
         num_warps=c["num_warps"],
     )
     return out
-
-
-def _attend_pairs(q, k, v, out, desc_k, desc_v, index, scale, c, tma, block_d, upcast) -> None:
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    pi = pair_index(index)
-    mp = pi.rel_end.shape[-1]
-    _launch(
-        _sparse_attn_pair_fwd,
-        (mp, b * hq),
-        (
-            q,
-            k,
-            v,
-            out,
-            desc_k,
-            desc_v,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *out.stride(),
-            pi.rel,
-            pi.rel_flags,
-            pi.rel_end,
-            index.cols,
-            index.col_count,
-            index.cov,
-            pi.abs,
-            pi.abs_flags,
-            pi.abs_count,
-            index.sink,
-            index.window,
-            pi.rel.shape[-1],
-            index.cols.shape[-1],
-            index.cov.shape[-1],
-            pi.abs.shape[-1],
-            hq,
-            hq // hkv,
-            nq,
-            nk,
-            nk - nq,
-            index.num_blocks,
-            mp,
-            scale * LOG2E,
-        ),
-        num_stages=c["num_stages"],
-        HEAD_D=d,
-        BLOCK_D=block_d,
-        BLOCK_N=BLOCK,
-        UPCAST=upcast,
-        SPLIT_MASK=c["split_mask"],
-        TMA=tma,
-        num_warps=c["pair_warps"],
-    )
 
 
 # ---------------------------------------------------------------------------------------------

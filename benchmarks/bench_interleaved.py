@@ -1,0 +1,123 @@
+"""Speed-up over cuDNN measured interleaved (issue 3's ratio targets, robust to the card's clock state).
+
+Back-to-back runs of the same kernel on the H200 differ by 5-10% (bench_layer's block_sparse(10%)
+kernel: 54.4, 58.4 and 60.1 ms in three runs), more than some gaps to a target. Here each method's
+pipeline (estimation + index + kernel) is timed right after a cuDNN run, in several rounds, so both
+sides of every ratio see the same clocks; the table gives the median ratio and its spread. Recall
+and density are computed once per method on the bench_layer sample rows.
+
+    PYTHONPATH=packages/minference-kernels/src:packages/minference-patterns/src:benchmarks \
+        python benchmarks/bench_interleaved.py --out DIR [--n 131072] [--rounds 7]
+
+Writes DIR/bench_interleaved.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+
+import minference_kernels as mk
+import torch
+import triton
+from bench_layer import CONFIG_ID, HQ, dense_probs, sample_rows, structured_layer
+from minference_kernels._torch_attn import index_mask
+from minference_kernels.index import BLOCK
+
+
+def methods(n: int, fracs: list[float]) -> dict[str, list[mk.HeadPattern]]:
+    import minference_patterns as mp
+
+    out = {
+        "llama3.1-config": list(mp.load(CONFIG_ID).heads_for_layer(0, n)),
+        "vs(1000,6096)": [mk.HeadPattern.vertical_slash(1000, 6096)] * HQ,
+    }
+    for f in fracs:
+        top_k = max(1, math.ceil(f * n / 64))
+        out[f"block_sparse({f * 100:g}%)"] = [mk.HeadPattern.block_sparse(top_k)] * HQ
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--n", type=int, default=131072)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--fracs", default="0.09,0.095,0.10")
+    a = ap.parse_args()
+    n = a.n
+    q, k, v = structured_layer(n)
+    flops = 4 * q.shape[-1] * HQ * n * (n + 1) / 2
+    rows = sample_rows(n)
+    p = dense_probs(q, k, rows)
+    blocks = sorted(set((rows // BLOCK).tolist()))
+    pats = methods(n, [float(f) for f in a.fracs.split(",") if f])
+
+    def bench(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=500, return_mode="median")
+
+    cudnn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, enable_gqa=True
+    )
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    info = {}
+    for name, heads in pats.items():
+        idx = mk.build_index(q, k, heads, validate=False)
+        info[name] = dict(
+            density=mk.index_density(idx, blocks).mean().item(),
+            recall=(p * index_mask(idx, rows)[0]).sum(-1).mean().item(),
+        )
+        del idx
+    runs = {name: [] for name in pats}
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        bench(cudnn)  # warm the card and cuDNN's plan
+        for r in range(a.rounds):
+            for name, heads in pats.items():
+                t_c = bench(cudnn)
+                t_m = bench(lambda: mk.sparse_prefill(q, k, v, heads, validate=False))
+                runs[name].append(dict(cudnn_ms=t_c, ms=t_m, ratio=t_c / t_m))
+            print(f"round {r + 1}/{a.rounds} done", flush=True)
+    log = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=datetime.date.today().isoformat(),
+        n=n,
+        rounds=a.rounds,
+        methods={},
+    )
+    print(f"N={n}, {a.rounds} rounds, each ratio against the cuDNN run just before it")
+    print(
+        f"{'method':22s} {'ms':>7s} {'cuDNN ms':>9s} {'x median':>9s} {'x min-max':>13s} "
+        f"{'density':>8s} {'recall':>7s} {'kept TF/s':>9s}"
+    )
+    for name, rs in runs.items():
+        ratios = [x["ratio"] for x in rs]
+        ms = statistics.median(x["ms"] for x in rs)
+        c_ms = statistics.median(x["cudnn_ms"] for x in rs)
+        d = info[name]
+        log["methods"][name] = dict(
+            **d,
+            runs=rs,
+            ms=ms,
+            cudnn_ms=c_ms,
+            ratio_median=statistics.median(ratios),
+            ratio_min=min(ratios),
+            ratio_max=max(ratios),
+        )
+        print(
+            f"{name:22s} {ms:7.2f} {c_ms:9.2f} {statistics.median(ratios):9.2f} "
+            f"{min(ratios):6.2f}-{max(ratios):<6.2f} {d['density']:8.3f} {d['recall']:7.3f} "
+            f"{flops * d['density'] / ms / 1e9:9.0f}",
+            flush=True,
+        )
+    with open(f"{a.out}/bench_interleaved.json", "w") as f:
+        json.dump(log, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
