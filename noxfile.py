@@ -133,11 +133,13 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The layer benchmark on a CUDA machine (set MINFERENCE_TORCH_SPEC to a CUDA torch build)."""
+    """The layer benchmark on a CUDA machine (set MINFERENCE_TORCH_SPEC to a CUDA torch build),
+    then the 128K ratios timed interleaved with cuDNN."""
     install_packages(session, KERNELS, PATTERNS)
     session.install("matplotlib")
     out = session.posargs[0] if session.posargs else "benchmarks/results"
     session.run("python", "benchmarks/bench_layer.py", "--out", out)
+    session.run("python", "benchmarks/bench_interleaved.py", "--out", out)
 
 
 @nox.session(tags=["ci"])
