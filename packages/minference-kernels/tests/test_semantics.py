@@ -5,6 +5,7 @@ import minference_kernels as mk
 import pytest
 import torch
 from kernels_testlib import reference, rel_err
+from minference_kernels._torch_attn import index_mask
 from minference_kernels.masks import greedy_slash_tiles
 
 
@@ -544,3 +545,160 @@ def test_block_pieces_fast_path_equals_sorted_path(nq, nk, bs):
         assert torch.equal(
             torch.where(keep, t_fast[..., :width].long(), 0), torch.where(keep, t_ref, 0)
         )
+
+
+def _head_allocation_reference(q, k, limits, bs, scale):
+    """``allocation="head"`` from every block pair at once (no chunks, no head groups): per query
+    block the ``4 * top_k`` best log-shares (diagonal first), then the head's ``budget`` best of
+    all by a stable sort."""
+    from minference_kernels import estimate
+
+    scores, forced = estimate.block_scores(q, k, bs)  # causal-masked pooled scores
+    share = estimate.force_diagonal(torch.log_softmax(scores * scale, -1), forced)
+    b, hq, mbq, mbk = share.shape
+    nq, nk = q.shape[2], k.shape[2]
+    rows = torch.arange(mbq)
+    n_causal = torch.clamp((torch.clamp((rows + 1) * bs, max=nq) - 1 + nk - nq) // bs + 1, max=mbk)
+    out = []
+    for bi in range(b):
+        heads = []
+        for h in range(hq):
+            cap = min(mbk, estimate.HEAD_ALLOCATION_CAP * int(limits[h]))
+            order = torch.sort(share[bi, h], dim=-1, descending=True, stable=True).indices[:, :cap]
+            vals = torch.gather(share[bi, h], -1, order)
+            budget = int(torch.clamp(n_causal, max=int(limits[h])).sum())
+            rank = torch.sort(vals.reshape(-1), descending=True, stable=True).indices[:budget]
+            sel = torch.zeros(vals.numel(), dtype=torch.bool)
+            sel[rank] = True
+            sel &= vals.reshape(-1) > float("-inf")
+            chosen = [
+                sorted(
+                    order.reshape(-1)[
+                        sel.view(-1) & (torch.arange(vals.numel()) // cap == m)
+                    ].tolist()
+                )
+                for m in range(mbq)
+            ]
+            heads.append(chosen)
+        out.append(heads)
+    return out
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,nq,nk,bs,top_k",
+    [(2, 4, 2, 700, 700, 64, 3), (1, 8, 1, 333, 1000, 128, 2), (1, 2, 2, 130, 130, 64, 40)],
+)
+def test_head_allocation_spreads_the_same_budget(monkeypatch, b, hq, hkv, nq, nk, bs, top_k):
+    """``block_allocation="head"``: per head exactly the pairs that top_k per query block would
+    keep, every query block keeps its diagonal block and at most 4 * top_k blocks, ascending ids;
+    the selection equals an unchunked reference, also in one-block chunks and one-head groups, and
+    per-head budgets agree between the layer entry and the per-head mask."""
+    from minference_kernels import estimate
+
+    q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + top_k)
+    scale = 64**-0.5
+    per_block = mk.estimate_block_sparse(q, k, top_k, bs)
+    got = mk.estimate_block_sparse(q, k, top_k, bs, allocation="head")
+    want = _head_allocation_reference(q, k, [top_k] * hq, bs, scale)
+    mbk = -(-nk // bs)
+    assert got.shape[-1] == min(mbk, 4 * top_k)
+    for bi in range(b):
+        for h in range(hq):
+            rows = [[j for j in r if j >= 0] for r in got[bi, h].tolist()]
+            assert rows == want[bi][h]
+            # the same number of pairs as top_k per query block
+            assert sum(map(len, rows)) == int((per_block[bi, h] >= 0).sum())
+            for m, r in enumerate(rows):
+                first = (m * bs + nk - nq) // bs  # the key block holding the row block's first row
+                assert first in r and r == sorted(set(r)) and len(r) <= 4 * top_k
+    monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(estimate, "HEAD_RANK_BYTES", 1)
+    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="head"), got)
+    # per-head budgets: the layer entry and the mask agree pair for pair
+    heads = [mk.HeadPattern.block_sparse(top_k if i % 2 else 1, bs) for i in range(hq)]
+    mask = mk.sparse_prefill_mask(q, k, heads, block_allocation="head")
+    idx = mk.build_index(q, k, heads, block_allocation="head")
+    assert torch.equal(index_mask(idx), mask)
+    limits = [top_k if i % 2 else 1 for i in range(hq)]
+    want = _head_allocation_reference(q, k, limits, bs, scale)
+    for h in range(hq):
+        keys = mask[0, h].any(0)  # every key block chosen by some query block of the head
+        chosen = sorted({j for r in want[0][h] for j in r})
+        blocks = sorted({int(x) // bs for x in torch.nonzero(keys).flatten().tolist()})
+        assert blocks == chosen
+
+
+def test_head_allocation_gives_spread_blocks_more():
+    """A query block whose scores are flat (every key block the same share) takes blocks from
+    query blocks that put nearly all their mass on one key block: the head's budget follows the
+    estimated mass."""
+    d, nb = 64, 24
+    k = torch.zeros(1, 1, 64 * nb, d)
+    for j in range(nb):  # key block j points along dimension j
+        k[0, 0, 64 * j : 64 * (j + 1), j] = 1.0
+    q = torch.zeros(1, 1, 64 * nb, d)
+    q[0, 0, :, 0] = 50.0  # every query block: one dominant key block (block 0), share ~1
+    q[0, 0, 64 * 20 : 64 * 21] = 0.0  # block 20: zero scores, flat shares over its 21 blocks
+    top_k = 3
+    got = mk.estimate_block_sparse(q, k, top_k, allocation="head")[0, 0]
+    counts = (got >= 0).sum(-1)
+    per_block = (mk.estimate_block_sparse(q, k, top_k)[0, 0] >= 0).sum(-1)
+    assert int(counts.sum()) == int(per_block.sum())  # the same kernel work
+    assert int(counts[20]) == 4 * top_k > int(per_block[20])  # the flat block gets its cap
+    assert int(counts[10]) < top_k  # peaked blocks give theirs up
+    # heads estimated together keep their own caps (4 * their own top_k)
+    heads = [mk.HeadPattern.block_sparse(3), mk.HeadPattern.block_sparse(4)]
+    idx = mk.build_index(q.expand(1, 2, -1, -1), k, heads, block_allocation="head")
+    assert idx.abs_count[0, :, 20].tolist() == [12, 16]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_head_allocation_attention_matches_its_mask(backend):
+    """sparse_prefill with ``block_allocation="head"`` attends exactly to sparse_prefill_mask's
+    pairs (mixed head kinds, GQA 2, batch 2, Nq < Nk); a full budget equals dense."""
+    q, k, v = qkv(b=2, hq=4, hkv=2, n=200, d=64, extra=61, seed=11)
+    heads = [
+        mk.HeadPattern.block_sparse(2),
+        mk.HeadPattern.vertical_slash(8, 30),
+        mk.HeadPattern.block_sparse(1),
+        mk.HeadPattern.a_shape(8, 64),
+    ]
+    kw = dict(block_allocation="head")
+    out = mk.sparse_prefill(q, k, v, heads, backend=backend, **kw)
+    want = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads, **kw))
+    assert rel_err(out, want) < (2e-2 if backend == "triton" else 1e-5)
+    full = [mk.HeadPattern.block_sparse(100)] * 4
+    dense = reference(q, k, v, mk.dense_mask(200, n_kv=261))
+    got = mk.sparse_prefill(q, k, v, full, backend=backend, **kw)
+    assert rel_err(got, dense) < (2e-2 if backend == "triton" else 1e-5)
+
+
+def test_block_allocation_is_checked():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="block_allocation must be one of 'query_block', 'head'"):
+        mk.sparse_prefill(q, k, v, [mk.HeadPattern.block_sparse(2)] * 4, block_allocation="row")
+    with pytest.raises(ValueError, match="block_allocation"):
+        mk.estimate_block_sparse(q, k, 2, allocation="global")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "b,hq,hkv,nq,nk,bs,top_k",
+    [(2, 4, 2, 300, 300, 64, 2), (1, 4, 4, 333, 400, 128, 1), (1, 2, 1, 250, 517, 64, 40)],
+)
+def test_head_allocation_triton_candidates_match_torch(monkeypatch, b, hq, hkv, nq, nk, bs, top_k):
+    """``allocation="head"`` takes each query block's candidates from the Triton selection on
+    CUDA: the same blocks as the PyTorch path, with per-head budgets, chunked rows and exact ties."""
+    from minference_kernels import estimate
+
+    q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + 7)
+    kw = dict(allocation="head")
+    want = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", **kw)
+    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, backend="triton", **kw), want)
+    limits = torch.tensor([1 + i % max(1, top_k) for i in range(hq)])
+    a = estimate.block_topk(q, k, limits, bs, backend="torch", **kw)
+    monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)
+    assert torch.equal(estimate.block_topk(q, k, limits, bs, backend="triton", **kw), a)
+    qt, kt, _ = _tied_qk(b, hq, hkv, nq, nk)
+    tied = mk.estimate_block_sparse(qt, kt, top_k, bs, backend="torch", **kw)
+    assert torch.equal(mk.estimate_block_sparse(qt, kt, top_k, bs, backend="triton", **kw), tied)

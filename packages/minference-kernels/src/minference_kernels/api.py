@@ -29,7 +29,12 @@ from ._validate import (
     check_scale,
     resolve_backend,
 )
-from .estimate import block_topk, estimate_block_sparse_impl, estimate_vertical_slash_impl
+from .estimate import (
+    ALLOCATIONS,
+    block_topk,
+    estimate_block_sparse_impl,
+    estimate_vertical_slash_impl,
+)
 from .index import BLOCK, SparseIndex
 from .patterns import HeadPattern, check_heads
 
@@ -289,8 +294,23 @@ def _check_coverage(coverage: float | None, name: str = "coverage") -> None:
         raise ValueError(f"{name} must be in (0, 1], got {coverage}")
 
 
+def _check_allocation(allocation: str) -> str:
+    if allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"block_allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, "
+            f"got {allocation!r}"
+        )
+    return allocation
+
+
 def estimate_block_sparse(
-    q: torch.Tensor, k: torch.Tensor, top_k: int, block_size: int = 64, *, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    top_k: int,
+    block_size: int = 64,
+    *,
+    backend: str = "auto",
+    allocation: str = "query_block",
 ) -> torch.Tensor:
     """Estimate each query block's ``top_k`` key blocks from mean-pooled Q and K.
 
@@ -298,12 +318,17 @@ def estimate_block_sparse(
     ascending order, ``-1`` padding after them where a query block has fewer than ``top_k`` causal
     key blocks. The diagonal key blocks are always kept; equal scores go to the lowest block id, so
     both backends select the same blocks. Definitions: see :mod:`minference_kernels.estimate`.
+
+    ``allocation="head"``: the same number of (query block, key block) pairs per head, spread over
+    the query blocks by estimated attention share; the last dimension is then
+    ``HEAD_ALLOCATION_CAP * top_k`` (at most the key blocks), ``-1``-padded per query block.
     """
     check_qkv(q, k, None)
     check_int(top_k, "top_k", low=1)
     _check_block_size(block_size)
+    _check_allocation(allocation)
     be = resolve_backend(backend, q.device)
-    return estimate_block_sparse_impl(q, k, top_k, block_size, backend=be)
+    return estimate_block_sparse_impl(q, k, top_k, block_size, backend=be, allocation=allocation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,13 +365,16 @@ def build_index(
     backend: str = "auto",
     validate: bool = True,
     coverage: float | None = None,
+    block_allocation: str = "query_block",
 ) -> SparseIndex:
-    """Estimate every head's index (per its pattern) and assemble the layer's :class:`SparseIndex`."""
+    """Estimate every head's index (per its pattern) and assemble the layer's :class:`SparseIndex`.
+    ``block_allocation``: see :func:`sparse_prefill`."""
     shape = check_qkv(q, k, None, check_values=validate)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
     _check_last_q(last_q)
     _check_coverage(coverage)
+    _check_allocation(block_allocation)
     be = resolve_backend(backend, q.device)
     dev = q.device
     b, h, nq, nk = shape.batch, shape.heads_q, shape.n_q, shape.n_kv
@@ -435,6 +463,8 @@ def build_index(
                 heads=_head_index(hl, dev),
                 top_k_max=max(tk_l),
                 backend=be,
+                allocation=block_allocation,
+                scale=scale,
             )
             pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk, ascending=True)))
         a_max = max(p[1].shape[-1] for p in pieces)
@@ -493,6 +523,7 @@ def sparse_prefill(
     coverage: float | None = None,
     dense_below: int = 0,
     max_density: float | None = None,
+    block_allocation: str = "query_block",
 ):
     """One layer of sparse pre-fill: estimate each head's index per its :class:`HeadPattern`, then run
     every head in one attention launch.
@@ -508,6 +539,11 @@ def sparse_prefill(
     the layer's causal pairs (inputs without sparse structure: every tile is kept), run
     :func:`dense_attention` instead — cheaper than a sparse kernel at that density. Costs one
     device-to-host read. The decision is logged at DEBUG level (logger ``minference_kernels``).
+    ``block_allocation="head"``: each block-sparse head keeps as many key blocks in all as
+    ``top_k`` per query block would, spread over its query blocks by estimated attention share
+    (more where attention is spread, fewer where it is peaked; at most
+    ``estimate.HEAD_ALLOCATION_CAP * top_k`` per query block); ``"query_block"`` (default) keeps
+    ``top_k`` per query block.
     """
     shape = check_qkv(q, k, _check_tensor(v, "v"), check_values=validate)
     heads = check_heads(heads, shape.heads_q)
@@ -516,11 +552,20 @@ def sparse_prefill(
     _check_coverage(coverage)
     _check_coverage(max_density, "max_density")
     _check_last_q(last_q)
+    _check_allocation(block_allocation)
     check_int(dense_below, "dense_below")
     if not return_index and (all(p.kind == "dense" for p in heads) or shape.n_q < dense_below):
         return dense_attention(q, k, v, scale, backend=backend)
     idx = build_index(
-        q, k, heads, scale=scale, last_q=last_q, backend=be, validate=False, coverage=coverage
+        q,
+        k,
+        heads,
+        scale=scale,
+        last_q=last_q,
+        backend=be,
+        validate=False,
+        coverage=coverage,
+        block_allocation=block_allocation,
     )
     if max_density is not None and not return_index:
         visited = (
@@ -546,6 +591,7 @@ def sparse_prefill_mask(
     last_q: int = 64,
     query_rows: torch.Tensor | None = None,
     coverage: float | None = None,
+    block_allocation: str = "query_block",
 ) -> torch.Tensor:
     """The exact pairs :func:`sparse_prefill` attends to: ``bool [B, Hq, R, Nk]`` for the given local
     ``query_rows`` (default all). Runs the same online estimation (PyTorch path), then builds each
@@ -555,6 +601,7 @@ def sparse_prefill_mask(
     scale = check_scale(scale, shape.head_dim)
     _check_last_q(last_q)
     _check_coverage(coverage)
+    _check_allocation(block_allocation)
     nq, nk = shape.n_q, shape.n_kv
     rows, _, _ = _masks.check_rows(nq, nk, query_rows, q.device)
     out = torch.zeros(
@@ -592,6 +639,8 @@ def sparse_prefill_mask(
                 torch.tensor([min(p.top_k, -(-nk // p.block_size))], device=q.device),
                 p.block_size,
                 heads=slice(i, i + 1),
+                allocation=block_allocation,
+                scale=scale,
             )
             out[:, i : i + 1] = _masks.block_sparse_mask(
                 bi, nq, p.block_size, n_kv=nk, query_rows=rows

@@ -20,6 +20,14 @@ always kept, so every row attends at least to itself (with ``top_k = 1`` and a q
 straddles two key blocks, the one holding its first row: every row still attends to a key). Rows
 with fewer than ``top_k`` causal key blocks are padded with ``-1``.
 
+With ``allocation="head"`` the budget is the head's, not the query block's: the head keeps as many
+(query block, key block) pairs in all as ``top_k`` per query block would (``sum_m min(top_k,
+causal blocks of m)``), chosen where the estimated attention share is highest: each query block's
+pooled scores (times the attention scale) go through a softmax over its causal key blocks, and the
+pairs with the largest shares win, across query blocks (the diagonal blocks first, as above). A
+query block keeps at most ``HEAD_ALLOCATION_CAP * top_k`` key blocks. Query blocks whose attention
+is spread get more key blocks, peaked ones fewer, for the same kernel work.
+
 Selection is deterministic: the same inputs give the same indices run to run.
 """
 
@@ -257,6 +265,11 @@ def force_diagonal(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     return rank.masked_fill_(first, float("inf"))
 
 
+# allocation="head": a query block keeps at most this many times top_k key blocks
+HEAD_ALLOCATION_CAP = 4
+
+ALLOCATIONS = ("query_block", "head")
+
 # Scratch bytes of one chunk of query blocks in :func:`block_topk` (the scores; on the PyTorch
 # path also their ranking copy and sort temporaries). Bounds the estimator's memory at any length: all block pairs of a 32-head
 # layer at 1M tokens would be 34 GB in float32.
@@ -273,6 +286,8 @@ def block_topk(
     kv_of_q: torch.Tensor | None = None,
     top_k_max: int | None = None,
     backend: str = "torch",
+    allocation: str = "query_block",
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Block-sparse estimation (module doc): ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` ->
     ``[B, Hq, ceil(Nq / block_size), K]`` int64 key-block ids in ascending order, ``-1`` padding
@@ -280,8 +295,13 @@ def block_topk(
     tensor). Equal scores go to the lowest block id.
 
     ``backend="triton"`` selects with one Triton program per query block (no sort; rows of at most
-    ``_triton.BLOCK_SELECT_MAX`` key blocks, wider ones use the PyTorch top-k with a log line);
+    ``_triton.BLOCK_SELECT_MAX`` key blocks, wider ones use the PyTorch top-k, with a log line);
     ``"torch"`` with a stable sort. Both pick the same blocks from the same scores.
+
+    ``allocation="head"`` spreads each head's budget over its query blocks by estimated attention
+    share (module doc; ``scale`` is the attention scale, default ``D ** -0.5``); the result then has
+    ``K = HEAD_ALLOCATION_CAP * top_k_max`` columns (at most the key blocks). It runs in PyTorch on
+    every backend.
 
     ``heads`` (a slice or an index tensor) estimates only those query heads of ``q`` (``Hq`` below
     is then their count; q is never copied). ``top_k`` is an int or a per-head ``[Hq]`` tensor;
@@ -325,6 +345,9 @@ def block_topk(
     if use_triton and mbk > _triton_select_max():
         _log_wide_once(mbk)
         use_triton = False
+    if allocation == "head":
+        sc = scale or d**-0.5
+        return _select_per_head(pq, pk, limit, kmax, nq, nk, block_size, sc, use_triton)
     # bytes per score held at once: the scores (Triton), plus a ranking copy, sorted values and
     # int64 order (PyTorch)
     per_score = 4 if use_triton else 20
@@ -356,8 +379,88 @@ def block_topk(
     return out
 
 
-def estimate_block_sparse_impl(q, k, top_k, block_size, backend: str = "torch"):
-    return block_topk(q, k, int(top_k), block_size, backend=backend)
+# allocation="head": bytes of candidates (share, id and sort temporaries: 28 bytes each) ranked at
+# once; heads are ranked in groups that fit, at least one head per group
+HEAD_RANK_BYTES = 1 << 30
+
+
+def _select_per_head(pq, pk, limit, kmax, nq, nk, block_size, scale, use_triton) -> torch.Tensor:
+    """``allocation="head"`` (module doc): pooled ``pq [B, H, MBq, D]``, ``pk [B, H, MBk, D]``,
+    per-head ``limit [H]`` -> ``[B, H, MBq, cap]`` ascending key-block ids, ``-1`` padding.
+
+    Each query block's candidates are its ``4 * limit[h]`` best key blocks by the per-block rule
+    (diagonal blocks first, then the scores, ties to the lowest id; the Triton selection where
+    ``use_triton``); their shares (log-softmax of the scaled pooled scores) are then ranked over
+    the whole head by one stable sort, and the first ``budget[h]`` win (equal shares: the lower
+    query block, then the lower key block). Memory: 28 bytes per candidate of the heads ranked
+    together (``HEAD_RANK_BYTES``), plus a chunk's scores within ``BLOCK_SCORE_CHUNK_BYTES``.
+    """
+    b, hq, mbq, _ = pq.shape
+    cap = min(pk.shape[2], HEAD_ALLOCATION_CAP * kmax)
+    group = max(1, HEAD_RANK_BYTES // (28 * b * mbq * cap))
+    parts = [
+        _select_heads(pq[:, h0 : h0 + group], pk[:, h0 : h0 + group], limit[h0 : h0 + group],
+                      cap, nq, nk, block_size, scale, use_triton)
+        for h0 in range(0, hq, group)
+    ]  # fmt: skip
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _select_heads(pq, pk, limit, cap, nq, nk, block_size, scale, use_triton) -> torch.Tensor:
+    b, hq, mbq, _ = pq.shape
+    mbk = pk.shape[2]
+    dev = pq.device
+    off = nk - nq
+    per_cap = HEAD_ALLOCATION_CAP * limit
+    ids = torch.full((b, hq, mbq, cap), -1, dtype=torch.int64, device=dev)
+    vals = torch.full((b, hq, mbq, cap), float("-inf"), dtype=torch.float32, device=dev)
+    rows_per = max(1, BLOCK_SCORE_CHUNK_BYTES // (20 * b * hq * mbk))
+    for r0 in range(0, mbq, rows_per):
+        r1 = min(mbq, r0 + rows_per)
+        last_pos = min(r1 * block_size, nq) - 1 + off
+        width = min(mbk, last_pos // block_size + 1)
+        s = torch.matmul(pq[:, :, r0:r1], pk[:, :, :width].transpose(-1, -2))
+        rows = torch.arange(r0, r1, device=dev)
+        causal, forced = _causal_forced(rows, width, nq, off, block_size)
+        kk = min(cap, width)
+        cand = ids[:, :, r0:r1]
+        if use_triton:
+            from . import _triton
+
+            _triton.block_select(
+                s, cand, per_cap, r0=r0, nq=nq, off=off, block_size=block_size, kmax=cap
+            )
+        else:
+            ranked = force_diagonal(s.masked_fill(~causal, float("-inf")), forced)
+            order = _topk_stable(ranked, kk)
+            ok = (torch.gather(ranked, -1, order) > float("-inf")) & (
+                torch.arange(kk, device=dev)[None, None, None, :] < per_cap[None, :, None, None]
+            )
+            picked = torch.where(ok, order, _BIG).sort(-1).values
+            cand[..., :kk] = torch.where(picked == _BIG, -1, picked)
+        share = torch.log_softmax(s.mul_(scale).masked_fill_(~causal, float("-inf")), -1)
+        share = force_diagonal(share, forced)
+        got = torch.gather(share, -1, cand[..., :kk].clamp(min=0))
+        vals[:, :, r0:r1, :kk] = got.masked_fill_(cand[..., :kk] < 0, float("-inf"))
+    # the head's budget: what top_k per query block would keep (causal blocks per query block)
+    rows = torch.arange(mbq, device=dev)
+    last = torch.clamp((rows + 1) * block_size, max=nq) - 1 + off
+    n_causal = torch.clamp(last // block_size + 1, max=mbk)
+    budget = torch.minimum(limit[:, None], n_causal[None, :]).sum(-1)  # [H]
+    flat = vals.reshape(b, hq, -1)
+    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(flat.shape[-1], device=dev).expand_as(order))
+    keep = (rank < budget[None, :, None]) & (flat > float("-inf"))
+    # candidates are ascending per query block: dropping the losers keeps them ascending
+    picked = torch.where(keep.view_as(ids), ids, _BIG).sort(-1).values
+    return torch.where(picked == _BIG, -1, picked)
+
+
+def estimate_block_sparse_impl(
+    q, k, top_k, block_size, backend: str = "torch", allocation: str = "query_block"
+):
+    return block_topk(q, k, int(top_k), block_size, backend=backend, allocation=allocation)
 
 
 __all__ = [
@@ -367,6 +470,7 @@ __all__ = [
     "estimate_block_sparse_impl",
     "block_topk",
     "BLOCK_SCORE_CHUNK_BYTES",
+    "HEAD_ALLOCATION_CAP",
     "force_diagonal",
     "vs_scores_torch",
     "select_vertical_slash",
