@@ -205,3 +205,17 @@ def test_coverage_is_passed_to_the_kernels():
     torch.testing.assert_close(out.transpose(1, 2), ref)
     with pytest.raises(ValueError, match="coverage"):
         SparsePrefillPlan(config=plan.config, coverage=1.5)
+
+
+def test_block_allocation_is_passed_to_the_kernels():
+    """``block_allocation="head"`` reaches sparse_prefill: block-sparse heads spread their blocks
+    by estimated share (a different output from the per-query-block default on these inputs)."""
+    q, k, v = _qkv(1, 640, 640)
+    heads = (HeadPattern.block_sparse(top_k=2),) * HQ
+    plan = _plan(heads=heads)
+    plan.block_allocation = "head"
+    out, _ = minference_attention(_module(plan), q, k, v, None, scaling=D**-0.5)
+    ref = sparse_prefill(q, k, v, heads, D**-0.5, block_allocation="head")
+    torch.testing.assert_close(out.transpose(1, 2), ref)
+    per_block = sparse_prefill(q, k, v, heads, D**-0.5)
+    assert (ref - per_block).abs().max() > 1e-3

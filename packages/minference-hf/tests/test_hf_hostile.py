@@ -52,6 +52,7 @@ def test_unsupported_features(attr, value, words):
         ({"min_sparse_len": 0}, "min_sparse_len must be a positive int"),
         ({"min_sparse_query": True}, "min_sparse_query must be a positive int"),
         ({"coverage": 2.0}, r"coverage must be in \(0, 1\]"),
+        ({"block_allocation": "row"}, "block_allocation must be one of 'query_block', 'head'"),
     ],
 )
 def test_bad_plan_arguments(kwargs, words):

@@ -144,7 +144,9 @@ def _call_one(
     heads = plan.heads_for_layer(layer, nk)
     plan.stats.sparse_calls += 1
     plan.stats.sparse_layers.add(layer)
-    extra: dict[str, Any] = {} if plan.coverage is None else {"coverage": plan.coverage}
+    extra: dict[str, Any] = {"block_allocation": plan.block_allocation}
+    if plan.coverage is not None:
+        extra["coverage"] = plan.coverage
     # the density guard is tuned to the GPU kernel's rate; on CPU, sparse runs as configured
     if q.is_cuda:
         from .plan import DEFAULT_MAX_DENSITY

@@ -152,7 +152,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"model: {loaded.name} on {device}, {next(model.parameters()).dtype}")
     print(f"pattern config: {_describe_config(cfg)}")
     print(f"prompt: {len(ids)} tokens; sparse pre-fill from {thr} tokens")
-    patch(model, cfg, min_sparse_len=thr, coverage=args.coverage)
+    patch(
+        model,
+        cfg,
+        min_sparse_len=thr,
+        coverage=args.coverage,
+        block_allocation=args.block_allocation,
+    )
     progress = not args.no_progress
 
     warmup = args.warmup if args.warmup is not None else device.type == "cuda"
@@ -494,6 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="adaptive vertical-slash budgets: keep this share of each head's estimated "
         "attention mass (e.g. 0.95), at most the configured budget",
+    )
+    g.add_argument(
+        "--block-allocation",
+        choices=("query_block", "head"),
+        default="query_block",
+        help="block-sparse heads: top_k key blocks per query block (query_block), or the same "
+        "number per head spread by estimated attention share (head)",
     )
     g.add_argument("--prompt-tokens", type=int, help="keep the last N prompt tokens")
     g.add_argument(

@@ -244,6 +244,7 @@ def patch(
     last_q: int = 64,
     backend: str = "auto",
     coverage: float | None = None,
+    block_allocation: str = "query_block",
     verify: bool = True,
 ) -> PreTrainedModel:
     """Switch ``model`` to ``attn_implementation="minference"`` with a per-layer, per-head plan.
@@ -263,6 +264,8 @@ def patch(
         backend: :func:`minference_kernels.sparse_prefill` backend.
         coverage: adaptive vertical-slash budgets (see :class:`SparsePrefillPlan`); ``None``
             keeps the configured budgets.
+        block_allocation: ``"head"`` spreads each block-sparse head's blocks over its query blocks
+            by estimated attention share (see :class:`SparsePrefillPlan`).
         verify: run a 2-token forward to check every layer reaches the ``minference`` function
             (raises :class:`UnsupportedModelError` otherwise, and restores the previous setting).
 
@@ -299,6 +302,7 @@ def patch(
         last_q=last_q,
         backend=backend,
         coverage=coverage,
+        block_allocation=block_allocation,
         previous_attn_implementation=previous,
     )
     modules = _attention_modules(model)

@@ -6,6 +6,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from minference_kernels.estimate import ALLOCATIONS
+
 if TYPE_CHECKING:
     from minference_kernels import HeadPattern
     from minference_patterns import PatternConfig
@@ -76,6 +78,9 @@ class SparsePrefillPlan:
         coverage: when set (e.g. ``0.95``), vertical-slash budgets become adaptive: each head
             keeps only the columns and diagonals needed for that share of its estimated attention
             mass, at most its configured budget (passed to ``sparse_prefill``).
+        block_allocation: ``"query_block"`` (default: each block-sparse head keeps ``top_k`` key
+            blocks per query block) or ``"head"`` (the same number of blocks per head, spread over
+            its query blocks by estimated attention share; passed to ``sparse_prefill``).
         previous_attn_implementation: what :func:`minference_hf.unpatch` restores.
         stats: call counters (:class:`AttentionStats`).
     """
@@ -86,6 +91,7 @@ class SparsePrefillPlan:
     last_q: int = 64
     backend: str = "auto"
     coverage: float | None = None
+    block_allocation: str = "query_block"
     previous_attn_implementation: str | None = None
     stats: AttentionStats = field(default_factory=AttentionStats)
     _heads_cache: dict[tuple[int, int], tuple[HeadPattern, ...]] = field(
@@ -101,6 +107,11 @@ class SparsePrefillPlan:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if self.coverage is not None and not 0.0 < float(self.coverage) <= 1.0:
             raise ValueError(f"coverage must be in (0, 1], got {self.coverage!r}")
+        if self.block_allocation not in ALLOCATIONS:
+            raise ValueError(
+                f"block_allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, "
+                f"got {self.block_allocation!r}"
+            )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparsePrefillPlan:
         # The pattern config is immutable (and holds read-only mappings): share it.
@@ -111,6 +122,7 @@ class SparsePrefillPlan:
             last_q=self.last_q,
             backend=self.backend,
             coverage=self.coverage,
+            block_allocation=self.block_allocation,
             previous_attn_implementation=self.previous_attn_implementation,
             stats=copy.deepcopy(self.stats, memo),
         )
