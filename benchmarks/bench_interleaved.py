@@ -17,28 +17,26 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import statistics
 
 import minference_kernels as mk
 import torch
 import triton
-from bench_layer import CONFIG_ID, HQ, dense_probs, sample_rows, structured_layer
+from bench_layer import CONFIG_ID, HQ, block_rows, dense_probs, sample_rows, structured_layer
 from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
 
 
-def methods(n: int, fracs: list[float]) -> dict[str, list[mk.HeadPattern]]:
+def methods(n: int, fracs: str, head_fracs: str) -> dict[str, tuple[list, dict]]:
+    """``{name: (heads, sparse_prefill kwargs)}``."""
     import minference_patterns as mp
 
-    out = {
-        "llama3.1-config": list(mp.load(CONFIG_ID).heads_for_layer(0, n)),
-        "vs(1000,6096)": [mk.HeadPattern.vertical_slash(1000, 6096)] * HQ,
+    return {
+        "llama3.1-config": (list(mp.load(CONFIG_ID).heads_for_layer(0, n)), {}),
+        "vs(1000,6096)": ([mk.HeadPattern.vertical_slash(1000, 6096)] * HQ, {}),
+        **block_rows(n, fracs, "query_block"),
+        **block_rows(n, head_fracs, "head"),
     }
-    for f in fracs:
-        top_k = max(1, math.ceil(f * n / 64))
-        out[f"block_sparse({f * 100:g}%)"] = [mk.HeadPattern.block_sparse(top_k)] * HQ
-    return out
 
 
 def main() -> None:
@@ -47,6 +45,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=131072)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--fracs", default="0.09,0.095,0.10")
+    ap.add_argument("--head-fracs", default="0.07,0.08", help="block_allocation='head' rows")
     a = ap.parse_args()
     n = a.n
     q, k, v = structured_layer(n)
@@ -54,7 +53,7 @@ def main() -> None:
     rows = sample_rows(n)
     p = dense_probs(q, k, rows)
     blocks = sorted(set((rows // BLOCK).tolist()))
-    pats = methods(n, [float(f) for f in a.fracs.split(",") if f])
+    pats = methods(n, a.fracs, a.head_fracs)
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=500, return_mode="median")
@@ -65,8 +64,8 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     info = {}
-    for name, heads in pats.items():
-        idx = mk.build_index(q, k, heads, validate=False)
+    for name, (heads, kw) in pats.items():
+        idx = mk.build_index(q, k, heads, validate=False, **kw)
         info[name] = dict(
             density=mk.index_density(idx, blocks).mean().item(),
             recall=(p * index_mask(idx, rows)[0]).sum(-1).mean().item(),
@@ -76,9 +75,9 @@ def main() -> None:
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         bench(cudnn)  # warm the card and cuDNN's plan
         for r in range(a.rounds):
-            for name, heads in pats.items():
+            for name, (heads, kw) in pats.items():
                 t_c = bench(cudnn)
-                t_m = bench(lambda: mk.sparse_prefill(q, k, v, heads, validate=False))
+                t_m = bench(lambda: mk.sparse_prefill(q, k, v, heads, validate=False, **kw))
                 runs[name].append(dict(cudnn_ms=t_c, ms=t_m, ratio=t_c / t_m))
             print(f"round {r + 1}/{a.rounds} done", flush=True)
     log = dict(

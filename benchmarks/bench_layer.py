@@ -142,11 +142,11 @@ def run_n(n, kind, patterns, flex_ns, log):
     )
     rows_out = []
     blocks = sorted(set((rows // BLOCK).tolist()))
-    for name, (heads, cov) in patterns.items():
-        fn = lambda: mk.sparse_prefill(q, k, v, heads, validate=False, coverage=cov)
+    for name, (heads, kw) in patterns.items():
+        fn = lambda: mk.sparse_prefill(q, k, v, heads, validate=False, **kw)
         t_total = do_bench(fn)
-        t_index = do_bench(lambda: mk.build_index(q, k, heads, validate=False, coverage=cov))
-        idx = mk.build_index(q, k, heads, validate=False, coverage=cov)
+        t_index = do_bench(lambda: mk.build_index(q, k, heads, validate=False, **kw))
+        idx = mk.build_index(q, k, heads, validate=False, **kw)
         t_kernel = do_bench(lambda: _triton.attend(q, k, v, idx, D**-0.5))
         out = fn()[:, :, rows].float()
         dens = mk.index_density(idx, blocks).mean().item()
@@ -205,6 +205,20 @@ def run_n(n, kind, patterns, flex_ns, log):
     return rows_out
 
 
+def block_rows(n: int, fracs: str, allocation: str) -> dict:
+    """Block-sparse rows keeping ``fracs`` (comma-separated shares) of the key blocks per query
+    block, or in all per head with ``allocation="head"``: ``{name: (heads, sparse_prefill kwargs)}``."""
+    tag = "" if allocation == "query_block" else ", head"
+    return {
+        f"block_sparse({float(f) * 100:g}%{tag})": (
+            [mk.HeadPattern.block_sparse(max(1, math.ceil(float(f) * n / 64)))] * HQ,
+            {"block_allocation": allocation},
+        )
+        for f in fracs.split(",")
+        if f
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -217,6 +231,11 @@ def main():
         "--block-fracs",
         default="0.02,0.10",
         help="block-sparse rows: shares of the key blocks kept per query block",
+    )
+    ap.add_argument(
+        "--head-fracs",
+        default="0.08",
+        help="block-sparse rows with block_allocation='head' (the same work, spread by mass)",
     )
     a = ap.parse_args()
     if a.attn_config:
@@ -244,25 +263,18 @@ def main():
         for kind, ns in (("structured", a.ns), ("random", a.random_ns)):
             for n in [int(x) for x in ns.split(",") if x]:
                 pats = {
-                    "llama3.1-config": (llama(n), None),
-                    "vs(1000,6096)": ([mk.HeadPattern.vertical_slash(1000, 6096)] * HQ, None),
+                    "llama3.1-config": (llama(n), {}),
+                    "vs(1000,6096)": ([mk.HeadPattern.vertical_slash(1000, 6096)] * HQ, {}),
                     "vs(1000,6096)+cover0.95": (
                         [mk.HeadPattern.vertical_slash(1000, 6096)] * HQ,
-                        0.95,
+                        {"coverage": 0.95},
                     ),
-                    "vs(100,800)": ([mk.HeadPattern.vertical_slash(100, 800)] * HQ, None),
+                    "vs(100,800)": ([mk.HeadPattern.vertical_slash(100, 800)] * HQ, {}),
                     # block_sparse(10%) is issue 3's equal-recall row: about VS(1000, 6096)'s
                     # recall on these heads (0.816 vs 0.807 at 128K, recall_frontier_128k_cpu)
-                    **{
-                        f"block_sparse({float(f) * 100:g}%)": (
-                            [mk.HeadPattern.block_sparse(max(1, math.ceil(float(f) * n / 64)))]
-                            * HQ,
-                            None,
-                        )
-                        for f in a.block_fracs.split(",")
-                        if f
-                    },
-                    "a_shape(128,4096)": ([mk.HeadPattern.a_shape(128, 4096)] * HQ, None),
+                    **block_rows(n, a.block_fracs, "query_block"),
+                    **block_rows(n, a.head_fracs, "head"),
+                    "a_shape(128,4096)": ([mk.HeadPattern.a_shape(128, 4096)] * HQ, {}),
                 }
                 if a.only:
                     pats = {k_: v_ for k_, v_ in pats.items() if k_ in a.only.split(";")}
