@@ -300,8 +300,9 @@ def block_topk(
 
     ``allocation="head"`` spreads each head's budget over its query blocks by estimated attention
     share (module doc; ``scale`` is the attention scale, default ``D ** -0.5``); the result then has
-    ``K = HEAD_ALLOCATION_CAP * top_k_max`` columns (at most the key blocks). It runs in PyTorch on
-    every backend.
+    ``K = HEAD_ALLOCATION_CAP * top_k_max`` columns (at most the key blocks). Each query block's
+    candidates come from the same selection as above (Triton where ``backend="triton"``); the
+    ranking across query blocks is PyTorch.
 
     ``heads`` (a slice or an index tensor) estimates only those query heads of ``q`` (``Hq`` below
     is then their count; q is never copied). ``top_k`` is an int or a per-head ``[Hq]`` tensor;
@@ -346,7 +347,7 @@ def block_topk(
         _log_wide_once(mbk)
         use_triton = False
     if allocation == "head":
-        sc = scale or d**-0.5
+        sc = d**-0.5 if scale is None else scale
         return _select_per_head(pq, pk, limit, kmax, nq, nk, block_size, sc, use_triton)
     # bytes per score held at once: the scores (Triton), plus a ranking copy, sorted values and
     # int64 order (PyTorch)
@@ -367,16 +368,21 @@ def block_topk(
             continue
         rows = torch.arange(r0, r1, device=dev)
         causal, forced = _causal_forced(rows, width, nq, off, block_size)
-        s = force_diagonal(s.masked_fill_(~causal, float("-inf")), forced)
-        kk = min(kmax, width)
-        order = _topk_stable(s, kk)
-        vals = torch.gather(s, -1, order)
-        ok = (vals > float("-inf")) & (
-            torch.arange(kk, device=dev)[None, None, None, :] < limit[None, :, None, None]
-        )
-        picked = torch.where(ok, order, torch.full_like(order, _BIG)).sort(-1).values
-        out[:, :, r0:r1, :kk] = torch.where(picked == _BIG, torch.full_like(picked, -1), picked)
+        ranked = force_diagonal(s.masked_fill_(~causal, float("-inf")), forced)
+        _select_rows(ranked, min(kmax, width), limit, out[:, :, r0:r1])
     return out
+
+
+def _select_rows(ranked: torch.Tensor, kk: int, limit: torch.Tensor, dst: torch.Tensor) -> None:
+    """The PyTorch selection: of ``ranked [B, H, R, W]`` (causal-masked, diagonal blocks ranked
+    first), the ``min(limit[h], kk)`` best key blocks of each row, by a stable sort (ties to the
+    lowest id), written ascending into ``dst[..., :kk]`` (pre-filled with -1)."""
+    order = _topk_stable(ranked, kk)
+    ok = (torch.gather(ranked, -1, order) > float("-inf")) & (
+        torch.arange(kk, device=ranked.device)[None, None, None, :] < limit[None, :, None, None]
+    )
+    picked = torch.where(ok, order, _BIG).sort(-1).values
+    dst[..., :kk] = torch.where(picked == _BIG, -1, picked)
 
 
 # allocation="head": bytes of candidates (share, id and sort temporaries: 28 bytes each) ranked at
@@ -432,12 +438,7 @@ def _select_heads(pq, pk, limit, cap, nq, nk, block_size, scale, use_triton) -> 
             )
         else:
             ranked = force_diagonal(s.masked_fill(~causal, float("-inf")), forced)
-            order = _topk_stable(ranked, kk)
-            ok = (torch.gather(ranked, -1, order) > float("-inf")) & (
-                torch.arange(kk, device=dev)[None, None, None, :] < per_cap[None, :, None, None]
-            )
-            picked = torch.where(ok, order, _BIG).sort(-1).values
-            cand[..., :kk] = torch.where(picked == _BIG, -1, picked)
+            _select_rows(ranked, kk, per_cap, cand)
         share = torch.log_softmax(s.mul_(scale).masked_fill_(~causal, float("-inf")), -1)
         share = force_diagonal(share, forced)
         got = torch.gather(share, -1, cand[..., :kk].clamp(min=0))
