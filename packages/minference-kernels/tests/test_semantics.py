@@ -702,3 +702,22 @@ def test_head_allocation_triton_candidates_match_torch(monkeypatch, b, hq, hkv, 
     qt, kt, _ = _tied_qk(b, hq, hkv, nq, nk)
     tied = mk.estimate_block_sparse(qt, kt, top_k, bs, backend="torch", **kw)
     assert torch.equal(mk.estimate_block_sparse(qt, kt, top_k, bs, backend="triton", **kw), tied)
+
+
+def test_best_of_rows_equals_a_stable_sort():
+    """The head allocation's sort-free ranking keeps exactly what a stable descending sort ranks
+    first: random values, many exact ties, -inf slots, +inf (diagonal) entries, zero budgets."""
+    from minference_kernels.estimate import _best_of_rows
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 300, generator=g)
+    x[:, 1] = torch.randint(0, 4, (2, 300), generator=g).float() - 2.0  # ties everywhere
+    x[:, 2, ::3] = float("-inf")
+    x[:, 3, :7] = float("inf")
+    x[:, 3, 7:20] = torch.finfo(torch.float32).max
+    count = torch.tensor([0, 57, 199, 20, 300])
+    x[:, 4, 250:] = float("-inf")  # fewer finite entries than the count: all of them
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(300).expand_as(order))
+    want = (rank < count[None, :, None]) & (x > float("-inf"))
+    assert torch.equal(_best_of_rows(x, count), want)

@@ -385,8 +385,8 @@ def _select_rows(ranked: torch.Tensor, kk: int, limit: torch.Tensor, dst: torch.
     dst[..., :kk] = torch.where(picked == _BIG, -1, picked)
 
 
-# allocation="head": bytes of candidates (share, id and sort temporaries: 28 bytes each) ranked at
-# once; heads are ranked in groups that fit, at least one head per group
+# allocation="head": bytes of candidates (share, id, ranking temporaries: under 28 bytes each)
+# ranked at once; heads are ranked in groups that fit, at least one head per group
 HEAD_RANK_BYTES = 1 << 30
 
 
@@ -396,10 +396,10 @@ def _select_per_head(pq, pk, limit, kmax, nq, nk, block_size, scale, use_triton)
 
     Each query block's candidates are its ``4 * limit[h]`` best key blocks by the per-block rule
     (diagonal blocks first, then the scores, ties to the lowest id; the Triton selection where
-    ``use_triton``); their shares (log-softmax of the scaled pooled scores) are then ranked over
-    the whole head by one stable sort, and the first ``budget[h]`` win (equal shares: the lower
-    query block, then the lower key block). Memory: 28 bytes per candidate of the heads ranked
-    together (``HEAD_RANK_BYTES``), plus a chunk's scores within ``BLOCK_SCORE_CHUNK_BYTES``.
+    ``use_triton``); of their shares (log-softmax of the scaled pooled scores) the head's
+    ``budget[h]`` largest win (:func:`_best_of_rows`; equal shares: the lower query block, then
+    the lower key block). Memory: under 28 bytes per candidate of the heads ranked together
+    (``HEAD_RANK_BYTES``), plus a chunk's scores within ``BLOCK_SCORE_CHUNK_BYTES``.
     """
     b, hq, mbq, _ = pq.shape
     cap = min(pk.shape[2], HEAD_ALLOCATION_CAP * kmax)
@@ -448,14 +448,36 @@ def _select_heads(pq, pk, limit, cap, nq, nk, block_size, scale, use_triton) -> 
     last = torch.clamp((rows + 1) * block_size, max=nq) - 1 + off
     n_causal = torch.clamp(last // block_size + 1, max=mbk)
     budget = torch.minimum(limit[:, None], n_causal[None, :]).sum(-1)  # [H]
-    flat = vals.reshape(b, hq, -1)
-    order = torch.sort(flat, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(flat.shape[-1], device=dev).expand_as(order))
-    keep = (rank < budget[None, :, None]) & (flat > float("-inf"))
+    keep = _best_of_rows(vals.reshape(b, hq, -1), budget)
     # candidates are ascending per query block: dropping the losers keeps them ascending
     picked = torch.where(keep.view_as(ids), ids, _BIG).sort(-1).values
     return torch.where(picked == _BIG, -1, picked)
+
+
+def _best_of_rows(x: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``bool`` mask of the ``count[h]`` largest finite entries of each row of ``x [B, H, L]``
+    (float32), equal values to the earlier position: what a stable descending sort would rank
+    first, found without sorting. The ``count``-th largest value comes from a bisection over a
+    monotone int32 image of the floats (32 counting passes, no host sync), then ties are cut by
+    position."""
+    bits = x.contiguous().view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32, ordered like the floats
+    need = count.to(torch.int64)[None, :, None]
+    # invariant: #(key >= lo) >= need > #(key >= hi)
+    lo = torch.full(need.shape, -(2**31), dtype=torch.int64, device=x.device).expand(
+        x.shape[0], -1, -1
+    )
+    hi = torch.full_like(lo, 2**31)
+    for _ in range(32):
+        mid = (lo + hi) >> 1
+        ge = (key >= mid).sum(-1, keepdim=True) >= need
+        lo = torch.where(ge, mid, lo)
+        hi = torch.where(ge, hi, mid)
+    above = key > lo
+    tie = key == lo
+    room = need - above.sum(-1, keepdim=True)
+    keep = above | (tie & (torch.cumsum(tie, -1) <= room))
+    return keep & (x > float("-inf"))
 
 
 def estimate_block_sparse_impl(
