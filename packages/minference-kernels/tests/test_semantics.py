@@ -571,15 +571,8 @@ def _head_allocation_reference(q, k, limits, bs, scale):
             sel = torch.zeros(vals.numel(), dtype=torch.bool)
             sel[rank] = True
             sel &= vals.reshape(-1) > float("-inf")
-            chosen = [
-                sorted(
-                    order.reshape(-1)[
-                        sel.view(-1) & (torch.arange(vals.numel()) // cap == m)
-                    ].tolist()
-                )
-                for m in range(mbq)
-            ]
-            heads.append(chosen)
+            sel = sel.view(mbq, cap)
+            heads.append([sorted(order[m][sel[m]].tolist()) for m in range(mbq)])
         out.append(heads)
     return out
 
