@@ -64,14 +64,14 @@ class Request:
             **kw,
         )
 
-    def reference(self, start, heads=None):
+    def reference(self, start, heads=None, **kw):
         """Dense attention (``heads=None``) or sparse_prefill on contiguous K/V, last rows."""
         q = self.q.transpose(0, 1)[None]
         k, v = self.k.transpose(0, 1)[None], self.v.transpose(0, 1)[None]
         if heads is None:
             out = dense_attention(q, k, v, self.d**-0.5)[:, :, start:]
         else:
-            out = sparse_prefill(q[:, :, start:], k, v, heads, self.d**-0.5)
+            out = sparse_prefill(q[:, :, start:], k, v, heads, self.d**-0.5, **kw)
         return out[0].transpose(0, 1)
 
 
@@ -97,6 +97,16 @@ def test_sparse_chunk_reads_the_cache_exactly(device, dtype, start) -> None:
     got = req.chunk(start, SPARSE)
     tol = 1e-5 if dtype == torch.float32 else 1e-3
     torch.testing.assert_close(got, req.reference(start, SPARSE), atol=tol, rtol=tol)
+
+
+def test_block_allocation_reaches_the_kernels() -> None:
+    """``block_allocation="head"`` (the plugin's setting) is what sparse_prefill gets."""
+    req = Request(700, 4, 2, 64, "cpu", torch.float32, seed=3)
+    blocks = [P.block_sparse(2)] * 4
+    got = req.chunk(200, blocks, block_allocation="head")
+    want = req.reference(200, blocks, block_allocation="head")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - req.reference(200, blocks)).abs().max() > 1e-3  # not the default's blocks
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)

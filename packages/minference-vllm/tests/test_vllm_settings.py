@@ -49,7 +49,9 @@ def test_env_fallback_and_precedence() -> None:
     # additional_config wins field by field; the rest still comes from the environment
     got = S.resolve_settings({"minference": {"threshold": 5}}, env)
     assert got is not None and got.config == "env.json" and got.threshold == 5
-    assert got.last_q == 16
+    assert got.last_q == 16 and got.block_allocation == "query_block"
+    got = S.resolve_settings(None, {**env, S.ENV_BLOCK_ALLOCATION: "head"})
+    assert got is not None and got.block_allocation == "head"
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,7 @@ def test_env_fallback_and_precedence() -> None:
         ({"config": "p", "threshold": 0}, {}, ">= 1"),
         ({"config": "p", "threshold": True}, {}, "must be an int"),
         ({"config": "p", "kernel_backend": "cuda"}, {}, "kernel_backend"),
+        ({"config": "p", "block_allocation": "row"}, {}, "'block_allocation' must be one of"),
         ({"config": ""}, {}, "non-empty"),
         ({}, {S.ENV_CONFIG: "p", S.ENV_THRESHOLD: "1e4"}, "not an integer"),
         ([1, 2], {}, "must be an object"),

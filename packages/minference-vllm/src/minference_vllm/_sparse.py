@@ -331,6 +331,7 @@ class SparseImplMixin:
             scale=self.scale,
             last_q=settings.last_q,
             backend=settings.kernel_backend,
+            block_allocation=settings.block_allocation,
         )
         output[s:e].copy_(out)
         SPARSE_CALLS += 1

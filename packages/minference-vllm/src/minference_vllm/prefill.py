@@ -37,6 +37,7 @@ def prefill_request(
     scale: float,
     last_q: int = 64,
     backend: str = "auto",
+    block_allocation: str = "query_block",
 ) -> torch.Tensor:
     """Attention output ``[Nq, Hq, D]`` for the last ``Nq`` tokens of a ``seq_len``-token request.
 
@@ -48,7 +49,8 @@ def prefill_request(
             when ``key`` is ``None``) are read through ``layout`` from blocks ``block_ids``.
         layout: returns the cache's :class:`CacheLayout`; called only when the cache is read.
         heads: one pattern per query head of ``query``.
-        scale, last_q, backend: passed to ``minference_kernels.sparse_prefill``.
+        scale, last_q, backend, block_allocation: passed to
+            ``minference_kernels.sparse_prefill``.
 
     The causal diagonal is aligned bottom-right: query ``i`` of the chunk sits at position
     ``seq_len - Nq + i`` and sees keys ``0 .. seq_len - Nq + i``.
@@ -78,6 +80,7 @@ def prefill_request(
         last_q=last_q,
         backend=backend,
         validate=False,
+        block_allocation=block_allocation,
         # on CUDA an index that keeps most pairs (no sparse structure) runs dense instead
         max_density=MAX_DENSITY if query.is_cuda else None,
     )

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADDITIONAL_CONFIG_KEY",
+    "ENV_BLOCK_ALLOCATION",
     "ENV_CONFIG",
     "ENV_DISABLE",
     "ENV_LAST_Q",
@@ -60,6 +61,9 @@ ENV_LAST_Q = "MINFERENCE_VLLM_LAST_Q"
 ENV_KERNEL_BACKEND = "MINFERENCE_VLLM_KERNEL_BACKEND"
 #: Append one JSON line per sparse pre-fill call to this file (debugging, tests).
 ENV_TRACE = "MINFERENCE_VLLM_TRACE"
+#: Block-sparse heads: ``query_block`` (top_k key blocks per query block) or ``head`` (the same
+#: number per head, spread by estimated attention share).
+ENV_BLOCK_ALLOCATION = "MINFERENCE_VLLM_BLOCK_ALLOCATION"
 #: ``1``: ``register()`` does nothing (the plugin stays installed but inactive).
 ENV_DISABLE = "MINFERENCE_VLLM_DISABLE"
 #: ``1`` on CUDA: also replace the default ``FLASH_ATTN`` entry, not only the ``CUSTOM`` slot.
@@ -96,6 +100,8 @@ class PluginSettings:
         last_q: how many of the chunk's last queries estimate each head's index.
         kernel_backend: ``minference_kernels`` backend (``auto``, ``torch`` or ``triton``).
         trace: a file to which every sparse pre-fill call appends one JSON line, or ``None``.
+        block_allocation: ``minference_kernels.sparse_prefill``'s ``block_allocation``:
+            ``query_block`` (default) or ``head``.
     """
 
     config: str
@@ -104,6 +110,7 @@ class PluginSettings:
     last_q: int = 64
     kernel_backend: str = "auto"
     trace: str | None = None
+    block_allocation: str = "query_block"
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, str) or not self.config.strip():
@@ -121,6 +128,13 @@ class PluginSettings:
             )
         if self.trace is not None and not isinstance(self.trace, str):
             raise TypeError(f"minference: 'trace' must be a path string, got {self.trace!r}")
+        from minference_kernels.estimate import ALLOCATIONS
+
+        if self.block_allocation not in ALLOCATIONS:
+            raise ValueError(
+                "minference: 'block_allocation' must be one of "
+                f"{', '.join(map(repr, ALLOCATIONS))}, got {self.block_allocation!r}"
+            )
 
 
 _ENV_FIELDS: dict[str, str] = {
@@ -130,6 +144,7 @@ _ENV_FIELDS: dict[str, str] = {
     "last_q": ENV_LAST_Q,
     "kernel_backend": ENV_KERNEL_BACKEND,
     "trace": ENV_TRACE,
+    "block_allocation": ENV_BLOCK_ALLOCATION,
 }
 _INT_FIELDS = {"threshold", "min_query_len", "last_q"}
 
