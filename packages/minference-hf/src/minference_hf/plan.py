@@ -6,7 +6,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from minference_kernels.estimate import ALLOCATIONS
+from minference_kernels.estimate import check_allocation
 
 if TYPE_CHECKING:
     from minference_kernels import HeadPattern
@@ -107,11 +107,7 @@ class SparsePrefillPlan:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if self.coverage is not None and not 0.0 < float(self.coverage) <= 1.0:
             raise ValueError(f"coverage must be in (0, 1], got {self.coverage!r}")
-        if self.block_allocation not in ALLOCATIONS:
-            raise ValueError(
-                f"block_allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, "
-                f"got {self.block_allocation!r}"
-            )
+        check_allocation(self.block_allocation)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparsePrefillPlan:
         # The pattern config is immutable (and holds read-only mappings): share it.

@@ -30,11 +30,11 @@ from ._validate import (
     resolve_backend,
 )
 from .estimate import (
-    ALLOCATIONS,
     block_topk,
     estimate_block_sparse_impl,
     estimate_vertical_slash_impl,
 )
+from .estimate import check_allocation as _check_allocation
 from .index import BLOCK, SparseIndex
 from .patterns import HeadPattern, check_heads
 
@@ -292,15 +292,6 @@ def _check_coverage(coverage: float | None, name: str = "coverage") -> None:
         raise TypeError(f"{name} must be a float in (0, 1] or None, got {type(coverage).__name__}")
     if not (0.0 < coverage <= 1.0):
         raise ValueError(f"{name} must be in (0, 1], got {coverage}")
-
-
-def _check_allocation(allocation: str) -> str:
-    if allocation not in ALLOCATIONS:
-        raise ValueError(
-            f"block_allocation must be one of {', '.join(map(repr, ALLOCATIONS))}, "
-            f"got {allocation!r}"
-        )
-    return allocation
 
 
 def estimate_block_sparse(

@@ -270,6 +270,17 @@ HEAD_ALLOCATION_CAP = 4
 
 ALLOCATIONS = ("query_block", "head")
 
+
+def check_allocation(allocation: str, name: str = "block_allocation") -> str:
+    """``allocation`` if it is one of :data:`ALLOCATIONS`, else a ``ValueError`` naming ``name``
+    (the integrations validate their settings with it too)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"{name} must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}"
+        )
+    return allocation
+
+
 # Scratch bytes of one chunk of query blocks in :func:`block_topk` (the scores; on the PyTorch
 # path also their ranking copy and sort temporaries). Bounds the estimator's memory at any length: all block pairs of a 32-head
 # layer at 1M tokens would be 34 GB in float32.
@@ -339,16 +350,16 @@ def block_topk(
         limit = top_k.to(device=dev, dtype=torch.int64).expand(hq)
     kv_of_q = _kv_map(hq, k.shape[1], kv_of_q, dev)
     pk = _pool_blocks(k, nk, mbk, block_size).index_select(1, kv_of_q)  # [B, Hq, MBk, D]
-    out = torch.full((b, hq, mbq, kmax), -1, dtype=torch.int64, device=dev)
     if kmax == 0:
-        return out
+        return torch.full((b, hq, mbq, 0), -1, dtype=torch.int64, device=dev)
     use_triton = backend == "triton"
     if use_triton and mbk > _triton_select_max():
         _log_wide_once(mbk)
         use_triton = False
-    if allocation == "head":
+    if allocation == "head":  # its own output, HEAD_ALLOCATION_CAP times wider
         sc = d**-0.5 if scale is None else scale
         return _select_per_head(pq, pk, limit, kmax, nq, nk, block_size, sc, use_triton)
+    out = torch.full((b, hq, mbq, kmax), -1, dtype=torch.int64, device=dev)
     # bytes per score held at once: the scores (Triton), plus a ranking copy, sorted values and
     # int64 order (PyTorch)
     per_score = 4 if use_triton else 20

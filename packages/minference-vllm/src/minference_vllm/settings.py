@@ -128,13 +128,9 @@ class PluginSettings:
             )
         if self.trace is not None and not isinstance(self.trace, str):
             raise TypeError(f"minference: 'trace' must be a path string, got {self.trace!r}")
-        from minference_kernels.estimate import ALLOCATIONS
+        from minference_kernels.estimate import check_allocation
 
-        if self.block_allocation not in ALLOCATIONS:
-            raise ValueError(
-                "minference: 'block_allocation' must be one of "
-                f"{', '.join(map(repr, ALLOCATIONS))}, got {self.block_allocation!r}"
-            )
+        check_allocation(self.block_allocation, "minference: 'block_allocation'")
 
 
 _ENV_FIELDS: dict[str, str] = {
