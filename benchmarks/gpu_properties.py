@@ -35,7 +35,7 @@ import time
 import minference_kernels as mk
 import torch
 from minference_kernels import _torch_attn
-from minference_kernels.estimate import KEEP_FIRST, KEEP_LOCAL
+from minference_kernels.estimate import HEAD_ALLOCATION_CAP, KEEP_FIRST, KEEP_LOCAL
 from minference_kernels.synthetic import structured_qkv
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -312,17 +312,17 @@ def case_layer(ck, rng, args, dev, be):
     heads = random_heads(rng, p["hq"])
     coverage = rng.choice([None, None, 0.9])
     last_q = rng.choice([16, 64, 128])
-    out, idx = mk.sparse_prefill(
-        q, k, v, heads, last_q=last_q, coverage=coverage, backend=be, return_index=True
-    )
+    alloc = rng.choice(["query_block", "head"])
+    kw = dict(last_q=last_q, coverage=coverage, block_allocation=alloc)
+    out, idx = mk.sparse_prefill(q, k, v, heads, backend=be, return_index=True, **kw)
     rows = sample_rows(rng, p["nq"], dev)
     mask = _torch_attn.index_mask(idx, rows)
     params = {**p, "family": fam, "seed": seed, "heads": [h.describe() for h in heads],
-              "coverage": coverage, "last_q": last_q}  # fmt: skip
+              "coverage": coverage, "last_q": last_q, "block_allocation": alloc}  # fmt: skip
     ok, err, tol, why = compare_rows(out[:, :, rows], ref_rows(q, k, v, mask, rows), mask,
                                      args.dtype, logit_bound(q, k))  # fmt: skip
     # the index agrees with the PyTorch estimator's mask (exact ties may be taken differently)
-    indep = mk.sparse_prefill_mask(q, k, heads, last_q=last_q, coverage=coverage, query_rows=rows)
+    indep = mk.sparse_prefill_mask(q, k, heads, query_rows=rows, **kw)
     agree = float((indep == mask).double().mean())
     ck.notes["min_mask_agreement"] = min(ck.notes.get("min_mask_agreement", 1.0), agree)
     ck.record(ok, err, tol, {**params, "mask_agreement": agree}, why)
@@ -391,6 +391,30 @@ def case_estimate_bs(ck, rng, args, dev, be):
         why.append("a row attends to nothing")
     if not same:
         why.append("rerun differs")
+    # block_allocation="head": the same pairs per head, spread over the head's query blocks
+    hi = mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation="head")
+    if not torch.equal(
+        hi, mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation="head")
+    ):
+        why.append("head: rerun differs")
+    hv = hi >= 0
+    if hi.shape[-1] != min(n_kb, HEAD_ALLOCATION_CAP * top_k):
+        why.append(f"head: {hi.shape[-1]} columns")
+    if not torch.equal(hv.sum((-1, -2)), valid.sum((-1, -2))):
+        why.append("head: block count per head != per-query-block budget's")
+    if not bool((hi == own).any(-1).all()):
+        why.append("head: block of the first row missing")
+    if not bool((~hv | causal[torch.arange(n_qb, device=dev)[:, None], hi.clamp(min=0)]).all()):
+        why.append("head: non-causal block")
+    nxt = torch.where(hv[..., 1:], hi[..., 1:], torch.full_like(hi[..., 1:], 2**30))
+    if not bool((nxt > hi[..., :-1]).all()) or not bool((hv[..., :-1] | ~hv[..., 1:]).all()):
+        why.append("head: ids not strictly ascending with the padding last")
+    if not bool((hv.sum(-1) <= causal.sum(-1)).all()):
+        why.append("head: more blocks than causal ones")
+    if be != "torch":  # the PyTorch ranking on the same device: exact ties may be taken otherwise
+        ht = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", allocation="head")
+        agree = float((ht == hi).double().mean())
+        ck.notes["head_torch_agreement"] = min(ck.notes.get("head_torch_agreement", 1.0), agree)
     params = {**p, "family": fam, "seed": seed, "top_k": top_k, "bs": bs}
     ck.record(not why, 0.0, 0.0, params, "; ".join(why))
 

@@ -1,5 +1,6 @@
 """Profile estimation + index building for one Llama-3-8B layer (shipped Llama-3.1 config, or
-``--pattern block_sparse``: every head block-sparse at 2% of its key blocks, as in bench_layer).
+``--pattern block_sparse``: every head block-sparse at ``--frac`` of its key blocks, 2% by default,
+as in bench_layer; ``--allocation head`` spreads that budget per head).
 
 Prints the wall time of ``build_index``, the sum of its GPU kernel times (if the wall time is far
 above it, the host side, meaning launches and syncs, is the bottleneck), and the top kernels and
@@ -25,6 +26,8 @@ def main() -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--ns", default="131072,524288")
     ap.add_argument("--pattern", default="config", choices=("config", "block_sparse"))
+    ap.add_argument("--frac", type=float, default=0.02, help="block_sparse: share of key blocks")
+    ap.add_argument("--allocation", default="query_block", choices=("query_block", "head"))
     ap.add_argument("--no-profile", action="store_true", help="wall time and peak memory only")
     args = ap.parse_args()
     cfg = load_shipped(CONFIG_ID)
@@ -33,10 +36,10 @@ def main() -> int:
         q, k, _ = structured_layer(n)
         heads = cfg.heads_for_layer(0, n)
         if args.pattern == "block_sparse":
-            heads = [mk.HeadPattern.block_sparse(math.ceil(0.02 * n / 64))] * len(heads)
+            heads = [mk.HeadPattern.block_sparse(math.ceil(args.frac * n / 64))] * len(heads)
 
         def fn(q=q, k=k, heads=heads):
-            return mk.build_index(q, k, heads, validate=False)
+            return mk.build_index(q, k, heads, validate=False, block_allocation=args.allocation)
 
         wall = triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
         torch.cuda.synchronize()
@@ -45,7 +48,7 @@ def main() -> int:
         fn()
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-        head = f"N={n} {args.pattern}: build_index wall {wall:.2f} ms, peak +{extra:.2f} GiB"
+        head = f"N={n} {args.pattern} ({args.frac:g}, {args.allocation}): build_index wall {wall:.2f} ms, peak +{extra:.2f} GiB"
         print(head, flush=True)
         lines.append(head)
         if args.no_profile:
@@ -61,7 +64,9 @@ def main() -> int:
         lines += [ev.table(sort_by="self_device_time_total", row_limit=25), ""]
         lines += [ev.table(sort_by="self_cpu_time_total", row_limit=20), ""]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"profile_index_{args.pattern}.txt").write_text("\n".join(lines))
+    (Path(args.out) / f"profile_index_{args.pattern}_{args.allocation}.txt").write_text(
+        "\n".join(lines)
+    )
     return 0
 
 

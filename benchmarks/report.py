@@ -92,6 +92,7 @@ E2E_OTHER_CARDS = (("e2e_1m_v2_h100.json", "the v0.2.0-c kernel, pointer loads")
 # the 128K equal-recall budget sweep (bench_layer --block-fracs) and the interleaved ratios
 FRACS_FILE = "bench_layer_128k_fracs_v020h_h200.json"
 INTERLEAVED_FILE = "bench_interleaved_128k_v020h_h200.json"
+HEAD_INTERLEAVED_FILE = "bench_interleaved_v020i_h200.json"
 
 
 def equal_recall_section() -> list[str]:
@@ -119,13 +120,30 @@ def equal_recall_section() -> list[str]:
         "| method | pipeline ms | cuDNN ms | speedup, median (min-max) | density | recall |",
         "|---|---|---|---|---|---|",
     ]
-    for name, m in il["methods"].items():
-        out.append(
-            f"| {name} | {m['ms']:.1f} | {m['cudnn_ms']:.1f} | **{m['ratio_median']:.2f}x** "
-            f"({m['ratio_min']:.2f}-{m['ratio_max']:.2f}) | {m['density']:.3f} | "
-            f"{m['recall']:.3f} |"
-        )
+    out += _interleaved_rows(il)
+    if (res / HEAD_INTERLEAVED_FILE).exists():
+        hd = json.loads((res / HEAD_INTERLEAVED_FILE).read_text())
+        out += [
+            "",
+            f'With `block_allocation="head"` (each head\'s tiles spread over its query blocks by '
+            f"estimated share; `benchmarks/results/{HEAD_INTERLEAVED_FILE}`, **{hd['device']}**, "
+            f"run {hd['date']}, the Triton ranking). The head allocation reaches the recall with "
+            "fewer tiles, but its index (11.6 ms at 8%, against 3.3 ms) and a 5% slower kernel on "
+            "the same tiles cancel that; see benchmarks/NOTES.md, v0.2.0-i.",
+            "",
+            "| method | pipeline ms | cuDNN ms | speedup, median (min-max) | density | recall |",
+            "|---|---|---|---|---|---|",
+            *_interleaved_rows(hd),
+        ]
     return out + [""]
+
+
+def _interleaved_rows(il: dict) -> list[str]:
+    return [
+        f"| {name} | {m['ms']:.1f} | {m['cudnn_ms']:.1f} | **{m['ratio_median']:.2f}x** "
+        f"({m['ratio_min']:.2f}-{m['ratio_max']:.2f}) | {m['density']:.3f} | {m['recall']:.3f} |"
+        for name, m in il["methods"].items()
+    ]
 
 
 def e2e_section() -> list[str]:

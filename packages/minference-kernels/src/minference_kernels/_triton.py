@@ -702,11 +702,12 @@ BLOCK_SELECT_MAX = 16384
 _I32_MAX = tl.constexpr(2147483647)
 
 
-@triton.jit(do_not_specialize=["hq", "r0", "width", "nq", "off", "bs", "kmax"])
+@triton.jit(do_not_specialize=["hq", "r0", "width", "nq", "off", "bs", "kmax", "scale"])
 def _block_select_kernel(
     S,
     OUT,
     LIMIT,
+    VALS,
     s_b,
     s_h,
     s_r,
@@ -720,7 +721,9 @@ def _block_select_kernel(
     off,
     bs,
     kmax,
+    scale,
     W_P: tl.constexpr,
+    SHARES: tl.constexpr,
 ):
     """Row ``r`` (query block ``r0 + r``) of head ``bh``: the ``min(LIMIT[h], kmax, causal)``
     highest-ranked causal key blocks, ascending, into ``OUT`` (pre-filled with -1). Rank: the block
@@ -762,8 +765,15 @@ def _block_select_kernel(
     need = kk - tl.sum(gt.to(tl.int32), 0)
     sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), 0) <= need))
     pos = tl.cumsum(sel.to(tl.int32), 0) - 1
-    dst = OUT + b.to(tl.int64) * o_b + h.to(tl.int64) * o_h + r.to(tl.int64) * o_r
-    tl.store(dst + pos, j.to(tl.int64), mask=sel)
+    o_row = b.to(tl.int64) * o_b + h.to(tl.int64) * o_h + r.to(tl.int64) * o_r
+    tl.store(OUT + o_row + pos, j.to(tl.int64), mask=sel)
+    if SHARES:  # the winners' log-shares (log-softmax of the scaled scores; diagonal ones forced)
+        t = tl.where(causal, x * scale, float("-inf"))
+        t_max = tl.max(t, 0)
+        share = (t - t_max) - tl.log(tl.sum(tl.exp(t - t_max), 0))
+        share = tl.where(causal & (kstart + bs > first), 3.4028234663852886e38, share)
+        share = tl.where(j == first // bs, float("inf"), share)
+        tl.store(VALS + o_row + pos, share, mask=sel)
 
 
 def block_select(
@@ -776,21 +786,31 @@ def block_select(
     off: int,
     block_size: int,
     kmax: int,
+    shares: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> None:
     """Top-k selection of :func:`minference_kernels.estimate.block_topk` for one chunk of query
     blocks: ``scores [B, H, R, W]`` float32 (raw pooled dot products; causality and the forced
     diagonal blocks are applied here), ``out [B, H, R, >= kmax]`` int64 pre-filled with -1 (a view
-    is fine), ``limit [H]`` per-head budgets. ``W <= BLOCK_SELECT_MAX``."""
+    is fine), ``limit [H]`` per-head budgets. ``W <= BLOCK_SELECT_MAX``.
+
+    ``shares`` (float32, ``out``'s shape and strides, pre-filled with -inf): also write each
+    winner's log-share, ``log_softmax(scale * scores)`` over the causal blocks, in ``out``'s slot
+    (the diagonal blocks: float32 max, the block of the first row: inf), as
+    ``allocation="head"`` ranks them."""
     b, h, rows, width = scores.shape
     if width > BLOCK_SELECT_MAX:
         raise ValueError(f"block_select: {width} key blocks exceed {BLOCK_SELECT_MAX}")
     if scores.stride(-1) != 1 or out.stride(-1) != 1:
         raise ValueError("block_select: scores and out need a contiguous last dim")
+    if shares is not None and (shares.shape != out.shape or shares.stride() != out.stride()):
+        raise ValueError("block_select: shares needs out's shape and strides")
     w_p = max(512, triton.next_power_of_2(width))
     _block_select_kernel[(rows, b * h)](
         scores,
         out,
         limit.to(torch.int64).contiguous(),
+        out if shares is None else shares,
         scores.stride(0),
         scores.stride(1),
         scores.stride(2),
@@ -804,9 +824,136 @@ def block_select(
         off,
         block_size,
         kmax,
+        float(scale),
         W_P=w_p,
+        SHARES=shares is not None,
         num_warps=4 if w_p <= 2048 else (8 if w_p <= 8192 else 16),
     )
 
 
-__all__ = ["attend", "block_select", "slash_tiles", "vs_scores", "math"]
+# ``allocation="head"``: the head-wide ranking of candidate shares. Each candidate's float32 share
+# and its position in the head's row become one unique int64 key (value first, then the earlier
+# position), so the ``count``-th largest key splits winners from losers exactly, ties included.
+# A 16-way search narrows [lo, hi) 16-fold per pass: 16 counting passes instead of a sort.
+_RANK_PASSES = 16
+_RANK_LO = tl.constexpr(-(2**63) + 2**40)  # below every key (the smallest: -2139095041 * 2**32)
+_RANK_HI = tl.constexpr(2**63 - 2**40)  # above every key (all are below 2139095041 * 2**32)
+_RANK_CHUNK = 8192  # keys per counting program
+_RANK_SUB = 128  # keys compared at once against the 16 probes (v0.2.0-i: best of 64-512)
+
+
+@triton.jit
+def _rank_keys(X, base, offs, ok):
+    """Float32 ``X[base + offs]`` -> unique int64 keys ordered like (value, -position)."""
+    x = tl.load(X + base + offs, mask=ok, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # monotone in the float
+    return x, key * 4294967296 + (4294967295 - offs)
+
+
+@triton.jit
+def _rank_step(lo, hi):
+    """``ceil((hi - lo) / 16)`` without overflowing int64 (``hi - lo`` may exceed 2**63)."""
+    a = (hi >> 1) - (lo >> 1)
+    c = (hi & 1) - (lo & 1)
+    return (a + ((c + 15) >> 1)) >> 3
+
+
+@triton.jit
+def _rank_interval(LO, HI, CNT, p, row, R, need):
+    """The search interval ``[lo, hi)`` of pass ``p`` for ``row``: pass ``p - 1``'s interval cut
+    to the probe slice holding the ``need``-th largest key (``p = 0``: the stored start)."""
+    if p == 0:
+        lo = tl.load(LO + row)
+        hi = tl.load(HI + row)
+    else:
+        lo = tl.load(LO + (p - 1) * R + row)
+        hi = tl.load(HI + (p - 1) * R + row)
+        step = _rank_step(lo, hi)
+        cnt = tl.load(CNT + ((p - 1) * R + row) * 16 + tl.arange(0, 16))
+        idx = tl.sum((cnt >= need).to(tl.int32), 0) - 1  # probe 0 (= lo) always counts
+        new_lo = lo + idx.to(tl.int64) * step
+        hi = tl.where(idx < 15, tl.minimum(hi, new_lo + step), hi)
+        lo = new_lo
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=["L", "R", "p"])
+def _rank_count_kernel(X, NEED, LO, HI, CNT, L, R, p, CHUNK: tl.constexpr, SUB: tl.constexpr):
+    """Pass ``p``: for row ``pid(1)``, count the keys of one chunk at or above each of the 16
+    probes ``lo + i * step`` (per-thread counts, summed once per program, then atomic adds into
+    ``CNT[p, row]``)."""
+    c = tl.program_id(0)
+    row = tl.program_id(1)
+    need = tl.load(NEED + row)
+    lo, hi = _rank_interval(LO, HI, CNT, p, row, R, need)
+    if c == 0:  # the interval of this pass, for the next pass's programs
+        tl.store(LO + p * R + row, lo)
+        tl.store(HI + p * R + row, hi)
+    w = tl.arange(0, 16)
+    probes = lo + w.to(tl.int64) * _rank_step(lo, hi)
+    acc = tl.zeros([SUB, 16], dtype=tl.int32)
+    base = row.to(tl.int64) * L
+    for s0 in range(0, CHUNK, SUB):
+        offs = c.to(tl.int64) * CHUNK + s0 + tl.arange(0, SUB)
+        ok = offs < L
+        _, key = _rank_keys(X, base, offs, ok)
+        acc += ((key[:, None] >= probes[None, :]) & ok[:, None]).to(tl.int32)
+    tl.atomic_add(CNT + (p * R + row) * 16 + w, tl.sum(acc, 0))
+
+
+@triton.jit(do_not_specialize=["L", "R", "cap", "P"])
+def _rank_keep_kernel(X, IDS, OUT, NEED, LO, HI, CNT, L, R, cap, P, CAP_P: tl.constexpr):
+    """Query block ``pid(0)`` of row ``pid(1)``: its candidates whose key is among the row's
+    ``need`` largest, compacted in their (ascending) order into ``OUT`` (pre-filled with -1)."""
+    m = tl.program_id(0)
+    row = tl.program_id(1)
+    need = tl.load(NEED + row)
+    thr, _ = _rank_interval(LO, HI, CNT, P, row, R, need)
+    thr = tl.where(need > 0, thr, _RANK_HI)  # above every key: nothing wins
+    j = tl.arange(0, CAP_P)
+    ok = j < cap
+    offs = m.to(tl.int64) * cap + j
+    base = row.to(tl.int64) * L
+    x, key = _rank_keys(X, base, offs, ok)
+    keep = ok & (key >= thr) & (x > float("-inf"))
+    ids = tl.load(IDS + base + offs, mask=keep, other=-1)
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(OUT + base + m.to(tl.int64) * cap + pos, ids, mask=keep)
+
+
+def head_keep(vals: torch.Tensor, ids: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The head allocation's winners: ``vals [B, H, MB, cap]`` float32 shares of the candidates
+    ``ids [B, H, MB, cap]`` int64 (ascending per query block, -1 with share -inf where none),
+    ``count [H]`` winners per head -> ``[B, H, MB, cap]`` the winning ids of each query block,
+    ascending, -1 after them. A winner is among the ``count[h]`` largest finite shares of its
+    head; equal shares go to the lower query block, then the lower key block (the stable
+    descending sort's order). No sort and no host sync: 16 counting passes, then one compaction."""
+    b, h, mb, cap = vals.shape
+    if cap == 0 or mb == 0:
+        return ids.clone()
+    rows, length = b * h, mb * cap
+    if length >= 2**32:
+        raise ValueError(f"head_keep: {length} candidates per head exceed 2**32")
+    vals = vals.contiguous()
+    ids = ids.contiguous()
+    dev = vals.device
+    need = count.to(device=dev, dtype=torch.int64).clamp(max=length).repeat(b).contiguous()
+    lo = torch.full((_RANK_PASSES, rows), _RANK_LO.value, dtype=torch.int64, device=dev)
+    hi = torch.full((_RANK_PASSES, rows), _RANK_HI.value, dtype=torch.int64, device=dev)
+    cnt = torch.zeros((_RANK_PASSES, rows, 16), dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(length, _RANK_CHUNK), rows)
+    for p in range(_RANK_PASSES):
+        _rank_count_kernel[grid](
+            vals, need, lo, hi, cnt, length, rows, p, CHUNK=_RANK_CHUNK, SUB=_RANK_SUB
+        )
+    cap_p = max(16, triton.next_power_of_2(cap))
+    out = torch.full_like(ids, -1)
+    _rank_keep_kernel[(mb, rows)](
+        vals, ids, out, need, lo, hi, cnt, length, rows, cap, _RANK_PASSES,
+        CAP_P=cap_p, num_warps=4 if cap_p <= 2048 else (8 if cap_p <= 8192 else 16),
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["attend", "block_select", "head_keep", "slash_tiles", "vs_scores", "math"]

@@ -1,0 +1,71 @@
+"""Time the head allocation's ranking (``block_allocation="head"``) at one 128K layer's size.
+
+    PYTHONPATH=packages/minference-kernels/src python benchmarks/bench_head_rank.py --out $OUT
+
+Candidates like ``block_sparse(8%, head)`` at 128K: 32 heads x 2048 query blocks x 656 candidates
+(``4 * top_k``, top_k = 164), float32 shares with -inf where a query block has fewer causal blocks,
+ascending ids. Compares the Triton ranking (``_triton.head_keep``) in several launch variants with
+the PyTorch one (``_best_of_rows`` bisection + compaction sort), checks that all keep the same
+blocks, and prints a table (median ms). CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton
+from minference_kernels import _triton
+from minference_kernels.estimate import _BIG, _best_of_rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--mb", type=int, default=2048)
+    ap.add_argument("--top-k", type=int, default=164)
+    args = ap.parse_args()
+    h, mb, top_k = args.heads, args.mb, args.top_k
+    cap = 4 * top_k
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vals = torch.randn(1, h, mb, cap, device="cuda", generator=g) - 8.0
+    n_causal = torch.arange(1, mb + 1, device="cuda")
+    slot = torch.arange(cap, device="cuda")
+    valid = slot[None, :] < n_causal[:, None].clamp(max=cap)
+    vals = vals.masked_fill(~valid, float("-inf"))
+    vals[..., 0] = float("inf")  # the diagonal block
+    vals[:, :, ::7, 1:9] = -7.5  # exact ties
+    vals[:, :, ::7, 1:9] = -7.5  # exact ties, some at the threshold
+    ids = torch.where(valid, slot * 3, -1).expand(1, h, mb, cap).contiguous()
+    budget = torch.full((h,), int(n_causal.clamp(max=top_k).sum()), device="cuda")
+
+    def torch_path():
+        keep = _best_of_rows(vals.reshape(1, h, -1), budget, "bisect")
+        picked = torch.where(keep.view_as(ids), ids, _BIG).sort(-1).values
+        return torch.where(picked == _BIG, -1, picked)
+
+    want = torch_path()
+    rows = [("torch bisect + sort", triton.testing.do_bench(torch_path, rep=200), True)]
+    default = (_triton._RANK_SUB, _triton._RANK_CHUNK)
+    for sub, chunk in [(128, 8192), (64, 8192), (256, 8192), (128, 32768), (128, 4096)]:
+        _triton._RANK_SUB, _triton._RANK_CHUNK = sub, chunk
+        same = torch.equal(_triton.head_keep(vals, ids, budget), want)
+        ms = triton.testing.do_bench(lambda: _triton.head_keep(vals, ids, budget), rep=200)
+        rows.append((f"triton sub={sub} chunk={chunk}", ms, same))
+    _triton._RANK_SUB, _triton._RANK_CHUNK = default
+    print(f"{h} heads x {mb} query blocks x {cap} candidates, budget {int(budget[0])} per head")
+    for name, ms, same in rows:
+        print(f"  {name:<40} {ms:8.3f} ms  {'same' if same else 'DIFFERENT'}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench_head_rank.json").write_text(
+        json.dumps({"device": torch.cuda.get_device_name(), "heads": h, "mb": mb, "cap": cap,
+                    "rows": [{"name": n, "ms": m, "same": s} for n, m, s in rows]}, indent=1)
+    )  # fmt: skip
+    return 0 if all(s for _, _, s in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
