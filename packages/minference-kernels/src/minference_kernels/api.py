@@ -534,7 +534,10 @@ def sparse_prefill(
     ``top_k`` per query block would, spread over its query blocks by estimated attention share
     (more where attention is spread, fewer where it is peaked; at most
     ``estimate.HEAD_ALLOCATION_CAP * top_k`` per query block); ``"query_block"`` (default) keeps
-    ``top_k`` per query block.
+    ``top_k`` per query block. Trade-off, measured on an H200 at 128K (32 heads): ``"head"`` at 8%
+    of the blocks reaches the recall ``"query_block"`` needs 9% for, but its estimation takes
+    11.6 ms against 3.3 ms, so the layer is not faster (4.33x against 4.63x over cuDNN). Use it
+    where recall per computed tile matters more than estimation time.
     """
     shape = check_qkv(q, k, _check_tensor(v, "v"), check_values=validate)
     heads = check_heads(heads, shape.heads_q)
