@@ -109,6 +109,16 @@ def test_block_allocation_reaches_the_kernels() -> None:
     assert (got - req.reference(200, blocks)).abs().max() > 1e-3  # not the default's blocks
 
 
+def test_coverage_reaches_the_kernels() -> None:
+    """``coverage`` (the plugin's setting) is what sparse_prefill gets: adaptive vertical-slash
+    budgets, so fewer pairs than the configured budget and another output."""
+    req = Request(2000, 4, 2, 64, "cpu", torch.float32, seed=4)
+    heads = [P.vertical_slash(64, 256)] * 4
+    got = req.chunk(200, heads, coverage=0.1)
+    torch.testing.assert_close(got, req.reference(200, heads, coverage=0.1), atol=1e-5, rtol=1e-5)
+    assert (got - req.reference(200, heads)).abs().max() > 1e-3  # not the fixed budgets
+
+
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)
 def test_shared_cache_layer(device, dtype) -> None:
     """A layer without its own K/V (KV sharing) reads everything from the cache: same result."""

@@ -52,6 +52,11 @@ def test_env_fallback_and_precedence() -> None:
     assert got.last_q == 16 and got.block_allocation == "query_block"
     got = S.resolve_settings(None, {**env, S.ENV_BLOCK_ALLOCATION: "head"})
     assert got is not None and got.block_allocation == "head"
+    assert got.coverage is None
+    got = S.resolve_settings(None, {**env, S.ENV_COVERAGE: "0.9"})
+    assert got is not None and got.coverage == 0.9
+    got = S.resolve_settings({"minference": {"coverage": 1}}, {**env, S.ENV_COVERAGE: "0.9"})
+    assert got is not None and got.coverage == 1
 
 
 @pytest.mark.parametrize(
@@ -63,6 +68,12 @@ def test_env_fallback_and_precedence() -> None:
         ({"config": "p", "threshold": True}, {}, "must be an int"),
         ({"config": "p", "kernel_backend": "cuda"}, {}, "kernel_backend"),
         ({"config": "p", "block_allocation": "row"}, {}, "'block_allocation' must be one of"),
+        ({"config": "p", "coverage": 0}, {}, r"'coverage' must be in \(0, 1\]"),
+        ({"config": "p", "coverage": 1.5}, {}, r"'coverage' must be in \(0, 1\]"),
+        ({"config": "p", "coverage": float("nan")}, {}, r"'coverage' must be in \(0, 1\]"),
+        ({"config": "p", "coverage": "0.9"}, {}, "'coverage' must be a number"),
+        ({"config": "p", "coverage": True}, {}, "'coverage' must be a number"),
+        ({}, {S.ENV_CONFIG: "p", S.ENV_COVERAGE: "most"}, "COVERAGE='most' is not a number"),
         ({"config": ""}, {}, "non-empty"),
         ({}, {S.ENV_CONFIG: "p", S.ENV_THRESHOLD: "1e4"}, "not an integer"),
         ([1, 2], {}, "must be an object"),

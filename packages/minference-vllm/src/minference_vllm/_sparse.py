@@ -332,6 +332,7 @@ class SparseImplMixin:
             last_q=settings.last_q,
             backend=settings.kernel_backend,
             block_allocation=settings.block_allocation,
+            coverage=settings.coverage,
         )
         output[s:e].copy_(out)
         SPARSE_CALLS += 1

@@ -38,6 +38,7 @@ def prefill_request(
     last_q: int = 64,
     backend: str = "auto",
     block_allocation: str = "query_block",
+    coverage: float | None = None,
 ) -> torch.Tensor:
     """Attention output ``[Nq, Hq, D]`` for the last ``Nq`` tokens of a ``seq_len``-token request.
 
@@ -49,7 +50,7 @@ def prefill_request(
             when ``key`` is ``None``) are read through ``layout`` from blocks ``block_ids``.
         layout: returns the cache's :class:`CacheLayout`; called only when the cache is read.
         heads: one pattern per query head of ``query``.
-        scale, last_q, backend, block_allocation: passed to
+        scale, last_q, backend, block_allocation, coverage: passed to
             ``minference_kernels.sparse_prefill``.
 
     The causal diagonal is aligned bottom-right: query ``i`` of the chunk sits at position
@@ -81,6 +82,7 @@ def prefill_request(
         backend=backend,
         validate=False,
         block_allocation=block_allocation,
+        coverage=coverage,
         # on CUDA an index that keeps most pairs (no sparse structure) runs dense instead
         max_density=MAX_DENSITY if query.is_cuda else None,
     )

@@ -29,6 +29,7 @@ __all__ = [
     "ADDITIONAL_CONFIG_KEY",
     "ENV_BLOCK_ALLOCATION",
     "ENV_CONFIG",
+    "ENV_COVERAGE",
     "ENV_DISABLE",
     "ENV_LAST_Q",
     "ENV_MIN_QUERY_LEN",
@@ -64,6 +65,9 @@ ENV_TRACE = "MINFERENCE_VLLM_TRACE"
 #: Block-sparse heads: ``query_block`` (top_k key blocks per query block) or ``head`` (the same
 #: number per head, spread by estimated attention share).
 ENV_BLOCK_ALLOCATION = "MINFERENCE_VLLM_BLOCK_ALLOCATION"
+#: Adaptive vertical-slash budgets: each head keeps the columns and diagonals that hold this share
+#: of its estimated attention mass, at most its configured budget (e.g. ``0.95``).
+ENV_COVERAGE = "MINFERENCE_VLLM_COVERAGE"
 #: ``1``: ``register()`` does nothing (the plugin stays installed but inactive).
 ENV_DISABLE = "MINFERENCE_VLLM_DISABLE"
 #: ``1`` on CUDA: also replace the default ``FLASH_ATTN`` entry, not only the ``CUSTOM`` slot.
@@ -102,6 +106,9 @@ class PluginSettings:
         trace: a file to which every sparse pre-fill call appends one JSON line, or ``None``.
         block_allocation: ``minference_kernels.sparse_prefill``'s ``block_allocation``:
             ``query_block`` (default) or ``head``.
+        coverage: ``minference_kernels.sparse_prefill``'s ``coverage``: ``None`` (default, the
+            config's fixed budgets) or a share in (0, 1] of each vertical-slash head's estimated
+            attention mass to keep, at most its configured budget.
     """
 
     config: str
@@ -111,6 +118,7 @@ class PluginSettings:
     kernel_backend: str = "auto"
     trace: str | None = None
     block_allocation: str = "query_block"
+    coverage: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, str) or not self.config.strip():
@@ -131,6 +139,12 @@ class PluginSettings:
         from minference_kernels.estimate import check_allocation
 
         check_allocation(self.block_allocation, "minference: 'block_allocation'")
+        if self.coverage is not None:
+            c = self.coverage
+            if isinstance(c, bool) or not isinstance(c, (int, float)):
+                raise TypeError(f"minference: 'coverage' must be a number, got {c!r}")
+            if not 0.0 < float(c) <= 1.0:  # NaN fails this too
+                raise ValueError(f"minference: 'coverage' must be in (0, 1], got {c!r}")
 
 
 _ENV_FIELDS: dict[str, str] = {
@@ -141,11 +155,18 @@ _ENV_FIELDS: dict[str, str] = {
     "kernel_backend": ENV_KERNEL_BACKEND,
     "trace": ENV_TRACE,
     "block_allocation": ENV_BLOCK_ALLOCATION,
+    "coverage": ENV_COVERAGE,
 }
 _INT_FIELDS = {"threshold", "min_query_len", "last_q"}
+_FLOAT_FIELDS = {"coverage"}
 
 
 def _env_value(name: str, var: str, raw: str) -> Any:
+    if name in _FLOAT_FIELDS:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{var}={raw!r} is not a number") from None
     if name not in _INT_FIELDS:
         return raw
     try:
