@@ -681,7 +681,8 @@ def test_block_allocation_is_checked():
 )
 def test_head_allocation_triton_candidates_match_torch(monkeypatch, b, hq, hkv, nq, nk, bs, top_k):
     """``allocation="head"`` takes each query block's candidates from the Triton selection on
-    CUDA: the same blocks as the PyTorch path, with per-head budgets, chunked rows and exact ties."""
+    CUDA: the same blocks as the PyTorch path, with per-head budgets, chunked rows, one head per
+    ranking group and exact ties."""
     from minference_kernels import estimate
 
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + 7)
@@ -692,6 +693,7 @@ def test_head_allocation_triton_candidates_match_torch(monkeypatch, b, hq, hkv, 
     limits = torch.tensor([1 + i % max(1, top_k) for i in range(hq)])
     a = estimate.block_topk(q, k, limits, bs, backend="torch", **kw)
     monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(estimate, "HEAD_RANK_BYTES", 1)  # one head per ranking group
     _assert_equally_good(estimate.block_topk(q, k, limits, bs, backend="triton", **kw), a, q, k, bs)
     qt, kt, _ = _tied_qk(b, hq, hkv, nq, nk)
     tied = mk.estimate_block_sparse(qt, kt, top_k, bs, backend="torch", **kw)

@@ -400,8 +400,9 @@ def _select_rows(ranked: torch.Tensor, kk: int, limit: torch.Tensor, dst: torch.
     dst[..., :kk] = torch.where(picked == _BIG, -1, picked)
 
 
-# allocation="head": bytes of candidates (share, id, ranking temporaries: under 28 bytes each)
-# ranked at once; heads are ranked in groups that fit, at least one head per group
+# allocation="head": bytes of candidates ranked at once (share, id and ranking temporaries: under
+# 28 bytes each on the PyTorch path, 20 with the Triton ranking: share, id and output id); heads
+# are ranked in groups that fit, at least one head per group
 HEAD_RANK_BYTES = 1 << 30
 
 
@@ -416,12 +417,12 @@ def _select_per_head(
     ``use_triton``, which then also writes their shares); of their shares (log-softmax of the
     scaled pooled scores) the head's ``budget[h]`` largest win (:func:`_best_of_rows`, or the
     Triton ranking where ``rank_triton``; equal shares: the lower query block, then the lower key
-    block). Memory: under 28 bytes per candidate of the heads ranked together
-    (``HEAD_RANK_BYTES``), plus a chunk's scores within ``BLOCK_SCORE_CHUNK_BYTES``.
+    block). Memory: under 28 bytes (20 with ``rank_triton``) per candidate of the heads ranked
+    together (``HEAD_RANK_BYTES``), plus a chunk's scores within ``BLOCK_SCORE_CHUNK_BYTES``.
     """
     b, hq, mbq, _ = pq.shape
     cap = min(pk.shape[2], HEAD_ALLOCATION_CAP * kmax)
-    group = max(1, HEAD_RANK_BYTES // (28 * b * mbq * cap))
+    group = max(1, HEAD_RANK_BYTES // ((20 if rank_triton else 28) * b * mbq * cap))
     parts = [
         _select_heads(pq[:, h0 : h0 + group], pk[:, h0 : h0 + group], limit[h0 : h0 + group],
                       cap, nq, nk, block_size, scale, use_triton, rank_triton)
