@@ -506,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("query_block", "head"),
         default="query_block",
         help="block-sparse heads: top_k key blocks per query block (query_block), or the same "
-        "number per head spread by estimated attention share (head)",
+        "number per head spread by estimated attention share (head: more recall per tile, "
+        "slower estimation)",
     )
     g.add_argument("--prompt-tokens", type=int, help="keep the last N prompt tokens")
     g.add_argument(
