@@ -48,7 +48,10 @@ def main() -> int:
         fn()
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-        head = f"N={n} {args.pattern} ({args.frac:g}, {args.allocation}): build_index wall {wall:.2f} ms, peak +{extra:.2f} GiB"
+        head = (
+            f"N={n} {args.pattern} ({args.frac:g}, {args.allocation}): "
+            f"build_index wall {wall:.2f} ms, peak +{extra:.2f} GiB"
+        )
         print(head, flush=True)
         lines.append(head)
         if args.no_profile:

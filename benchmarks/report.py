@@ -117,10 +117,8 @@ def equal_recall_section() -> list[str]:
         "see the same clocks. These ratios are 5-7% below the sequential ones above, mostly "
         "because cuDNN times faster when repeated.",
         "",
-        "| method | pipeline ms | cuDNN ms | speedup, median (min-max) | density | recall |",
-        "|---|---|---|---|---|---|",
+        *_interleaved_table(il),
     ]
-    out += _interleaved_rows(il)
     if (res / HEAD_INTERLEAVED_FILE).exists():
         hd = json.loads((res / HEAD_INTERLEAVED_FILE).read_text())
         out += [
@@ -128,18 +126,20 @@ def equal_recall_section() -> list[str]:
             f'With `block_allocation="head"` (each head\'s tiles spread over its query blocks by '
             f"estimated share; `benchmarks/results/{HEAD_INTERLEAVED_FILE}`, **{hd['device']}**, "
             f"run {hd['date']}, the Triton ranking). The head allocation reaches the recall with "
-            "fewer tiles, but its index (11.6 ms at 8%, against 3.3 ms) and a 5% slower kernel on "
-            "the same tiles cancel that; see benchmarks/NOTES.md, v0.2.0-i.",
+            "fewer tiles, but its longer estimation and a slower kernel on the same tiles cancel "
+            "that; see benchmarks/NOTES.md, v0.2.0-i, for the breakdown.",
             "",
-            "| method | pipeline ms | cuDNN ms | speedup, median (min-max) | density | recall |",
-            "|---|---|---|---|---|---|",
-            *_interleaved_rows(hd),
+            *_interleaved_table(hd),
         ]
     return out + [""]
 
 
-def _interleaved_rows(il: dict) -> list[str]:
+def _interleaved_table(il: dict) -> list[str]:
+    """Markdown table of one ``bench_interleaved.py`` log."""
     return [
+        "| method | pipeline ms | cuDNN ms | speedup, median (min-max) | density | recall |",
+        "|---|---|---|---|---|---|",
+    ] + [
         f"| {name} | {m['ms']:.1f} | {m['cudnn_ms']:.1f} | **{m['ratio_median']:.2f}x** "
         f"({m['ratio_min']:.2f}-{m['ratio_max']:.2f}) | {m['density']:.3f} | {m['recall']:.3f} |"
         for name, m in il["methods"].items()

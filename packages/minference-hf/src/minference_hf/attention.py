@@ -25,7 +25,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from .plan import SparsePrefillPlan
+from .plan import DEFAULT_MAX_DENSITY, SparsePrefillPlan
 
 logger = logging.getLogger("minference_hf")
 
@@ -144,16 +144,18 @@ def _call_one(
     heads = plan.heads_for_layer(layer, nk)
     plan.stats.sparse_calls += 1
     plan.stats.sparse_layers.add(layer)
-    extra: dict[str, Any] = {"block_allocation": plan.block_allocation}
-    if plan.coverage is not None:
-        extra["coverage"] = plan.coverage
     # the density guard is tuned to the GPU kernel's rate; on CPU, sparse runs as configured
-    if q.is_cuda:
-        from .plan import DEFAULT_MAX_DENSITY
-
-        extra["max_density"] = DEFAULT_MAX_DENSITY
     return minference_kernels.sparse_prefill(
-        q, k, v, heads, scale, last_q=plan.last_q, backend=plan.backend, **extra
+        q,
+        k,
+        v,
+        heads,
+        scale,
+        last_q=plan.last_q,
+        backend=plan.backend,
+        coverage=plan.coverage,
+        block_allocation=plan.block_allocation,
+        max_density=DEFAULT_MAX_DENSITY if q.is_cuda else None,
     )
 
 

@@ -35,6 +35,7 @@ from .estimate import (
     estimate_vertical_slash_impl,
 )
 from .estimate import check_allocation as _check_allocation
+from .estimate import check_coverage as _check_coverage
 from .index import BLOCK, SparseIndex
 from .patterns import HeadPattern, check_heads
 
@@ -283,15 +284,6 @@ def _check_last_q(last_q: int) -> None:
     check_int(last_q, "last_q", low=1)
     if last_q > 128:
         raise ValueError(f"last_q must be <= 128, got {last_q}")
-
-
-def _check_coverage(coverage: float | None, name: str = "coverage") -> None:
-    if coverage is None:
-        return
-    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1] or None, got {type(coverage).__name__}")
-    if not (0.0 < coverage <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1], got {coverage}")
 
 
 def estimate_block_sparse(

@@ -281,6 +281,18 @@ def check_allocation(allocation: str, name: str = "block_allocation") -> str:
     return allocation
 
 
+def check_coverage(coverage: float | None, name: str = "coverage") -> None:
+    """``None``, or a number in (0, 1] (NaN is not), else a ``TypeError``/``ValueError`` naming
+    ``name`` (the adaptive budgets' share of the estimated mass; the integrations validate their
+    settings with it too)."""
+    if coverage is None:
+        return
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1] or None, got {type(coverage).__name__}")
+    if not (0.0 < coverage <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {coverage}")
+
+
 # Scratch bytes of one chunk of query blocks in :func:`block_topk` (the scores; on the PyTorch
 # path also their ranking copy and sort temporaries). Bounds the estimator's memory at any length: all block pairs of a 32-head
 # layer at 1M tokens would be 34 GB in float32.
@@ -366,14 +378,7 @@ def block_topk(
     out = torch.full((b, hq, mbq, kmax), -1, dtype=torch.int64, device=dev)
     # bytes per score held at once: the scores (Triton), plus a ranking copy, sorted values and
     # int64 order (PyTorch)
-    per_score = 4 if use_triton else 20
-    rows_per = max(1, BLOCK_SCORE_CHUNK_BYTES // (per_score * b * hq * mbk))
-    for r0 in range(0, mbq, rows_per):
-        r1 = min(mbq, r0 + rows_per)
-        # key blocks causal for the chunk's last row; later ones are -inf for every row here
-        last_pos = min(r1 * block_size, nq) - 1 + off
-        width = min(mbk, last_pos // block_size + 1)
-        s = torch.matmul(pq[:, :, r0:r1], pk[:, :, :width].transpose(-1, -2))
+    for r0, r1, width, s in _score_chunks(pq, pk, nq, nk, block_size, 4 if use_triton else 20):
         if use_triton:
             from . import _triton
 
@@ -386,6 +391,22 @@ def block_topk(
         ranked = force_diagonal(s.masked_fill_(~causal, float("-inf")), forced)
         _select_rows(ranked, min(kmax, width), limit, out[:, :, r0:r1])
     return out
+
+
+def _score_chunks(pq, pk, nq: int, nk: int, block_size: int, per_score: int):
+    """The pooled block scores in chunks of query blocks: yields ``(r0, r1, width, s)`` with
+    ``s = pq[:, :, r0:r1] @ pk[:, :, :width]^T`` (float32), ``width`` the key blocks causal for the
+    chunk's last row (later ones would be -inf for every row of the chunk). Chunks hold at most
+    ``BLOCK_SCORE_CHUNK_BYTES`` at ``per_score`` bytes per score (the scores and the caller's
+    temporaries)."""
+    b, hq, mbq, _ = pq.shape
+    mbk = pk.shape[2]
+    rows_per = max(1, BLOCK_SCORE_CHUNK_BYTES // (per_score * b * hq * mbk))
+    for r0 in range(0, mbq, rows_per):
+        r1 = min(mbq, r0 + rows_per)
+        last_pos = min(r1 * block_size, nq) - 1 + nk - nq
+        width = min(mbk, last_pos // block_size + 1)
+        yield r0, r1, width, torch.matmul(pq[:, :, r0:r1], pk[:, :, :width].transpose(-1, -2))
 
 
 def _select_rows(ranked: torch.Tensor, kk: int, limit: torch.Tensor, dst: torch.Tensor) -> None:
@@ -443,12 +464,8 @@ def _select_heads(
     vals = torch.full((b, hq, mbq, cap), float("-inf"), dtype=torch.float32, device=dev)
     # bytes per score held at once: the scores (Triton, which also writes the winners' shares),
     # plus ranking and share temporaries (PyTorch)
-    rows_per = max(1, BLOCK_SCORE_CHUNK_BYTES // ((4 if use_triton else 20) * b * hq * mbk))
-    for r0 in range(0, mbq, rows_per):
-        r1 = min(mbq, r0 + rows_per)
-        last_pos = min(r1 * block_size, nq) - 1 + off
-        width = min(mbk, last_pos // block_size + 1)
-        s = torch.matmul(pq[:, :, r0:r1], pk[:, :, :width].transpose(-1, -2))
+    per_score = 4 if use_triton else 20
+    for r0, r1, width, s in _score_chunks(pq, pk, nq, nk, block_size, per_score):
         cand = ids[:, :, r0:r1]
         if use_triton:
             from . import _triton

@@ -136,15 +136,10 @@ class PluginSettings:
             )
         if self.trace is not None and not isinstance(self.trace, str):
             raise TypeError(f"minference: 'trace' must be a path string, got {self.trace!r}")
-        from minference_kernels.estimate import check_allocation
+        from minference_kernels.estimate import check_allocation, check_coverage
 
         check_allocation(self.block_allocation, "minference: 'block_allocation'")
-        if self.coverage is not None:
-            c = self.coverage
-            if isinstance(c, bool) or not isinstance(c, (int, float)):
-                raise TypeError(f"minference: 'coverage' must be a number, got {c!r}")
-            if not 0.0 < float(c) <= 1.0:  # NaN fails this too
-                raise ValueError(f"minference: 'coverage' must be in (0, 1], got {c!r}")
+        check_coverage(self.coverage, "minference: 'coverage'")
 
 
 _ENV_FIELDS: dict[str, str] = {
