@@ -2,8 +2,8 @@
 
     PYTHONPATH=packages/minference-kernels/src python benchmarks/bench_head_rank.py --out $OUT
 
-Candidates like ``block_sparse(8%, head)`` at 128K: 32 heads x 2048 query blocks x 656 candidates
-(``4 * top_k``, top_k = 164), float32 shares with -inf where a query block has fewer causal blocks,
+Candidates like ``block_sparse(8%, head)`` at 128K: 32 heads x 2048 query blocks x
+``HEAD_ALLOCATION_CAP * top_k`` candidates (top_k = 164; ``--cap`` to change), float32 shares with -inf where a query block has fewer causal blocks,
 ascending ids. Compares the Triton ranking (``_triton.head_keep``) in several launch variants with
 the PyTorch one (``_best_of_rows`` bisection + compaction sort), checks that all keep the same
 blocks, and prints a table (median ms). CUDA only.
@@ -12,13 +12,14 @@ blocks, and prints a table (median ms). CUDA only.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
 import torch
 import triton
 from minference_kernels import _triton
-from minference_kernels.estimate import _BIG, _best_of_rows
+from minference_kernels.estimate import _BIG, HEAD_ALLOCATION_CAP, _best_of_rows
 
 
 def main() -> int:
@@ -27,9 +28,15 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--mb", type=int, default=2048)
     ap.add_argument("--top-k", type=int, default=164)
+    ap.add_argument("--cap", type=int, default=HEAD_ALLOCATION_CAP, help="candidates / top_k")
+    ap.add_argument(
+        "--also",
+        help="a Python file with another head_keep to time beside the shipped one (e.g. an earlier "
+        "_triton.py: git show REV:packages/minference-kernels/src/minference_kernels/_triton.py)",
+    )
     args = ap.parse_args()
     h, mb, top_k = args.heads, args.mb, args.top_k
-    cap = 4 * top_k
+    cap = args.cap * top_k
     g = torch.Generator(device="cuda").manual_seed(0)
     vals = torch.randn(1, h, mb, cap, device="cuda", generator=g) - 8.0
     n_causal = torch.arange(1, mb + 1, device="cuda")
@@ -37,8 +44,9 @@ def main() -> int:
     valid = slot[None, :] < n_causal[:, None].clamp(max=cap)
     vals = vals.masked_fill(~valid, float("-inf"))
     vals[..., 0] = float("inf")  # the diagonal block
-    vals[:, :, ::7, 1:9] = -7.5  # exact ties
-    vals[:, :, ::7, 1:9] = -7.5  # exact ties, some at the threshold
+    vals = (vals * 64).round() / 64  # exact ties, many at the threshold
+    tie = valid[::7, 1:9]  # more exact ties on real candidates (padding stays -inf)
+    vals[:, :, ::7, 1:9] = torch.where(tie, -7.5, float("-inf"))
     ids = torch.where(valid, slot * 3, -1).expand(1, h, mb, cap).contiguous()
     budget = torch.full((h,), int(n_causal.clamp(max=top_k).sum()), device="cuda")
 
@@ -56,6 +64,13 @@ def main() -> int:
         ms = triton.testing.do_bench(lambda: _triton.head_keep(vals, ids, budget), rep=200)
         rows.append((f"triton sub={sub} chunk={chunk}", ms, same))
     _triton._RANK_SUB, _triton._RANK_CHUNK = default
+    if args.also:
+        spec = importlib.util.spec_from_file_location("other_ranking", args.also)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+        same = torch.equal(other.head_keep(vals, ids, budget), want)
+        ms = triton.testing.do_bench(lambda: other.head_keep(vals, ids, budget), rep=200)
+        rows.append((f"{Path(args.also).name} (--also)", ms, same))
     print(f"{h} heads x {mb} query blocks x {cap} candidates, budget {int(budget[0])} per head")
     for name, ms, same in rows:
         print(f"  {name:<40} {ms:8.3f} ms  {'same' if same else 'DIFFERENT'}")
