@@ -27,7 +27,9 @@ from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
 
 
-def methods(n: int, fracs: str, head_fracs: str) -> dict[str, tuple[list, dict]]:
+def methods(
+    n: int, fracs: str, head_fracs: str, layer_fracs: str = ""
+) -> dict[str, tuple[list, dict]]:
     """``{name: (heads, sparse_prefill kwargs)}``."""
     import minference_patterns as mp
 
@@ -36,6 +38,7 @@ def methods(n: int, fracs: str, head_fracs: str) -> dict[str, tuple[list, dict]]
         "vs(1000,6096)": ([mk.HeadPattern.vertical_slash(1000, 6096)] * HQ, {}),
         **block_rows(n, fracs, "query_block"),
         **block_rows(n, head_fracs, "head"),
+        **block_rows(n, layer_fracs, "layer"),
     }
 
 
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--fracs", default="0.09,0.095,0.10")
     ap.add_argument("--head-fracs", default="0.07,0.08", help="block_allocation='head' rows")
+    ap.add_argument("--layer-fracs", default="0.07,0.08", help="block_allocation='layer' rows")
     a = ap.parse_args()
     n = a.n
     q, k, v = structured_layer(n)
@@ -53,7 +57,7 @@ def main() -> None:
     rows = sample_rows(n)
     p = dense_probs(q, k, rows)
     blocks = sorted(set((rows // BLOCK).tolist()))
-    pats = methods(n, a.fracs, a.head_fracs)
+    pats = methods(n, a.fracs, a.head_fracs, a.layer_fracs)
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=500, return_mode="median")

@@ -207,8 +207,9 @@ def run_n(n, kind, patterns, flex_ns, log):
 
 def block_rows(n: int, fracs: str, allocation: str) -> dict:
     """Block-sparse rows keeping ``fracs`` (comma-separated shares) of the key blocks per query
-    block, or in all per head with ``allocation="head"``: ``{name: (heads, sparse_prefill kwargs)}``."""
-    tag = "" if allocation == "query_block" else ", head"
+    block, or in all per head (``allocation="head"``) or per layer (``"layer"``):
+    ``{name: (heads, sparse_prefill kwargs)}``."""
+    tag = "" if allocation == "query_block" else f", {allocation}"
     return {
         f"block_sparse({float(f) * 100:g}%{tag})": (
             [mk.HeadPattern.block_sparse(max(1, math.ceil(float(f) * n / 64)))] * HQ,
@@ -236,6 +237,11 @@ def main():
         "--head-fracs",
         default="0.08",
         help="block-sparse rows with block_allocation='head' (the same work, spread by mass)",
+    )
+    ap.add_argument(
+        "--layer-fracs",
+        default="0.075",
+        help="block-sparse rows with block_allocation='layer' (the layer's work, spread by mass)",
     )
     a = ap.parse_args()
     if a.attn_config:
@@ -274,6 +280,7 @@ def main():
                     # recall on these heads (0.816 vs 0.807 at 128K, recall_frontier_128k_cpu)
                     **block_rows(n, a.block_fracs, "query_block"),
                     **block_rows(n, a.head_fracs, "head"),
+                    **block_rows(n, a.layer_fracs, "layer"),
                     "a_shape(128,4096)": ([mk.HeadPattern.a_shape(128, 4096)] * HQ, {}),
                 }
                 if a.only:

@@ -312,7 +312,7 @@ def case_layer(ck, rng, args, dev, be):
     heads = random_heads(rng, p["hq"])
     coverage = rng.choice([None, None, 0.9])
     last_q = rng.choice([16, 64, 128])
-    alloc = rng.choice(["query_block", "head"])
+    alloc = rng.choice(["query_block", "head", "layer"])
     kw = dict(last_q=last_q, coverage=coverage, block_allocation=alloc)
     out, idx = mk.sparse_prefill(q, k, v, heads, backend=be, return_index=True, **kw)
     rows = sample_rows(rng, p["nq"], dev)
@@ -415,6 +415,23 @@ def case_estimate_bs(ck, rng, args, dev, be):
         ht = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", allocation="head")
         agree = float((ht == hi).double().mean())
         ck.notes["head_torch_agreement"] = min(ck.notes.get("head_torch_agreement", 1.0), agree)
+    # block_allocation="layer": the same pairs per layer, each query block within its cap
+    la = mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation="layer")
+    lv = la >= 0
+    if not torch.equal(lv.sum((1, 2, 3)), valid.sum((1, 2, 3))):
+        why.append("layer: block count per layer != per-query-block budget's")
+    if not bool((la == own).any(-1).all()):
+        why.append("layer: block of the first row missing")
+    if not bool((~lv | causal[torch.arange(n_qb, device=dev)[:, None], la.clamp(min=0)]).all()):
+        why.append("layer: non-causal block")
+    if not torch.equal(
+        la, mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation="layer")
+    ):
+        why.append("layer: rerun differs")
+    if be != "torch":
+        lt = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", allocation="layer")
+        agree = float((lt == la).double().mean())
+        ck.notes["layer_torch_agreement"] = min(ck.notes.get("layer_torch_agreement", 1.0), agree)
     params = {**p, "family": fam, "seed": seed, "top_k": top_k, "bs": bs}
     ck.record(not why, 0.0, 0.0, params, "; ".join(why))
 

@@ -1,6 +1,6 @@
 """Profile estimation + index building for one Llama-3-8B layer (shipped Llama-3.1 config, or
 ``--pattern block_sparse``: every head block-sparse at ``--frac`` of its key blocks, 2% by default,
-as in bench_layer; ``--allocation head`` spreads that budget per head).
+as in bench_layer; ``--allocation head`` or ``layer`` spreads that budget per head or layer).
 
 Prints the wall time of ``build_index``, the sum of its GPU kernel times (if the wall time is far
 above it, the host side, meaning launches and syncs, is the bottleneck), and the top kernels and
@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("--ns", default="131072,524288")
     ap.add_argument("--pattern", default="config", choices=("config", "block_sparse"))
     ap.add_argument("--frac", type=float, default=0.02, help="block_sparse: share of key blocks")
-    ap.add_argument("--allocation", default="query_block", choices=("query_block", "head"))
+    ap.add_argument("--allocation", default="query_block", choices=("query_block", "head", "layer"))
     ap.add_argument("--no-profile", action="store_true", help="wall time and peak memory only")
     args = ap.parse_args()
     cfg = load_shipped(CONFIG_ID)

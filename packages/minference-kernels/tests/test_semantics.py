@@ -6,6 +6,7 @@ import pytest
 import torch
 from kernels_testlib import reference, rel_err
 from minference_kernels._torch_attn import index_mask
+from minference_kernels.index import BLOCK
 from minference_kernels.masks import greedy_slash_tiles
 
 
@@ -547,10 +548,11 @@ def test_block_pieces_fast_path_equals_sorted_path(nq, nk, bs):
         )
 
 
-def _head_allocation_reference(q, k, limits, bs, scale):
-    """``allocation="head"`` from every block pair at once (no chunks, no head groups): per query
-    block the ``4 * top_k`` best log-shares (diagonal first), then the head's ``budget`` best of
-    all by a stable sort."""
+def _head_allocation_reference(q, k, limits, bs, scale, pooled=False):
+    """``allocation="head"`` (``pooled``: ``"layer"``) from every block pair at once (no chunks, no
+    head groups): per query block the ``HEAD_ALLOCATION_CAP * top_k`` best log-shares (diagonal first), then the
+    head's (``pooled``: all heads') ``budget`` best of all by a stable sort, heads one after the
+    other."""
     from minference_kernels import estimate
 
     scores, forced = estimate.block_scores(q, k, bs)  # causal-masked pooled scores
@@ -559,21 +561,30 @@ def _head_allocation_reference(q, k, limits, bs, scale):
     nq, nk = q.shape[2], k.shape[2]
     rows = torch.arange(mbq)
     n_causal = torch.clamp((torch.clamp((rows + 1) * bs, max=nq) - 1 + nk - nq) // bs + 1, max=mbk)
+    cap = min(mbk, estimate.HEAD_ALLOCATION_CAP * max(int(x) for x in limits))
     out = []
     for bi in range(b):
-        heads = []
+        orders, vals, budgets = [], [], []
         for h in range(hq):
-            cap = min(mbk, estimate.HEAD_ALLOCATION_CAP * int(limits[h]))
+            own = min(mbk, estimate.HEAD_ALLOCATION_CAP * int(limits[h]))
             order = torch.sort(share[bi, h], dim=-1, descending=True, stable=True).indices[:, :cap]
-            vals = torch.gather(share[bi, h], -1, order)
-            budget = int(torch.clamp(n_causal, max=int(limits[h])).sum())
-            rank = torch.sort(vals.reshape(-1), descending=True, stable=True).indices[:budget]
-            sel = torch.zeros(vals.numel(), dtype=torch.bool)
-            sel[rank] = True
-            sel &= vals.reshape(-1) > float("-inf")
-            sel = sel.view(mbq, cap)
-            heads.append([sorted(order[m][sel[m]].tolist()) for m in range(mbq)])
-        out.append(heads)
+            val = torch.gather(share[bi, h], -1, order)
+            val[:, own:] = float("-inf")  # the head's own cap
+            orders.append(order)
+            vals.append(val)
+            budgets.append(int(torch.clamp(n_causal, max=int(limits[h])).sum()))
+        groups = [list(range(hq))] if pooled else [[h] for h in range(hq)]
+        sel = torch.zeros(hq, mbq, cap, dtype=torch.bool)
+        for g in groups:
+            flat = torch.stack([vals[h] for h in g]).reshape(-1)
+            budget = sum(budgets[h] for h in g)
+            rank = torch.sort(flat, descending=True, stable=True).indices[:budget]
+            pick = torch.zeros(flat.numel(), dtype=torch.bool)
+            pick[rank] = True
+            sel[g] = (pick & (flat > float("-inf"))).view(len(g), mbq, cap)
+        out.append(
+            [[sorted(orders[h][m][sel[h, m]].tolist()) for m in range(mbq)] for h in range(hq)]
+        )
     return out
 
 
@@ -583,9 +594,11 @@ def _head_allocation_reference(q, k, limits, bs, scale):
 )
 def test_head_allocation_spreads_the_same_budget(monkeypatch, b, hq, hkv, nq, nk, bs, top_k):
     """``block_allocation="head"``: per head exactly the pairs that top_k per query block would
-    keep, every query block keeps its diagonal block and at most 4 * top_k blocks, ascending ids;
-    the selection equals an unchunked reference, also in one-block chunks and one-head groups, and
-    per-head budgets agree between the layer entry and the per-head mask."""
+    keep, every query block keeps its diagonal block and at most ``HEAD_ALLOCATION_CAP * top_k``
+    blocks, ascending ids; the selection equals an unchunked reference, also in one-block chunks
+    and one-head groups. ``"layer"``: the same pairs per layer, equal to its unchunked reference;
+    in one-head groups it is ``"head"``. Per-head budgets agree between the layer entry and the
+    mask, for both."""
     from minference_kernels import estimate
 
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + top_k)
@@ -594,7 +607,8 @@ def test_head_allocation_spreads_the_same_budget(monkeypatch, b, hq, hkv, nq, nk
     got = mk.estimate_block_sparse(q, k, top_k, bs, allocation="head")
     want = _head_allocation_reference(q, k, [top_k] * hq, bs, scale)
     mbk = -(-nk // bs)
-    assert got.shape[-1] == min(mbk, 4 * top_k)
+    cap = estimate.HEAD_ALLOCATION_CAP
+    assert got.shape[-1] == min(mbk, cap * top_k)
     for bi in range(b):
         for h in range(hq):
             rows = [[j for j in r if j >= 0] for r in got[bi, h].tolist()]
@@ -603,22 +617,35 @@ def test_head_allocation_spreads_the_same_budget(monkeypatch, b, hq, hkv, nq, nk
             assert sum(map(len, rows)) == int((per_block[bi, h] >= 0).sum())
             for m, r in enumerate(rows):
                 first = (m * bs + nk - nq) // bs  # the key block holding the row block's first row
-                assert first in r and r == sorted(set(r)) and len(r) <= 4 * top_k
+                assert first in r and r == sorted(set(r)) and len(r) <= cap * top_k
+    layer = mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer")
+    assert layer.shape == got.shape
+    assert [[[[j for j in r if j >= 0] for r in hh] for hh in bb] for bb in layer.tolist()] == (
+        _head_allocation_reference(q, k, [top_k] * hq, bs, scale, pooled=True)
+    )
+    assert torch.equal((layer >= 0).sum((1, 2, 3)), (got >= 0).sum((1, 2, 3)))  # the same work
     monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)
+    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer"), layer)
     monkeypatch.setattr(estimate, "HEAD_RANK_BYTES", 1)
     assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="head"), got)
+    # one head per ranking group: each group pools only its own budget, which is "head"
+    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer"), got)
+    monkeypatch.undo()
     # per-head budgets: the layer entry and the mask agree pair for pair
     heads = [mk.HeadPattern.block_sparse(top_k if i % 2 else 1, bs) for i in range(hq)]
-    mask = mk.sparse_prefill_mask(q, k, heads, block_allocation="head")
-    idx = mk.build_index(q, k, heads, block_allocation="head")
-    assert torch.equal(index_mask(idx), mask)
     limits = [top_k if i % 2 else 1 for i in range(hq)]
-    want = _head_allocation_reference(q, k, limits, bs, scale)
-    for h in range(hq):
-        keys = mask[0, h].any(0)  # every key block chosen by some query block of the head
-        chosen = sorted({j for r in want[0][h] for j in r})
-        blocks = sorted({int(x) // bs for x in torch.nonzero(keys).flatten().tolist()})
-        assert blocks == chosen
+    for alloc in ("head", "layer"):
+        mask = mk.sparse_prefill_mask(q, k, heads, block_allocation=alloc)
+        idx = mk.build_index(q, k, heads, block_allocation=alloc)
+        assert torch.equal(index_mask(idx), mask)
+        want = _head_allocation_reference(q, k, limits, bs, scale, pooled=alloc == "layer")
+        for h in range(hq):
+            keys = mask[0, h].any(0)  # every key block chosen by some query block of the head
+            chosen = sorted({j for r in want[0][h] for j in r})
+            blocks = sorted({int(x) // bs for x in torch.nonzero(keys).flatten().tolist()})
+            assert blocks == chosen
+            # each query block: at most HEAD_ALLOCATION_CAP times its own head's top_k blocks
+            assert int(idx.abs_count[0, h].max()) * BLOCK <= cap * limits[h] * bs
 
 
 def test_head_allocation_gives_spread_blocks_more():
@@ -637,18 +664,29 @@ def test_head_allocation_gives_spread_blocks_more():
     counts = (got >= 0).sum(-1)
     per_block = (mk.estimate_block_sparse(q, k, top_k)[0, 0] >= 0).sum(-1)
     assert int(counts.sum()) == int(per_block.sum())  # the same kernel work
-    assert int(counts[20]) == 4 * top_k > int(per_block[20])  # the flat block gets its cap
+    from minference_kernels.estimate import HEAD_ALLOCATION_CAP as cap
+
+    assert int(counts[20]) == cap * top_k > int(per_block[20])  # the flat block gets its cap
     assert int(counts[10]) < top_k  # peaked blocks give theirs up
-    # heads estimated together keep their own caps (4 * their own top_k)
+    # heads estimated together keep their own caps (cap times their own top_k)
     heads = [mk.HeadPattern.block_sparse(3), mk.HeadPattern.block_sparse(4)]
     idx = mk.build_index(q.expand(1, 2, -1, -1), k, heads, block_allocation="head")
-    assert idx.abs_count[0, :, 20].tolist() == [12, 16]
+    assert idx.abs_count[0, :, 20].tolist() == [cap * 3, cap * 4]
+    # "layer": a head whose every query block is flat takes blocks from a peaked head
+    q2 = torch.cat([q[:, :, :] * 0 + q[:, :, :1], torch.zeros_like(q)], 1)  # peaked, flat
+    lay = mk.estimate_block_sparse(q2, k.expand(1, 2, -1, -1), top_k, allocation="layer")[0]
+    per = (mk.estimate_block_sparse(q2, k.expand(1, 2, -1, -1), top_k)[0] >= 0).sum((-1, -2))
+    got = (lay >= 0).sum((-1, -2))
+    assert int(got.sum()) == int(per.sum())  # the same kernel work per layer
+    assert int(got[1]) > int(per[1]) and int(got[0]) < int(per[0])
 
 
+@pytest.mark.parametrize("alloc", ["head", "layer"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-def test_head_allocation_attention_matches_its_mask(backend):
-    """sparse_prefill with ``block_allocation="head"`` attends exactly to sparse_prefill_mask's
-    pairs (mixed head kinds, GQA 2, batch 2, Nq < Nk); a full budget equals dense."""
+def test_head_allocation_attention_matches_its_mask(backend, alloc):
+    """sparse_prefill with ``block_allocation="head"`` or ``"layer"`` attends exactly to
+    sparse_prefill_mask's pairs (mixed head kinds, GQA 2, batch 2, Nq < Nk); a full budget equals
+    dense."""
     q, k, v = qkv(b=2, hq=4, hkv=2, n=200, d=64, extra=61, seed=11)
     heads = [
         mk.HeadPattern.block_sparse(2),
@@ -656,7 +694,7 @@ def test_head_allocation_attention_matches_its_mask(backend):
         mk.HeadPattern.block_sparse(1),
         mk.HeadPattern.a_shape(8, 64),
     ]
-    kw = dict(block_allocation="head")
+    kw = dict(block_allocation=alloc)
     out = mk.sparse_prefill(q, k, v, heads, backend=backend, **kw)
     want = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads, **kw))
     assert rel_err(out, want) < (2e-2 if backend == "triton" else 1e-5)
@@ -668,7 +706,9 @@ def test_head_allocation_attention_matches_its_mask(backend):
 
 def test_block_allocation_is_checked():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="block_allocation must be one of 'query_block', 'head'"):
+    with pytest.raises(
+        ValueError, match="block_allocation must be one of 'query_block', 'head', 'layer'"
+    ):
         mk.sparse_prefill(q, k, v, [mk.HeadPattern.block_sparse(2)] * 4, block_allocation="row")
     with pytest.raises(ValueError, match="block_allocation"):
         mk.estimate_block_sparse(q, k, 2, allocation="global")
@@ -679,36 +719,45 @@ def test_block_allocation_is_checked():
     "b,hq,hkv,nq,nk,bs,top_k",
     [(2, 4, 2, 300, 300, 64, 2), (1, 4, 4, 333, 400, 128, 1), (1, 2, 1, 250, 517, 64, 40)],
 )
-def test_head_allocation_triton_candidates_match_torch(monkeypatch, b, hq, hkv, nq, nk, bs, top_k):
-    """``allocation="head"`` takes each query block's candidates from the Triton selection on
-    CUDA: the same blocks as the PyTorch path, with per-head budgets, chunked rows, one head per
-    ranking group and exact ties."""
+@pytest.mark.parametrize("alloc", ["head", "layer"])
+def test_head_allocation_triton_candidates_match_torch(
+    monkeypatch, b, hq, hkv, nq, nk, bs, top_k, alloc
+):
+    """``allocation="head"`` and ``"layer"`` take each query block's candidates from the Triton
+    selection on CUDA: the same blocks as the PyTorch path, with per-head budgets, chunked rows,
+    one head per ranking group and exact ties."""
     from minference_kernels import estimate
 
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + 7)
-    kw = dict(allocation="head")
+    kw = dict(allocation=alloc)
+    pooled = alloc == "layer"
     want = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", **kw)
     got = mk.estimate_block_sparse(q, k, top_k, bs, backend="triton", **kw)
-    _assert_equally_good(got, want, q, k, bs)
+    _assert_equally_good(got, want, q, k, bs, pooled)
     limits = torch.tensor([1 + i % max(1, top_k) for i in range(hq)])
     a = estimate.block_topk(q, k, limits, bs, backend="torch", **kw)
+    got = estimate.block_topk(q, k, limits, bs, backend="triton", **kw)
+    _assert_equally_good(got, a, q, k, bs, pooled)
     monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)
     monkeypatch.setattr(estimate, "HEAD_RANK_BYTES", 1)  # one head per ranking group
+    a = estimate.block_topk(q, k, limits, bs, backend="torch", **kw)
     _assert_equally_good(estimate.block_topk(q, k, limits, bs, backend="triton", **kw), a, q, k, bs)
     qt, kt, _ = _tied_qk(b, hq, hkv, nq, nk)
     tied = mk.estimate_block_sparse(qt, kt, top_k, bs, backend="torch", **kw)
     assert torch.equal(mk.estimate_block_sparse(qt, kt, top_k, bs, backend="triton", **kw), tied)
 
 
-def _assert_equally_good(got, want, q, k, bs):
+def _assert_equally_good(got, want, q, k, bs, pooled=False):
     """The Triton head allocation computes the shares itself (its own exp and sum order), so a
     winner may swap with a loser whose share is equal to float32 rounding. Same blocks, or per
-    head the same count of winners with the same total float64 share (to 1e-5 per swap)."""
+    head (``pooled``: per layer) the same count of winners with the same total float64 share (to
+    1e-5 per swap)."""
     from minference_kernels import estimate
 
     if torch.equal(got, want):
         return
-    assert torch.equal((got >= 0).sum((-1, -2)), (want >= 0).sum((-1, -2)))
+    dims = (1, 2, 3) if pooled else (2, 3)
+    assert torch.equal((got >= 0).sum(dims), (want >= 0).sum(dims))
     scores, forced = estimate.block_scores(q.double(), k.double(), bs)
     share = torch.log_softmax(scores * q.shape[-1] ** -0.5, -1).masked_fill(forced, 0.0)
 
@@ -717,7 +766,10 @@ def _assert_equally_good(got, want, q, k, bs):
         return picked.sum((-1, -2))
 
     swaps = (got != want).sum((-1, -2)).double()
-    assert bool(((total(got) - total(want)).abs() <= 1e-5 * swaps + 1e-9).all())
+    diff = total(got) - total(want)
+    if pooled:
+        diff, swaps = diff.sum(1), swaps.sum(1)
+    assert bool((diff.abs() <= 1e-5 * swaps + 1e-9).all())
 
 
 def test_best_of_rows_equals_a_stable_sort():
@@ -742,8 +794,8 @@ def test_best_of_rows_equals_a_stable_sort():
 
 @pytest.mark.triton
 def test_head_keep_equals_a_stable_sort():
-    """The Triton ranking of the head allocation (16 counting passes over unique (share, position)
-    keys, then a compaction) keeps what a stable descending sort ranks first: random shares, many
+    """The Triton ranking of the head allocation (8 counting passes over int32 share keys, a tie
+    count per query block, then a compaction cutting ties by position) keeps what a stable descending sort ranks first: random shares, many
     exact ties, -inf slots, +inf and float32-max (diagonal) entries, zero budgets, budgets above
     the finite candidates, batch 2; the winners come out ascending per query block."""
     from minference_kernels import _triton

@@ -70,8 +70,9 @@ class Request:
         k, v = self.k.transpose(0, 1)[None], self.v.transpose(0, 1)[None]
         if heads is None:
             out = dense_attention(q, k, v, self.d**-0.5)[:, :, start:]
-        else:
-            out = sparse_prefill(q[:, :, start:], k, v, heads, self.d**-0.5, **kw)
+        else:  # the layout prefill_request hands over, so estimation rounds the same way
+            q, k, v = q[:, :, start:].contiguous(), k.contiguous(), v.contiguous()
+            out = sparse_prefill(q, k, v, heads, self.d**-0.5, **kw)
         return out[0].transpose(0, 1)
 
 
@@ -99,12 +100,13 @@ def test_sparse_chunk_reads_the_cache_exactly(device, dtype, start) -> None:
     torch.testing.assert_close(got, req.reference(start, SPARSE), atol=tol, rtol=tol)
 
 
-def test_block_allocation_reaches_the_kernels() -> None:
-    """``block_allocation="head"`` (the plugin's setting) is what sparse_prefill gets."""
+@pytest.mark.parametrize("alloc", ["head", "layer"])
+def test_block_allocation_reaches_the_kernels(alloc) -> None:
+    """``block_allocation`` (the plugin's setting) is what sparse_prefill gets."""
     req = Request(700, 4, 2, 64, "cpu", torch.float32, seed=3)
     blocks = [P.block_sparse(2)] * 4
-    got = req.chunk(200, blocks, block_allocation="head")
-    want = req.reference(200, blocks, block_allocation="head")
+    got = req.chunk(200, blocks, block_allocation=alloc)
+    want = req.reference(200, blocks, block_allocation=alloc)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - req.reference(200, blocks)).abs().max() > 1e-3  # not the default's blocks
 

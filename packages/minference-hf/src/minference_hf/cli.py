@@ -503,11 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--block-allocation",
-        choices=("query_block", "head"),
+        choices=("query_block", "head", "layer"),
         default="query_block",
         help="block-sparse heads: top_k key blocks per query block (query_block), or the same "
-        "number per head spread by estimated attention share (head: more recall per tile, "
-        "slower estimation)",
+        "number in all spread by estimated attention share over each head's query blocks (head) "
+        "or over all the layer's block-sparse heads (layer): more recall per tile, slower "
+        "estimation",
     )
     g.add_argument("--prompt-tokens", type=int, help="keep the last N prompt tokens")
     g.add_argument(

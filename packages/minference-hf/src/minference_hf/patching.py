@@ -265,7 +265,8 @@ def patch(
         coverage: adaptive vertical-slash budgets (see :class:`SparsePrefillPlan`); ``None``
             keeps the configured budgets.
         block_allocation: ``"head"`` spreads each block-sparse head's blocks over its query blocks
-            by estimated attention share (see :class:`SparsePrefillPlan`).
+            by estimated attention share, ``"layer"`` the layer's blocks over its block-sparse
+            heads and their query blocks (see :class:`SparsePrefillPlan`).
         verify: run a 2-token forward to check every layer reaches the ``minference`` function
             (raises :class:`UnsupportedModelError` otherwise, and restores the previous setting).
 

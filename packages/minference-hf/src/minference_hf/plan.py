@@ -79,8 +79,10 @@ class SparsePrefillPlan:
             keeps only the columns and diagonals needed for that share of its estimated attention
             mass, at most its configured budget (passed to ``sparse_prefill``).
         block_allocation: ``"query_block"`` (default: each block-sparse head keeps ``top_k`` key
-            blocks per query block) or ``"head"`` (the same number of blocks per head, spread over
-            its query blocks by estimated attention share; passed to ``sparse_prefill``).
+            blocks per query block), ``"head"`` (the same number of blocks per head, spread over
+            its query blocks by estimated attention share) or ``"layer"`` (the same number per
+            layer, spread over its block-sparse heads and their query blocks); passed to
+            ``sparse_prefill``.
         previous_attn_implementation: what :func:`minference_hf.unpatch` restores.
         stats: call counters (:class:`AttentionStats`).
     """

@@ -768,6 +768,8 @@ def _block_select_kernel(
     o_row = b.to(tl.int64) * o_b + h.to(tl.int64) * o_h + r.to(tl.int64) * o_r
     tl.store(OUT + o_row + pos, j.to(tl.int64), mask=sel)
     if SHARES:  # the winners' log-shares (log-softmax of the scaled scores; diagonal ones forced)
+        # the row again (from cache) rather than kept live in registers through the bisection
+        x = tl.load(base + j, mask=causal, other=0.0)
         t = tl.where(causal, x * scale, float("-inf"))
         t_max = tl.max(t, 0)
         share = (t - t_max) - tl.log(tl.sum(tl.exp(t - t_max), 0))

@@ -28,6 +28,13 @@ pairs with the largest shares win, across query blocks (the diagonal blocks firs
 query block keeps at most ``HEAD_ALLOCATION_CAP * top_k`` key blocks. Query blocks whose attention
 is spread get more key blocks, peaked ones fewer, for the same kernel work.
 
+With ``allocation="layer"`` the heads estimated together (a layer's block-sparse heads) pool their
+budgets: the layer keeps as many pairs in all as ``"head"`` would, and the largest shares win across
+heads and query blocks (equal shares: the lower head, then as above), so heads whose attention is
+spread take pairs from peaked ones. Each query block keeps at most ``HEAD_ALLOCATION_CAP`` times its
+head's ``top_k``. Heads whose candidates exceed ``HEAD_RANK_BYTES`` are ranked in consecutive
+groups, each pooling its own heads' budgets (with a log line).
+
 Selection is deterministic: the same inputs give the same indices run to run.
 """
 
@@ -265,10 +272,12 @@ def force_diagonal(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
     return rank.masked_fill_(first, float("inf"))
 
 
-# allocation="head": a query block keeps at most this many times top_k key blocks
-HEAD_ALLOCATION_CAP = 4
+# allocation="head" / "layer": a query block keeps at most this many times its head's top_k key
+# blocks. 2, not more: at 128K (bench_layer's heads, "layer" at 7.5%) caps of 2 / 3 gave recall
+# 0.8061 / 0.8064 for the same tiles, and the ranking's work grows with the cap (NOTES v0.2.0-j)
+HEAD_ALLOCATION_CAP = 2
 
-ALLOCATIONS = ("query_block", "head")
+ALLOCATIONS = ("query_block", "head", "layer")
 
 
 def check_allocation(allocation: str, name: str = "block_allocation") -> str:
@@ -322,7 +331,8 @@ def block_topk(
     ``"torch"`` with a stable sort. Both pick the same blocks from the same scores.
 
     ``allocation="head"`` spreads each head's budget over its query blocks by estimated attention
-    share (module doc; ``scale`` is the attention scale, default ``D ** -0.5``); the result then has
+    share, ``"layer"`` the budget of all the heads estimated here over their heads and query blocks
+    (module doc; ``scale`` is the attention scale, default ``D ** -0.5``); the result then has
     ``K = HEAD_ALLOCATION_CAP * top_k_max`` columns (at most the key blocks). Each query block's
     candidates come from the same selection as above. With ``backend="triton"`` the candidates'
     shares come from that selection's kernel and the ranking across query blocks is Triton
@@ -370,11 +380,12 @@ def block_topk(
     if use_triton and mbk > _triton_select_max():
         _log_wide_once(mbk)
         use_triton = False
-    if allocation == "head":  # its own output, HEAD_ALLOCATION_CAP times wider
+    if allocation in ("head", "layer"):  # its own output, HEAD_ALLOCATION_CAP times wider
         sc = d**-0.5 if scale is None else scale
         return _select_per_head(
-            pq, pk, limit, kmax, nq, nk, block_size, sc, use_triton, backend == "triton"
-        )
+            pq, pk, limit, kmax, nq, nk, block_size, sc, use_triton, backend == "triton",
+            pooled=allocation == "layer",
+        )  # fmt: skip
     out = torch.full((b, hq, mbq, kmax), -1, dtype=torch.int64, device=dev)
     # bytes per score held at once: the scores (Triton), plus a ranking copy, sorted values and
     # int64 order (PyTorch)
@@ -428,32 +439,42 @@ HEAD_RANK_BYTES = 1 << 30
 
 
 def _select_per_head(
-    pq, pk, limit, kmax, nq, nk, block_size, scale, use_triton, rank_triton
+    pq, pk, limit, kmax, nq, nk, block_size, scale, use_triton, rank_triton, pooled=False
 ) -> torch.Tensor:
-    """``allocation="head"`` (module doc): pooled ``pq [B, H, MBq, D]``, ``pk [B, H, MBk, D]``,
-    per-head ``limit [H]`` -> ``[B, H, MBq, cap]`` ascending key-block ids, ``-1`` padding.
+    """``allocation="head"`` (``pooled``: ``"layer"``; module doc): pooled ``pq [B, H, MBq, D]``,
+    ``pk [B, H, MBk, D]``, per-head ``limit [H]`` -> ``[B, H, MBq, cap]`` ascending key-block ids,
+    ``-1`` padding.
 
     Each query block's candidates are its ``4 * limit[h]`` best key blocks by the per-block rule
     (diagonal blocks first, then the scores, ties to the lowest id; the Triton selection where
     ``use_triton``, which then also writes their shares); of their shares (log-softmax of the
     scaled pooled scores) the head's ``budget[h]`` largest win (:func:`_best_of_rows`, or the
     Triton ranking where ``rank_triton``; equal shares: the lower query block, then the lower key
-    block). Memory: under 28 bytes (20 with ``rank_triton``) per candidate of the heads ranked
-    together (``HEAD_RANK_BYTES``), plus a chunk's scores within ``BLOCK_SCORE_CHUNK_BYTES``.
+    block). ``pooled``: the heads ranked together pool their budgets, and the largest shares of
+    all of them win (equal shares: the lower head first). Memory: under 28 bytes (20 with
+    ``rank_triton``) per candidate of the heads ranked together (``HEAD_RANK_BYTES``), plus a
+    chunk's scores within ``BLOCK_SCORE_CHUNK_BYTES``.
     """
     b, hq, mbq, _ = pq.shape
     cap = min(pk.shape[2], HEAD_ALLOCATION_CAP * kmax)
-    group = max(1, HEAD_RANK_BYTES // ((20 if rank_triton else 28) * b * mbq * cap))
+    per = (20 if rank_triton else 28) * b * mbq * cap
+    group = max(1, HEAD_RANK_BYTES // per)
+    if pooled and group < hq:
+        _log.info(
+            "block_allocation='layer': the candidates of %d heads (%.1f GiB) exceed "
+            "HEAD_RANK_BYTES; ranked in groups of %d heads, each pooling its own budget",
+            hq, hq * per / 2**30, group,
+        )  # fmt: skip
     parts = [
         _select_heads(pq[:, h0 : h0 + group], pk[:, h0 : h0 + group], limit[h0 : h0 + group],
-                      cap, nq, nk, block_size, scale, use_triton, rank_triton)
+                      cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled)
         for h0 in range(0, hq, group)
     ]  # fmt: skip
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _select_heads(
-    pq, pk, limit, cap, nq, nk, block_size, scale, use_triton, rank_triton
+    pq, pk, limit, cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled
 ) -> torch.Tensor:
     b, hq, mbq, _ = pq.shape
     mbk = pk.shape[2]
@@ -489,11 +510,15 @@ def _select_heads(
     last = torch.clamp((rows + 1) * block_size, max=nq) - 1 + off
     n_causal = torch.clamp(last // block_size + 1, max=mbk)
     budget = torch.minimum(limit[:, None], n_causal[None, :]).sum(-1)  # [H]
-    if rank_triton:  # the same winners, by 16 counting passes and a compaction (no sort)
+    # "layer": one ranking row per batch item, the heads' candidates one after the other
+    ranked = (b, 1, hq * mbq, cap) if pooled else (b, hq, mbq, cap)
+    if pooled:
+        budget = budget.sum(0, keepdim=True)
+    if rank_triton:  # the same winners, by counting passes and a compaction (no sort)
         from . import _triton
 
-        return _triton.head_keep(vals, ids, budget)
-    keep = _best_of_rows(vals.reshape(b, hq, -1), budget)
+        return _triton.head_keep(vals.view(ranked), ids.view(ranked), budget).view_as(ids)
+    keep = _best_of_rows(vals.reshape(b, ranked[1], -1), budget)
     # candidates are ascending per query block: dropping the losers keeps them ascending
     picked = torch.where(keep.view_as(ids), ids, _BIG).sort(-1).values
     return torch.where(picked == _BIG, -1, picked)

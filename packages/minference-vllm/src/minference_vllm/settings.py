@@ -105,7 +105,8 @@ class PluginSettings:
         kernel_backend: ``minference_kernels`` backend (``auto``, ``torch`` or ``triton``).
         trace: a file to which every sparse pre-fill call appends one JSON line, or ``None``.
         block_allocation: ``minference_kernels.sparse_prefill``'s ``block_allocation``:
-            ``query_block`` (default) or ``head``.
+            ``query_block`` (default), ``head`` or ``layer`` (the heads of one call, i.e. this
+            worker's heads of the layer, pool their budgets).
         coverage: ``minference_kernels.sparse_prefill``'s ``coverage``: ``None`` (default, the
             config's fixed budgets) or a share in (0, 1] of each vertical-slash head's estimated
             attention mass to keep, at most its configured budget.
