@@ -92,7 +92,7 @@ E2E_OTHER_CARDS = (("e2e_1m_v2_h100.json", "the v0.2.0-c kernel, pointer loads")
 # the 128K equal-recall budget sweep (bench_layer --block-fracs) and the interleaved ratios
 FRACS_FILE = "bench_layer_128k_fracs_v020h_h200.json"
 INTERLEAVED_FILE = "bench_interleaved_128k_v020h_h200.json"
-HEAD_INTERLEAVED_FILE = "bench_interleaved_v020i_h200.json"
+ALLOC_INTERLEAVED_FILE = "bench_interleaved_equal_recall_v020j_h200.json"
 
 
 def equal_recall_section() -> list[str]:
@@ -119,15 +119,15 @@ def equal_recall_section() -> list[str]:
         "",
         *_interleaved_table(il),
     ]
-    if (res / HEAD_INTERLEAVED_FILE).exists():
-        hd = json.loads((res / HEAD_INTERLEAVED_FILE).read_text())
+    if (res / ALLOC_INTERLEAVED_FILE).exists():
+        hd = json.loads((res / ALLOC_INTERLEAVED_FILE).read_text())
         out += [
             "",
-            f'With `block_allocation="head"` (each head\'s tiles spread over its query blocks by '
-            f"estimated share; `benchmarks/results/{HEAD_INTERLEAVED_FILE}`, **{hd['device']}**, "
-            f"run {hd['date']}, the Triton ranking). The head allocation reaches the recall with "
-            "fewer tiles, but its longer estimation and a slower kernel on the same tiles cancel "
-            "that; see benchmarks/NOTES.md, v0.2.0-i, for the breakdown.",
+            f'With `block_allocation="layer"` (the layer\'s tiles spread over its heads and query '
+            "blocks by estimated share; "
+            f"`benchmarks/results/{ALLOC_INTERLEAVED_FILE}`, **{hd['device']}**, run {hd['date']}). "
+            "It reaches the recall with fewer tiles than the per-query-block budget, which pays "
+            "for its longer estimation; see benchmarks/NOTES.md, v0.2.0-j, for the breakdown.",
             "",
             *_interleaved_table(hd),
         ]
@@ -141,7 +141,7 @@ def _interleaved_table(il: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ] + [
         f"| {name} | {m['ms']:.1f} | {m['cudnn_ms']:.1f} | **{m['ratio_median']:.2f}x** "
-        f"({m['ratio_min']:.2f}-{m['ratio_max']:.2f}) | {m['density']:.3f} | {m['recall']:.3f} |"
+        f"({m['ratio_min']:.2f}-{m['ratio_max']:.2f}) | {m['density']:.3f} | {m['recall']:.4f} |"
         for name, m in il["methods"].items()
     ]
 
