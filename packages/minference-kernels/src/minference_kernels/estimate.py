@@ -445,7 +445,7 @@ def _select_per_head(
     ``pk [B, H, MBk, D]``, per-head ``limit [H]`` -> ``[B, H, MBq, cap]`` ascending key-block ids,
     ``-1`` padding.
 
-    Each query block's candidates are its ``4 * limit[h]`` best key blocks by the per-block rule
+    Each query block's candidates are its ``HEAD_ALLOCATION_CAP * limit[h]`` best key blocks by the per-block rule
     (diagonal blocks first, then the scores, ties to the lowest id; the Triton selection where
     ``use_triton``, which then also writes their shares); of their shares (log-softmax of the
     scaled pooled scores) the head's ``budget[h]`` largest win (:func:`_best_of_rows`, or the
@@ -511,14 +511,15 @@ def _select_heads(
     n_causal = torch.clamp(last // block_size + 1, max=mbk)
     budget = torch.minimum(limit[:, None], n_causal[None, :]).sum(-1)  # [H]
     # "layer": one ranking row per batch item, the heads' candidates one after the other
-    ranked = (b, 1, hq * mbq, cap) if pooled else (b, hq, mbq, cap)
+    rank_shape = (b, 1, hq * mbq, cap) if pooled else (b, hq, mbq, cap)
     if pooled:
         budget = budget.sum(0, keepdim=True)
     if rank_triton:  # the same winners, by counting passes and a compaction (no sort)
         from . import _triton
 
-        return _triton.head_keep(vals.view(ranked), ids.view(ranked), budget).view_as(ids)
-    keep = _best_of_rows(vals.reshape(b, ranked[1], -1), budget)
+        out = _triton.head_keep(vals.view(rank_shape), ids.view(rank_shape), budget)
+        return out.view_as(ids)
+    keep = _best_of_rows(vals.reshape(b, rank_shape[1], -1), budget)
     # candidates are ascending per query block: dropping the losers keeps them ascending
     picked = torch.where(keep.view_as(ids), ids, _BIG).sort(-1).values
     return torch.where(picked == _BIG, -1, picked)
