@@ -592,13 +592,17 @@ def _head_allocation_reference(q, k, limits, bs, scale, pooled=False):
     "b,hq,hkv,nq,nk,bs,top_k",
     [(2, 4, 2, 700, 700, 64, 3), (1, 8, 1, 333, 1000, 128, 2), (1, 2, 2, 130, 130, 64, 40)],
 )
-def test_head_allocation_spreads_the_same_budget(monkeypatch, b, hq, hkv, nq, nk, bs, top_k):
+def test_head_allocation_spreads_the_same_budget(
+    monkeypatch, caplog, b, hq, hkv, nq, nk, bs, top_k
+):
     """``block_allocation="head"``: per head exactly the pairs that top_k per query block would
     keep, every query block keeps its diagonal block and at most ``HEAD_ALLOCATION_CAP * top_k``
     blocks, ascending ids; the selection equals an unchunked reference, also in one-block chunks
     and one-head groups. ``"layer"``: the same pairs per layer, equal to its unchunked reference;
     in one-head groups it is ``"head"``. Per-head budgets agree between the layer entry and the
     mask, for both."""
+    import logging
+
     from minference_kernels import estimate
 
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + top_k)
@@ -628,8 +632,10 @@ def test_head_allocation_spreads_the_same_budget(monkeypatch, b, hq, hkv, nq, nk
     assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer"), layer)
     monkeypatch.setattr(estimate, "HEAD_RANK_BYTES", 1)
     assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="head"), got)
-    # one head per ranking group: each group pools only its own budget, which is "head"
-    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer"), got)
+    # one head per ranking group: each group pools only its own budget, which is "head"; said
+    with caplog.at_level(logging.INFO, logger="minference_kernels"):
+        assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer"), got)
+    assert any("ranked in groups of 1 heads" in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
     # per-head budgets: the layer entry and the mask agree pair for pair
     heads = [mk.HeadPattern.block_sparse(top_k if i % 2 else 1, bs) for i in range(hq)]
