@@ -391,47 +391,33 @@ def case_estimate_bs(ck, rng, args, dev, be):
         why.append("a row attends to nothing")
     if not same:
         why.append("rerun differs")
-    # block_allocation="head": the same pairs per head, spread over the head's query blocks
-    hi = mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation="head")
-    if not torch.equal(
-        hi, mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation="head")
-    ):
-        why.append("head: rerun differs")
-    hv = hi >= 0
-    if hi.shape[-1] != min(n_kb, HEAD_ALLOCATION_CAP * top_k):
-        why.append(f"head: {hi.shape[-1]} columns")
-    if not torch.equal(hv.sum((-1, -2)), valid.sum((-1, -2))):
-        why.append("head: block count per head != per-query-block budget's")
-    if not bool((hi == own).any(-1).all()):
-        why.append("head: block of the first row missing")
-    if not bool((~hv | causal[torch.arange(n_qb, device=dev)[:, None], hi.clamp(min=0)]).all()):
-        why.append("head: non-causal block")
-    nxt = torch.where(hv[..., 1:], hi[..., 1:], torch.full_like(hi[..., 1:], 2**30))
-    if not bool((nxt > hi[..., :-1]).all()) or not bool((hv[..., :-1] | ~hv[..., 1:]).all()):
-        why.append("head: ids not strictly ascending with the padding last")
-    if not bool((hv.sum(-1) <= causal.sum(-1)).all()):
-        why.append("head: more blocks than causal ones")
-    if be != "torch":  # the PyTorch ranking on the same device: exact ties may be taken otherwise
-        ht = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", allocation="head")
-        agree = float((ht == hi).double().mean())
-        ck.notes["head_torch_agreement"] = min(ck.notes.get("head_torch_agreement", 1.0), agree)
-    # block_allocation="layer": the same pairs per layer, each query block within its cap
-    la = mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation="layer")
-    lv = la >= 0
-    if not torch.equal(lv.sum((1, 2, 3)), valid.sum((1, 2, 3))):
-        why.append("layer: block count per layer != per-query-block budget's")
-    if not bool((la == own).any(-1).all()):
-        why.append("layer: block of the first row missing")
-    if not bool((~lv | causal[torch.arange(n_qb, device=dev)[:, None], la.clamp(min=0)]).all()):
-        why.append("layer: non-causal block")
-    if not torch.equal(
-        la, mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation="layer")
-    ):
-        why.append("layer: rerun differs")
-    if be != "torch":
-        lt = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", allocation="layer")
-        agree = float((lt == la).double().mean())
-        ck.notes["layer_torch_agreement"] = min(ck.notes.get("layer_torch_agreement", 1.0), agree)
+    # block_allocation="head" / "layer": the same pairs per head / per layer, spread by share
+    for alloc, dims in (("head", (-1, -2)), ("layer", (1, 2, 3))):
+        hi = mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation=alloc)
+        if not torch.equal(
+            hi, mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation=alloc)
+        ):
+            why.append(f"{alloc}: rerun differs")
+        hv = hi >= 0
+        if hi.shape[-1] != min(n_kb, HEAD_ALLOCATION_CAP * top_k):
+            why.append(f"{alloc}: {hi.shape[-1]} columns")
+        if not torch.equal(hv.sum(dims), valid.sum(dims)):
+            why.append(f"{alloc}: block count per {alloc} != per-query-block budget's")
+        if not bool((hi == own).any(-1).all()):
+            why.append(f"{alloc}: block of the first row missing")
+        rows_ = torch.arange(n_qb, device=dev)[:, None]
+        if not bool((~hv | causal[rows_, hi.clamp(min=0)]).all()):
+            why.append(f"{alloc}: non-causal block")
+        nxt = torch.where(hv[..., 1:], hi[..., 1:], torch.full_like(hi[..., 1:], 2**30))
+        if not bool((nxt > hi[..., :-1]).all()) or not bool((hv[..., :-1] | ~hv[..., 1:]).all()):
+            why.append(f"{alloc}: ids not strictly ascending with the padding last")
+        if not bool((hv.sum(-1) <= causal.sum(-1)).all()):
+            why.append(f"{alloc}: more blocks than causal ones")
+        if be != "torch":  # the PyTorch ranking on this device: exact ties may be taken otherwise
+            ht = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", allocation=alloc)
+            agree = float((ht == hi).double().mean())
+            key = f"{alloc}_torch_agreement"
+            ck.notes[key] = min(ck.notes.get(key, 1.0), agree)
     params = {**p, "family": fam, "seed": seed, "top_k": top_k, "bs": bs}
     ck.record(not why, 0.0, 0.0, params, "; ".join(why))
 

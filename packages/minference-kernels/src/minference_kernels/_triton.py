@@ -702,6 +702,13 @@ BLOCK_SELECT_MAX = 16384
 _I32_MAX = tl.constexpr(2147483647)
 
 
+@triton.jit
+def _float_key(x):
+    """The int32 image of float32 ``x`` that orders like the floats (NaN aside)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 @triton.jit(do_not_specialize=["hq", "r0", "width", "nq", "off", "bs", "kmax", "scale"])
 def _block_select_kernel(
     S,
@@ -742,9 +749,7 @@ def _block_select_kernel(
     causal = (j < width) & (kstart <= last)
     base = S + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + r.to(tl.int64) * s_r
     x = tl.load(base + j, mask=causal, other=0.0)
-    bits = x.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # same order as the floats (NaN aside)
-    key = tl.minimum(tl.maximum(key, -_I32_MAX + 1), _I32_MAX - 2)
+    key = tl.minimum(tl.maximum(_float_key(x), -_I32_MAX + 1), _I32_MAX - 2)
     key = tl.where(causal & (kstart + bs > first), _I32_MAX - 1, key)  # diagonal blocks
     key = tl.where(j == first // bs, _I32_MAX, key)  # the block holding the first row
     key = tl.where(causal, key, -_I32_MAX - 1)
@@ -840,15 +845,13 @@ def block_select(
 _RANK_PASSES = 8
 _RANK_CHUNK = 8192  # shares per counting program
 _RANK_SUB = 128  # shares compared at once against the 16 probes
-_I32_MIN = tl.constexpr(-2147483648)
 
 
 @triton.jit
 def _rank_keys(X, base, offs, ok):
     """Float32 ``X[base + offs]`` (-inf where not ``ok``) and int32 keys ordered like them."""
     x = tl.load(X + base + offs, mask=ok, other=float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    return x, bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return x, _float_key(x)
 
 
 @triton.jit

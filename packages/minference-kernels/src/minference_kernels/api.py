@@ -328,6 +328,16 @@ def _small_tensor(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def _block_sparse_groups(heads: Sequence[HeadPattern]) -> dict[int, list[int]]:
+    """The block-sparse heads by block size: ``{block_size: head ids}``. Each group is estimated
+    in one call (``block_allocation="layer"`` pools a group's budgets)."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(heads):
+        if p.kind == "block_sparse":
+            groups.setdefault(p.block_size, []).append(i)
+    return groups
+
+
 def _head_index(hid: list[int], device: torch.device) -> slice | torch.Tensor:
     """Index of the heads ``hid`` along dim 1: a slice when they are consecutive (no copy)."""
     if hid == list(range(hid[0], hid[0] + len(hid))):
@@ -429,13 +439,9 @@ def build_index(
         rel_parts.append((hid, tiles.expand(b, -1, -1), n_t.expand(b, -1)))
 
     if "block_sparse" in ids:
-        hid = ids["block_sparse"]
         mb = -(-nq // BLOCK)
-        per_bs: dict[int, list[int]] = {}
-        for i in hid:
-            per_bs.setdefault(heads[i].block_size, []).append(i)
         pieces = []
-        for bs, hl in per_bs.items():
+        for bs, hl in _block_sparse_groups(heads).items():
             # estimation on the selected query heads (block_topk pairs them with their own KV
             # heads); no host syncs
             tk_l = [min(heads[i].top_k, -(-nk // bs)) for i in hl]
@@ -620,13 +626,7 @@ def sparse_prefill_mask(
             out[:, i] = _masks.streaming_mask(
                 p.sink_tokens, p.window_tokens, nq, n_kv=nk, query_rows=rows, device=q.device
             )[:, 0]
-    # block-sparse heads of one block size are estimated together (block_allocation="layer" pools
-    # their budgets), as in build_index
-    per_bs: dict[int, list[int]] = {}
-    for i, p in enumerate(heads):
-        if p.kind == "block_sparse":
-            per_bs.setdefault(p.block_size, []).append(i)
-    for bs, hl in per_bs.items():
+    for bs, hl in _block_sparse_groups(heads).items():  # estimated together, as in build_index
         bi = block_topk(
             q,
             k,
