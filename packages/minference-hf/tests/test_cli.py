@@ -17,7 +17,7 @@ def test_default_generate_end_to_end(tmp_path):
     dense comparison, and a clear untrained notice."""
     out = tmp_path / "gen.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "minference_hf", "generate", "--compare-dense",
+        [sys.executable, "-m", "minference_hf", "generate", "--tiny", "--compare-dense",
          "--max-new-tokens", "4", "--json", str(out)],
         capture_output=True, text=True, check=True, timeout=600,
     )  # fmt: skip
@@ -32,14 +32,19 @@ def test_default_generate_end_to_end(tmp_path):
 
 
 def test_generate_below_threshold_reports_dense(capsys):
-    assert main(["generate", "--max-new-tokens", "2", "--prompt-tokens", "300", "--no-warmup"]) == 0
+    assert (
+        main(
+            ["generate", "--tiny", "--max-new-tokens", "2", "--prompt-tokens", "300", "--no-warmup"]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "[dense (prompt below the threshold)]" in text
 
 
 def test_default_niah_writes_json_and_heatmaps(tmp_path):
     out = tmp_path / "niah"
-    rc = main(["niah", "--lengths", "512,1100", "--depths", "0,1", "--out-dir", str(out),
+    rc = main(["niah", "--tiny", "--lengths", "512,1100", "--depths", "0,1", "--out-dir", str(out),
                "--max-new-tokens", "4", "--no-progress"])  # fmt: skip
     assert rc == 0
     res = json.loads((out / "niah.json").read_text())
@@ -61,17 +66,21 @@ def test_default_search_writes_a_loadable_config(tmp_path):
     import minference_patterns
 
     out = tmp_path / "cfg.json"
-    assert main(["search", "--out", str(out), "--max-tokens", "512", "--no-progress"]) == 0
+    assert (
+        main(["search", "--tiny", "--out", str(out), "--max-tokens", "512", "--no-progress"]) == 0
+    )
     cfg = minference_patterns.load(out)
     assert (cfg.num_layers, cfg.num_heads) == (4, 8)
 
 
 def test_cli_errors_are_one_clear_line(capsys):
-    with pytest.raises(SystemExit, match="--calib FILE is required"):
-        main(["search", "--model", "/nonexistent/model", "--out", "x.json"])
-    with pytest.raises(SystemExit, match="--prompt-file is required"):
-        main(["generate", "--model", "/nonexistent/model"])
-    rc = main(["generate", "--config", "acme/NoSuchModel-7B", "--max-new-tokens", "1"])
+    with pytest.raises(SystemExit, match="--tiny and --model exclude each other"):
+        main(["generate", "--tiny", "--model", "smollm2-135m"])
+    assert main(["generate", "--model", "/nonexistent/model.gguf"]) == 2
+    assert "error: MissingModelError: GGUF file not found: /nonexistent/model.gguf" in (
+        capsys.readouterr().err
+    )
+    rc = main(["generate", "--tiny", "--config", "acme/NoSuchModel-7B", "--max-new-tokens", "1"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "error: UnknownModelError: no shipped pattern config for 'acme/NoSuchModel-7B'" in err
@@ -130,7 +139,7 @@ def test_generate_and_niah_with_a_local_model_directory(tmp_path, capsys):
 
 def _generate_json(tmp_path, name, *extra):
     out = tmp_path / f"{name}.json"
-    rc = main(["generate", "--prompt-tokens", "1100", "--max-new-tokens", "4", "--no-warmup",
+    rc = main(["generate", "--tiny", "--prompt-tokens", "1100", "--max-new-tokens", "4", "--no-warmup",
                "--no-progress", "--json", str(out), *extra])  # fmt: skip
     assert rc == 0
     return json.loads(out.read_text())
@@ -190,7 +199,16 @@ def test_generate_plan_memory_error_is_one_clear_line(capsys, monkeypatch):
 
     monkeypatch.setattr(longctx, "plan_offload", no_room)
     rc = main(
-        ["generate", "--offload-kv", "on", "--prompt-tokens", "1100", "--max-new-tokens", "1"]
+        [
+            "generate",
+            "--tiny",
+            "--offload-kv",
+            "on",
+            "--prompt-tokens",
+            "1100",
+            "--max-new-tokens",
+            "1",
+        ]
     )
     assert rc == 2
     err = capsys.readouterr().err
@@ -208,6 +226,6 @@ def test_generate_plan_memory_error_is_one_clear_line(capsys, monkeypatch):
 )
 def test_generate_prefill_argument_errors(args, words):
     with pytest.raises(SystemExit, match=words):
-        main(["generate", "--max-new-tokens", "1", *args])
+        main(["generate", "--tiny", "--max-new-tokens", "1", *args])
     with pytest.raises(SystemExit):  # argparse: not a choice
         build_parser().parse_args(["generate", "--offload-kv", "yes"])

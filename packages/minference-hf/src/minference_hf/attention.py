@@ -22,10 +22,11 @@ import weakref
 from typing import Any
 
 import torch
+from minference_kernels import BLOCK
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from .plan import DEFAULT_MAX_DENSITY, SparsePrefillPlan
+from .plan import DEFAULT_MAX_DENSITY, SparsePrefillPlan, _causal_count
 
 logger = logging.getLogger("minference_hf")
 
@@ -145,18 +146,25 @@ def _call_one(
     plan.stats.sparse_calls += 1
     plan.stats.sparse_layers.add(layer)
     # the density guard is tuned to the GPU kernel's rate; on CPU, sparse runs as configured
-    return minference_kernels.sparse_prefill(
-        q,
-        k,
-        v,
-        heads,
-        scale,
+    max_density = DEFAULT_MAX_DENSITY if q.is_cuda else None
+    kw: dict[str, Any] = dict(
         last_q=plan.last_q,
         backend=plan.backend,
         coverage=plan.coverage,
         block_allocation=plan.block_allocation,
-        max_density=DEFAULT_MAX_DENSITY if q.is_cuda else None,
     )
+    if not plan.record_density:
+        return minference_kernels.sparse_prefill(
+            q, k, v, heads, scale, max_density=max_density, **kw
+        )
+    out, idx = minference_kernels.sparse_prefill(q, k, v, heads, scale, return_index=True, **kw)
+    if max_density is not None:  # the same guard sparse_prefill applies without return_index
+        visited = float(idx.candidate_keys().sum()) * BLOCK
+        if visited > max_density * _causal_count(nq, nk) * q.shape[0] * q.shape[1]:
+            plan.stats.record(layer, None, nq, nk, q.shape[0] * q.shape[1])
+            return minference_kernels.dense_attention(q, k, v, scale=scale)
+    plan.stats.record(layer, idx, nq, nk, q.shape[0] * q.shape[1])
+    return out
 
 
 def _sparse_forward(

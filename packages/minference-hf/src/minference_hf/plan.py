@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from minference_kernels.estimate import check_allocation
 
 if TYPE_CHECKING:
@@ -17,6 +18,41 @@ if TYPE_CHECKING:
 #: Measured crossover of the shipped Llama-3.1 config vs cuDNN on an H200 (benchmarks/NOTES.md):
 #: 0.93x at 16K, 1.89x at 32K (0.42x and 1.18x with the pointer-load kernel of other GPUs).
 DEFAULT_MIN_SPARSE_LEN = 32768
+#: CPU default: the PyTorch sparse path is a reference implementation (accuracy checks, machines
+#: without a GPU), not a fast one. ``benchmarks/cpu_crossover.py`` times it against dense attention
+#: on one layer; below the measured crossover (``benchmarks/results/cpu_crossover.json``) dense is
+#: faster, so on CPU pre-fill goes sparse only from this length. ``None``: no crossover was
+#: measured up to the longest length tried, so CPU pre-fill stays dense unless asked.
+CPU_MIN_SPARSE_LEN: int | None = None
+CPU_CROSSOVER_RESULT = "benchmarks/results/cpu_crossover.json"
+
+
+def default_min_sparse_len(device: torch.device | str) -> int:
+    """The default sparse threshold (keys) on ``device``: :data:`DEFAULT_MIN_SPARSE_LEN` on GPUs,
+    :data:`CPU_MIN_SPARSE_LEN` on CPU (never, when no CPU crossover was measured)."""
+    if torch.device(device).type == "cpu":
+        return CPU_MIN_SPARSE_LEN if CPU_MIN_SPARSE_LEN is not None else 2**62
+    return DEFAULT_MIN_SPARSE_LEN
+
+
+def cpu_crossover_note(device: torch.device | str, min_sparse_len: int, prompt_tokens: int) -> str:
+    """A line to print when a CPU run goes sparse below the measured CPU crossover ("" otherwise):
+    the run shows what sparse pre-fill does to the answer, not how fast it is."""
+    if torch.device(device).type != "cpu" or prompt_tokens < min_sparse_len:
+        return ""
+    cross = CPU_MIN_SPARSE_LEN
+    if cross is not None and prompt_tokens >= cross:
+        return ""
+    where = f"below the measured CPU crossover ({cross} tokens)" if cross else (
+        "on CPU, where no crossover with dense was measured"
+    )  # fmt: skip
+    return (
+        f"note: sparse pre-fill is forced here ({where}; see {CPU_CROSSOVER_RESULT}). The CPU "
+        "path is a reference implementation for accuracy checks and GPU-less machines; its "
+        "timings are not the product's speed (GPU figures: docs/benchmarks.md)."
+    )
+
+
 #: On CUDA, a layer whose estimated index keeps more than this share of the causal pairs (inputs
 #: without sparse structure) runs dense. Our kernel computes kept pairs at ~0.68 of cuDNN's dense
 #: rate with pointer loads and ~0.85 with TMA loads on Hopper (benchmarks/NOTES.md); 0.6 keeps the
@@ -41,6 +77,9 @@ class AttentionStats:
             their window, packed sequences, custom 4D masks). Each kind is logged once.
         sparse_layers: layer indices that took the sparse path at least once.
         seen_layers: layer indices whose attention ran through the implementation at all.
+        kept_pairs / causal_pairs: per layer, the (query, key) pairs the sparse index attended
+            to and the causal pairs of those calls, summed over heads and calls; filled only
+            while :attr:`SparsePrefillPlan.record_density` is on (it costs a pass over the index).
     """
 
     sparse_calls: int = 0
@@ -48,6 +87,9 @@ class AttentionStats:
     fallback_calls: int = 0
     sparse_layers: set[int] = field(default_factory=set)
     seen_layers: set[int] = field(default_factory=set)
+    kept_pairs: dict[int, float] = field(default_factory=dict)
+    causal_pairs: dict[int, float] = field(default_factory=dict)
+    _pending: list[tuple[int, Any, float]] = field(default_factory=list, repr=False)
 
     def reset(self) -> None:
         """Set every counter back to zero."""
@@ -56,6 +98,50 @@ class AttentionStats:
         self.fallback_calls = 0
         self.sparse_layers = set()
         self.seen_layers = set()
+        self.kept_pairs = {}
+        self.causal_pairs = {}
+        self._pending = []
+
+    def record(self, layer: int, index: Any, nq: int, nk: int, heads: int) -> None:
+        """Note one sparse call's index (``None``: it ran dense after all); its pairs are counted
+        when a density is asked for, outside the timed forward pass."""
+        causal = _causal_count(nq, nk) * heads
+        self.causal_pairs[layer] = self.causal_pairs.get(layer, 0.0) + causal
+        if index is None:
+            self.kept_pairs[layer] = self.kept_pairs.get(layer, 0.0) + causal
+        else:
+            self._pending.append((layer, index, _causal_count(nq, nk)))
+
+    def _count(self) -> None:
+        from minference_kernels import index_density
+
+        for layer, index, causal in self._pending:
+            kept = float(index_density(index).sum()) * causal
+            self.kept_pairs[layer] = self.kept_pairs.get(layer, 0.0) + kept
+        self._pending = []
+
+    def density(self) -> float | None:
+        """Kept / causal pairs over every recorded sparse call (``None`` if none was recorded).
+        Layers that ran dense are not in it; see :meth:`model_density`."""
+        self._count()
+        causal = sum(self.causal_pairs.values())
+        return sum(self.kept_pairs.values()) / causal if causal else None
+
+    def model_density(self, num_layers: int) -> float | None:
+        """Share of the causal pairs of all ``num_layers`` layers that were computed, counting a
+        layer without a recorded sparse call as dense (``None`` if nothing was recorded)."""
+        self._count()
+        if not self.causal_pairs:
+            return None
+        per_layer = max(self.causal_pairs.values())
+        kept = sum(self.kept_pairs.get(i, per_layer) for i in range(num_layers))
+        causal = sum(self.causal_pairs.get(i, per_layer) for i in range(num_layers))
+        return kept / causal
+
+
+def _causal_count(nq: int, nk: int) -> float:
+    """Causal (query, key) pairs of ``nq`` queries that are the last of ``nk`` positions."""
+    return nq * (nq + 1) / 2 + nq * (nk - nq)
 
 
 @dataclass
@@ -85,6 +171,9 @@ class SparsePrefillPlan:
             ``sparse_prefill``.
         previous_attn_implementation: what :func:`minference_hf.unpatch` restores.
         stats: call counters (:class:`AttentionStats`).
+        record_density: keep each sparse call's index in ``stats`` so that the pairs it attends
+            to can be counted afterwards (:meth:`AttentionStats.model_density`; for accuracy
+            reports). On CUDA the ``max_density`` guard is applied to the kept index.
     """
 
     config: PatternConfig
@@ -96,6 +185,7 @@ class SparsePrefillPlan:
     block_allocation: str = "query_block"
     previous_attn_implementation: str | None = None
     stats: AttentionStats = field(default_factory=AttentionStats)
+    record_density: bool = False
     _heads_cache: dict[tuple[int, int], tuple[HeadPattern, ...]] = field(
         default_factory=dict, repr=False
     )
@@ -123,6 +213,7 @@ class SparsePrefillPlan:
             block_allocation=self.block_allocation,
             previous_attn_implementation=self.previous_attn_implementation,
             stats=copy.deepcopy(self.stats, memo),
+            record_density=self.record_density,
         )
         memo[id(self)] = new
         return new
