@@ -44,7 +44,8 @@ def oracle_stats(q, k, rows, scale, fracs=(0.9, 0.95, 0.99)):
     hq, hkv = q.shape[1], k.shape[1]
     g = hq // hkv
     n = k.shape[2]
-    causal = torch.arange(n)[None, :] <= rows[:, None]
+    rows = rows.to(q.device)
+    causal = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
     out = []
     for h in range(hq):
         s = q[0, h, rows].float() @ k[0, h // g].float().T * scale
@@ -126,20 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     from minference_patterns.search import _sample_rows, search_layer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m", help="short name or .gguf file")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--layers", help="comma-separated layer indices (default all)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--derive", help="thresholds: write CONFIG files next to --out")
     ap.add_argument("--from-table", action="store_true", help="only derive from an existing --out")
+    ap.add_argument(
+        "--save-qk",
+        help="also save each searched layer's q/k/v (float16) and scale to DIR/L<layer>.pt "
+        "(input of benchmarks/block_scoring.py)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.from_table:
         table = json.loads(out.read_text())
     else:
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        lm = load_model(args.model)
+        lm = load_model(args.model, device=args.device)
         shape = attention_shape(lm.model)
         scales = [m.scaling for m in _attention_modules(lm.model) if hasattr(m, "scaling")]
         scale = float(scales[0]) if scales else shape.head_dim**-0.5
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "cost_model": cm.describe(),
             "commit": _commit(),
             "date": datetime.date.today().isoformat(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "versions": {
                 "torch": torch.__version__,
                 "minference_patterns": minference_patterns.__version__,
@@ -174,10 +182,17 @@ def main(argv: list[str] | None = None) -> int:
             "layers": [],
         }
         t0 = time.perf_counter()
-        x = torch.tensor([ids])
-        for c in capture_qkv(lm.model, x, to_device="cpu"):
+        x = torch.tensor([ids], device=args.device)
+        for c in capture_qkv(lm.model, x):
             if want is not None and c.layer not in want:
                 continue
+            if args.save_qk:
+                Path(args.save_qk).mkdir(parents=True, exist_ok=True)
+                torch.save(
+                    {"q": c.q.half().cpu(), "k": c.k.half().cpu(), "v": c.v.half().cpu(),
+                     "scale": scale},
+                    Path(args.save_qk) / f"L{c.layer:02d}.pt",
+                )  # fmt: skip
             rows = _sample_rows(len(ids), args.rows, 0, c.layer)
             orc = oracle_stats(c.q, c.k, rows, scale)
             res = search_layer(c.q, c.k, c.v, layer=c.layer, budget=1.0, scale=scale)

@@ -140,6 +140,7 @@ def search_model_config(
     seed: int = 0,
     calibration: str | None = None,
     progress: bool = True,
+    **search_kwargs: Any,
 ) -> PatternConfig:
     """Capture ``model``'s Q/K/V on a calibration prompt and search a pattern config.
 
@@ -154,7 +155,17 @@ def search_model_config(
         seed: search seed.
         calibration: description of the calibration prompt, stored in the config's provenance.
         progress: let the search report progress on stderr.
+        search_kwargs: passed to :func:`minference_patterns.search_config` (``objective``,
+            ``min_score``, ``num_rows``, ...).
+
+    Sliding-window layers (``config.layer_types``) are not searched: their attention is local by
+    construction, so every head of such a layer is ``dense`` in the config (it runs the model's
+    own windowed attention) and the provenance lists them.
     """
+    from minference_kernels import HeadPattern
+
+    from .patching import _sliding_layer_ids
+
     import minference_patterns
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -180,4 +191,8 @@ def search_model_config(
         kwargs["scale"] = float(scales[0])
     if budget is not None:
         kwargs["budget"] = budget
+    sliding = _sliding_layer_ids(model)
+    if sliding:
+        kwargs["fixed"] = dict.fromkeys(sliding, HeadPattern.dense())
+    kwargs.update(search_kwargs)
     return minference_patterns.search_config(layers, **kwargs)

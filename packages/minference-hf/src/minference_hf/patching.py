@@ -124,15 +124,19 @@ def _check_architecture(model: PreTrainedModel) -> None:
 
 def _sliding_layers(model: PreTrainedModel) -> tuple[int | None, int]:
     """``(window, number of sliding-window layers)`` as the config declares them."""
+    n = len(_sliding_layer_ids(model))
+    return (getattr(text_config(model), "sliding_window", None) if n else None), n
+
+
+def _sliding_layer_ids(model: PreTrainedModel) -> list[int]:
+    """Indices of the layers the config declares as sliding-window (local) attention."""
     tc = text_config(model)
-    window = getattr(tc, "sliding_window", None)
     layer_types = getattr(tc, "layer_types", None)
     if layer_types:
-        n = sum(1 for t in layer_types if "sliding" in str(t) or "local" in str(t))
-        return (window if n else None), n
-    if window is not None and getattr(tc, "use_sliding_window", True):
-        return window, int(tc.num_hidden_layers)
-    return None, 0
+        return [i for i, t in enumerate(layer_types) if "sliding" in str(t) or "local" in str(t)]
+    if getattr(tc, "sliding_window", None) is not None and getattr(tc, "use_sliding_window", True):
+        return list(range(int(tc.num_hidden_layers)))
+    return []
 
 
 def resolve_config(

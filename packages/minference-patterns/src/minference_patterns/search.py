@@ -403,6 +403,7 @@ def search_config(
     progress: bool = True,
     on_layer: Callable[[int, list[HeadSearchResult]], None] | None = None,
     date: str | None = None,
+    fixed: dict[int, HeadPattern] | None = None,
 ) -> PatternConfig:
     """Search a whole model, one layer at a time, into a :class:`PatternConfig`.
 
@@ -413,14 +414,21 @@ def search_config(
     ``num_kv_heads`` / ``head_dim``, when given, are checked against the tensors. ``num_layers``
     only sizes the progress bar. ``calibration`` describes the prompt (stored in provenance).
     ``on_layer(layer, results)`` receives each layer's :class:`HeadSearchResult` list.
+    ``fixed`` maps layer indices to a pattern every head of that layer takes without being
+    searched (e.g. ``dense`` for a model's sliding-window layers, whose attention is local by
+    construction); their scores are ``None`` and they are listed in the provenance.
     The other arguments are those of :func:`search_layer`. The config's scores are the chosen
     patterns' objective values and its ``context_length`` the calibration length. Deterministic
     for given inputs and ``seed`` (``date`` defaults to today and is the only varying field).
     """
+    fixed = dict(fixed or {})
+    for li, p in fixed.items():
+        if not isinstance(p, HeadPattern):
+            raise TypeError(f"fixed[{li}] must be a HeadPattern, got {type(p).__name__}")
     if not isinstance(model_id, str) or not model_id:
         raise ValueError("model_id must be a non-empty string")
     layers: list[tuple[HeadPattern, ...]] = []
-    scores: list[tuple[float, ...]] = []
+    scores: list[tuple[float | None, ...]] = []
     shape: tuple[int, int, int, int] | None = None
     recalls: list[float] = []
     costs: list[float] = []
@@ -442,6 +450,11 @@ def search_config(
             raise ValueError(
                 f"layer {li}: shapes (Hq, Hkv, N, D) = {this} differ from layer 0's {shape}"
             )
+        if li in fixed:
+            del q, k, v, item
+            layers.append((fixed[li],) * this[0])
+            scores.append((None,) * this[0])
+            continue
         res = search_layer(
             q, k, v, layer=li, budget=budget, candidates=candidates, cost_model=cost_model,
             objective=objective, num_rows=num_rows, tolerance=tolerance, min_score=min_score,
@@ -476,9 +489,14 @@ def search_config(
             "last_q": last_q,
             "cost_model": cm.describe(),
             "candidates": [c.describe() for c in cand_list],
-            "mean_recall": sum(recalls) / len(recalls),
-            "mean_relative_cost": sum(costs) / len(costs),
+            "mean_recall": sum(recalls) / len(recalls) if recalls else None,
+            "mean_relative_cost": sum(costs) / len(costs) if costs else None,
             "heads_over_budget": over_budget,
+            **(
+                {"fixed_layers": {str(i): p.describe() for i, p in sorted(fixed.items())}}
+                if fixed
+                else {}
+            ),
         },
     )
     return PatternConfig(

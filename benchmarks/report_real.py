@@ -1,0 +1,192 @@
+"""Real-model results -> docs/snippets/real_models.md, two PNGs and the README's real-model lines.
+
+Reads ``benchmarks/results/eval_*.json`` (written by ``minference eval``) and
+``benchmarks/results/real_heads_*.json`` (``benchmarks/real_heads.py``); every figure in the
+generated text comes from those files.
+
+    python benchmarks/report_real.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SNIPPET = ROOT / "docs" / "snippets" / "real_models.md"
+IMG = ROOT / "docs" / "img" / "gen"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- real-models:begin -->", "<!-- real-models:end -->"
+
+
+def _f(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def eval_table(res: dict) -> list[str]:
+    lens = ", ".join(str(n) for n in res["lengths"])
+    out = [
+        f"**{res['model']}**, lengths {lens} tokens, {len(res['seeds'])} seed(s), pass-key depths "
+        f"{', '.join(f'{d:g}' for d in res['depths'])}, perplexity and agreement over the last "
+        f"{res['tail']} positions; text: {res['text']}; {res['device']}, torch {res['torch']}.",
+        "",
+        "| method | density | pass key | multi-key | dense-solved kept | perplexity / dense | "
+        "top-1 agreement (min) | KL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in res["summary"].items():
+        kept = f"{s['dense_solved_kept']}/{s['dense_solved']}"
+        dens = _f(s["density"], ".3f") if name != "dense" else "1 (dense)"
+        if s.get("cases_below_threshold"):
+            dens += f" ({s['cases_below_threshold']} cases below the threshold ran dense)"
+        out.append(
+            f"| `{name}` | {dens} | {_f(s['passkey_accuracy'], '.2f')} | "
+            f"{_f(s['multikey_accuracy'], '.2f')} | {kept} | {_f(s['ppl_ratio'], '.4f')} | "
+            f"{_f(s['top1_agree'], '.4f')} ({_f(s['top1_agree_min'], '.4f')}) | "
+            f"{_f(s['kl'], '.2e')} |"
+        )
+    return out
+
+
+def heads_table(t: dict) -> list[str]:
+    """Per layer: the oracle's share of keys for 95% of each row's mass, and the best recall
+    each estimated kind reaches at <= 15% density."""
+    out = [
+        f"**{t['model']['model_id']}**, {t['n']} tokens of {t['calibration']}, {t['rows']} "
+        "stratified query rows per layer. *Oracle*: share of a row's causal keys holding 95% of "
+        "its attention (mean over heads of the per-head mean over rows). Recall: attention mass "
+        "kept by the best candidate of each kind with density <= 15%, as estimated online "
+        "(mean over heads / worst head).",
+        "",
+        "| layer | first-4-token mass | oracle 95% share | A-shape | vertical-slash | block-sparse |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layer in t["layers"]:
+        heads = layer["heads"]
+        cells = []
+        for kind in ("a_shape", "vertical_slash", "block_sparse"):
+            best = [
+                max(
+                    (
+                        c["recall"]
+                        for c in h["candidates"]
+                        if c["kind"] == kind and c["density"] <= 0.15
+                    ),
+                    default=0.0,
+                )
+                for h in heads
+            ]
+            cells.append(f"{sum(best) / len(best):.3f} / {min(best):.3f}")
+        sink = sum(h["oracle"]["sink4_mass"] for h in heads) / len(heads)
+        orc = sum(h["oracle"]["share95_mean"] for h in heads) / len(heads)
+        out.append(f"| {layer['layer']} | {sink:.2f} | {orc:.3f} | " + " | ".join(cells) + " |")
+    return out
+
+
+def draw_heads(t: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [layer["layer"] for layer in t["layers"]]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    orc = [
+        sum(h["oracle"]["share95_mean"] for h in layer["heads"]) / len(layer["heads"])
+        for layer in t["layers"]
+    ]
+    ax.plot(layers, orc, "k-o", ms=3, label="oracle: keys for 95% of a row's mass")
+    for kind, color in (("a_shape", "C0"), ("vertical_slash", "C1"), ("block_sparse", "C2")):
+        need = []
+        for layer in t["layers"]:
+            per = []
+            for h in layer["heads"]:
+                ok = [
+                    c["density"]
+                    for c in h["candidates"]
+                    if c["kind"] == kind and c["recall"] >= 0.95
+                ]
+                per.append(min(ok) if ok else 1.0)
+            need.append(sum(per) / len(per))
+        ax.plot(layers, need, "-o", ms=3, color=color, label=f"{kind}: density for recall 0.95")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of causal pairs")
+    ax.set_title(
+        f"{t['model']['model_id']}, {t['n']} tokens: what a row needs vs what estimation keeps",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def readme_lines(evals: list[dict]) -> list[str]:
+    out = []
+    for res in evals:
+        d = res["summary"].get("dense", {})
+        for name, s in res["summary"].items():
+            if name == "dense" or s["density"] is None:
+                continue
+            out.append(
+                f"- {res['model']}, {'/'.join(str(n) for n in res['lengths'])} tokens, `{name}` "
+                f"(density {s['density']:.3f}): pass keys {s['dense_solved_kept']}/"
+                f"{s['dense_solved']} of those dense finds (dense {d.get('passkey_accuracy', 0):.2f}"
+                f" accuracy), perplexity x{s['ppl_ratio']:.3f} of dense, top-1 agreement "
+                f"{s['top1_agree']:.3f}."
+            )
+    return out
+
+
+def main() -> int:
+    parts = [
+        "<!-- generated by benchmarks/report_real.py from benchmarks/results; do not edit -->",
+        "",
+    ]
+    evals = []
+    for p in sorted(RESULTS.glob("eval_*.json")):
+        res = json.loads(p.read_text())
+        evals.append(res)
+        parts += [f"### `{p.name}`", "", *eval_table(res), ""]
+        try:
+            from minference_hf.evaluate import plot_eval
+
+            png = IMG / f"{p.stem}.png"
+            IMG.mkdir(parents=True, exist_ok=True)
+            plot_eval(res, png)
+            parts += [f"![accuracy against density]({'../img/gen/' + png.name})", ""]
+        except ImportError:
+            pass
+    for p in sorted(RESULTS.glob("real_heads_*.json")):
+        if "_config_" in p.name:
+            continue
+        t = json.loads(p.read_text())
+        parts += [f"### `{p.name}`", "", *heads_table(t), ""]
+        png = IMG / f"{p.stem}.png"
+        draw_heads(t, png)
+        parts += [f"![oracle vs estimation]({'../img/gen/' + png.name})", ""]
+    SNIPPET.write_text("\n".join(parts))
+    print(f"wrote {SNIPPET}")
+    if README.exists():
+        text = README.read_text()
+        if BEGIN in text and END in text:
+            body = "\n".join(readme_lines(evals)) or "- (no real-model results yet)"
+            new = re.sub(
+                re.escape(BEGIN) + ".*?" + re.escape(END),
+                lambda _: f"{BEGIN}\n{body}\n{END}",
+                text,
+                flags=re.S,
+            )
+            README.write_text(new)
+            print(f"updated {README}")
+    return 0 if math.isfinite(0.0) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
