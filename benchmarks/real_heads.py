@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", help="comma-separated layer indices (default all)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--derive", help="thresholds: write CONFIG files next to --out")
+    ap.add_argument("--configs-dir", help="write the derived configs here instead")
     ap.add_argument("--from-table", action="store_true", help="only derive from an existing --out")
     ap.add_argument(
         "--save-qk",
@@ -234,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.derive:
         for t in (float(x) for x in args.derive.split(",")):
             cfg = derive_config(table, t)
-            p = out.with_name(out.stem + f"_config_r{int(round(t * 1000))}.json")
+            name = out.stem + f"_config_r{int(round(t * 1000))}.json"
+            p = Path(args.configs_dir) / name if args.configs_dir else out.with_name(name)
+            p.parent.mkdir(parents=True, exist_ok=True)
             cfg.save(p)
             dens = [
                 c["density"]

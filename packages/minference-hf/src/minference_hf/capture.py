@@ -162,11 +162,10 @@ def search_model_config(
     construction, so every head of such a layer is ``dense`` in the config (it runs the model's
     own windowed attention) and the provenance lists them.
     """
+    import minference_patterns
     from minference_kernels import HeadPattern
 
     from .patching import _sliding_layer_ids
-
-    import minference_patterns
 
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"calibration input_ids must be [1, N], got {tuple(input_ids.shape)}")

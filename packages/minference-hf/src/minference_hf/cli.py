@@ -163,13 +163,15 @@ def _prompt_ids(args: argparse.Namespace, loaded: Loaded) -> tuple[list[int], st
 
 
 def _density_note(model: PreTrainedModel) -> tuple[float | None, str]:
-    from .patching import attention_shape, get_plan
+    from .patching import get_plan
 
     plan = get_plan(model)
     if plan is None or plan.stats.sparse_calls == 0:
         return None, ""
-    d = plan.stats.model_density(attention_shape(model).num_layers)
-    return d, f", computed {d:.1%} of the causal (query, key) pairs"
+    from .evaluate import _full_layers
+
+    d = plan.stats.model_density(_full_layers(model))
+    return d, f", computed {d:.1%} of the causal (query, key) pairs of the full-attention layers"
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -753,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--methods",
         default="dense,shipped",
-        help="comma-separated: dense, shipped, config=PATH, vs:V:S, block:K, ashape:SINK:WINDOW; "
+        help="comma-separated: dense, shipped, config=PATH, vs:V:S, block:K, block:K:sampled, "
+        "ashape:SINK:WINDOW; "
         "a sparse one may end in @cov=X and/or @alloc=NAME (default: dense,shipped)",
     )
     e.add_argument("--lengths", default="2k,4k,8k", help="prompt lengths (default 2k,4k,8k)")

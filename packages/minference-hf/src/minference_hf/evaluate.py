@@ -11,18 +11,21 @@ For every prompt length and seed, on held-out real text (:mod:`minference_hf.tex
   KL divergence ``KL(p_dense || p_sparse)`` averaged over those positions;
 
 and each sparse row records the *density* it really kept: the share of the causal (query, key)
-pairs of all layers that were computed (layers that ran dense count as dense). A sparse method
+pairs of all full-attention layers that were computed (layers that ran dense count as dense;
+sliding-window layers, local by construction, are not counted). A sparse method
 whose prompt stayed below its threshold is reported as ``went_sparse: false``, never as a result.
 
 Methods are given as specs (:func:`parse_method`): ``dense``, ``shipped`` (the config shipped for
 the model's id), ``config=PATH``, ``vs:V:S`` (every head vertical-slash with V columns and S
-diagonals), ``block:K`` (block-sparse, top K key blocks of 64), ``ashape:SINK:WINDOW``; any sparse
+diagonals), ``block:K`` (block-sparse, top K key blocks of 64; ``block:K:sampled`` with sampled
+block scoring), ``ashape:SINK:WINDOW``; any sparse
 spec may end in ``@cov=0.95`` (coverage) or ``@alloc=layer`` (block allocation).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -103,6 +106,9 @@ def parse_method(spec: str, model: PreTrainedModel) -> Method:
 
     kind, _, rest = base.partition(":")
     args = rest.split(":") if rest else []
+    scoring = "pooled"
+    if kind == "block" and len(args) == 2 and not args[1].isdigit():
+        scoring = args.pop()
     try:
         nums = [int(a) for a in args]
     except ValueError:
@@ -114,15 +120,19 @@ def parse_method(spec: str, model: PreTrainedModel) -> Method:
     elif kind == "vs" and len(nums) == 2:
         cfg = uniform(HeadPattern.vertical_slash(nums[0], nums[1]))
     elif kind == "block" and len(nums) == 1:
-        cfg = uniform(HeadPattern.block_sparse(nums[0]))
+        cfg = uniform(HeadPattern.block_sparse(nums[0], 64, scoring))
     elif kind == "ashape" and len(nums) == 2:
         cfg = uniform(HeadPattern.a_shape(nums[0], nums[1]))
     else:
         raise ValueError(
-            f"unknown method {spec!r}: use dense, shipped, config=PATH, vs:V:S, block:K or "
-            "ashape:SINK:WINDOW, optionally followed by @cov=X and/or @alloc=NAME"
+            f"unknown method {spec!r}: use dense, shipped, config=PATH, vs:V:S, block:K, "
+            "block:K:sampled or ashape:SINK:WINDOW, optionally followed by @cov=X and/or "
+            "@alloc=NAME"
         )
-    return Method(text, cfg, coverage, alloc)
+    name = text
+    if kind.startswith("config="):  # a file's name, not its folder, names the method
+        name = "config=" + os.path.basename(text[len("config=") :])
+    return Method(name, cfg, coverage, alloc)
 
 
 # ---- prompts -------------------------------------------------------------------------------
@@ -282,12 +292,20 @@ class _Switch:
             )
 
 
-def _sparse_state(model: PreTrainedModel, num_layers: int) -> tuple[bool, float | None]:
+def _full_layers(model: PreTrainedModel) -> list[int]:
+    """The layers whose attention is global (not sliding-window): what density is counted over."""
+    from .patching import _sliding_layer_ids
+
+    local = set(_sliding_layer_ids(model))
+    return [i for i in range(attention_shape(model).num_layers) if i not in local]
+
+
+def _sparse_state(model: PreTrainedModel, layers: list[int]) -> tuple[bool, float | None]:
     plan = get_plan(model)
     if plan is None:
         return False, None
     went = plan.stats.sparse_calls > 0
-    return went, plan.stats.model_density(num_layers) if went else 1.0
+    return went, plan.stats.model_density(layers) if went else 1.0
 
 
 def _reset(model: PreTrainedModel) -> None:
@@ -358,7 +376,7 @@ def run_eval(
     if not any(not m.sparse for m in methods):
         methods.insert(0, Method("dense"))
     methods.sort(key=lambda m: m.sparse)  # dense first: it is the reference
-    num_layers = attention_shape(model).num_layers
+    num_layers = _full_layers(model)
     device = next(model.parameters()).device
     chat = use_chat_template
     switch = _Switch(model, min_sparse_len)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -127,16 +128,18 @@ class AttentionStats:
         causal = sum(self.causal_pairs.values())
         return sum(self.kept_pairs.values()) / causal if causal else None
 
-    def model_density(self, num_layers: int) -> float | None:
-        """Share of the causal pairs of all ``num_layers`` layers that were computed, counting a
-        layer without a recorded sparse call as dense (``None`` if nothing was recorded)."""
+    def model_density(self, layers: int | Iterable[int]) -> float | None:
+        """Share of the causal pairs of the given layers (``range(layers)`` for an int) that were
+        computed, counting a layer without a recorded sparse call as dense (``None`` if nothing
+        was recorded)."""
         self._count()
         if not self.causal_pairs:
             return None
+        ids = range(layers) if isinstance(layers, int) else list(layers)
         per_layer = max(self.causal_pairs.values())
-        kept = sum(self.kept_pairs.get(i, per_layer) for i in range(num_layers))
-        causal = sum(self.causal_pairs.get(i, per_layer) for i in range(num_layers))
-        return kept / causal
+        kept = sum(self.kept_pairs.get(i, per_layer) for i in ids)
+        causal = sum(self.causal_pairs.get(i, per_layer) for i in ids)
+        return kept / causal if causal else None
 
 
 def _causal_count(nq: int, nk: int) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from minference_kernels.patterns import KINDS, HeadPattern
+from minference_kernels.patterns import BLOCK_SCORINGS, KINDS, HeadPattern
 
 from .errors import ConfigError
 from .policy import BudgetPolicy, adapt_pattern
@@ -68,6 +68,10 @@ _TOP_LEVEL = (
     "layers",
 )
 _HEAD_KEYS_EXTRA = ("score",)
+#: Optional string fields of a kind (written only when not the default).
+_KIND_STRINGS: Mapping[str, Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {"block_sparse": MappingProxyType({"scoring": BLOCK_SCORINGS})}
+)
 
 
 def _where(layer: int | None = None, head: int | None = None, fld: str | None = None) -> str:
@@ -201,6 +205,9 @@ def head_to_dict(pattern: HeadPattern, score: Score | None = None) -> dict[str, 
     out: dict[str, Any] = {"kind": pattern.kind}
     for name in KIND_FIELDS[pattern.kind]:
         out[name] = getattr(pattern, name)
+    for name, allowed in _KIND_STRINGS.get(pattern.kind, {}).items():
+        if getattr(pattern, name) != allowed[0]:
+            out[name] = getattr(pattern, name)
     if score is not None:
         out["score"] = score
     return out
@@ -222,13 +229,21 @@ def head_from_dict(
     if kind not in KIND_FIELDS:
         raise fail(f"unknown pattern kind {kind!r}; known kinds: {', '.join(KIND_FIELDS)}", "kind")
     fields = KIND_FIELDS[kind]
-    unknown = sorted(set(data) - {"kind", *fields, *_HEAD_KEYS_EXTRA})
+    strings = _KIND_STRINGS.get(kind, {})
+    unknown = sorted(set(data) - {"kind", *fields, *strings, *_HEAD_KEYS_EXTRA})
     if unknown:
         raise fail(
             f"unknown field(s) {', '.join(map(repr, unknown))} for kind {kind!r} "
             f"(it takes: {', '.join(fields) or 'no sizes'})"
         )
-    kwargs: dict[str, int] = {}
+    kwargs: dict[str, Any] = {}
+    for name, allowed in strings.items():
+        if name in data:
+            if data[name] not in allowed:
+                raise fail(
+                    f"must be one of {', '.join(map(repr, allowed))}, got {data[name]!r}", name
+                )
+            kwargs[name] = data[name]
     for name, default in fields.items():
         if name not in data:
             if default is None:

@@ -311,6 +311,11 @@ def to_minference(
                         f"{_where(li, hi)}: block_size {p.block_size} cannot be expressed in "
                         "MInference's format (its block size is fixed at 64)"
                     )
+                if p.scoring != "pooled":
+                    raise ValueError(
+                        f"{_where(li, hi)}: block scoring {p.scoring!r} cannot be expressed in "
+                        "MInference's format (its block-sparse heads are mean-pooled)"
+                    )
                 entry = ["block_sparse", p.top_k, int(unused_b.get(f"{li}:{hi}", 0))]
             elif p.kind == "dense":
                 if dense_as is None:

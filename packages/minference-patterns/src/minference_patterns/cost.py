@@ -84,13 +84,19 @@ def estimation_work(pattern: HeadPattern, seq_len: int, *, last_q: int = 64) -> 
 
     ``vertical_slash``: the last ``last_q`` queries against every key (scores, softmax, column
     and diagonal sums). ``block_sparse``: pooled block scores (``nb (nb + 1) / 2`` with ``nb``
-    key blocks) plus the pooling pass over the ``seq_len`` tokens. Static kinds: 0.
+    key blocks) plus the pooling pass over the ``seq_len`` tokens; with ``scoring="sampled"``,
+    ``SAMPLED_ROWS`` rows of every query block against their causal keys (about ``SAMPLED_ROWS /
+    block_size`` of the causal pairs). Static kinds: 0.
     """
     n = seq_len
     if pattern.kind == "vertical_slash":
         return float(min(last_q, n) * n)
     if pattern.kind == "block_sparse":
         nb = math.ceil(n / pattern.block_size)
+        if pattern.scoring == "sampled":
+            from minference_kernels._sampled import SAMPLED_ROWS
+
+            return SAMPLED_ROWS * nb * (n + pattern.block_size) / 2 + n
         return nb * (nb + 1) / 2 + n
     return 0.0
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 from minference_kernels import sparse_prefill_mask
-from minference_kernels.patterns import HeadPattern
+from minference_kernels.patterns import BLOCK_SCORINGS, HeadPattern
 
 from ._progress import progress as _progress_bar
 from ._version import __version__
@@ -71,7 +71,9 @@ def default_candidates(
       (``v = 32``: little more than the 30 first columns the estimator always keeps; ``s = 64``:
       only the local band, one key tile; ``s = 128``: the 100 always-kept nearest diagonals plus
       28 chosen ones);
-    * ``block_sparse(top_k, block_size)``, ``top_k`` in 1, 2, 4, ... (blocks);
+    * ``block_sparse(top_k, block_size, scoring)``, ``top_k`` in 1, 2, 4, ... (blocks), each with
+      pooled and with sampled scoring (the sampled estimate costs more, and the cost model says
+      how much);
     * ``dense`` (the fallback).
 
     The order is deterministic (by kind, then size); ties in the search go to the earlier one.
@@ -96,9 +98,10 @@ def default_candidates(
         for s in slashes:
             add(HeadPattern.vertical_slash(min(v, n), min(s, n)))
     nb = math.ceil(n / block_size)
-    for top_k in _powers(1, max(1, int(max_fraction * nb)), 2):
-        if top_k < nb:
-            add(HeadPattern.block_sparse(top_k, block_size))
+    for scoring in BLOCK_SCORINGS:
+        for top_k in _powers(1, max(1, int(max_fraction * nb)), 2):
+            if top_k < nb:
+                add(HeadPattern.block_sparse(top_k, block_size, scoring))
     add(HeadPattern.dense())
     return out
 
