@@ -5,8 +5,10 @@
 set -euo pipefail
 GGUF=${1:?GGUF file}
 OUT=${2:?output folder}
-THR=${3:-0.9,0.95,0.97}
-EXTRA=${4:-vs:64:512,vs:256:1024,block:8,block:8:sampled,block:16:sampled,ashape:64:512}
+THR=${3:-0.95,0.97,0.99,o0.95,o0.97}
+LENGTHS=${LENGTHS:-4k,8k}
+SEEDS=${SEEDS:-3}
+EXTRA=${4:-oracle:0.1,oracle:0.2,oracle:0.3,vs:64:512,block:16:sampled,ashape:64:1024}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=$ROOT/packages/minference-kernels/src:$ROOT/packages/minference-patterns/src:$ROOT/packages/minference-hf/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
@@ -16,8 +18,8 @@ python "$ROOT/benchmarks/real_heads.py" --model "$GGUF" --device cuda --n 8192 \
     --out "$OUT/real_heads_smollm2_8k.json" --derive "$THR" --configs-dir "$CFG"
 METHODS=dense
 for t in ${THR//,/ }; do
-    r=$(python -c "print(int(round($t * 1000)))")
-    METHODS="$METHODS,config=$CFG/real_heads_smollm2_8k_config_r$r.json"
+    r=$(python -c "t='$t'; print(('o' if t.startswith('o') else 'r') + str(int(round(float(t.lstrip('o')) * 1000))))")
+    METHODS="$METHODS,config=$CFG/real_heads_smollm2_8k_config_$r.json"
 done
 python -m minference_hf eval --model "$GGUF" --device cuda --dtype bfloat16 \
-    --methods "$METHODS,$EXTRA" --lengths 2k,4k,8k --seeds 2 --out-dir "$OUT/eval"
+    --methods "$METHODS,$EXTRA" --lengths "$LENGTHS" --seeds "$SEEDS" --out-dir "$OUT/eval"

@@ -83,7 +83,9 @@ def derive_config(table: dict, threshold: float, key: str = "recall"):
                     ok.append(c)
             best = min(ok, key=lambda c: c["cost"]) if ok else None
             heads.append(pat(best) if best else HeadPattern.dense())
-            sc.append(best["recall"] if best else 1.0)
+            sc.append(
+                (best["recall"] if key == "recall" else 1.0 - best["output_error"]) if best else 1.0
+            )
         layers.append(tuple(heads))
         scores.append(tuple(sc))
     m = table["model"]
@@ -133,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--layers", help="comma-separated layer indices (default all)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--derive", help="thresholds: write CONFIG files next to --out")
+    ap.add_argument(
+        "--derive",
+        help="thresholds, e.g. 0.95,o0.97 (recall, or with 'o' 1 - output error): write one "
+        "config per threshold next to --out",
+    )
     ap.add_argument("--configs-dir", help="write the derived configs here instead")
     ap.add_argument("--from-table", action="store_true", help="only derive from an existing --out")
     ap.add_argument(
@@ -233,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(table, indent=1))
         print(f"wrote {out}")
     if args.derive:
-        for t in (float(x) for x in args.derive.split(",")):
-            cfg = derive_config(table, t)
-            name = out.stem + f"_config_r{int(round(t * 1000))}.json"
+        for spec in args.derive.split(","):
+            key = "output" if spec.startswith("o") else "recall"
+            t = float(spec.lstrip("o"))
+            cfg = derive_config(table, t, key)
+            name = out.stem + f"_config_{key[0]}{int(round(t * 1000))}.json"
             p = Path(args.configs_dir) / name if args.configs_dir else out.with_name(name)
             p.parent.mkdir(parents=True, exist_ok=True)
             cfg.save(p)

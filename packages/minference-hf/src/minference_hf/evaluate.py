@@ -19,7 +19,10 @@ Methods are given as specs (:func:`parse_method`): ``dense``, ``shipped`` (the c
 the model's id), ``config=PATH``, ``vs:V:S`` (every head vertical-slash with V columns and S
 diagonals), ``block:K`` (block-sparse, top K key blocks of 64; ``block:K:sampled`` with sampled
 block scoring), ``ashape:SINK:WINDOW``; any sparse
-spec may end in ``@cov=0.95`` (coverage) or ``@alloc=layer`` (block allocation).
+spec may end in ``@cov=0.95`` (coverage) or ``@alloc=layer`` (block allocation). ``oracle:D`` is
+the upper line no estimator can beat at density ``D``: every query row of every head attends to its
+own ``ceil(D * causal keys)`` highest-scoring keys, found from the full attention scores (a
+measuring device, as costly as dense attention; sliding-window layers stay as the model defines).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .generation import greedy_generate
-from .patching import attention_shape, get_plan, patch, resolve_config, unpatch
+from .patching import _set_impl, attention_shape, get_plan, patch, resolve_config, unpatch
 from .texts import real_token_ids, text_fingerprint
 
 if TYPE_CHECKING:
@@ -60,10 +63,11 @@ class Method:
     config: PatternConfig | None = None
     coverage: float | None = None
     block_allocation: str = "query_block"
+    oracle_density: float | None = None
 
     @property
     def sparse(self) -> bool:
-        return self.config is not None
+        return self.config is not None or self.oracle_density is not None
 
 
 def parse_method(spec: str, model: PreTrainedModel) -> Method:
@@ -105,6 +109,14 @@ def parse_method(spec: str, model: PreTrainedModel) -> Method:
         )
 
     kind, _, rest = base.partition(":")
+    if kind == "oracle":
+        try:
+            d = float(rest)
+        except ValueError:
+            raise ValueError(f"method {spec!r}: oracle:D needs a density D in (0, 1]") from None
+        if not 0.0 < d <= 1.0 or opts:
+            raise ValueError(f"method {spec!r}: oracle:D needs a density D in (0, 1], no options")
+        return Method(text, None, oracle_density=d)
     args = rest.split(":") if rest else []
     scoring = "pooled"
     if kind == "block" and len(args) == 2 and not args[1].isdigit():
@@ -262,7 +274,16 @@ class _Switch:
             return
         if get_plan(self.model) is not None:
             unpatch(self.model)
-        if m.sparse:
+        _ORACLE.update(density=m.oracle_density, kept=0.0, causal=0.0, calls=0)
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if m.oracle_density is not None:
+            _register_oracle()
+            if impl != ORACLE_IMPLEMENTATION:
+                self.oracle_prev = impl
+            _set_impl(self.model, ORACLE_IMPLEMENTATION)
+        elif impl == ORACLE_IMPLEMENTATION:
+            _set_impl(self.model, getattr(self, "oracle_prev", None) or "sdpa")
+        if m.config is not None:
             patch(
                 self.model,
                 m.config,
@@ -278,6 +299,8 @@ class _Switch:
     def restore(self) -> None:
         if get_plan(self.model) is not None:
             unpatch(self.model)
+        if getattr(self.model.config, "_attn_implementation", None) == ORACLE_IMPLEMENTATION:
+            _set_impl(self.model, getattr(self, "oracle_prev", None) or "sdpa")
         w = self.was
         if w is not None:
             patch(
@@ -300,7 +323,66 @@ def _full_layers(model: PreTrainedModel) -> list[int]:
     return [i for i in range(attention_shape(model).num_layers) if i not in local]
 
 
+ORACLE_IMPLEMENTATION = "minference_oracle"
+_ORACLE: dict[str, Any] = {"density": None, "kept": 0.0, "causal": 0.0, "calls": 0}
+
+
+def _register_oracle() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ORACLE_IMPLEMENTATION, oracle_attention)
+    AttentionMaskInterface.register(ORACLE_IMPLEMENTATION, sdpa_mask)
+
+
+def oracle_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``oracle:D`` method's attention (registered as ``"minference_oracle"``): on a pre-fill
+    (``Nq == Nk > 1``, full causal attention), each query row attends to its own ``ceil(D * (i +
+    1))`` highest-scoring causal keys; anything else (decode steps, sliding windows) is the model's
+    SDPA. ``query [B, Hq, N, D]``, ``key``/``value [B, Hkv, N, D]``; returns ``[B, N, Hq, D]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    d = _ORACLE["density"]
+    b, hq, nq, hd = query.shape
+    nk = key.shape[2]
+    if d is None or nq != nk or nq < 2 or kwargs.get("sliding_window"):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    scale = hd**-0.5 if scaling is None else scaling
+    g = hq // key.shape[1]
+    k = key.repeat_interleave(g, 1).float()
+    v = value.repeat_interleave(g, 1).float()
+    out = torch.empty(b, hq, nq, value.shape[-1], dtype=torch.float32, device=query.device)
+    kpos = torch.arange(nk, device=query.device)
+    for r0 in range(0, nq, 512):
+        r1 = min(nq, r0 + 512)
+        pos = torch.arange(r0, r1, device=query.device)
+        s = torch.matmul(query[:, :, r0:r1].float(), k[:, :, :r1].transpose(-1, -2)) * scale
+        s.masked_fill_(kpos[None, :r1] > pos[:, None], float("-inf"))
+        need = torch.ceil(d * (pos + 1).double()).long().clamp(min=1)  # [R]
+        srt = s.sort(-1, descending=True).values
+        thr = srt.gather(-1, (need - 1).view(1, 1, -1, 1).expand(b, hq, -1, 1))
+        s.masked_fill_(s < thr, float("-inf"))
+        _ORACLE["kept"] += float(torch.isfinite(s).sum())
+        _ORACLE["causal"] += float((pos + 1).sum()) * b * hq
+        out[:, :, r0:r1] = torch.matmul(torch.softmax(s, -1), v[:, :, :r1])
+    _ORACLE["calls"] += 1
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
 def _sparse_state(model: PreTrainedModel, layers: list[int]) -> tuple[bool, float | None]:
+    if _ORACLE["density"] is not None:
+        went = _ORACLE["calls"] > 0
+        return went, (_ORACLE["kept"] / _ORACLE["causal"]) if went and _ORACLE["causal"] else None
     plan = get_plan(model)
     if plan is None:
         return False, None
@@ -309,6 +391,7 @@ def _sparse_state(model: PreTrainedModel, layers: list[int]) -> tuple[bool, floa
 
 
 def _reset(model: PreTrainedModel) -> None:
+    _ORACLE.update(kept=0.0, causal=0.0, calls=0)
     plan = get_plan(model)
     if plan is not None:
         plan.stats.reset()
@@ -476,6 +559,7 @@ def run_eval(
                 "name": m.name,
                 "sparse": m.sparse,
                 "config": None if m.config is None else m.config.model_id,
+                "oracle_density": m.oracle_density,
                 "coverage": m.coverage,
                 "block_allocation": m.block_allocation,
             }

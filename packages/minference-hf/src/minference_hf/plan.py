@@ -78,9 +78,10 @@ class AttentionStats:
             their window, packed sequences, custom 4D masks). Each kind is logged once.
         sparse_layers: layer indices that took the sparse path at least once.
         seen_layers: layer indices whose attention ran through the implementation at all.
-        kept_pairs / causal_pairs: per layer, the (query, key) pairs the sparse index attended
-            to and the causal pairs of those calls, summed over heads and calls; filled only
-            while :attr:`SparsePrefillPlan.record_density` is on (it costs a pass over the index).
+        kept_pairs / causal_pairs: per layer, the (query, key) pairs the sparse kernel computed
+            (its tiles and columns, at most the causal pairs of each head) and the causal pairs
+            of those calls, summed over heads and calls; filled only while
+            :attr:`SparsePrefillPlan.record_density` is on.
     """
 
     sparse_calls: int = 0
@@ -114,10 +115,16 @@ class AttentionStats:
             self._pending.append((layer, index, _causal_count(nq, nk)))
 
     def _count(self) -> None:
-        from minference_kernels import index_density
+        from minference_kernels import BLOCK
 
         for layer, index, causal in self._pending:
-            kept = float(index_density(index).sum()) * causal
+            # the pairs the kernel computes: per query block, its rows times the keys of its tiles
+            # and columns (SparseIndex.candidate_keys; one vectorised pass, also on a GPU)
+            mb = index.num_blocks
+            rows = torch.full((mb,), BLOCK, dtype=torch.float64, device=index.sink.device)
+            rows[-1] = index.n_q - BLOCK * (mb - 1)
+            per_head = (index.candidate_keys().double() * rows).sum(-1)  # [B, H]
+            kept = float(per_head.clamp(max=causal).sum())
             self.kept_pairs[layer] = self.kept_pairs.get(layer, 0.0) + kept
         self._pending = []
 

@@ -133,5 +133,5 @@ def adapt_pattern(
         top_k = min(_scaled(pattern.top_k, f), nb)
         if policy.densify_covering and top_k >= nb:
             return HeadPattern.dense()
-        return HeadPattern.block_sparse(top_k, pattern.block_size)
+        return HeadPattern.block_sparse(top_k, pattern.block_size, pattern.scoring)
     raise ValueError(f"no budget rule for pattern kind {pattern.kind!r}")  # pragma: no cover
