@@ -550,9 +550,12 @@ def test_block_pieces_fast_path_equals_sorted_path(nq, nk, bs):
 
 def _head_allocation_reference(q, k, limits, bs, scale, pooled=False):
     """``allocation="head"`` (``pooled``: ``"layer"``) from every block pair at once (no chunks, no
-    head groups): per query block the ``HEAD_ALLOCATION_CAP * top_k`` best log-shares (diagonal first), then the
-    head's (``pooled``: all heads') ``budget`` best of all by a stable sort, heads one after the
-    other."""
+    head groups): per query block the ``HEAD_ALLOCATION_CAP * top_k`` best log-shares (forced
+    blocks first), the first ``ceil(HEAD_ALLOCATION_FLOOR * top_k)`` of them raised to ``inf``
+    (the guaranteed floor), then the head's (``pooled``: all heads') ``budget`` best of all by a
+    stable sort, heads one after the other."""
+    import math
+
     from minference_kernels import estimate
 
     scores, forced = estimate.block_scores(q, k, bs)  # causal-masked pooled scores
@@ -569,6 +572,9 @@ def _head_allocation_reference(q, k, limits, bs, scale, pooled=False):
             own = min(mbk, estimate.HEAD_ALLOCATION_CAP * int(limits[h]))
             order = torch.sort(share[bi, h], dim=-1, descending=True, stable=True).indices[:, :cap]
             val = torch.gather(share[bi, h], -1, order)
+            floor = math.ceil(estimate.HEAD_ALLOCATION_FLOOR * int(limits[h]))
+            top = val[:, :floor]
+            val[:, :floor] = torch.where(top > float("-inf"), float("inf"), top)
             val[:, own:] = float("-inf")  # the head's own cap
             orders.append(order)
             vals.append(val)
@@ -657,7 +663,8 @@ def test_head_allocation_spreads_the_same_budget(
 def test_head_allocation_gives_spread_blocks_more():
     """A query block whose scores are flat (every key block the same share) takes blocks from
     query blocks that put nearly all their mass on one key block: the head's budget follows the
-    estimated mass."""
+    estimated mass, beyond each query block's guaranteed floor (``ceil(HEAD_ALLOCATION_FLOOR *
+    top_k)`` of its own best blocks)."""
     d, nb = 64, 24
     k = torch.zeros(1, 1, 64 * nb, d)
     for j in range(nb):  # key block j points along dimension j
@@ -665,7 +672,7 @@ def test_head_allocation_gives_spread_blocks_more():
     q = torch.zeros(1, 1, 64 * nb, d)
     q[0, 0, :, 0] = 50.0  # every query block: one dominant key block (block 0), share ~1
     q[0, 0, 64 * 20 : 64 * 21] = 0.0  # block 20: zero scores, flat shares over its 21 blocks
-    top_k = 3
+    top_k = 4  # floor 3: one block per query block is pooled
     got = mk.estimate_block_sparse(q, k, top_k, allocation="head")[0, 0]
     counts = (got >= 0).sum(-1)
     per_block = (mk.estimate_block_sparse(q, k, top_k)[0, 0] >= 0).sum(-1)
@@ -673,11 +680,12 @@ def test_head_allocation_gives_spread_blocks_more():
     from minference_kernels.estimate import HEAD_ALLOCATION_CAP as cap
 
     assert int(counts[20]) == cap * top_k > int(per_block[20])  # the flat block gets its cap
-    assert int(counts[10]) < top_k  # peaked blocks give theirs up
+    assert int(counts[23]) < top_k  # peaked blocks give theirs up (the latest first: ties)
+    assert bool((counts >= torch.clamp(torch.arange(1, nb + 1), max=3)).all())  # the floor
     # heads estimated together keep their own caps (cap times their own top_k)
-    heads = [mk.HeadPattern.block_sparse(3), mk.HeadPattern.block_sparse(4)]
+    heads = [mk.HeadPattern.block_sparse(4), mk.HeadPattern.block_sparse(5)]
     idx = mk.build_index(q.expand(1, 2, -1, -1), k, heads, block_allocation="head")
-    assert idx.abs_count[0, :, 20].tolist() == [cap * 3, cap * 4]
+    assert idx.abs_count[0, :, 20].tolist() == [cap * 4, cap * 5]
     # "layer": a head whose every query block is flat takes blocks from a peaked head
     q2 = torch.cat([q[:, :, :] * 0 + q[:, :, :1], torch.zeros_like(q)], 1)  # peaked, flat
     lay = mk.estimate_block_sparse(q2, k.expand(1, 2, -1, -1), top_k, allocation="layer")[0]

@@ -31,6 +31,7 @@ from ._validate import (
 )
 from .estimate import (
     block_topk,
+    check_block_scoring,
     estimate_block_sparse_impl,
     estimate_vertical_slash_impl,
 )
@@ -294,25 +295,33 @@ def estimate_block_sparse(
     *,
     backend: str = "auto",
     allocation: str = "query_block",
+    scoring: str = "pooled",
 ) -> torch.Tensor:
-    """Estimate each query block's ``top_k`` key blocks from mean-pooled Q and K.
+    """Estimate each query block's ``top_k`` key blocks from mean-pooled Q and K
+    (``scoring="pooled"``) or from the attention mass of a few sampled rows of each query block
+    (``"sampled"``; see :data:`minference_kernels.patterns.BLOCK_SCORINGS`).
 
     Returns ``block_indices [B, Hq, ceil(Nq / block_size), top_k]`` int64, key-block ids in
     ascending order, ``-1`` padding after them where a query block has fewer than ``top_k`` causal
-    key blocks. The diagonal key blocks are always kept; equal scores go to the lowest block id, so
-    both backends select the same blocks. Definitions: see :mod:`minference_kernels.estimate`.
+    key blocks. Forced inside the budget: the diagonal key blocks, then key block 0 (the first
+    tokens: attention sinks); equal scores go to the lowest block id, so both backends select the
+    same blocks. Definitions: see :mod:`minference_kernels.estimate`.
 
     ``allocation="head"``: the same number of (query block, key block) pairs per head, spread over
     the query blocks by estimated attention share; ``"layer"``: the same number for all ``Hq``
-    heads, spread over heads and query blocks. The last dimension is then
+    heads, spread over heads and query blocks. Either way each query block keeps at least its own
+    best ``ceil(estimate.HEAD_ALLOCATION_FLOOR * top_k)`` blocks (3/4). The last dimension is then
     ``HEAD_ALLOCATION_CAP * top_k`` (at most the key blocks), ``-1``-padded per query block.
     """
     check_qkv(q, k, None)
     check_int(top_k, "top_k", low=1)
     _check_block_size(block_size)
     _check_allocation(allocation)
+    check_block_scoring(scoring)
     be = resolve_backend(backend, q.device)
-    return estimate_block_sparse_impl(q, k, top_k, block_size, backend=be, allocation=allocation)
+    return estimate_block_sparse_impl(
+        q, k, top_k, block_size, backend=be, allocation=allocation, scoring=scoring
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,13 +337,13 @@ def _small_tensor(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def _block_sparse_groups(heads: Sequence[HeadPattern]) -> dict[int, list[int]]:
-    """The block-sparse heads by block size: ``{block_size: head ids}``. Each group is estimated
-    in one call (``block_allocation="layer"`` pools a group's budgets)."""
-    groups: dict[int, list[int]] = {}
+def _block_sparse_groups(heads: Sequence[HeadPattern]) -> dict[tuple[int, str], list[int]]:
+    """The block-sparse heads by block size and scoring: ``{(block_size, scoring): head ids}``.
+    Each group is estimated in one call (``block_allocation="layer"`` pools a group's budgets)."""
+    groups: dict[tuple[int, str], list[int]] = {}
     for i, p in enumerate(heads):
         if p.kind == "block_sparse":
-            groups.setdefault(p.block_size, []).append(i)
+            groups.setdefault((p.block_size, p.scoring), []).append(i)
     return groups
 
 
@@ -406,6 +415,11 @@ def build_index(
             ns,
             coverage=coverage,
             budget_max=(max(nv_l), max(ns_l)),
+            q=q,
+            k=k,
+            scale=scale,
+            last_q=last_q,
+            heads=hs,
         )
         v_ok = v_ok.expand(b, -1, -1)
         s_ok = s_ok.expand(b, -1, -1)
@@ -441,7 +455,7 @@ def build_index(
     if "block_sparse" in ids:
         mb = -(-nq // BLOCK)
         pieces = []
-        for bs, hl in _block_sparse_groups(heads).items():
+        for (bs, scoring), hl in _block_sparse_groups(heads).items():
             # estimation on the selected query heads (block_topk pairs them with their own KV
             # heads); no host syncs
             tk_l = [min(heads[i].top_k, -(-nk // bs)) for i in hl]
@@ -455,6 +469,7 @@ def build_index(
                 backend=be,
                 allocation=block_allocation,
                 scale=scale,
+                scoring=scoring,
             )
             pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk, ascending=True)))
         a_max = max(p[1].shape[-1] for p in pieces)
@@ -524,7 +539,9 @@ def sparse_prefill(
     If every head is ``dense``, or ``Nq < dense_below`` (below the length where sparse pays off; the
     benchmarks report the crossover), this is :func:`dense_attention`.
     ``coverage`` (e.g. 0.95) turns vertical-slash budgets adaptive: each head keeps only the columns
-    and diagonals needed to reach that share of its estimated attention mass, at most its budget.
+    and diagonals needed for the attention mass of its estimation rows (the last ``last_q``
+    queries) inside the kept set -- each (query, key) pair counted once -- to reach that share, at
+    most its budget (see :mod:`minference_kernels.estimate`).
     ``max_density`` (e.g. 0.6): after estimation, if the index would visit more than this share of
     the layer's causal pairs (inputs without sparse structure: every tile is kept), run
     :func:`dense_attention` instead — cheaper than a sparse kernel at that density. Costs one
@@ -532,12 +549,14 @@ def sparse_prefill(
     ``block_allocation="head"``: each block-sparse head keeps as many key blocks in all as
     ``top_k`` per query block would, spread over its query blocks by estimated attention share
     (more where attention is spread, fewer where it is peaked; at most
-    ``estimate.HEAD_ALLOCATION_CAP * top_k`` per query block); ``"layer"``: the block-sparse heads
+    ``estimate.HEAD_ALLOCATION_CAP * top_k`` per query block, at least its own best
+    ``ceil(estimate.HEAD_ALLOCATION_FLOOR * top_k)``); ``"layer"``: the block-sparse heads
     (of one block size) pool those budgets, so heads whose attention is spread take blocks from
     peaked ones; ``"query_block"`` (default) keeps ``top_k`` per query block. Measured on an H200
     at 128K (32 heads, interleaved with cuDNN): ``"layer"`` at 7.6% of the blocks reaches recall
     0.807 at 5.0x over cuDNN, where ``"query_block"`` needs 9% for 0.806 at 4.6x. Its estimation
     takes ~5 ms against ~3 ms, so it pays where the budget is large enough for recall to matter.
+    (Those figures predate the floor and the forced key block 0 of issue #20.)
     """
     shape = check_qkv(q, k, _check_tensor(v, "v"), check_values=validate)
     heads = check_heads(heads, shape.heads_q)
@@ -610,7 +629,16 @@ def sparse_prefill_mask(
         nv = torch.tensor([min(heads[i].num_vertical, nk) for i in vs], device=q.device)
         ns = torch.tensor([min(heads[i].num_slash, nk) for i in vs], device=q.device)
         v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
-            vert.index_select(1, hsel), sl.index_select(1, hsel), nv, ns, coverage=coverage
+            vert.index_select(1, hsel),
+            sl.index_select(1, hsel),
+            nv,
+            ns,
+            coverage=coverage,
+            q=q,
+            k=k,
+            scale=scale,
+            last_q=last_q,
+            heads=hsel,
         )
         for j, hi in enumerate(vs):
             for bi in range(shape.batch):
@@ -626,7 +654,7 @@ def sparse_prefill_mask(
             out[:, i] = _masks.streaming_mask(
                 p.sink_tokens, p.window_tokens, nq, n_kv=nk, query_rows=rows, device=q.device
             )[:, 0]
-    for bs, hl in _block_sparse_groups(heads).items():  # estimated together, as in build_index
+    for (bs, scoring), hl in _block_sparse_groups(heads).items():  # as in build_index
         bi = block_topk(
             q,
             k,
@@ -635,6 +663,7 @@ def sparse_prefill_mask(
             heads=torch.tensor(hl, device=q.device),
             allocation=block_allocation,
             scale=scale,
+            scoring=scoring,
         )
         for j, i in enumerate(hl):
             out[:, i : i + 1] = _masks.block_sparse_mask(
