@@ -9,14 +9,31 @@ from importlib.resources import files
 import minference_patterns as mp
 import pytest
 from minference_patterns import UnknownModelError, to_minference
-from minference_patterns.registry import SHIPPED_MODELS, shipped_path
+from minference_patterns.registry import SEARCHED_MODELS, SHIPPED_MODELS, shipped_path
 from patterns_data import MINFERENCE_DIR, MODELS_MAP
 
 
 def test_every_models_json_entry_is_shipped():
     shipped = {m.model_id: m.source_file for m in SHIPPED_MODELS}
     assert shipped == MODELS_MAP
-    assert set(mp.shipped_model_ids()) == set(MODELS_MAP)
+    searched = {m.model_id for m in SEARCHED_MODELS}
+    assert set(mp.shipped_model_ids()) == set(MODELS_MAP) | searched
+
+
+@pytest.mark.parametrize("model", SEARCHED_MODELS, ids=lambda m: m.model_id)
+def test_searched_configs_load_with_their_provenance(model):
+    cfg = mp.load(model.model_id)
+    assert cfg.model_id == model.model_id
+    cfg.validate_against(
+        num_layers=model.num_layers, num_heads=model.num_heads,
+        num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+    )  # fmt: skip
+    prov = cfg.provenance
+    assert prov.source == "search" and prov.calibration and prov.objective
+    assert prov.tool == "minference-patterns" and prov.tool_version
+    assert prov.extra["rule"] and prov.extra["table"]
+    assert cfg.context_length and cfg.scores is not None
+    assert shipped_path(model).is_file()
 
 
 @pytest.mark.parametrize("model", SHIPPED_MODELS, ids=lambda m: m.model_id)

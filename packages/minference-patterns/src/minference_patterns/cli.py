@@ -99,10 +99,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .registry import SHIPPED_MODELS
+    from .registry import SEARCHED_MODELS, SHIPPED_MODELS
 
-    for m in SHIPPED_MODELS:
-        print(f"{m.model_id:48s} {m.num_layers:3d} layers x {m.num_heads:2d} heads  ({m.file})")
+    for m in (*SHIPPED_MODELS, *SEARCHED_MODELS):
+        how = "converted from MInference" if m.source_file else "searched by minference"
+        print(
+            f"{m.model_id:48s} {m.num_layers:3d} layers x {m.num_heads:2d} heads  ({m.file}; {how})"
+        )
     return 0
 
 

@@ -18,7 +18,14 @@ from .config import PatternConfig
 from .convert import load_file, read_json
 from .errors import UnknownModelError
 
-__all__ = ["ShippedModel", "SHIPPED_MODELS", "load", "load_shipped", "resolve_model_id"]
+__all__ = [
+    "SEARCHED_MODELS",
+    "SHIPPED_MODELS",
+    "ShippedModel",
+    "load",
+    "load_shipped",
+    "resolve_model_id",
+]
 
 SEARCH_HINT = (
     "To make a config for a new model, run the kernel-aware search on a calibration prompt: "
@@ -34,7 +41,7 @@ class ShippedModel:
 
     model_id: str
     file: str
-    source_file: str
+    source_file: str | None  # MInference's file it was converted from; None: searched by us
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -67,12 +74,21 @@ SHIPPED_MODELS: tuple[ShippedModel, ...] = (
                  "Yi_9B_200k_kv_out_v32_fit_o_best_pattern.json", 48, 32, 4, 128),
 )  # fmt: skip
 
-_BY_ID = {m.model_id.lower(): m for m in SHIPPED_MODELS}
+#: Configs this project searched on trained models it can run (benchmarks/real_heads.py on the
+#: calibration text, then benchmarks/gpu_real_eval.sh to measure them; the provenance of each file
+#: says how). Accuracy against dense: docs/guides/real-models.md.
+SEARCHED_MODELS: tuple[ShippedModel, ...] = (
+    ShippedModel("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct.json", None,
+                 30, 9, 3, 64),
+)  # fmt: skip
+
+_BY_ID = {m.model_id.lower(): m for m in (*SHIPPED_MODELS, *SEARCHED_MODELS)}
 
 
 def shipped_model_ids() -> list[str]:
-    """Ids with a shipped config (case-insensitive when loading)."""
-    return [m.model_id for m in SHIPPED_MODELS]
+    """Ids with a shipped config (case-insensitive when loading): MInference's converted ones and
+    the ones searched by this project."""
+    return [m.model_id for m in (*SHIPPED_MODELS, *SEARCHED_MODELS)]
 
 
 def resolve_model_id(name: str) -> ShippedModel | None:
@@ -81,7 +97,11 @@ def resolve_model_id(name: str) -> ShippedModel | None:
     if key in _BY_ID:
         return _BY_ID[key]
     if "/" not in key:
-        hits = {m.file: m for m in SHIPPED_MODELS if m.model_id.lower().split("/", 1)[1] == key}
+        hits = {
+            m.file: m
+            for m in (*SHIPPED_MODELS, *SEARCHED_MODELS)
+            if m.model_id.lower().split("/", 1)[1] == key
+        }
         if len(hits) == 1:
             return next(iter(hits.values()))
     return None
