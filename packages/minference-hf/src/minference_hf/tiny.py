@@ -19,7 +19,7 @@ DEFAULT_MODEL_NAME = "minference-tiny-random-llama"
 UNTRAINED_NOTICE = (
     "NOTE: using the embedded default model (tiny Llama-style, 4 layers, RANDOM UNTRAINED "
     "weights, byte-level tokenizer). Its outputs are gibberish and it cannot retrieve needles; "
-    "it only exercises the pipeline. Pass --model PATH_OR_ID for a real model."
+    "it only exercises the pipeline. Without --tiny the commands run a trained model (SmolLM2-135M)."
 )
 
 _SPECIALS = ("<pad>", "<s>", "</s>")

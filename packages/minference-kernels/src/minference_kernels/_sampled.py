@@ -24,6 +24,8 @@ import torch
 #: 2 rows keep 0.943 / 0.975 / 0.989 of the block oracle's recall at 4 / 8 / 16 key blocks, 4 rows
 #: 0.950 / 0.980 / 0.992; benchmarks/results/block_scoring_smollm2_8k.json).
 SAMPLED_ROWS = 4
+#: Scratch bytes of one chunk of query blocks (one KV group's float32 scores and probabilities).
+SAMPLED_CHUNK_BYTES = 1 << 30
 
 
 def sampled_rows(mbq: int, nq: int, block_size: int, rows: int, device) -> torch.Tensor:
@@ -43,12 +45,12 @@ def sampled_mass_chunks(
     scale: float,
     *,
     rows: int = SAMPLED_ROWS,
-    chunk_bytes: int = 256 << 20,
+    chunk_bytes: int = SAMPLED_CHUNK_BYTES,
 ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """Yield ``(r0, r1, width, mass)`` over chunks of query blocks: ``mass [B, H, r1 - r0, width]``
     float32 for the query heads ``q_heads [H]`` of ``q [B, Hq, Nq, D]`` (their KV heads
     ``kv_of_q [H]`` in ``k [B, Hkv, Nk, D]``), ``width`` the key blocks causal for the chunk's last
-    row."""
+    row. One chunk's temporaries stay under ``chunk_bytes`` (at least one query block)."""
     b, _, nq, d = q.shape
     nk = k.shape[2]
     off = nk - nq
@@ -56,13 +58,14 @@ def sampled_mass_chunks(
     mbq = -(-nq // block_size)
     mbk = -(-nk // block_size)
     h = int(q_heads.numel())
-    # bytes per (sampled row, key): the scores and the probabilities, float32
-    per_block = max(1, b * h * rows * mbk * block_size * 8)
-    blocks_per = max(1, chunk_bytes // per_block)
     kv_list = kv_of_q.tolist()
     groups: dict[int, list[int]] = {}
     for i, j in enumerate(kv_list):
         groups.setdefault(int(j), []).append(i)
+    # bytes per query block of one KV group at a time: its heads' scores and probabilities
+    g_max = max(len(hs) for hs in groups.values())
+    per_block = max(1, b * g_max * rows * mbk * block_size * 8)
+    blocks_per = max(1, chunk_bytes // per_block)
     for r0 in range(0, mbq, blocks_per):
         r1 = min(mbq, r0 + blocks_per)
         local = sampled_rows(mbq, nq, block_size, rows, dev)[r0:r1].reshape(-1)  # [R]

@@ -653,7 +653,6 @@ class _SampledQ:
         b, h, _, _ = self.shape
         for r0, r1, width, mass in sampled_mass_chunks(
             self.q, self.k, self.ids, self.kv_of_q, self.block_size, self.scale,
-            chunk_bytes=BLOCK_SCORE_CHUNK_BYTES // max(1, per_score // 4),
         ):  # fmt: skip
             yield r0, r1, width, mass.add_(1e-30).log_().div_(self.scale)
 
