@@ -163,6 +163,35 @@ def draw_heads(t: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def draw_maps(d: dict, path: Path) -> None:
+    """A grid of real heads' attention maps (block mass, each query block's row summing to 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    layers = sorted({m["layer"] for m in d["maps"]})
+    heads = sorted({m["head"] for m in d["maps"]})
+    fig, axes = plt.subplots(len(layers), len(heads), figsize=(2.6 * len(heads), 2.6 * len(layers)))
+    for m in d["maps"]:
+        ax = axes[layers.index(m["layer"])][heads.index(m["head"])]
+        ax.imshow(
+            m["map"], norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="magma", interpolation="nearest"
+        )
+        ax.set_title(f"layer {m['layer']}, head {m['head']}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        f"{d['model']}: attention mass per {d['block']}x{d['block']} block, {d['tokens']} tokens "
+        "(rows: query blocks; log scale)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
 def readme_lines(evals: list[dict]) -> list[str]:
     out = []
     for res in evals:
@@ -248,6 +277,19 @@ def main() -> int:
         png = IMG / f"{p.stem}.png"
         draw_heads(t, png)
         parts += [f"![oracle vs estimation]({'../img/gen/' + png.name})", ""]
+    for p in sorted(RESULTS.glob("real_head_maps_*.json")):
+        d = json.loads(p.read_text())
+        png = IMG / f"{p.stem}.png"
+        draw_maps(d, png)
+        parts += [
+            f"### `{p.name}`",
+            "",
+            f"Real heads as captured ({d['source']}): sinks (the first column), the local band, "
+            "and content-dependent columns and blocks that move with the query.",
+            "",
+            f"![real heads]({'../img/gen/' + png.name})",
+            "",
+        ]
     SNIPPET.write_text("\n".join(parts))
     bs = block_scoring_snippet()
     (SNIPPET.parent / "block_scoring.md").write_text(
