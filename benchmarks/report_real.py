@@ -169,6 +169,7 @@ def draw_maps(d: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.colors import LogNorm
 
     layers = sorted({m["layer"] for m in d["maps"]})
@@ -176,9 +177,10 @@ def draw_maps(d: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(layers), len(heads), figsize=(2.6 * len(heads), 2.6 * len(layers)))
     for m in d["maps"]:
         ax = axes[layers.index(m["layer"])][heads.index(m["head"])]
-        ax.imshow(
-            m["map"], norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="magma", interpolation="nearest"
-        )
+        a = np.array(m["map"], dtype=float)
+        causal = np.tril(np.ones_like(a, dtype=bool))
+        a = np.where(causal, np.clip(a, 1e-4, 1.0), np.nan)  # white: not causal
+        ax.imshow(a, norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="magma", interpolation="nearest")
         ax.set_title(f"layer {m['layer']}, head {m['head']}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
