@@ -73,7 +73,12 @@ def derive_config(table: dict, threshold: float, key: str = "recall"):
         return getattr(HeadPattern, kind)(*a) if kind != "dense" else HeadPattern.dense()
 
     layers, scores = [], []
+    m = table["model"]
     for layer in table["layers"]:
+        if layer.get("fixed") == "dense":  # a sliding-window layer: not searched
+            layers.append((HeadPattern.dense(),) * m["num_heads"])
+            scores.append((None,) * m["num_heads"])
+            continue
         heads, sc = [], []
         for head in layer["heads"]:
             ok = []
@@ -88,7 +93,6 @@ def derive_config(table: dict, threshold: float, key: str = "recall"):
             )
         layers.append(tuple(heads))
         scores.append(tuple(sc))
-    m = table["model"]
     return PatternConfig(
         model_id=m["model_id"],
         num_layers=len(layers),
@@ -190,8 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         t0 = time.perf_counter()
         x = torch.tensor([ids], device=args.device)
+        from minference_hf.patching import _sliding_layer_ids
+
+        sliding = set(_sliding_layer_ids(lm.model))
+        table["sliding_layers"] = sorted(sliding)
         for c in capture_qkv(lm.model, x):
             if want is not None and c.layer not in want:
+                continue
+            if c.layer in sliding:  # local by construction: dense in the config, not searched
+                table["layers"].append({"layer": c.layer, "fixed": "dense", "heads": []})
                 continue
             if args.save_qk:
                 Path(args.save_qk).mkdir(parents=True, exist_ok=True)
@@ -227,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 heads.append({"head": h, "oracle": orc[h], "candidates": cands})
             table["layers"].append({"layer": c.layer, "heads": heads})
-            o = [hh["oracle"]["share95_median"] for hh in heads]
+            o = [hh["oracle"]["share95_median"] for hh in heads]  # fmt: skip
             print(
                 f"layer {c.layer:>2}: oracle 95% share median over heads "
                 f"{sorted(o)[len(o) // 2]:.4f} (max {max(o):.4f}); sink mass "

@@ -102,6 +102,8 @@ def heads_table(t: dict) -> list[str]:
     ]
     for layer in t["layers"]:
         heads = layer["heads"]
+        if not heads:  # a sliding-window layer, not searched
+            continue
         cells = []
         for kind in ("a_shape", "vertical_slash", "block_sparse"):
             best = [
@@ -128,16 +130,17 @@ def draw_heads(t: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = [layer["layer"] for layer in t["layers"]]
+    searched = [layer for layer in t["layers"] if layer["heads"]]
+    layers = [layer["layer"] for layer in searched]
     fig, ax = plt.subplots(figsize=(9, 3.6))
     orc = [
         sum(h["oracle"]["share95_mean"] for h in layer["heads"]) / len(layer["heads"])
-        for layer in t["layers"]
+        for layer in searched
     ]
     ax.plot(layers, orc, "k-o", ms=3, label="oracle: keys for 95% of a row's mass")
     for kind, color in (("a_shape", "C0"), ("vertical_slash", "C1"), ("block_sparse", "C2")):
         need = []
-        for layer in t["layers"]:
+        for layer in searched:
             per = []
             for h in layer["heads"]:
                 ok = [
