@@ -229,3 +229,25 @@ def test_generate_prefill_argument_errors(args, words):
         main(["generate", "--tiny", "--max-new-tokens", "1", *args])
     with pytest.raises(SystemExit):  # argparse: not a choice
         build_parser().parse_args(["generate", "--offload-kv", "yes"])
+
+
+def test_niah_gives_the_model_back_with_its_whole_plan(tmp_path):
+    """A model patched with non-default settings comes back from ``run_niah`` with all of them
+    (block_allocation was dropped before)."""
+    from minference_hf import get_plan, patch
+    from minference_hf.niah import run_niah
+    from minference_hf.tiny import build_model, default_pattern_config
+
+    model = build_model(num_layers=2)
+    cfg = default_pattern_config(num_layers=2)
+    patch(model, cfg, min_sparse_len=700, block_allocation="layer", coverage=0.9, last_q=32)
+    run_niah(model, build_tokenizer(), lengths=[300], depths=[0.5], sparse_config=cfg,
+             min_sparse_len=700, out_dir=tmp_path, max_new_tokens=1, progress=False)  # fmt: skip
+    plan = get_plan(model)
+    assert plan is not None and plan.config is cfg
+    assert (plan.block_allocation, plan.coverage, plan.min_sparse_len, plan.last_q) == (
+        "layer",
+        0.9,
+        700,
+        32,
+    )

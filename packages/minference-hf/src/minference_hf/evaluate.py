@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .generation import greedy_generate
-from .patching import _set_impl, attention_shape, get_plan, patch, resolve_config, unpatch
+from .patching import (
+    _set_impl,
+    attention_shape,
+    get_plan,
+    patch,
+    resolve_config,
+    restore_plan,
+    unpatch,
+)
 from .texts import real_token_ids, text_fingerprint
 
 if TYPE_CHECKING:
@@ -301,18 +309,8 @@ class _Switch:
             unpatch(self.model)
         if getattr(self.model.config, "_attn_implementation", None) == ORACLE_IMPLEMENTATION:
             _set_impl(self.model, getattr(self, "oracle_prev", None) or "sdpa")
-        w = self.was
-        if w is not None:
-            patch(
-                self.model,
-                w.config,
-                min_sparse_len=w.min_sparse_len,
-                min_sparse_query=w.min_sparse_query,
-                last_q=w.last_q,
-                backend=w.backend,
-                coverage=w.coverage,
-                block_allocation=w.block_allocation,
-            )
+        if self.was is not None:
+            restore_plan(self.model, self.was)
 
 
 def _full_layers(model: PreTrainedModel) -> list[int]:

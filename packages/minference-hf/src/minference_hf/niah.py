@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .generation import greedy_generate
-from .patching import get_plan, patch, unpatch
+from .patching import get_plan, patch, restore_plan, unpatch
 
 if TYPE_CHECKING:
     from minference_patterns import PatternConfig
@@ -252,15 +252,7 @@ def run_niah(
         if was is None and get_plan(model) is not None:
             unpatch(model)
         elif was is not None:
-            patch(
-                model,
-                was.config,
-                min_sparse_len=was.min_sparse_len,
-                min_sparse_query=was.min_sparse_query,
-                last_q=was.last_q,
-                backend=was.backend,
-                coverage=was.coverage,
-            )
+            restore_plan(model, was)
     result: dict[str, Any] = {
         "model": model_name,
         "untrained": untrained,

@@ -344,6 +344,22 @@ def patch(
     return model
 
 
+def restore_plan(model: PreTrainedModel, plan: SparsePrefillPlan) -> PreTrainedModel:
+    """Patch ``model`` again with every setting of an earlier ``plan`` (its config, thresholds,
+    ``last_q``, backend, coverage and block allocation), e.g. after a tool unpatched it for a
+    dense run."""
+    return patch(
+        model,
+        plan.config,
+        min_sparse_len=plan.min_sparse_len,
+        min_sparse_query=plan.min_sparse_query,
+        last_q=plan.last_q,
+        backend=plan.backend,
+        coverage=plan.coverage,
+        block_allocation=plan.block_allocation,
+    )
+
+
 def _remove(model: PreTrainedModel, previous: str | None) -> None:
     for m in model.modules():
         if _PLAN_ATTR in m.__dict__:
