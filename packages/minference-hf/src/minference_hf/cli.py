@@ -168,9 +168,9 @@ def _density_note(model: PreTrainedModel) -> tuple[float | None, str]:
     plan = get_plan(model)
     if plan is None or plan.stats.sparse_calls == 0:
         return None, ""
-    from .evaluate import _full_layers
+    from .patching import full_attention_layers
 
-    d = plan.stats.model_density(_full_layers(model))
+    d = plan.stats.model_density(full_attention_layers(model))
     return d, f", computed {d:.1%} of the causal (query, key) pairs of the full-attention layers"
 
 

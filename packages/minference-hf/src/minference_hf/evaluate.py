@@ -43,6 +43,7 @@ from .generation import greedy_generate
 from .patching import (
     _set_impl,
     attention_shape,
+    full_attention_layers,
     get_plan,
     patch,
     resolve_config,
@@ -313,14 +314,6 @@ class _Switch:
             restore_plan(self.model, self.was)
 
 
-def _full_layers(model: PreTrainedModel) -> list[int]:
-    """The layers whose attention is global (not sliding-window): what density is counted over."""
-    from .patching import _sliding_layer_ids
-
-    local = set(_sliding_layer_ids(model))
-    return [i for i in range(attention_shape(model).num_layers) if i not in local]
-
-
 ORACLE_IMPLEMENTATION = "minference_oracle"
 _ORACLE: dict[str, Any] = {"density": None, "kept": 0.0, "causal": 0.0, "calls": 0}
 
@@ -457,7 +450,7 @@ def run_eval(
     if not any(not m.sparse for m in methods):
         methods.insert(0, Method("dense"))
     methods.sort(key=lambda m: m.sparse)  # dense first: it is the reference
-    num_layers = _full_layers(model)
+    num_layers = full_attention_layers(model)
     device = next(model.parameters()).device
     chat = use_chat_template
     switch = _Switch(model, min_sparse_len)

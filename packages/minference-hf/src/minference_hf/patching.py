@@ -139,6 +139,12 @@ def _sliding_layer_ids(model: PreTrainedModel) -> list[int]:
     return []
 
 
+def full_attention_layers(model: PreTrainedModel) -> list[int]:
+    """The layers whose attention is global (not sliding-window): what densities are counted over."""
+    local = set(_sliding_layer_ids(model))
+    return [i for i in range(attention_shape(model).num_layers) if i not in local]
+
+
 def resolve_config(
     config: PatternConfig | str | os.PathLike[str] | None, model: PreTrainedModel | None = None
 ) -> PatternConfig:
