@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -128,6 +130,28 @@ def check_scale(scale: float | None, head_dim: int) -> float:
     if not (scale > 0 and scale < float("inf")):
         raise ValueError(f"scale must be a positive finite number, got {scale}")
     return float(scale)
+
+
+def check_softcap(softcap: object) -> float | None:
+    """Attention-logit soft-capping (Gemma 2): ``None`` (off) passes as ``None``; otherwise a real
+    number (not a bool or a string), finite and ``> 0``, returned as a float. With it every
+    attention logit becomes ``softcap * tanh(logit / softcap)`` (``logit = scale * q.k``) before the
+    causal mask and the softmax. Anything else raises a ``TypeError`` / ``ValueError`` naming
+    ``softcap`` and the value."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(
+            f"softcap must be a positive finite number or None, got {type(softcap).__name__} "
+            f"{softcap!r}"
+        )
+    try:
+        value = float(softcap)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf
+    if not (0.0 < value < math.inf):  # NaN fails both
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    return value
 
 
 def check_int(x: object, name: str, *, low: int = 0) -> int:
