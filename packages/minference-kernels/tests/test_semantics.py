@@ -232,7 +232,7 @@ def test_score_window_limits(monkeypatch, caplog):
     monkeypatch.setattr(_triton, "_warned", set())
     monkeypatch.setattr(
         "minference_kernels.estimate.vs_scores_torch",
-        lambda *a: calls.append(a) or vs_scores_torch(*a),
+        lambda *a, **kw: calls.append(a) or vs_scores_torch(*a, **kw),
     )
     with caplog.at_level(logging.WARNING, logger="minference_kernels"):
         vt, st = _triton.vs_scores(q, k, 32, 64**-0.5)

@@ -4,9 +4,10 @@ exact softmax attention of a few of its rows (``HeadPattern.block_sparse(..., sc
 For query block ``m`` (rows ``m * bs .. (m + 1) * bs - 1`` of q, absolute positions shifted by
 ``Nk - Nq``) the sampled rows are ``SAMPLED_ROWS`` rows spread evenly over the block, the last of
 them the block's last row (clipped to the sequence in a partial last block, duplicates allowed).
-Each sampled row's causal softmax attention over all keys (float32, the attention scale) is summed
-per key block and over the sampled rows: ``mass [B, H, MBq, MBk]``, the estimated share of the
-block's attention in each key block, times ``SAMPLED_ROWS``. Unlike mean pooling it sees single
+Each sampled row's causal softmax attention over all keys (float32, the attention scale; with
+``softcap`` the logits are soft-capped first, ``softcap * tanh(logit / softcap)``, as the attention
+kernels do) is summed per key block and over the sampled rows: ``mass [B, H, MBq, MBk]``, the
+estimated share of the block's attention in each key block, times ``SAMPLED_ROWS``. Unlike mean pooling it sees single
 dominant keys (attention sinks, anchors), so the ranking follows the real attention: on SmolLM2's
 heads at 8K it keeps 0.94-0.99 of the block oracle's recall (benchmarks/block_scoring.py).
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+
+from ._torch_attn import softcap_
 
 #: Query rows sampled per query block by ``scoring="sampled"`` (measured on SmolLM2's real heads:
 #: 2 rows keep 0.943 / 0.975 / 0.989 of the block oracle's recall at 4 / 8 / 16 key blocks, 4 rows
@@ -46,11 +49,15 @@ def sampled_mass_chunks(
     *,
     rows: int = SAMPLED_ROWS,
     chunk_bytes: int = SAMPLED_CHUNK_BYTES,
+    softcap: float | None = None,
 ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
     """Yield ``(r0, r1, width, mass)`` over chunks of query blocks: ``mass [B, H, r1 - r0, width]``
     float32 for the query heads ``q_heads [H]`` of ``q [B, Hq, Nq, D]`` (their KV heads
     ``kv_of_q [H]`` in ``k [B, Hkv, Nk, D]``), ``width`` the key blocks causal for the chunk's last
-    row. One chunk's temporaries stay under ``chunk_bytes`` (at least one query block)."""
+    row. One chunk's temporaries stay under ``chunk_bytes`` (at least one query block).
+    ``softcap``: the logits ``scale * q.k`` become ``softcap * tanh(logit / softcap)`` before the
+    causal mask and the softmax."""
+
     b, _, nq, d = q.shape
     nk = k.shape[2]
     off = nk - nq
@@ -79,6 +86,7 @@ def sampled_mass_chunks(
             hsel = q_heads[torch.tensor(hs, device=dev)]
             qs = q.index_select(1, hsel).index_select(2, local).float()  # [B, g, R, D]
             s = torch.matmul(qs, k[:, j : j + 1, :nkw].float().transpose(-1, -2)) * scale
+            softcap_(s, softcap)
             s.masked_fill_(~causal, float("-inf"))
             p = torch.softmax(s, dim=-1)
             if nkw < width * block_size:

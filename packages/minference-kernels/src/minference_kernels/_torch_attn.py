@@ -4,6 +4,9 @@ Query blocks of 64 rows are processed one at a time; for each, the candidate key
 gathered (K/V stay ``[B, Hkv, N, D]``; the gather picks rows per KV head for its group of query heads,
 so K/V are never repeated per query head). Peak memory is ``O(B * H * (keys per block) * D)``.
 Arithmetic is float32 (float64 inputs are not accepted by the public API).
+
+``softcap`` (Gemma 2's attention-logit soft-capping, :func:`softcap_`): every logit
+``scale * q.k`` becomes ``softcap * tanh(logit / softcap)`` before the causal mask and the softmax.
 """
 
 from __future__ import annotations
@@ -11,6 +14,15 @@ from __future__ import annotations
 import torch
 
 from .index import BLOCK, SparseIndex
+
+
+def softcap_(s: torch.Tensor, softcap: float | None, scale: float = 1.0) -> torch.Tensor:
+    """Soft-cap the logits ``scale * s`` in place, in ``s``'s units: ``s <- softcap * tanh(scale
+    * s / softcap) / scale`` (``scale = 1``: ``s`` holds the logits themselves). ``softcap=None``:
+    ``s`` unchanged. Apply it before masking (``tanh(-inf)`` would unmask a pair)."""
+    if softcap is None:
+        return s
+    return s.mul_(scale / softcap).tanh_().mul_(softcap / scale)
 
 
 def _gather_rows(
@@ -126,8 +138,11 @@ def attend(
     index: SparseIndex,
     scale: float,
     compute_dtype: torch.dtype = torch.float32,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention over the index's pairs, a 64-row query block at a time.
+    """Attention over the index's pairs, a 64-row query block at a time (``softcap``: the logits
+    ``scale * q.k`` become ``softcap * tanh(logit / softcap)`` before masking).
 
     Most candidate keys of a block are attended by all of its rows (keys before the block, outside
     any A-shape window edge); they get a per-key bias of 0 or ``-inf`` (``L`` values, not
@@ -172,6 +187,7 @@ def attend(
         length = pos.shape[-1]
         s = sbuf[: b * hq * (r1 - r0) * length].view(b, hq, r1 - r0, length)
         torch.matmul(qb, kg.transpose(-1, -2), out=s)
+        softcap_(s, softcap)  # the scale is folded into qb: s holds the logits
         bias = torch.zeros(pos.shape, **ws).masked_fill_(~every, -torch.inf)
         n_edge = int(edge.sum(-1).max())
         if n_edge:
@@ -234,9 +250,28 @@ def count_pairs(index: SparseIndex, blocks: list[int] | None = None) -> torch.Te
     return total
 
 
-def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: int = 1024):
+# Scratch bytes of one query chunk's float32 scores in :func:`dense` with ``softcap``
+DENSE_SOFTCAP_CHUNK_BYTES = 256 << 20
+
+
+def dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    chunk: int = 1024,
+    *,
+    softcap: float | None = None,
+):
     """Causal attention with the diagonal aligned bottom-right, in query chunks (memory
-    ``O(chunk * Nk)``), through PyTorch's SDPA with GQA (no K/V repeat)."""
+    ``O(chunk * Nk)``), through PyTorch's SDPA with GQA (no K/V repeat).
+
+    ``softcap`` (SDPA has none): the logits ``scale * q.k`` become ``softcap * tanh(logit /
+    softcap)``, then the causal mask and the softmax, in float32 matmuls per KV head group (K/V
+    are never repeated per query head); chunks of at most ``chunk`` rows whose scores stay under
+    ``DENSE_SOFTCAP_CHUNK_BYTES``."""
+    if softcap is not None:
+        return _dense_softcap(q, k, v, scale, chunk, softcap)
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     off = nk - nq
@@ -255,4 +290,28 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk
             scale=scale,
             enable_gqa=hq != hkv,
         )
+    return out
+
+
+def _dense_softcap(q, k, v, scale: float, chunk: int, softcap: float) -> torch.Tensor:
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    off = nk - nq
+    out = torch.empty_like(q)
+    kf, vf = k.float(), v.float()  # no-ops for float32
+    kpos = torch.arange(nk, device=q.device)
+    rows = max(1, min(chunk, DENSE_SOFTCAP_CHUNK_BYTES // (4 * b * hq * nk)))
+    for r0 in range(0, nq, rows):
+        r1 = min(r0 + rows, nq)
+        qpos = torch.arange(r0, r1, device=q.device) + off
+        last = int(qpos[-1]) + 1  # keys beyond the chunk's last position are never attended
+        # [B, Hkv, g * R, D]: each KV head's query heads, one matmul against its keys
+        qc = (q[:, :, r0:r1].float() * scale).reshape(b, hkv, g * (r1 - r0), d)
+        s = softcap_(torch.matmul(qc, kf[:, :, :last].transpose(-1, -2)), softcap)
+        s = s.view(b, hkv, g, r1 - r0, last)
+        s.masked_fill_(kpos[None, :last] > qpos[:, None], float("-inf"))  # every row keeps a key
+        p = torch.softmax(s, dim=-1).view(b, hkv, g * (r1 - r0), last)
+        o = torch.matmul(p, vf[:, :, :last]).view(b, hq, r1 - r0, d)
+        out[:, :, r0:r1] = o.to(q.dtype)
     return out

@@ -2,6 +2,13 @@
 
 Only plain pointer arithmetic (no block pointers), so the same source runs on Triton 3.6 and 3.9.
 Imported lazily by the public functions; importing this module compiles nothing.
+
+Attention-logit soft-capping (Gemma 2, ``softcap``): the attention kernel and the vertical-slash
+estimation kernels take a ``HAS_SOFTCAP`` compile-time flag; without it they compile to the
+uncapped code. With it each raw score ``s = q.k`` becomes ``t = tanh(scale * s / softcap)``
+(:func:`_softcap`) before masking, and the exponent's factor ``qk_scale`` is ``softcap * log2(e)``
+instead of ``scale * log2(e)``: ``t * qk_scale`` is the capped logit ``softcap * tanh(logit /
+softcap)`` in log2 units, as the ``exp2`` softmax wants (:func:`_softcap_args`).
 """
 
 from __future__ import annotations
@@ -19,6 +26,14 @@ from .index import BLOCK, SparseIndex
 
 LOG2E = 1.4426950408889634
 _log = logging.getLogger("minference_kernels")
+
+
+def _softcap_args(scale: float, softcap: float | None) -> tuple[float, float]:
+    """``(qk_scale, cap_in)`` of the kernels: the factor that takes a (capped) score to log2 units
+    of the logit, and the factor of :func:`_softcap` (``0.0``, unused, without ``softcap``)."""
+    if softcap is None:
+        return scale * LOG2E, 0.0
+    return softcap * LOG2E, 2.0 * LOG2E * scale / softcap
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -83,6 +98,19 @@ def _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _softcap(s, cap_in, HAS_SOFTCAP: tl.constexpr):
+    """With ``HAS_SOFTCAP``: ``tanh(s * cap_in / (2 log2 e))`` as ``1 - 2 / (exp2(s * cap_in) + 1)``
+    (``cap_in = 2 log2(e) * scale / softcap``, so this is ``tanh(scale * s / softcap)``). Portable
+    (no libdevice: the same on a GPU and under the interpreter) and safe at both ends: ``exp2``
+    overflowing to inf gives 1, underflowing to 0 gives -1, never NaN. Its absolute error is a few
+    float32 ulps of 1 (near 0 too: the capped logit's error is ~``softcap * 1e-7``, as large as the
+    rounding of the dot product itself). Without the flag ``s`` as it is (nothing compiled)."""
+    if HAS_SOFTCAP:
+        s = 1.0 - 2.0 / (tl.math.exp2(s * cap_in) + 1.0)
+    return s
+
+
+@triton.jit
 def _qk(q, k, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -139,6 +167,7 @@ def _sparse_attn_fwd(
     q_off,
     MB,
     qk_scale,
+    cap_in,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -146,6 +175,7 @@ def _sparse_attn_fwd(
     UPCAST: tl.constexpr,
     SPLIT_MASK: tl.constexpr,
     TMA: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -195,7 +225,7 @@ def _sparse_attn_fwd(
         else:
             k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
             v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST)
+        s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP)  # capped before the mask
         st = a0 + r
         if SPLIT_MASK:
             # interior tiles (fully causal, in range, no A-shape window) need no mask
@@ -224,7 +254,7 @@ def _sparse_attn_fwd(
         c_ok = c_ok & (cov == 0)
         k = _load_rows(k_base, cidx, c_ok, skn, offs_d, d_ok, skd)
         v = _load_rows(v_base, cidx, c_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST)
+        s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP)
         ok = c_ok[None, :] & (cidx[None, :] <= q_pos[:, None])
         s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, qk_scale, UPCAST)
@@ -241,7 +271,7 @@ def _sparse_attn_fwd(
         else:
             k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
             v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
-        s = _qk(q, k, UPCAST)
+        s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP)
         if SPLIT_MASK:
             need = (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)
         else:
@@ -316,7 +346,11 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int
     )
 
 
-def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
+def attend(
+    q, k, v, index: SparseIndex, scale: float, *, softcap: float | None = None, **cfg
+) -> torch.Tensor:
+    """Attention over ``index``'s pairs (``softcap``: logits ``softcap * tanh(scale * q.k /
+    softcap)``, the ``HAS_SOFTCAP`` variant of the kernel); ``cfg`` overrides ``ATTN_CONFIG``."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     # [B, Hq, Nq, D] view of [B, Nq, Hq, D] memory: what integrations hand back to the model
@@ -338,6 +372,7 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
                 *why,
             )
     desc_k, desc_v = _kv_descriptors(k, v, BLOCK, block_d) if tma else (k, v)
+    qk_scale, cap_in = _softcap_args(scale, softcap)
     grid = (mb, b * hq)
     _launch(
         _sparse_attn_fwd,
@@ -372,7 +407,8 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
             nk,
             nk - nq,
             mb,
-            scale * LOG2E,
+            qk_scale,
+            cap_in,
         ),
         num_stages=c["num_stages"],
         HEAD_D=d,
@@ -382,6 +418,7 @@ def attend(q, k, v, index: SparseIndex, scale: float, **cfg) -> torch.Tensor:
         UPCAST=upcast,
         SPLIT_MASK=c["split_mask"],
         TMA=tma,
+        HAS_SOFTCAP=softcap is not None,
         num_warps=c["num_warps"],
     )
     return out
@@ -450,6 +487,7 @@ def _vs_lse_kernel(
     Nk,
     LQ,
     qk_scale,
+    cap_in,
     CHUNK,
     NCHUNK,
     HEAD_D: tl.constexpr,
@@ -457,6 +495,7 @@ def _vs_lse_kernel(
     LQ_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     cid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -480,7 +519,7 @@ def _vs_lse_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = offs_n < hi
         k = _load_rows(K + b * skb + hk.to(tl.int64) * skh, offs_n, kv_ok, skn, offs_d, d_ok, skd)
-        s = _qk(q, k, UPCAST) * qk_scale
+        s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP) * qk_scale
         s = tl.where(
             kv_ok[None, :] & (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None], s, float("-inf")
         )
@@ -514,12 +553,14 @@ def _vs_score_kernel(
     Nk,
     LQ,
     qk_scale,
+    cap_in,
     PER,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LQ_P: tl.constexpr,
     BS: tl.constexpr,
     UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     # program owns PER consecutive steps; step sid owns slash offsets [s0, s0 + BS) and vertical
     # keys [w0 + LQ_P, w0 + LQ_P + BS). The last queries and their LSE are loaded once per program.
@@ -550,7 +591,7 @@ def _vs_score_kernel(
         keys = w0 + c
         kv_ok = (keys >= 0) & (keys < Nk)  # steps past the last window see only keys < 0
         k = _load_rows(k_base, keys, kv_ok, skn, offs_d, d_ok, skd)
-        s = _qk(q, k, UPCAST) * qk_scale
+        s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP) * qk_scale
         ok = kv_ok[None, :] & (keys[None, :] <= qpos[:, None]) & row_ok[:, None]
         p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # [LQ_P, LQ_P + BS]
         # verticals: column sums of the keys this step owns
@@ -598,9 +639,11 @@ def vs_scores(
     *,
     score_per: int | None = None,
     score_warps: int | None = None,
+    softcap: float | None = None,
 ):
     """``(vertical, slash)`` float32 ``[B, Hq, Nk]`` for every query head, two launches (the
-    PyTorch score pass where the key window exceeds ``VS_SCORE_WINDOW_MAX``)."""
+    PyTorch score pass where the key window exceeds ``VS_SCORE_WINDOW_MAX``). ``softcap``: the
+    last queries' logits are soft-capped before their softmax (both passes)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     lq = min(last_q, nq)
@@ -618,9 +661,10 @@ def vs_scores(
                 "over the Triton score pass's %d KiB; using the PyTorch score pass",
                 last_q, d, k.dtype, window >> 10, VS_SCORE_WINDOW_MAX >> 10,
             )  # fmt: skip
-        return vs_scores_torch(q, k, last_q, scale)
+        return vs_scores_torch(q, k, last_q, scale, softcap=softcap)
     upcast = _upcast(q.dtype)
-    qk_scale = scale * LOG2E
+    qk_scale, cap_in = _softcap_args(scale, softcap)
+    has_cap = softcap is not None
     block_n = 64
     chunk = max(block_n, triton.cdiv(triton.cdiv(nk, 16), block_n) * block_n)
     nchunk = triton.cdiv(nk, chunk)
@@ -643,6 +687,7 @@ def vs_scores(
             nk,
             lq,
             qk_scale,
+            cap_in,
             chunk,
             nchunk,
         ),
@@ -652,6 +697,7 @@ def vs_scores(
         LQ_P=lq_p,
         BLOCK_N=block_n,
         UPCAST=upcast,
+        HAS_SOFTCAP=has_cap,
         num_warps=nw,
     )
     m_max = m_part.amax(1)
@@ -680,6 +726,7 @@ def vs_scores(
             nk,
             lq,
             qk_scale,
+            cap_in,
             per,
         ),
         num_stages=_score_stages(lq_p, block_d, k.element_size()),
@@ -688,6 +735,7 @@ def vs_scores(
         LQ_P=lq_p,
         BS=bs,
         UPCAST=upcast,
+        HAS_SOFTCAP=has_cap,
         num_warps=score_warps if score_warps is not None else VS_SCORE_WARPS,
     )
     return vertical, slash
@@ -815,9 +863,10 @@ def block_select(
     floor: torch.Tensor | None = None,
 ) -> None:
     """Top-k selection of :func:`minference_kernels.estimate.block_topk` for one chunk of query
-    blocks: ``scores [B, H, R, W]`` float32 (raw pooled dot products; causality and the forced
-    blocks -- diagonal, then key block 0 -- are applied here), ``out [B, H, R, >= kmax]`` int64
-    pre-filled with -1 (a view is fine), ``limit [H]`` per-head budgets. ``W <= BLOCK_SELECT_MAX``.
+    blocks: ``scores [B, H, R, W]`` float32 (raw pooled dot products, soft-capped by the caller
+    where ``softcap`` is set; causality and the forced blocks -- diagonal, then key block 0 -- are
+    applied here), ``out [B, H, R, >= kmax]`` int64 pre-filled with -1 (a view is fine),
+    ``limit [H]`` per-head budgets. ``W <= BLOCK_SELECT_MAX``.
 
     ``shares`` (float32, ``out``'s shape and strides, pre-filled with -inf): also write each
     winner's log-share, ``log_softmax(scale * scores)`` over the causal blocks, in ``out``'s slot

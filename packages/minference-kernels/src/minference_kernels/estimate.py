@@ -52,6 +52,16 @@ Each query block keeps at most ``HEAD_ALLOCATION_CAP`` times its head's ``top_k`
 candidates exceed ``HEAD_RANK_BYTES`` are ranked in consecutive groups, each pooling its own heads'
 budgets (with a log line).
 
+Attention-logit soft-capping (Gemma 2; ``softcap`` on every estimator): the estimation uses the
+attention the kernels compute, so each logit ``scale * q.k`` becomes ``softcap * tanh(logit /
+softcap)`` before the causal mask and the softmax: the vertical-slash scores (the last ``last_q``
+queries' softmax, on both backends), ``coverage``'s masses, and the sampled block scoring. Pooled
+block scoring has no real logits: its pooled ``q.k`` products are a proxy, and they are capped the
+same way (``softcap * tanh(scale * s / softcap) / scale``, still in the proxy's units). ``tanh`` is
+monotone, so the per-query-block ranking does not change (except where float32 rounds capped
+scores to equal values, which then go to the lowest block id); the shares of ``allocation="head"``
+/ ``"layer"`` (a softmax of the scaled scores) are those of the capped logits.
+
 Selection is deterministic: the same inputs give the same indices run to run.
 """
 
@@ -61,6 +71,7 @@ import logging
 
 import torch
 
+from ._torch_attn import softcap_
 from .index import _BIG
 
 _log = logging.getLogger("minference_kernels")
@@ -103,8 +114,11 @@ def _log_wide_once(width: int) -> None:
         )
 
 
-def vs_scores_torch(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float):
-    """``(vertical [B, Hq, Nk], slash [B, Hq, Nk])`` float32 scores, chunked over KV heads."""
+def vs_scores_torch(
+    q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float, *, softcap: float | None = None
+):
+    """``(vertical [B, Hq, Nk], slash [B, Hq, Nk])`` float32 scores, chunked over KV heads.
+    ``softcap``: the logits are soft-capped before the mask and the softmax (module doc)."""
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -119,7 +133,7 @@ def vs_scores_torch(q: torch.Tensor, k: torch.Tensor, last_q: int, scale: float)
     for j in range(hkv):
         qs = q[:, j * g : (j + 1) * g, nq - lq :].float()  # [B, g, Lq, D]
         kk = k[:, j : j + 1].float()  # [B, 1, Nk, D]
-        s = torch.matmul(qs, kk.transpose(-1, -2)) * scale
+        s = softcap_(torch.matmul(qs, kk.transpose(-1, -2)) * scale, softcap)
         s = s.masked_fill(~causal, float("-inf"))
         p = torch.softmax(s, dim=-1)
         vertical[:, j * g : (j + 1) * g] = p.sum(-2)
@@ -144,6 +158,7 @@ def select_vertical_slash(
     scale: float | None = None,
     last_q: int = 64,
     heads: slice | torch.Tensor | None = None,
+    softcap: float | None = None,
 ):
     """Scores -> indices with per-head budgets. Returns ``(v [B,H,NVmax], v_valid, s [B,H,NSmax],
     s_valid)``; entries beyond a head's budget are invalid (``valid == False``), and the valid
@@ -159,7 +174,8 @@ def select_vertical_slash(
     (always at least the forced sinks and local diagonals, never more than the budget). It needs
     ``q`` and ``k`` (``[B, Hq, Nq, D]`` / ``[B, Hkv, Nk, D]``, as given to the scoring pass; the
     attention ``scale``, default ``D ** -0.5``, and ``last_q`` as there too); ``heads`` (a slice or
-    an index tensor) names the query heads of ``q`` that ``vertical``'s heads are (default all).
+    an index tensor) names the query heads of ``q`` that ``vertical``'s heads are (default all);
+    ``softcap`` soft-caps those rows' logits as the scoring pass did (module doc).
     The valid entries are then ordered by that selection (the order in which they were taken), not
     by score. Both scoring backends select with this same function.
     """
@@ -191,7 +207,9 @@ def select_vertical_slash(
                 "select_vertical_slash: coverage needs q and k (the estimation rows' attention)"
             )
         sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
-        return coverage_select(q, k, v_idx, s_idx, nv, ns, fv, fs, coverage, sc, last_q, heads)
+        return coverage_select(
+            q, k, v_idx, s_idx, nv, ns, fv, fs, coverage, sc, last_q, heads, softcap=softcap
+        )
     v_valid = torch.arange(nv_max, device=dev)[None, None, :] < nv[..., None]
     s_valid = torch.arange(ns_max, device=dev)[None, None, :] < ns[..., None]
     return v_idx, v_valid, s_idx, s_valid
@@ -202,8 +220,11 @@ def select_vertical_slash(
 COVERAGE_CHUNK_BYTES = 256 << 20
 
 
-def _candidate_scores(q, k, v_idx, s_idx, heads, scale: float, last_q: int):
-    """The estimation rows' scaled scores at the candidate pairs, for :func:`coverage_select`:
+def _candidate_scores(
+    q, k, v_idx, s_idx, heads, scale: float, last_q: int, softcap: float | None = None
+):
+    """The estimation rows' scaled scores (soft-capped with ``softcap``) at the candidate pairs,
+    for :func:`coverage_select`:
     one pass of the last ``Lq`` queries over the keys in chunks (float32, grouped per KV head, K
     never repeated per query head). Returns ``(lq, lse [B, H, Lq], sv [B, H, Lq, NV], ss [B, H,
     Lq, NS], key_s [B, H, Lq, NS])``: the rows' log-sum-exp, the scores at the candidate columns
@@ -233,7 +254,7 @@ def _candidate_scores(q, k, v_idx, s_idx, heads, scale: float, last_q: int):
     ]
     for c, j0 in enumerate(range(0, nk, width)):
         j1 = min(nk, j0 + width)
-        s = torch.matmul(qg, k[:, :, j0:j1].float().transpose(-1, -2))
+        s = softcap_(torch.matmul(qg, k[:, :, j0:j1].float().transpose(-1, -2)), softcap)
         s = s.view(b, hq_all, lq, j1 - j0)
         s = s.index_select(1, ids) if h != hq_all or heads is not None else s
         if j1 - 1 > nk - lq:  # keys after a row's own position
@@ -246,7 +267,9 @@ def _candidate_scores(q, k, v_idx, s_idx, heads, scale: float, last_q: int):
     return lq, lse, sv, ss, key_s
 
 
-def coverage_select(q, k, v_idx, s_idx, nv, ns, fv, fs, coverage, scale, last_q, heads=None):
+def coverage_select(
+    q, k, v_idx, s_idx, nv, ns, fv, fs, coverage, scale, last_q, heads=None, *, softcap=None
+):
     """``coverage=`` selection (:func:`select_vertical_slash`): of the candidate columns
     ``v_idx [B, H, NV]`` and diagonals ``s_idx [B, H, NS]`` (the budget's top-k, the forced ones
     first: ``fv``/``fs`` of them, ``nv``/``ns`` valid, all ``[B, H]``), keep the forced ones, then
@@ -267,7 +290,7 @@ def coverage_select(q, k, v_idx, s_idx, nv, ns, fv, fs, coverage, scale, last_q,
     nsm = s_idx.shape[-1]
     nk = k.shape[2]
     dev = v_idx.device
-    lq, lse, sv, ss, key_s = _candidate_scores(q, k, v_idx, s_idx, heads, scale, last_q)
+    lq, lse, sv, ss, key_s = _candidate_scores(q, k, v_idx, s_idx, heads, scale, last_q, softcap)
     pv = torch.exp(sv - lse[..., None])  # [B, H, Lq, NV]: 0 where not causal
     ps = torch.exp(ss - lse[..., None])  # [B, H, Lq, NS]
     off_v = (nk - lq + torch.arange(lq, device=dev))[None, None, :, None] - v_idx[:, :, None, :]
@@ -322,16 +345,17 @@ def estimate_vertical_slash_impl(
     keep_first=KEEP_FIRST,
     keep_local=KEEP_LOCAL,
     coverage=None,
+    softcap=None,
 ):
     if backend == "triton":
         from . import _triton
 
-        vertical, slash = _triton.vs_scores(q, k, last_q, scale)
+        vertical, slash = _triton.vs_scores(q, k, last_q, scale, softcap=softcap)
     else:
-        vertical, slash = vs_scores_torch(q, k, last_q, scale)
+        vertical, slash = vs_scores_torch(q, k, last_q, scale, softcap=softcap)
     return select_vertical_slash(
         vertical, slash, num_vertical, num_slash, keep_first, keep_local, coverage,
-        q=q, k=k, scale=scale, last_q=last_q,
+        q=q, k=k, scale=scale, last_q=last_q, softcap=softcap,
     )  # fmt: skip
 
 
@@ -486,6 +510,7 @@ def block_topk(
     allocation: str = "query_block",
     scale: float | None = None,
     scoring: str = "pooled",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Block-sparse estimation (module doc): ``q [B, Hq, Nq, D]``, ``k [B, Hkv, Nk, D]`` ->
     ``[B, Hq, ceil(Nq / block_size), K]`` int64 key-block ids in ascending order, ``-1`` padding
@@ -516,6 +541,10 @@ def block_topk(
     :data:`minference_kernels._sampled.SAMPLED_ROWS` rows of the query block give the key block
     (their exact softmax; ranked as ``log(mass) / scale``, so the allocations' shares are the
     normalised masses) instead of the pooled dot product; the selection is the same.
+
+    ``softcap`` (module doc): the sampled rows' logits are soft-capped before their softmax; the
+    pooled scores ``s`` become ``softcap * tanh(scale * s / softcap) / scale`` (the same proxy,
+    capped like logits). ``scale`` (default ``D ** -0.5``) is the attention scale of both.
     """
     check_block_scoring(scoring)
     sampled = q if isinstance(q, _SampledQ) else None
@@ -528,7 +557,8 @@ def block_topk(
     off = nk - nq
     if scoring == "sampled":
         return block_topk(
-            _SampledQ(q, k, heads, kv_of_q, block_size, d**-0.5 if scale is None else scale),
+            _SampledQ(q, k, heads, kv_of_q, block_size, d**-0.5 if scale is None else scale,
+                      softcap=softcap),
             k, top_k, block_size, kv_of_q=kv_of_q, top_k_max=top_k_max, backend=backend,
             allocation=allocation, scale=scale,
         )  # fmt: skip
@@ -567,16 +597,19 @@ def block_topk(
     if use_triton and mbk > _triton_select_max():
         _log_wide_once(mbk)
         use_triton = False
+    sc = d**-0.5 if scale is None else scale
     if allocation in ("head", "layer"):  # its own output, HEAD_ALLOCATION_CAP times wider
-        sc = d**-0.5 if scale is None else scale
         return _select_per_head(
             pq, pk, limit, kmax, nq, nk, block_size, sc, use_triton, backend == "triton",
-            pooled=allocation == "layer",
+            pooled=allocation == "layer", softcap=softcap,
         )  # fmt: skip
     out = torch.full((b, hq, mbq, kmax), -1, dtype=torch.int64, device=dev)
     # bytes per score held at once: the scores (Triton), plus a ranking copy, sorted values and
     # int64 order (PyTorch)
-    for r0, r1, width, s in _score_chunks(pq, pk, nq, nk, block_size, 4 if use_triton else 20):
+    chunks = _score_chunks(
+        pq, pk, nq, nk, block_size, 4 if use_triton else 20, scale=sc, softcap=softcap
+    )
+    for r0, r1, width, s in chunks:
         if use_triton:
             from . import _triton
 
@@ -591,12 +624,24 @@ def block_topk(
     return out
 
 
-def _score_chunks(pq, pk, nq: int, nk: int, block_size: int, per_score: int):
+def _score_chunks(
+    pq,
+    pk,
+    nq: int,
+    nk: int,
+    block_size: int,
+    per_score: int,
+    *,
+    scale: float = 1.0,
+    softcap: float | None = None,
+):
     """The pooled block scores in chunks of query blocks: yields ``(r0, r1, width, s)`` with
     ``s = pq[:, :, r0:r1] @ pk[:, :, :width]^T`` (float32), ``width`` the key blocks causal for the
     chunk's last row (later ones would be -inf for every row of the chunk). Chunks hold at most
     ``BLOCK_SCORE_CHUNK_BYTES`` at ``per_score`` bytes per score (the scores and the caller's
-    temporaries)."""
+    temporaries). ``softcap``: ``s <- softcap * tanh(scale * s / softcap) / scale`` (the pooled
+    proxy capped like logits, in its own units; module doc). Sampled scores (``pq`` a
+    ``_SampledQ``, which caps its rows' logits itself) are yielded as they are."""
     if isinstance(pq, _SampledQ):
         yield from pq.chunks(per_score)
         return
@@ -607,7 +652,8 @@ def _score_chunks(pq, pk, nq: int, nk: int, block_size: int, per_score: int):
         r1 = min(mbq, r0 + rows_per)
         last_pos = min(r1 * block_size, nq) - 1 + nk - nq
         width = min(mbk, last_pos // block_size + 1)
-        yield r0, r1, width, torch.matmul(pq[:, :, r0:r1], pk[:, :, :width].transpose(-1, -2))
+        s = torch.matmul(pq[:, :, r0:r1], pk[:, :, :width].transpose(-1, -2))
+        yield r0, r1, width, softcap_(s, softcap, scale)
 
 
 BLOCK_SCORINGS = ("pooled", "sampled")
@@ -627,8 +673,9 @@ class _SampledQ:
     scored by sampled rows (:mod:`minference_kernels._sampled`): it has the same ``shape``,
     ``device`` and head slicing, and :func:`_score_chunks` asks it for the scores."""
 
-    def __init__(self, q, k, heads, kv_of_q, block_size: int, scale: float, ids=None):
+    def __init__(self, q, k, heads, kv_of_q, block_size: int, scale: float, ids=None, softcap=None):
         self.q, self.k, self.block_size, self.scale = q, k, block_size, float(scale)
+        self.softcap = softcap
         dev = q.device
         if ids is None:
             ids = torch.arange(q.shape[1], device=dev)
@@ -645,7 +692,7 @@ class _SampledQ:
     def __getitem__(self, key):
         _, hs = key
         return _SampledQ(self.q, self.k, None, self.kv_of_q[hs], self.block_size, self.scale,
-                         ids=self.ids[hs])  # fmt: skip
+                         ids=self.ids[hs], softcap=self.softcap)  # fmt: skip
 
     def chunks(self, per_score: int):
         from ._sampled import sampled_mass_chunks
@@ -653,6 +700,7 @@ class _SampledQ:
         b, h, _, _ = self.shape
         for r0, r1, width, mass in sampled_mass_chunks(
             self.q, self.k, self.ids, self.kv_of_q, self.block_size, self.scale,
+            softcap=self.softcap,
         ):  # fmt: skip
             yield r0, r1, width, mass.add_(1e-30).log_().div_(self.scale)
 
@@ -684,8 +732,9 @@ HEAD_RANK_BYTES = 1 << 30
 
 
 def _select_per_head(
-    pq, pk, limit, kmax, nq, nk, block_size, scale, use_triton, rank_triton, pooled=False
-) -> torch.Tensor:
+    pq, pk, limit, kmax, nq, nk, block_size, scale, use_triton, rank_triton, pooled=False,
+    softcap=None,
+) -> torch.Tensor:  # fmt: skip
     """``allocation="head"`` (``pooled``: ``"layer"``; module doc): pooled ``pq [B, H, MBq, D]``,
     ``pk [B, H, MBk, D]``, per-head ``limit [H]`` -> ``[B, H, MBq, cap]`` ascending key-block ids,
     ``-1`` padding.
@@ -700,7 +749,8 @@ def _select_per_head(
     the heads ranked together pool their budgets, and the largest shares of all of them win
     (equal shares: the lower head first). Memory: under 28 bytes (20 with ``rank_triton``) per
     candidate of the heads ranked together (``HEAD_RANK_BYTES``), plus a chunk's scores within
-    ``BLOCK_SCORE_CHUNK_BYTES``.
+    ``BLOCK_SCORE_CHUNK_BYTES``. ``softcap``: the pooled scores are capped first
+    (:func:`_score_chunks`), so the shares are those of the capped logits.
     """
     b, hq, mbq, _ = pq.shape
     cap = min(pk.shape[2], HEAD_ALLOCATION_CAP * kmax)
@@ -714,14 +764,14 @@ def _select_per_head(
         )  # fmt: skip
     parts = [
         _select_heads(pq[:, h0 : h0 + group], pk[:, h0 : h0 + group], limit[h0 : h0 + group],
-                      cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled)
+                      cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled, softcap)
         for h0 in range(0, hq, group)
     ]  # fmt: skip
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _select_heads(
-    pq, pk, limit, cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled
+    pq, pk, limit, cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled, softcap=None
 ) -> torch.Tensor:
     b, hq, mbq, _ = pq.shape
     mbk = pk.shape[2]
@@ -734,7 +784,8 @@ def _select_heads(
     # bytes per score held at once: the scores (Triton, which also writes the winners' shares),
     # plus ranking and share temporaries (PyTorch)
     per_score = 4 if use_triton else 20
-    for r0, r1, width, s in _score_chunks(pq, pk, nq, nk, block_size, per_score):
+    chunks = _score_chunks(pq, pk, nq, nk, block_size, per_score, scale=scale, softcap=softcap)
+    for r0, r1, width, s in chunks:
         cand = ids[:, :, r0:r1]
         if use_triton:
             from . import _triton
@@ -817,11 +868,12 @@ def _best_of_rows(x: torch.Tensor, count: torch.Tensor, method: str | None = Non
 
 def estimate_block_sparse_impl(
     q, k, top_k, block_size, backend: str = "torch", allocation: str = "query_block",
-    scoring: str = "pooled",
+    scoring: str = "pooled", scale: float | None = None, softcap: float | None = None,
 ):  # fmt: skip
     return block_topk(
-        q, k, int(top_k), block_size, backend=backend, allocation=allocation, scoring=scoring
-    )
+        q, k, int(top_k), block_size, backend=backend, allocation=allocation, scoring=scoring,
+        scale=scale, softcap=softcap,
+    )  # fmt: skip
 
 
 __all__ = [
