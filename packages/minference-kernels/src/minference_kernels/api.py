@@ -8,6 +8,12 @@ float32, float16 and bfloat16. ``backend="auto"`` picks Triton on CUDA and PyTor
 A query row that attends to no key (possible only with user-given empty index sets) outputs zeros.
 Outputs are ``[B, Hq, Nq, D]``; the Triton path returns a view of ``[B, Nq, Hq, D]`` memory (so
 ``out.transpose(1, 2)``, the layout transformers and vLLM want, is contiguous without a copy).
+
+Attention-logit soft-capping (Gemma 2): every function that computes attention or estimates an
+index takes a keyword ``softcap: float | None = None`` (checked by
+:func:`minference_kernels._validate.check_softcap`). With it each logit ``scale * q.k`` becomes
+``softcap * tanh(logit / softcap)`` before the causal mask and the softmax, in the attention
+kernels and in the online estimation alike (:mod:`minference_kernels.estimate`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from ._validate import (
     check_int,
     check_qkv,
     check_scale,
+    check_softcap,
     resolve_backend,
 )
 from .estimate import (
@@ -43,12 +50,14 @@ from .patterns import HeadPattern, check_heads
 _log = logging.getLogger("minference_kernels")
 
 
-def _attend(q, k, v, idx: SparseIndex, scale: float, backend: str) -> torch.Tensor:
+def _attend(
+    q, k, v, idx: SparseIndex, scale: float, backend: str, softcap: float | None = None
+) -> torch.Tensor:
     if backend == "triton":
         from . import _triton
 
-        return _triton.attend(q, k, v, idx, scale)
-    return _torch_attn.attend(q, k, v, idx, scale)
+        return _triton.attend(q, k, v, idx, scale, softcap=softcap)
+    return _torch_attn.attend(q, k, v, idx, scale, softcap=softcap)
 
 
 def dense_attention(
@@ -58,16 +67,29 @@ def dense_attention(
     scale: float | None = None,
     *,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Dense causal attention (the reference and the fallback). Returns ``[B, Hq, Nq, D]``.
 
     CUDA with ``Nq == Nk``: PyTorch SDPA (cuDNN / flash) with native GQA. CUDA with ``Nq < Nk``: the
     Triton kernel with every key tile. CPU: SDPA in chunks of 1024 query rows (memory
     ``O(1024 * Nk)``), or the Triton kernel under the interpreter with ``backend="triton"``.
+
+    ``softcap`` (keyword, default ``None``): attention-logit soft-capping (Gemma 2): each logit
+    ``scale * q.k`` becomes ``softcap * tanh(logit / softcap)`` before the causal mask and the
+    softmax; a positive finite number, or ``None`` for none. SDPA has no soft-capping: with
+    ``softcap`` the Triton backend (CUDA by default) runs the Triton kernel with every key tile,
+    the PyTorch backend (CPU by default) chunked float32 matmuls with the cap (per KV head group,
+    no K/V repeat).
     """
     shape = check_qkv(q, k, _check_tensor(v, "v"))
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
+    if softcap is not None:
+        if be == "triton":
+            return _attend(q, k, v, _dense_index(shape, q.device), scale, "triton", softcap)
+        return _torch_attn.dense(q, k, v, scale, softcap=softcap)
     if be == "triton" and (q.device.type != "cuda" or shape.n_q != shape.n_kv):
         return _attend(q, k, v, _dense_index(shape, q.device), scale, "triton")
     if q.device.type == "cuda" and shape.n_q == shape.n_kv:
@@ -128,6 +150,7 @@ def vertical_slash_attention(
     scale: float | None = None,
     *,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention over key columns and diagonals. Returns ``[B, Hq, Nq, D]``.
 
@@ -135,16 +158,21 @@ def vertical_slash_attention(
     diagonal offsets ``i - j`` in ``[0, Nk)`` (absolute positions). Any order; duplicates allowed.
     Slashes are computed at 64-key tile granularity: the exact attended set (a superset of the named
     pairs) is :func:`vertical_slash_mask`.
+
+    ``softcap`` (keyword, default ``None``): attention-logit soft-capping (Gemma 2): each logit
+    ``scale * q.k`` becomes ``softcap * tanh(logit / softcap)`` before the causal mask and the
+    softmax; a positive finite number, or ``None`` for none.
     """
     shape = check_qkv(q, k, _check_tensor(v, "v"))
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
     for name, x in (("vertical_indices", vertical_indices), ("slash_indices", slash_indices)):
         check_index(x, name, shape, ndim=3, low=0, high=shape.n_kv)
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
     idx = vertical_slash_index(vertical_indices, slash_indices, shape.n_q, shape.n_kv, backend=be)
-    return _attend(q, k, v, idx, scale, be)
+    return _attend(q, k, v, idx, scale, be, softcap)
 
 
 def block_sparse_index(
@@ -179,6 +207,7 @@ def block_sparse_attention(
     scale: float | None = None,
     *,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention over listed key blocks. Returns ``[B, Hq, Nq, D]``.
 
@@ -186,9 +215,14 @@ def block_sparse_attention(
     ``qb * block_size ..`` of q), key-block ids (key block ``kb`` = keys ``kb * block_size ..``), ``-1``
     for none; any order, duplicates allowed. Causal masking applies inside blocks. ``block_size`` is a
     multiple of 64. Exact set: :func:`block_sparse_mask`.
+
+    ``softcap`` (keyword, default ``None``): attention-logit soft-capping (Gemma 2): each logit
+    ``scale * q.k`` becomes ``softcap * tanh(logit / softcap)`` before the causal mask and the
+    softmax; a positive finite number, or ``None`` for none.
     """
     shape = check_qkv(q, k, _check_tensor(v, "v"))
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     _check_block_size(block_size)
     be = resolve_backend(backend, q.device)
     n_qb = -(-shape.n_q // block_size)
@@ -197,7 +231,7 @@ def block_sparse_attention(
     if block_indices.device != q.device:
         raise ValueError(f"block_indices is on {block_indices.device} but q is on {q.device}")
     idx = block_sparse_index(block_indices, block_size, shape.n_q, shape.n_kv)
-    return _attend(q, k, v, idx, scale, be)
+    return _attend(q, k, v, idx, scale, be, softcap)
 
 
 def streaming_index(
@@ -234,11 +268,18 @@ def streaming_attention(
     scale: float | None = None,
     *,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """A-shape (StreamingLLM) attention: each query attends to the first ``sink_tokens`` keys and to
-    the keys with ``0 <= i - j < window_tokens``. Exact (:func:`streaming_mask`). ``[B, Hq, Nq, D]``."""
+    the keys with ``0 <= i - j < window_tokens``. Exact (:func:`streaming_mask`). ``[B, Hq, Nq, D]``.
+
+    ``softcap`` (keyword, default ``None``): attention-logit soft-capping (Gemma 2): each logit
+    ``scale * q.k`` becomes ``softcap * tanh(logit / softcap)`` before the causal mask and the
+    softmax; a positive finite number, or ``None`` for none.
+    """
     shape = check_qkv(q, k, _check_tensor(v, "v"))
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     check_int(sink_tokens, "sink_tokens", low=0)
     check_int(window_tokens, "window_tokens", low=1)
     be = resolve_backend(backend, q.device)
@@ -248,7 +289,7 @@ def streaming_attention(
     idx = streaming_index(
         b, h, shape.n_q, nk, full(min(sink_tokens, nk)), full(min(window_tokens, nk)), q.device
     )
-    return _attend(q, k, v, idx, scale, be)
+    return _attend(q, k, v, idx, scale, be, softcap)
 
 
 def estimate_vertical_slash(
@@ -260,6 +301,7 @@ def estimate_vertical_slash(
     *,
     scale: float | None = None,
     backend: str = "auto",
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimate each query head's columns and diagonals from its last ``last_q`` queries.
 
@@ -269,15 +311,19 @@ def estimate_vertical_slash(
     With the Triton backend, a ``last_q`` / head dim / dtype whose key window would exceed 64 KiB of
     shared memory (e.g. float32 with ``last_q > 64`` and D > 64) is scored by the PyTorch pass
     instead: same scores, a warning on the ``minference_kernels`` logger.
+
+    ``softcap``: the last queries' logits ``scale * q.k`` become ``softcap * tanh(logit /
+    softcap)`` before their causal softmax, as in the attention (``None``: none).
     """
     shape = check_qkv(q, k, None)
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     check_int(num_vertical, "num_vertical")
     check_int(num_slash, "num_slash")
     _check_last_q(last_q)
     be = resolve_backend(backend, q.device)
     nv, ns = min(num_vertical, shape.n_kv), min(num_slash, shape.n_kv)  # budgets clip to Nk
-    v, _, s, _ = estimate_vertical_slash_impl(q, k, nv, ns, last_q, scale, be)
+    v, _, s, _ = estimate_vertical_slash_impl(q, k, nv, ns, last_q, scale, be, softcap=softcap)
     return v, s
 
 
@@ -296,6 +342,8 @@ def estimate_block_sparse(
     backend: str = "auto",
     allocation: str = "query_block",
     scoring: str = "pooled",
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Estimate each query block's ``top_k`` key blocks from mean-pooled Q and K
     (``scoring="pooled"``) or from the attention mass of a few sampled rows of each query block
@@ -312,16 +360,25 @@ def estimate_block_sparse(
     heads, spread over heads and query blocks. Either way each query block keeps at least its own
     best ``ceil(estimate.HEAD_ALLOCATION_FLOOR * top_k)`` blocks (3/4). The last dimension is then
     ``HEAD_ALLOCATION_CAP * top_k`` (at most the key blocks), ``-1``-padded per query block.
+
+    ``scale``: the attention scale (default ``D ** -0.5``) of the sampled rows' softmax, the
+    allocations' shares and the cap. ``softcap``: the sampled rows' logits ``scale * q.k`` become
+    ``softcap * tanh(logit / softcap)`` before their softmax; the pooled scores ``s`` (a proxy
+    of the logits, ``scale * s``) are capped the same way: ``softcap * tanh(scale * s / softcap)``.
+    That keeps each query block's ranking (tanh is monotone) but changes the allocations' shares.
     """
-    check_qkv(q, k, None)
+    shape = check_qkv(q, k, None)
     check_int(top_k, "top_k", low=1)
     _check_block_size(block_size)
     _check_allocation(allocation)
     check_block_scoring(scoring)
+    scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
     return estimate_block_sparse_impl(
-        q, k, top_k, block_size, backend=be, allocation=allocation, scoring=scoring
-    )
+        q, k, top_k, block_size, backend=be, allocation=allocation, scoring=scoring, scale=scale,
+        softcap=softcap,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,12 +426,15 @@ def build_index(
     validate: bool = True,
     coverage: float | None = None,
     block_allocation: str = "query_block",
+    softcap: float | None = None,
 ) -> SparseIndex:
     """Estimate every head's index (per its pattern) and assemble the layer's :class:`SparseIndex`.
-    ``block_allocation``: see :func:`sparse_prefill`."""
+    ``block_allocation``, ``softcap``: see :func:`sparse_prefill` (the estimation caps the logits
+    as the attention does)."""
     shape = check_qkv(q, k, None, check_values=validate)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     _check_last_q(last_q)
     _check_coverage(coverage)
     _check_allocation(block_allocation)
@@ -401,11 +461,12 @@ def build_index(
         if be == "triton":
             from . import _triton
 
-            vert, sl = _triton.vs_scores(q, k, last_q, scale)  # all heads, one launch each pass
+            # all heads, one launch each pass
+            vert, sl = _triton.vs_scores(q, k, last_q, scale, softcap=softcap)
         else:
             from .estimate import vs_scores_torch
 
-            vert, sl = vs_scores_torch(q, k, last_q, scale)
+            vert, sl = vs_scores_torch(q, k, last_q, scale, softcap=softcap)
         from .estimate import select_vertical_slash
 
         v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
@@ -420,6 +481,7 @@ def build_index(
             scale=scale,
             last_q=last_q,
             heads=hs,
+            softcap=softcap,
         )
         v_ok = v_ok.expand(b, -1, -1)
         s_ok = s_ok.expand(b, -1, -1)
@@ -470,6 +532,7 @@ def build_index(
                 allocation=block_allocation,
                 scale=scale,
                 scoring=scoring,
+                softcap=softcap,
             )
             pieces.append((hl, *_index.block_sparse_pieces(bi, bs, nq, nk, ascending=True)))
         a_max = max(p[1].shape[-1] for p in pieces)
@@ -529,6 +592,7 @@ def sparse_prefill(
     dense_below: int = 0,
     max_density: float | None = None,
     block_allocation: str = "query_block",
+    softcap: float | None = None,
 ):
     """One layer of sparse pre-fill: estimate each head's index per its :class:`HeadPattern`, then run
     every head in one attention launch.
@@ -557,10 +621,16 @@ def sparse_prefill(
     0.807 at 5.0x over cuDNN, where ``"query_block"`` needs 9% for 0.806 at 4.6x. Its estimation
     takes ~5 ms against ~3 ms, so it pays where the budget is large enough for recall to matter.
     (Those figures predate the floor and the forced key block 0 of issue #20.)
+
+    ``softcap`` (keyword, default ``None``): attention-logit soft-capping (Gemma 2): each logit
+    ``scale * q.k`` becomes ``softcap * tanh(logit / softcap)`` before the causal mask and the
+    softmax; a positive finite number, or ``None`` for none. The online estimation caps its
+    logits the same way (:mod:`minference_kernels.estimate`), and so do the dense fallbacks.
     """
     shape = check_qkv(q, k, _check_tensor(v, "v"), check_values=validate)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
     _check_coverage(coverage)
     _check_coverage(max_density, "max_density")
@@ -568,7 +638,7 @@ def sparse_prefill(
     _check_allocation(block_allocation)
     check_int(dense_below, "dense_below")
     if not return_index and (all(p.kind == "dense" for p in heads) or shape.n_q < dense_below):
-        return dense_attention(q, k, v, scale, backend=backend)
+        return dense_attention(q, k, v, scale, backend=backend, softcap=softcap)
     idx = build_index(
         q,
         k,
@@ -579,6 +649,7 @@ def sparse_prefill(
         validate=False,
         coverage=coverage,
         block_allocation=block_allocation,
+        softcap=softcap,
     )
     if max_density is not None and not return_index:
         visited = (
@@ -590,8 +661,8 @@ def sparse_prefill(
             _log.debug(
                 "index visits %.2f of the causal pairs > max_density: dense", visited / causal
             )
-            return dense_attention(q, k, v, scale, backend=backend)
-    out = _attend(q, k, v, idx, scale, be)
+            return dense_attention(q, k, v, scale, backend=backend, softcap=softcap)
+    out = _attend(q, k, v, idx, scale, be, softcap)
     return (out, idx) if return_index else out
 
 
@@ -605,13 +676,15 @@ def sparse_prefill_mask(
     query_rows: torch.Tensor | None = None,
     coverage: float | None = None,
     block_allocation: str = "query_block",
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The exact pairs :func:`sparse_prefill` attends to: ``bool [B, Hq, R, Nk]`` for the given local
-    ``query_rows`` (default all). Runs the same online estimation (PyTorch path), then builds each
-    head's mask with the independent ``*_mask`` functions."""
+    ``query_rows`` (default all). Runs the same online estimation (PyTorch path; ``softcap`` as
+    there), then builds each head's mask with the independent ``*_mask`` functions."""
     shape = check_qkv(q, k, None)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
+    softcap = check_softcap(softcap)
     _check_last_q(last_q)
     _check_coverage(coverage)
     _check_allocation(block_allocation)
@@ -624,7 +697,7 @@ def sparse_prefill_mask(
     if vs:
         from .estimate import select_vertical_slash, vs_scores_torch
 
-        vert, sl = vs_scores_torch(q, k, last_q, scale)
+        vert, sl = vs_scores_torch(q, k, last_q, scale, softcap=softcap)
         hsel = torch.tensor(vs, device=q.device)
         nv = torch.tensor([min(heads[i].num_vertical, nk) for i in vs], device=q.device)
         ns = torch.tensor([min(heads[i].num_slash, nk) for i in vs], device=q.device)
@@ -639,6 +712,7 @@ def sparse_prefill_mask(
             scale=scale,
             last_q=last_q,
             heads=hsel,
+            softcap=softcap,
         )
         for j, hi in enumerate(vs):
             for bi in range(shape.batch):
@@ -664,6 +738,7 @@ def sparse_prefill_mask(
             allocation=block_allocation,
             scale=scale,
             scoring=scoring,
+            softcap=softcap,
         )
         for j, i in enumerate(hl):
             out[:, i : i + 1] = _masks.block_sparse_mask(
