@@ -3,14 +3,17 @@
 import torch
 
 
-def reference(q, k, v, mask, scale=None):
-    """Float64 attention restricted to ``mask [B|1, H|1, Nq, Nk]``; rows with no key give 0."""
+def reference(q, k, v, mask, scale=None, softcap=None):
+    """Float64 attention restricted to ``mask [B|1, H|1, Nq, Nk]``; rows with no key give 0.
+    ``softcap``: logits ``softcap * tanh(logit / softcap)`` before the mask (Gemma 2)."""
     b, hq, nq, d = q.shape
     g = hq // k.shape[1]
     scale = d**-0.5 if scale is None else scale
     kk = k.double().repeat_interleave(g, 1)
     vv = v.double().repeat_interleave(g, 1)
     s = (q.double() @ kk.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~mask, float("-inf"))
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
     return p @ vv
