@@ -315,3 +315,59 @@ def _dense_softcap(q, k, v, scale: float, chunk: int, softcap: float) -> torch.T
         o = torch.matmul(p, vf[:, :, :last]).view(b, hq, r1 - r0, d)
         out[:, :, r0:r1] = o.to(q.dtype)
     return out
+
+
+#: Query rows per chunk of :func:`streaming` (the keys of a chunk: its sink, its rows' windows).
+STREAMING_CHUNK = 256
+
+
+def streaming(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sink: int,
+    window: int,
+    scale: float,
+    chunk: int = STREAMING_CHUNK,
+    *,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """A-shape attention (the first ``sink`` keys and the keys with ``0 <= i - j < window``), exact,
+    in float32: per chunk of ``chunk`` query rows, one masked attention over the chunk's own keys
+    only (its sink keys and ``[first row - window + 1, last row]``), so the work is
+    ``O(Nq * (sink + window + chunk))`` instead of the general index path's per-block gathers.
+    The same pairs as :func:`attend` over a streaming index. ``softcap`` as in :func:`attend`."""
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    off = nk - nq
+    out = torch.empty_like(q)
+    for r0 in range(0, nq, chunk):
+        r1 = min(r0 + chunk, nq)
+        p0, p1 = r0 + off, r1 - 1 + off  # absolute positions of the chunk's first and last row
+        lo = max(0, p0 - window + 1)
+        s_end = min(sink, lo)  # sink keys below the window range (the rest are inside it)
+        if s_end:
+            keys = torch.cat([torch.arange(s_end), torch.arange(lo, p1 + 1)]).to(q.device)
+            kc, vc = k.index_select(2, keys), v.index_select(2, keys)
+        else:
+            keys = torch.arange(lo, p1 + 1, device=q.device)
+            kc, vc = k[:, :, lo : p1 + 1], v[:, :, lo : p1 + 1]
+        qpos = torch.arange(p0, p1 + 1, device=q.device)[:, None]
+        allowed = (keys[None, :] <= qpos) & (
+            (keys[None, :] < sink) | (qpos - keys[None, :] < window)
+        )
+        kc, vc = kc.float(), vc.float()
+        if softcap is None:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, r0:r1].float(), kc, vc, attn_mask=allowed, scale=scale, enable_gqa=g > 1
+            )
+        else:
+            rows = r1 - r0
+            qc = (q[:, :, r0:r1].float() * scale).reshape(b, hkv, g * rows, d)
+            s = softcap_(torch.matmul(qc, kc.transpose(-1, -2)), softcap)
+            s = s.view(b, hkv, g, rows, -1).masked_fill_(~allowed, float("-inf"))
+            p = torch.softmax(s, dim=-1).view(b, hkv, g * rows, -1)
+            o = torch.matmul(p, vc).view(b, hq, rows, -1)
+        out[:, :, r0:r1] = o.to(q.dtype)
+    return out

@@ -283,9 +283,12 @@ def streaming_attention(
     check_int(sink_tokens, "sink_tokens", low=0)
     check_int(window_tokens, "window_tokens", low=1)
     be = resolve_backend(backend, q.device)
+    nk = shape.n_kv  # clip: beyond the keys means every key (and Python ints may exceed int64)
+    if be == "torch":  # chunked over the window's keys: O(N * window), not per-block gathers
+        sink, window = min(sink_tokens, nk), min(window_tokens, nk)
+        return _torch_attn.streaming(q, k, v, sink, window, scale, softcap=softcap)
     b, h = shape.batch, shape.heads_q
     full = lambda x: torch.full((b, h), x, dtype=torch.int64, device=q.device)
-    nk = shape.n_kv  # clip: beyond the keys means every key (and Python ints may exceed int64)
     idx = streaming_index(
         b, h, shape.n_q, nk, full(min(sink_tokens, nk)), full(min(window_tokens, nk)), q.device
     )
