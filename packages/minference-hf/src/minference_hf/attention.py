@@ -13,6 +13,15 @@ plain causal, and for a causal pre-fill a compact key-padding mask ``[B, 1, 1, L
 which at 128K tokens would take 16 GiB per sample. The attention function recognises the compact
 form by its query dimension of 1 while ``Nq > 1``, decides dense vs sparse with
 :meth:`SparsePrefillPlan.wants_sparse`, and expands the compact mask for the dense path.
+
+Sliding-window (local) layers -- Gemma-2/3, Mistral, Qwen2 ``layer_types`` -- get a compact mask
+too when the window bites (more keys than the window): ``[B, 1, 1, L]`` **int32** holding the
+window ``W`` at real keys and 0 at padding. The mask carries its window, so the attention function
+cannot mistake it for plain causal; it computes such a layer exactly with the streaming kernel
+(no sink, the keys with ``0 <= i - j < W``, transformers' ``kv_idx > q_idx - W``), at ``O(N W)``
+instead of the quadratic masked SDPA, whatever the pattern config says (configs leave local
+layers dense). Attention-logit soft-capping (``softcap``, Gemma-2) is passed to the kernels; the
+dense path computes it too.
 """
 
 from __future__ import annotations
@@ -36,7 +45,6 @@ CAPTURE_IMPLEMENTATION = "minference_capture"
 #: Keyword arguments of the attention interface that change the attention itself and that the
 #: sparse kernels cannot honour. Passing any of them (not ``None``) is an error.
 _UNSUPPORTED_KWARGS = {
-    "softcap": "logit soft-capping",
     "position_bias": "an additive position bias (ALiBi / relative bias)",
     "s_aux": "attention sinks (learned per-head sink logits)",
     "sinks": "attention sinks (learned per-head sink logits)",
@@ -81,18 +89,32 @@ def _causal(num_queries: int, num_keys: int, device: torch.device) -> torch.Tens
     return torch.arange(num_keys, device=device)[None, :] <= pos[:, None]
 
 
-def _expand_compact(key_valid: torch.Tensor, num_queries: int, num_keys: int) -> torch.Tensor:
+def _expand_compact(
+    key_valid: torch.Tensor, num_queries: int, num_keys: int, window: int | None = None
+) -> torch.Tensor:
     """Compact ``[B, 1, 1, L]`` key-padding mask -> the full ``[B, 1, Nq, Nk]`` SDPA mask.
 
     ``L <= Nk`` is the filled length of the cache (``L < Nk`` for static caches): keys at or after
-    ``L`` are masked, and the queries are the last ``Nq`` of the first ``L`` positions.
+    ``L`` are masked, and the queries are the last ``Nq`` of the first ``L`` positions. With a
+    ``window``, query ``i`` sees only keys ``j`` with ``i - j < window``.
     """
+    key_valid = key_valid.to(torch.bool)
     filled = key_valid.shape[-1]
     if filled < num_keys:
         key_valid = torch.nn.functional.pad(key_valid, (0, num_keys - filled), value=False)
     pos = torch.arange(num_queries, device=key_valid.device) + (filled - num_queries)
-    causal = torch.arange(num_keys, device=key_valid.device)[None, :] <= pos[:, None]
-    return key_valid & causal[None, None]
+    keys = torch.arange(num_keys, device=key_valid.device)[None, :]
+    allowed = keys <= pos[:, None]
+    if window is not None:
+        allowed = allowed & (keys > pos[:, None] - window)
+    return key_valid & allowed[None, None]
+
+
+def _compact_window(mask: torch.Tensor) -> int | None:
+    """The window a compact mask carries (int32 form), ``None`` for the causal (bool) form."""
+    if mask.dtype == torch.bool:
+        return None
+    return int(mask.max())
 
 
 def _key_padding_from_full_mask(mask: torch.Tensor, num_queries: int) -> torch.Tensor | None:
@@ -134,14 +156,16 @@ def _call_one(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None,
+    softcap: float | None,
 ) -> torch.Tensor:
     """Attention for one unpadded (sub-)batch, ``[b, Hq, nq, D]`` in q's dtype."""
     import minference_kernels
 
     nq, nk = q.shape[2], k.shape[2]
+    cap: dict[str, Any] = {} if softcap is None else {"softcap": softcap}
     if not plan.wants_sparse(nq, nk):
         plan.stats.dense_calls += 1
-        return minference_kernels.dense_attention(q, k, v, scale=scale)
+        return minference_kernels.dense_attention(q, k, v, scale=scale, **cap)
     heads = plan.heads_for_layer(layer, nk)
     plan.stats.sparse_calls += 1
     plan.stats.sparse_layers.add(layer)
@@ -152,6 +176,7 @@ def _call_one(
         backend=plan.backend,
         coverage=plan.coverage,
         block_allocation=plan.block_allocation,
+        **cap,
     )
     if not plan.record_density:
         return minference_kernels.sparse_prefill(
@@ -162,23 +187,46 @@ def _call_one(
         visited = float(idx.candidate_keys().sum()) * BLOCK
         if visited > max_density * _causal_count(nq, nk) * q.shape[0] * q.shape[1]:
             plan.stats.record(layer, None, nq, nk, q.shape[0] * q.shape[1])
-            return minference_kernels.dense_attention(q, k, v, scale=scale)
+            return minference_kernels.dense_attention(q, k, v, scale=scale, **cap)
     plan.stats.record(layer, idx, nq, nk, q.shape[0] * q.shape[1])
     return out
 
 
-def _sparse_forward(
+def _call_local(
     plan: SparsePrefillPlan,
-    layer: int,
+    window: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """A sliding-window layer, exactly: the streaming kernel with no sink and ``window`` keys."""
+    import minference_kernels
+
+    plan.stats.local_calls += 1
+    cap: dict[str, Any] = {} if softcap is None else {"softcap": softcap}
+    return minference_kernels.streaming_attention(
+        q, k, v, 0, window, scale, backend=plan.backend, **cap
+    )
+
+
+def _per_sample(
+    fn: Any,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     key_valid: torch.Tensor | None,
-    scale: float | None,
-) -> torch.Tensor:
-    """Sparse pre-fill of one layer; per sample on the valid tokens when the batch is padded."""
+    *,
+    gather: bool = True,
+) -> torch.Tensor | None:
+    """``fn(q, k, v)`` per sample on its valid tokens when the batch is padded (``[B, Hq, Nq, D]``).
+
+    A sample whose valid tokens have holes is gathered (the positions close up) when ``gather``;
+    otherwise (sliding windows count positions, holes included) ``None`` is returned.
+    """
     if key_valid is None or bool(key_valid.all()):
-        return _call_one(plan, layer, query, key, value, scale)
+        return fn(query, key, value)
     bsz, hq, nq, _ = query.shape
     nk = key.shape[2]
     offset = nk - nq
@@ -195,26 +243,90 @@ def _sparse_forward(
             continue
         if last - first + 1 == n:  # one contiguous run (left or right padding): slice, no copy
             q0, q1 = max(first, offset) - offset, last - offset + 1
-            ob = _call_one(
-                plan,
-                layer,
+            ob = fn(
                 query[b : b + 1, :, q0:q1],
                 key[b : b + 1, :, first : last + 1],
                 value[b : b + 1, :, first : last + 1],
-                scale,
             )
             out[b : b + 1, :, q0:q1] = ob
+        elif not gather:
+            return None
         else:  # holes: gather the real tokens; queries are the last of them
             qidx = idx[idx >= offset] - offset
-            ob = _call_one(
-                plan,
-                layer,
+            ob = fn(
                 query[b : b + 1].index_select(2, qidx),
                 key[b : b + 1].index_select(2, idx),
                 value[b : b + 1].index_select(2, idx),
-                scale,
             )
             out[b : b + 1].index_copy_(2, qidx, ob)
+    return out
+
+
+def _sparse_forward(
+    plan: SparsePrefillPlan,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    scale: float | None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Sparse pre-fill of one layer; per sample on the valid tokens when the batch is padded."""
+    out = _per_sample(
+        lambda q, k, v: _call_one(plan, layer, q, k, v, scale, softcap),
+        query,
+        key,
+        value,
+        key_valid,
+    )
+    assert out is not None  # gathering never gives up
+    return out
+
+
+def _softcap_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Dense attention with logits ``softcap * tanh(q.k * scale / softcap)`` under ``mask``
+    (``None``: causal, bottom-right aligned; bool ``True`` = attend, or additive float;
+    broadcastable to ``[B, 1, Nq, Nk]``). ``query [B, Hq, Nq, D]``, ``key``/``value``
+    ``[B, Hkv, Nk, D]``; returns ``[B, Nq, Hq, D]`` in the query's dtype. Float32 arithmetic, in
+    chunks of query rows. Rows that see no key output zeros."""
+    b, hq, nq, d = query.shape
+    hkv, nk = key.shape[1], key.shape[2]
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    kf, vf = key.float(), value.float()
+    qf = query.float().reshape(b, hkv, g, nq, d)
+    out = query.new_empty(b, nq, hq, value.shape[-1])
+    for s0 in range(0, nq, _ROW_CHUNK):
+        s1 = min(s0 + _ROW_CHUNK, nq)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", qf[:, :, :, s0:s1], kf) * scale
+        logits = softcap * torch.tanh(logits / softcap)
+        if mask is None:
+            allowed = _causal(nq, nk, query.device)[s0:s1][None, None, None]
+        else:
+            m = mask[..., s0:s1, :] if mask.shape[-2] != 1 else mask
+            m = m.expand(m.shape[0], m.shape[1], s1 - s0, nk)
+            if m.shape[1] != 1:  # per-head masks: [B, Hq, n, Nk] -> [B, Hkv, g, n, Nk]
+                m = m.reshape(m.shape[0], hkv, g, s1 - s0, nk)
+            else:
+                m = m[:, :, None]
+            if m.dtype == torch.bool:
+                allowed = m
+            else:
+                logits = logits + m.float()
+                allowed = None
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        o = torch.einsum("bhgqk,bhkd->bhgqd", p, vf)  # [B, Hkv, g, n, D]
+        out[:, s0:s1] = o.reshape(b, hq, s1 - s0, -1).transpose(1, 2).to(out.dtype)
     return out
 
 
@@ -255,9 +367,12 @@ def minference_attention(
         query: ``[B, Hq, Nq, D]`` after RoPE.
         key, value: ``[B, Hkv, Nk, D]`` (cache included); ``Hq % Hkv == 0``, never repeated here.
         attention_mask: ``None``, the compact key-padding mask ``[B, 1, 1, L]`` from
-            :func:`minference_mask`, or a full boolean ``[B, 1, Nq, Nk]`` mask.
+            :func:`minference_mask` (bool: causal; int32: a sliding window, its value at real
+            keys), or a full ``[B, 1, Nq, Nk]`` mask.
         dropout: attention dropout; must be 0 on the sparse path (inference only).
         scaling: softmax scale (``None``: ``D ** -0.5``).
+        kwargs: transformers' extras; ``softcap`` (Gemma-2's ``attn_logit_softcapping``) caps
+            the logits as ``softcap * tanh(logits / softcap)`` on every path.
 
     Returns:
         ``(output [B, Nq, Hq, D], None)`` like transformers' SDPA function.
@@ -265,6 +380,7 @@ def minference_attention(
     plan = _plan_of(module)
     _check_kwargs(module, is_causal, kwargs)
     plan.stats.seen_layers.add(int(module.layer_idx))
+    softcap = kwargs.get("softcap")
     num_queries, num_keys = query.shape[2], key.shape[2]
     compact = (
         attention_mask is not None
@@ -272,9 +388,37 @@ def minference_attention(
         and attention_mask.shape[-2] == 1
         and num_queries > 1
     )
+    window = _compact_window(attention_mask) if compact else None
     # a static cache passes its whole buffer; the compact mask says how much of it is filled
     filled = attention_mask.shape[-1] if compact else num_keys
-    if plan.wants_sparse(num_queries, filled):
+    if window is not None:  # a sliding-window layer longer than its window: exact, O(N W)
+        if dropout and module.training:
+            raise UnsupportedAttentionError(
+                "minference pre-fill is inference-only: call model.eval() (attention dropout "
+                "is active)"
+            )
+        if filled < num_keys:
+            key, value = key[:, :, :filled], value[:, :, :filled]
+        key_valid = attention_mask[:, 0, 0, :] != 0
+        out = _per_sample(
+            lambda q, k, v: _call_local(plan, window, q, k, v, scaling, softcap),
+            query,
+            key,
+            value,
+            None if bool(key_valid.all()) else key_valid,
+            gather=False,
+        )
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+        plan.stats.fallback_calls += 1
+        _warn_once(
+            plan,
+            f"holes:{type(module).__name__}",
+            f"minference: {type(module).__name__} (sliding window {window}) got padding with "
+            "holes (padded tokens between real ones); these calls run dense SDPA with the full "
+            "sliding-window mask instead of the streaming kernel.",
+        )
+    elif plan.wants_sparse(num_queries, filled):
         if dropout and module.training:
             raise UnsupportedAttentionError(
                 "minference sparse pre-fill is inference-only: call model.eval() (attention "
@@ -285,7 +429,7 @@ def minference_attention(
         usable, key_valid = _key_valid_for_sparse(plan, attention_mask, num_queries)
         if usable:
             out = _sparse_forward(
-                plan, int(module.layer_idx), query, key, value, key_valid, scaling
+                plan, int(module.layer_idx), query, key, value, key_valid, scaling, softcap
             )
             # the Triton kernels write [B, N, H, D] memory, so this is a view, not a copy
             return out.transpose(1, 2).contiguous(), None
@@ -300,7 +444,14 @@ def minference_attention(
     else:
         plan.stats.dense_calls += 1
     if compact:
-        attention_mask = _expand_compact(attention_mask, num_queries, key.shape[2])
+        attention_mask = _expand_compact(attention_mask, num_queries, key.shape[2], window)
+    if softcap is not None:  # SDPA has no soft-capping
+        if dropout and module.training:
+            raise UnsupportedAttentionError(
+                "minference's soft-capped attention is inference-only: call model.eval() "
+                "(attention dropout is active)"
+            )
+        return _softcap_attention(query, key, value, attention_mask, scaling, softcap), None
     return sdpa_attention_forward(
         module,
         query,
@@ -329,21 +480,45 @@ def minference_mask(
     For a multi-token causal pre-fill (``q_offset + q_length <= kv_length``), returns ``None``
     when nothing is masked and ``q_length == kv_length``, else the compact key-padding mask
     ``[B, 1, 1, L]`` (bool) with ``L = q_offset + q_length``, the filled part of the cache (a
-    static cache is longer; its tail is masked). Everything else (decode steps, sliding windows,
-    packed sequences, custom overlays, compiled graphs) gets transformers' own SDPA mask.
+    static cache is longer; its tail is masked). For a sliding-window pre-fill
+    (``local_size=W``, a mask function that is transformers' sliding-window causal one, checked
+    by probing it) whose keys outrun the window, the compact mask is int32 and holds ``W`` at the
+    real keys (0 at padding); ``L = q_offset + q_length - kv_offset`` (a sliding cache keeps only
+    its last keys). Everything else (decode steps, packed sequences, chunked attention, custom
+    overlays, compiled graphs) gets transformers' own SDPA mask.
     """
     if isinstance(q_offset, torch.Tensor) and not _tracing():
         q_offset = int(q_offset)  # static caches pass a tensor (for torch.compile)
-    compactable = (
+    local = kwargs.get("local_size")
+    plain = (
         q_length > 1
-        and mask_function is causal_mask_function
         and isinstance(q_offset, int)
         and isinstance(kv_offset, int)
-        and kv_offset == 0
-        and q_offset + q_length <= kv_length
-        and kwargs.get("local_size") is None
         and not kwargs.get("use_vmap", False)
     )
+    compactable = (
+        plain
+        and mask_function is causal_mask_function
+        and kv_offset == 0
+        and q_offset + q_length <= kv_length
+        and local is None
+    )
+    device = kwargs.get("device", "cpu")
+    window: int | None = None
+    if (
+        not compactable
+        and plain
+        and isinstance(local, int)
+        and local >= 1
+        and kwargs.get("allow_is_causal_skip", True)
+        and 0 <= kv_offset
+        and q_length <= q_offset + q_length - kv_offset <= kv_length
+        and _is_sliding_causal(
+            mask_function, local, batch_size, q_offset, q_length, kv_offset, device
+        )
+    ):
+        compactable = True
+        window = local if q_offset + q_length - kv_offset > local else None
     if not compactable:
         return sdpa_mask(
             batch_size=batch_size,
@@ -355,19 +530,57 @@ def minference_mask(
             attention_mask=attention_mask,
             **kwargs,
         )
-    device = kwargs.get("device", "cpu")
-    filled = q_offset + q_length  # positions written to the cache so far (static: < kv_length)
+    # positions kv_offset .. kv_offset + filled - 1 are in the cache (static: < kv_length)
+    filled = q_offset + q_length - kv_offset
     if attention_mask is None:
+        if window is not None:
+            return torch.full((batch_size, 1, 1, filled), window, dtype=torch.int32, device=device)
         if filled == q_length == kv_length:
             return None
         return torch.ones(batch_size, 1, 1, filled, dtype=torch.bool, device=device)
     pad = attention_mask.to(dtype=torch.bool)
-    if pad.shape[-1] < filled:
-        pad = torch.nn.functional.pad(pad, (0, filled - pad.shape[-1]), value=False)
-    pad = pad[:, :filled]
+    if pad.shape[-1] < kv_offset + filled:
+        pad = torch.nn.functional.pad(pad, (0, kv_offset + filled - pad.shape[-1]), value=False)
+    pad = pad[:, kv_offset : kv_offset + filled]
+    if window is not None:
+        return (pad.to(torch.int32) * window)[:, None, None, :]
     if filled == q_length == kv_length and bool(pad.all()):
         return None
     return pad[:, None, None, :]
+
+
+#: Query rows probed by :func:`_is_sliding_causal` (spread over the queries, ends included).
+_PROBE_ROWS = 33
+
+
+def _is_sliding_causal(
+    mask_function: Any,
+    window: int,
+    batch_size: int,
+    q_offset: int,
+    q_length: int,
+    kv_offset: int,
+    device: Any,
+) -> bool:
+    """Whether ``mask_function`` (an index-based transformers mask function) is exactly
+    ``kv_idx <= q_idx and kv_idx > q_idx - window`` on probed query rows: every key from two
+    before the window to two after the diagonal, and the first cached key. Chunked attention,
+    packed sequences or extra overlays differ somewhere on those rows and are left to
+    transformers' own mask."""
+    rows = torch.linspace(0, q_length - 1, min(_PROBE_ROWS, q_length)).round().long()
+    qpos = (rows + q_offset).to(device)[:, None]  # [R, 1]
+    offs = torch.arange(-window - 2, 3, device=device)[None, :]
+    kpos = torch.cat([qpos + offs, torch.full_like(qpos, kv_offset)], dim=1)
+    kpos = kpos.clamp(min=kv_offset)  # [R, C]
+    expected = (kpos <= qpos) & (kpos > qpos - window)
+    b = torch.arange(batch_size, device=device)[:, None, None]
+    h = torch.zeros(1, dtype=torch.long, device=device)[:, None, None]
+    try:
+        got = mask_function(b, h, qpos[None], kpos[None])
+        got = torch.as_tensor(got, device=device).to(torch.bool)
+        return bool((got == expected[None]).all())
+    except Exception:  # not index-based (vmap-only) or otherwise unexpected: not ours to take
+        return False
 
 
 def _tracing() -> bool:

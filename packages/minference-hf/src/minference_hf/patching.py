@@ -109,13 +109,6 @@ def _check_architecture(model: PreTrainedModel) -> None:
             f"{name} is configured for non-causal attention (config.is_causal=False); minference "
             "supports causal decoder self-attention only"
         )
-    for attr in ("attn_logit_softcapping", "attn_softcapping"):
-        if getattr(tc, attr, None) is not None:
-            raise UnsupportedModelError(
-                f"{name} uses attention logit soft-capping (config.{attr}="
-                f"{getattr(tc, attr)}); the sparse kernels do not support it. Set "
-                f"config.{attr}=None only if you accept different outputs."
-            )
     if getattr(tc, "alibi", False) or getattr(tc, "use_alibi", False):
         raise UnsupportedModelError(
             f"{name} uses ALiBi position biases, which the sparse kernels do not support"
@@ -137,6 +130,22 @@ def _sliding_layer_ids(model: PreTrainedModel) -> list[int]:
     if getattr(tc, "sliding_window", None) is not None and getattr(tc, "use_sliding_window", True):
         return list(range(int(tc.num_hidden_layers)))
     return []
+
+
+def _local_layers_dense(
+    config: PatternConfig, model: PreTrainedModel
+) -> tuple[PatternConfig, list[int]]:
+    """``config`` with every sliding-window layer dense, and the layers that were not: those
+    layers run exactly through the streaming kernel whatever their patterns say."""
+    from minference_kernels import HeadPattern
+
+    sliding = [i for i in _sliding_layer_ids(model) if i < config.num_layers]
+    changed = [i for i in sliding if any(h.kind != "dense" for h in config.layers[i])]
+    if not changed:
+        return config, []
+    dense = (HeadPattern.dense(),) * config.num_heads
+    layers = tuple(dense if i in changed else heads for i, heads in enumerate(config.layers))
+    return config.replace(layers=layers), changed
 
 
 def full_attention_layers(model: PreTrainedModel) -> list[int]:
@@ -298,6 +307,15 @@ def patch(
         num_kv_heads=shape.num_kv_heads,
         head_dim=shape.head_dim,
     )
+    window, n_sliding = _sliding_layers(model)
+    pattern_config, overridden = _local_layers_dense(pattern_config, model)
+    if overridden:
+        logger.info(
+            "minference: the config's patterns for sliding-window layers %s are not used: those "
+            "layers run exactly (streaming kernel, window %s)",
+            overridden,
+            window,
+        )
     old = get_plan(model)
     previous = (
         old.previous_attn_implementation
@@ -337,11 +355,11 @@ def patch(
     except Exception:
         _remove(model, previous)
         raise
-    window, n_sliding = _sliding_layers(model)
     if n_sliding:
-        logger.warning(
+        logger.info(
             "minference: %s has %d sliding-window layer(s) (window %s); for prompts longer "
-            "than the window those layers run dense SDPA (exact), the others sparse",
+            "than the window they run exactly through the streaming kernel, the others by the "
+            "pattern config",
             type(model).__name__,
             n_sliding,
             window,

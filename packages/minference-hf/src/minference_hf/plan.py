@@ -73,9 +73,12 @@ class AttentionStats:
             forward for an unpadded batch, one per sample and layer for a padded batch).
         dense_calls: forward calls (per layer) that took the dense SDPA path: decode steps and
             pre-fills below the thresholds.
-        fallback_calls: pre-fill calls that qualified for the sparse path but ran dense because
-            the attention mask was not "causal + key padding" (sliding-window layers longer than
-            their window, packed sequences, custom 4D masks). Each kind is logged once.
+        local_calls: calls of sliding-window layers longer than their window, computed exactly
+            by the streaming kernel (one per layer per forward, or per sample when padded).
+        fallback_calls: pre-fill calls that qualified for the sparse or streaming path but ran
+            dense because the attention mask was not "causal (or sliding window) + key padding"
+            (packed sequences, chunked attention, custom 4D masks, padding with holes in a
+            sliding-window layer). Each kind is logged once.
         sparse_layers: layer indices that took the sparse path at least once.
         seen_layers: layer indices whose attention ran through the implementation at all.
         kept_pairs / causal_pairs: per layer, the (query, key) pairs the sparse kernel computed
@@ -86,6 +89,7 @@ class AttentionStats:
 
     sparse_calls: int = 0
     dense_calls: int = 0
+    local_calls: int = 0
     fallback_calls: int = 0
     sparse_layers: set[int] = field(default_factory=set)
     seen_layers: set[int] = field(default_factory=set)
@@ -97,6 +101,7 @@ class AttentionStats:
         """Set every counter back to zero."""
         self.sparse_calls = 0
         self.dense_calls = 0
+        self.local_calls = 0
         self.fallback_calls = 0
         self.sparse_layers = set()
         self.seen_layers = set()
@@ -253,5 +258,5 @@ class SparsePrefillPlan:
         return (
             f"minference plan for {self.config.model_id!r}: sparse from {self.min_sparse_len} "
             f"keys / {self.min_sparse_query} queries; calls sparse={s.sparse_calls} "
-            f"dense={s.dense_calls} fallback={s.fallback_calls}"
+            f"dense={s.dense_calls} local={s.local_calls} fallback={s.fallback_calls}"
         )
