@@ -142,6 +142,8 @@ def _patch(model, mode: str, args) -> None:
 
 
 def _commit() -> str:
+    if os.environ.get("MINFERENCE_COMMIT"):  # set it where the copy's .git may be stale
+        return os.environ["MINFERENCE_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[1]
         return subprocess.run(
