@@ -6,7 +6,7 @@ import threading
 
 import minference_hf
 import torch
-from conftest import HEAD_DIM, HEADS, KV_HEADS, LAYERS, full_budget_config, make_model
+from conftest import HEAD_DIM, HEADS, KV_HEADS, LAYERS, VOCAB, full_budget_config, make_model
 
 
 def _ids(n: int = 96) -> torch.Tensor:
@@ -88,3 +88,27 @@ def test_search_from_capture_produces_a_usable_config(tmp_path):
         out = model(input_ids=_ids(300)).logits
     assert torch.isfinite(out).all()
     assert model.minference_plan.stats.sparse_calls == LAYERS
+
+
+def test_search_of_a_soft_capped_model_passes_the_cap(monkeypatch):
+    """Gemma-2's attn_logit_softcapping reaches the search (which measures capped attention)."""
+    import minference_patterns
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                       head_dim=HEAD_DIM, attn_logit_softcapping=7.5,
+                       layer_types=["sliding_attention", "full_attention"], sliding_window=64,
+                       attn_implementation="eager")  # fmt: skip
+    model = Gemma2ForCausalLM(cfg).eval()
+    seen = {}
+    real = minference_patterns.search_config
+
+    def spy(layers, **kw):
+        seen.update(kw)
+        return real(layers, **kw)
+
+    monkeypatch.setattr(minference_patterns, "search_config", spy)
+    out = minference_hf.search_model_config(model, _ids(256), budget=0.3, progress=False)
+    assert seen["softcap"] == 7.5 and set(seen["fixed"]) == {0}
+    assert all(h.kind == "dense" for h in out.layers[0])

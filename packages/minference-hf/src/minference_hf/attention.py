@@ -602,4 +602,10 @@ def capture_attention(
     hook = getattr(module, "_minference_capture_hook", None)
     if hook is not None:
         hook(module, query, key, value)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # SDPA cannot cap the logits (Gemma-2)
+        out = _softcap_attention(
+            query, key, value, attention_mask, kwargs.get("scaling"), float(softcap)
+        )
+        return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -159,8 +159,10 @@ def search_model_config(
             ``min_score``, ``num_rows``, ...).
 
     Sliding-window layers (``config.layer_types``) are not searched: their attention is local by
-    construction, so every head of such a layer is ``dense`` in the config (it runs the model's
-    own windowed attention) and the provenance lists them.
+    construction, so every head of such a layer is ``dense`` in the config (at inference it runs
+    exactly through the streaming kernel with the model's window) and the provenance lists them.
+    A model with attention-logit soft-capping (Gemma-2's ``attn_logit_softcapping``) is searched
+    on its capped attention (``softcap`` is passed to the search).
     """
     import minference_patterns
     from minference_kernels import HeadPattern
@@ -175,7 +177,9 @@ def search_model_config(
         model_id = (
             os.path.basename(os.path.normpath(model_id)) if os.path.isdir(model_id) else model_id
         )
-    scales = [m.scaling for m in _attention_modules(model) if hasattr(m, "scaling")]
+    modules = _attention_modules(model)
+    scales = [m.scaling for m in modules if hasattr(m, "scaling")]
+    caps = {getattr(m, "attn_logit_softcapping", None) for m in modules}
     layers = ((c.q, c.k, c.v) for c in capture_qkv(model, input_ids))
     kwargs: dict[str, Any] = {
         "model_id": model_id,
@@ -188,6 +192,11 @@ def search_model_config(
     }
     if scales:
         kwargs["scale"] = float(scales[0])
+    if len(caps) > 1:
+        raise ValueError(f"attention layers disagree on attn_logit_softcapping: {sorted(caps)}")
+    cap = next(iter(caps), None)
+    if cap is not None:  # Gemma-2: the search measures the capped attention, as inference runs it
+        kwargs["softcap"] = float(cap)
     if budget is not None:
         kwargs["budget"] = budget
     sliding = _sliding_layer_ids(model)

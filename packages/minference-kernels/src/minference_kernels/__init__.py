@@ -7,6 +7,7 @@ See :mod:`minference_kernels.api` for the layout and conventions.
 
 from __future__ import annotations
 
+from ._validate import check_softcap
 from .api import (
     block_sparse_attention,
     build_index,
@@ -34,6 +35,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_mask",
     "build_index",
+    "check_softcap",
     "dense_attention",
     "dense_mask",
     "estimate_block_sparse",

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from minference_kernels import sparse_prefill_mask
+from minference_kernels import check_softcap, sparse_prefill_mask
 from minference_kernels.patterns import BLOCK_SCORINGS, HeadPattern
 
 from ._progress import progress as _progress_bar
@@ -236,6 +236,7 @@ def search_layer(
     scale: float | None = None,
     last_q: int = 64,
     max_elements: int = 1 << 24,
+    softcap: float | None = None,
 ) -> list[HeadSearchResult]:
     """Search every query head of one layer. ``q [1, Hq, N, D]``, ``k``/``v [1, Hkv, N, D]``.
 
@@ -256,8 +257,12 @@ def search_layer(
         scale: attention scale (default ``1 / sqrt(D)``), passed to the kernels' estimation.
         last_q: queries used by the vertical-slash estimation (as at inference).
         max_elements: bound on ``heads x rows x N`` elements processed at once (memory).
+        softcap: the model's attention-logit soft-capping (Gemma-2), applied to the true
+            attention (``softcap * tanh(logit / softcap)`` before the softmax) and passed to the
+            kernels' estimation, as at inference.
     """
     hq, hkv, n, d = _check_inputs(q, k, v)
+    softcap = check_softcap(softcap)
     if objective not in ("recall", "output"):
         raise ValueError(f"objective must be 'recall' or 'output', got {objective!r}")
     if objective == "output" and v is None:
@@ -288,6 +293,8 @@ def search_layer(
         # the query heads of a KV head share it: [KVc, g * R, D] @ [KVc, D, N], no K/V copies
         qr = qs[0, :, rows].to(work).reshape(kvc, group * r, d)
         logits = torch.matmul(qr, ks[0].to(work).transpose(-1, -2)) * sm_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
         logits = logits.view(hc, r, n).masked_fill(~causal, float("-inf"))
         prob = torch.softmax(logits, dim=-1)  # [Hc, R, N]
         del logits, qr
@@ -308,8 +315,9 @@ def search_layer(
                 dens = torch.ones(hc, dtype=work, device=q.device)
             else:
                 mask = sparse_prefill_mask(
-                    qs, ks, (cand,) * hc, scale=sm_scale, last_q=last_q, query_rows=rows
-                )[0]
+                    qs, ks, (cand,) * hc, scale=sm_scale, last_q=last_q, query_rows=rows,
+                    softcap=softcap,
+                )[0]  # fmt: skip
                 mask &= causal
                 kept = prob * mask
                 mass = kept.sum(-1)  # [Hc, R]
@@ -407,6 +415,7 @@ def search_config(
     on_layer: Callable[[int, list[HeadSearchResult]], None] | None = None,
     date: str | None = None,
     fixed: dict[int, HeadPattern] | None = None,
+    softcap: float | None = None,
 ) -> PatternConfig:
     """Search a whole model, one layer at a time, into a :class:`PatternConfig`.
 
@@ -461,7 +470,7 @@ def search_config(
         res = search_layer(
             q, k, v, layer=li, budget=budget, candidates=candidates, cost_model=cost_model,
             objective=objective, num_rows=num_rows, tolerance=tolerance, min_score=min_score,
-            seed=seed, scale=scale, last_q=last_q,
+            seed=seed, scale=scale, last_q=last_q, softcap=softcap,
         )  # fmt: skip
         del q, k, v, item
         layers.append(tuple(r.pattern for r in res))
