@@ -262,6 +262,8 @@ def main() -> int:
     ]
     evals = []
     for p in sorted(RESULTS.glob("eval_*.json")):
+        if p.name.startswith("eval_gemma3"):  # hybrid models: benchmarks/report_hybrid.py
+            continue
         res = json.loads(p.read_text())
         evals.append(res)
         parts += [f"### `{p.name}`", "", *eval_table(res), "", *per_length_table(res), ""]
