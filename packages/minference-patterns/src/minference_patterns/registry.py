@@ -80,6 +80,7 @@ SHIPPED_MODELS: tuple[ShippedModel, ...] = (
 SEARCHED_MODELS: tuple[ShippedModel, ...] = (
     ShippedModel("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct.json", None,
                  30, 9, 3, 64),
+    ShippedModel("google/gemma-3-270m", "gemma-3-270m.json", None, 18, 4, 1, 256),
 )  # fmt: skip
 
 _BY_ID = {m.model_id.lower(): m for m in (*SHIPPED_MODELS, *SEARCHED_MODELS)}
