@@ -72,10 +72,15 @@ def test_mask_function_compact_form_and_fallback():
     decode = minference_mask(1, 1, 7, q_offset=6, attention_mask=pad7)
     assert decode.shape == (1, 1, 1, 7)
     assert torch.equal(decode, sdpa_mask(1, 1, 7, q_offset=6, attention_mask=pad7))
+    # a sliding window that bites: compact too, carrying the window (see test_sliding.py)
     window = minference_mask(
         1, 6, 6, mask_function=sliding_window_causal_mask_function(3), local_size=3
     )
-    assert window.shape == (1, 1, 6, 6) and not bool(window[0, 0, 5, 0])
+    assert (
+        window.shape == (1, 1, 1, 6)
+        and window.dtype == torch.int32
+        and int(window[0, 0, 0, 5]) == 3
+    )
 
 
 def test_full_mask_check_rejects_windows_and_accepts_causal_padding():
