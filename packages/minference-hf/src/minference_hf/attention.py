@@ -137,7 +137,13 @@ def _key_padding_from_full_mask(mask: torch.Tensor, num_queries: int) -> torch.T
         stop = min(start + _ROW_CHUNK, num_queries)
         qpos = torch.arange(start, stop, device=mask.device) + offset
         expected = (key_pos[None, :] <= qpos[:, None])[None] & key_valid[:, None, :]
-        bad = (rows[:, start:stop] != expected) & query_valid[:, start:stop, None]
+        got = rows[:, start:stop]
+        # every row must match: a window that bites makes the last row's "padding" a guess, and
+        # the rows it would call padded queries are where the guess shows. A padded query's row
+        # may only differ when it is all-True or all-False (SDPA's unmasking of empty rows).
+        uniform = got.all(-1, keepdim=True) | ~got.any(-1, keepdim=True)
+        padded = ~query_valid[:, start:stop, None]
+        bad = (got != expected) & ~(padded & uniform)
         if bool(bad.any()):
             return None
     return key_valid
@@ -483,8 +489,8 @@ def minference_mask(
     static cache is longer; its tail is masked). For a sliding-window pre-fill
     (``local_size=W``, a mask function that is transformers' sliding-window causal one, checked
     by probing it) whose keys outrun the window, the compact mask is int32 and holds ``W`` at the
-    real keys (0 at padding); ``L = q_offset + q_length - kv_offset`` (a sliding cache keeps only
-    its last keys). Everything else (decode steps, packed sequences, chunked attention, custom
+    real keys (0 at padding), for a fresh pre-fill (no cached tokens). Everything else (decode
+    steps, later pre-fill chunks over a sliding cache, packed sequences, chunked attention, custom
     overlays, compiled graphs) gets transformers' own SDPA mask.
     """
     if isinstance(q_offset, torch.Tensor) and not _tracing():
@@ -511,8 +517,11 @@ def minference_mask(
         and isinstance(local, int)
         and local >= 1
         and kwargs.get("allow_is_causal_skip", True)
-        and 0 <= kv_offset
-        and q_length <= q_offset + q_length - kv_offset <= kv_length
+        # a fresh pre-fill only: a later chunk over a sliding cache keeps transformers' mask
+        # (older transformers versions count that cache's offset differently)
+        and q_offset == 0
+        and kv_offset == 0
+        and q_length <= kv_length
         and _is_sliding_causal(
             mask_function, local, batch_size, q_offset, q_length, kv_offset, device
         )
