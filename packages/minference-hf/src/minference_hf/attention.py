@@ -397,14 +397,16 @@ def minference_attention(
     window = _compact_window(attention_mask) if compact else None
     # a static cache passes its whole buffer; the compact mask says how much of it is filled
     filled = attention_mask.shape[-1] if compact else num_keys
-    if window is not None:  # a sliding-window layer longer than its window: exact, O(N W)
+    sparse = window is None and plan.wants_sparse(num_queries, filled)
+    if window is not None or sparse:  # a kernel path
         if dropout and module.training:
             raise UnsupportedAttentionError(
-                "minference pre-fill is inference-only: call model.eval() (attention dropout "
-                "is active)"
+                "minference sparse pre-fill is inference-only: call model.eval() (attention "
+                "dropout is active)"
             )
         if filled < num_keys:
             key, value = key[:, :, :filled], value[:, :, :filled]
+    if window is not None:  # a sliding-window layer longer than its window: exact, O(N W)
         key_valid = attention_mask[:, 0, 0, :] != 0
         out = _per_sample(
             lambda q, k, v: _call_local(plan, window, q, k, v, scaling, softcap),
@@ -424,14 +426,7 @@ def minference_attention(
             "holes (padded tokens between real ones); these calls run dense SDPA with the full "
             "sliding-window mask instead of the streaming kernel.",
         )
-    elif plan.wants_sparse(num_queries, filled):
-        if dropout and module.training:
-            raise UnsupportedAttentionError(
-                "minference sparse pre-fill is inference-only: call model.eval() (attention "
-                "dropout is active)"
-            )
-        if filled < num_keys:
-            key, value = key[:, :, :filled], value[:, :, :filled]
+    elif sparse:
         usable, key_valid = _key_valid_for_sparse(plan, attention_mask, num_queries)
         if usable:
             out = _sparse_forward(
