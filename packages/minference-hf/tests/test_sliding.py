@@ -9,9 +9,9 @@ import logging
 import minference_hf
 import pytest
 import torch
-import transformers
 from conftest import HEAD_DIM, HEADS, KV_HEADS, VOCAB, make_model, padded_batch
 from minference_hf.attention import minference_mask
+from minference_hf.generation import cache_kwarg
 from minference_kernels import HeadPattern
 from minference_patterns import PatternConfig
 from transformers import DynamicCache
@@ -137,32 +137,28 @@ def test_local_layers_are_exact_through_the_streaming_kernel(family, side, caplo
     torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=1e-4)
 
 
-_OLD_TRANSFORMERS = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 25)
-
-
-@pytest.mark.xfail(
-    _OLD_TRANSFORMERS,
-    strict=True,
-    reason="KNOWN BUG (issue 24, open): with transformers 5.19 a second pre-fill chunk over a "
-    "sliding cache disagrees with one forward once patched (unpatched it agrees); not yet found",
-)
 @pytest.mark.parametrize("family", ["gemma3", "mistral"])
-def test_chunked_prefill_and_decode_over_a_sliding_cache(family):
+def test_chunked_prefill_and_decode_over_a_sliding_cache(family, caplog):
     """The first chunk goes through the streaming kernel; a second pre-fill chunk over the
-    sliding cache (``kv_offset > 0``: only the last ``W - 1`` keys are kept) gets transformers'
-    window mask and SDPA; then decode steps. Logits equal one forward of the whole text."""
+    sliding cache (``kv_offset > 0`` in newer transformers: only the last ``W - 1`` keys are
+    kept) gets transformers' window mask and SDPA, quietly (it is exact, not a fallback); then
+    decode steps. Logits equal one forward of the whole text."""
     model, sliding = _model(family)
     ids = torch.randint(3, VOCAB, (1, 260), generator=torch.Generator().manual_seed(1))
     ref = _logits(model, {"input_ids": ids})
     minference_hf.patch(model, _config(model), min_sparse_len=16, min_sparse_query=8)
     cache = DynamicCache(config=model.config)
+    kw = cache_kwarg(model)  # ``past_key_values`` before transformers 5.25: ``cache`` is ignored
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="minference_hf"):
         for a, b in ((0, 150), (150, 255), (255, 256), (256, 257), (257, 260)):
-            parts.append(model(input_ids=ids[:, a:b], cache=cache, use_cache=True).logits)
+            parts.append(model(input_ids=ids[:, a:b], **{kw: cache}, use_cache=True).logits)
     out = torch.cat(parts, 1)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-4)
-    assert model.minference_plan.stats.local_calls == len(sliding)  # the first chunk
+    stats = model.minference_plan.stats
+    assert stats.local_calls == len(sliding)  # the first chunk
+    assert stats.fallback_calls == 0 and not caplog.records, [r.message for r in caplog.records]
+    assert cache.get_seq_length() == 260
 
 
 def test_window_longer_than_the_prompt_is_plain_causal():

@@ -434,14 +434,22 @@ def minference_attention(
             )
             # the Triton kernels write [B, N, H, D] memory, so this is a view, not a copy
             return out.transpose(1, 2).contiguous(), None
-        plan.stats.fallback_calls += 1
-        _warn_once(
-            plan,
-            f"mask:{type(module).__name__}:{kwargs.get('sliding_window')}",
-            f"minference: {type(module).__name__} got an attention mask that is not plain causal "
-            f"+ padding (sliding_window={kwargs.get('sliding_window')}, packed sequences or a "
-            "custom mask); these calls run dense SDPA instead of the sparse path.",
-        )
+        elif kwargs.get("sliding_window") is not None and all(
+            h.kind == "dense" for h in plan.heads_for_layer(int(module.layer_idx), filled)
+        ):
+            # a sliding-window layer (dense in the plan: patch makes it so) in a later pre-fill
+            # chunk over its cache: the model's own window mask with SDPA is the exact path
+            plan.stats.dense_calls += 1
+        else:
+            plan.stats.fallback_calls += 1
+            _warn_once(
+                plan,
+                f"mask:{type(module).__name__}:{kwargs.get('sliding_window')}",
+                f"minference: {type(module).__name__} got an attention mask that is not plain "
+                f"causal + padding (sliding_window={kwargs.get('sliding_window')}, packed "
+                "sequences or a custom mask); these calls run dense SDPA instead of the sparse "
+                "path.",
+            )
     else:
         plan.stats.dense_calls += 1
     if compact:
