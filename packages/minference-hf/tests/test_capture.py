@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import minference_hf
+import pytest
 import torch
 from conftest import HEAD_DIM, HEADS, KV_HEADS, LAYERS, VOCAB, full_budget_config, make_model
 
@@ -112,3 +113,49 @@ def test_search_of_a_soft_capped_model_passes_the_cap(monkeypatch):
     out = minference_hf.search_model_config(model, _ids(256), budget=0.3, progress=False)
     assert seen["softcap"] == 7.5 and set(seen["fixed"]) == {0}
     assert all(h.kind == "dense" for h in out.layers[0])
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("padded", [False, True])
+def test_capture_runs_sliding_layers_exactly_through_the_streaming_kernel(
+    monkeypatch, softcap, padded
+):
+    """A hybrid model's capture computes its local layers with the streaming kernel (O(N W), so
+    long calibration prompts stay affordable) and captures the same Q/K/V as transformers' own
+    full sliding-window mask with dense attention."""
+    import minference_kernels
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers.masking_utils import sdpa_mask
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=128,
+                       num_hidden_layers=4, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                       head_dim=HEAD_DIM, attn_logit_softcapping=softcap, sliding_window=40,
+                       layer_types=["sliding_attention", "full_attention"] * 2, pad_token_id=0,
+                       attn_implementation="eager")  # fmt: skip
+    model = Gemma2ForCausalLM(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 200), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :50] = 0  # left padding of the second sample
+    calls = []
+    real = minference_kernels.streaming_attention
+
+    def spy(*a, **kw):
+        calls.append(a[3:5])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(minference_kernels, "streaming_attention", spy)
+    got = list(minference_hf.capture_qkv(model, ids, attention_mask=mask))
+    assert calls and all(c == (0, 40) for c in calls)
+    assert len(calls) == 2 * (2 if padded else 1)  # two sliding layers, per sample when padded
+    # the reference: transformers' own full sliding-window mask (register() re-registers ours)
+    monkeypatch.setattr(minference_hf.patching, "minference_mask", sdpa_mask)
+    ref = list(minference_hf.capture_qkv(model, ids, attention_mask=mask))
+    assert len(calls) == 2 * (2 if padded else 1)  # the reference never streams
+    valid = mask.bool()
+    for a, b in zip(got, ref, strict=True):
+        for x, y in ((a.q, b.q), (a.k, b.k), (a.v, b.v)):
+            torch.testing.assert_close(
+                x.transpose(1, 2)[valid], y.transpose(1, 2)[valid], atol=2e-5, rtol=1e-4
+            )

@@ -610,11 +610,40 @@ def capture_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention function registered as ``"minference_capture"``: hands post-RoPE ``query``
     ``[B, Hq, N, D]`` and ``key`` / ``value`` ``[B, Hkv, N, D]`` to the module's capture hook (set
-    by :func:`minference_hf.capture_qkv`), then computes dense SDPA attention."""
+    by :func:`minference_hf.capture_qkv`), then computes the exact attention: sliding-window
+    layers through the streaming kernel (the compact mask of :func:`minference_mask`, which is
+    registered beside it), everything else dense (SDPA, or capped PyTorch attention)."""
     hook = getattr(module, "_minference_capture_hook", None)
     if hook is not None:
         hook(module, query, key, value)
     softcap = kwargs.get("softcap")
+    num_queries = query.shape[2]
+    if (
+        attention_mask is not None
+        and attention_mask.dim() == 4
+        and attention_mask.shape[-2] == 1
+        and num_queries > 1
+    ):  # the compact mask of minference_mask: a sliding window runs exactly in O(N W)
+        window = _compact_window(attention_mask)
+        filled = attention_mask.shape[-1]
+        if window is not None:
+            import minference_kernels
+
+            key_valid = attention_mask[:, 0, 0, :] != 0
+            cap: dict[str, Any] = {} if softcap is None else {"softcap": float(softcap)}
+            out = _per_sample(
+                lambda q, k, v: minference_kernels.streaming_attention(
+                    q, k, v, 0, window, kwargs.get("scaling"), **cap
+                ),
+                query,
+                key[:, :, :filled],
+                value[:, :, :filled],
+                None if bool(key_valid.all()) else key_valid,
+                gather=False,
+            )
+            if out is not None:
+                return out.transpose(1, 2).contiguous(), None
+        attention_mask = _expand_compact(attention_mask, num_queries, key.shape[2], window)
     if softcap is not None:  # SDPA cannot cap the logits (Gemma-2)
         out = _softcap_attention(
             query, key, value, attention_mask, kwargs.get("scaling"), float(softcap)

@@ -42,12 +42,12 @@ def register() -> None:
     Idempotent; :func:`patch` calls it.
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(IMPLEMENTATION, minference_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, minference_mask)
     AttentionInterface.register(CAPTURE_IMPLEMENTATION, capture_attention)
-    AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, minference_mask)
 
 
 @dataclass(frozen=True)
