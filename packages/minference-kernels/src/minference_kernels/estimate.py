@@ -558,7 +558,7 @@ def block_topk(
     if scoring == "sampled":
         return block_topk(
             _SampledQ(q, k, heads, kv_of_q, block_size, d**-0.5 if scale is None else scale,
-                      softcap=softcap),
+                      softcap=softcap, backend=backend),
             k, top_k, block_size, kv_of_q=kv_of_q, top_k_max=top_k_max, backend=backend,
             allocation=allocation, scale=scale,
         )  # fmt: skip
@@ -673,9 +673,12 @@ class _SampledQ:
     scored by sampled rows (:mod:`minference_kernels._sampled`): it has the same ``shape``,
     ``device`` and head slicing, and :func:`_score_chunks` asks it for the scores."""
 
-    def __init__(self, q, k, heads, kv_of_q, block_size: int, scale: float, ids=None, softcap=None):
+    def __init__(
+        self, q, k, heads, kv_of_q, block_size: int, scale: float, ids=None, softcap=None,
+        backend: str = "torch",
+    ):  # fmt: skip
         self.q, self.k, self.block_size, self.scale = q, k, block_size, float(scale)
-        self.softcap = softcap
+        self.softcap, self.backend = softcap, backend
         dev = q.device
         if ids is None:
             ids = torch.arange(q.shape[1], device=dev)
@@ -692,14 +695,29 @@ class _SampledQ:
     def __getitem__(self, key):
         _, hs = key
         return _SampledQ(self.q, self.k, None, self.kv_of_q[hs], self.block_size, self.scale,
-                         ids=self.ids[hs], softcap=self.softcap)  # fmt: skip
+                         ids=self.ids[hs], softcap=self.softcap, backend=self.backend)  # fmt: skip
 
     def chunks(self, per_score: int):
-        from ._sampled import sampled_mass_chunks
+        """The ranked scores ``log(mass + 1e-30) / scale`` in chunks of query blocks: the fused
+        Triton kernel (:mod:`minference_kernels._sampled_triton`) with ``backend="triton"``, where
+        it supports the shape (else the PyTorch path, with a log line), else the PyTorch reference
+        (:func:`minference_kernels._sampled.sampled_mass_chunks`)."""
+        from . import _sampled
 
-        b, h, _, _ = self.shape
-        for r0, r1, width, mass in sampled_mass_chunks(
-            self.q, self.k, self.ids, self.kv_of_q, self.block_size, self.scale,
+        rows = _sampled.SAMPLED_ROWS  # read at each call (benchmarks set it)
+        if self.backend == "triton":
+            from . import _sampled_triton as st
+
+            why = st.unsupported(self.q, self.block_size, rows)
+            if why is None:
+                yield from st.sampled_mass_chunks_triton(
+                    self.q, self.k, self.ids, self.kv_of_q, self.block_size, self.scale,
+                    rows=rows, softcap=self.softcap, ranked=True, per_score=per_score,
+                )  # fmt: skip
+                return
+            st.log_fallback(why)
+        for r0, r1, width, mass in _sampled.sampled_mass_chunks(
+            self.q, self.k, self.ids, self.kv_of_q, self.block_size, self.scale, rows=rows,
             softcap=self.softcap,
         ):  # fmt: skip
             yield r0, r1, width, mass.add_(1e-30).log_().div_(self.scale)
