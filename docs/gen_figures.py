@@ -565,7 +565,8 @@ def schema_page() -> str:
     for f, p in defs["budget_policy"]["properties"].items():
         rng = ", ".join(x for x in (f">= {p['minimum']}" if "minimum" in p else "",
                                     f"<= {p['maximum']}" if "maximum" in p else "") if x)  # fmt: skip
-        out.append(f"| `{f}` | {p['type']} | `{json.dumps(p['default'])}` | {rng or '—'} |")
+        typ = " or ".join(p["type"]) if isinstance(p["type"], list) else p["type"]
+        out.append(f"| `{f}` | {typ} | `{json.dumps(p['default'])}` | {rng or '—'} |")
     out += ["", "`provenance` (only `source` is required):", ""]
     out.append(
         ", ".join(f"`{f}`" for f in defs["provenance"]["properties"])

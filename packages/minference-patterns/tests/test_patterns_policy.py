@@ -103,6 +103,9 @@ def test_override_policy_per_call():
         ({"dense_below": -1}, ValueError),
         ({"densify_covering": 1}, TypeError),
         ({"shorter_exponent": "1"}, TypeError),
+        ({"reference_length": 0}, ValueError),
+        ({"reference_length": 1.5}, ValueError),
+        ({"reference_length": True}, ValueError),
     ],
 )
 def test_invalid_policy(kwargs, exc):
@@ -113,6 +116,9 @@ def test_invalid_policy(kwargs, exc):
 def test_policy_dict_round_trip_and_unknown_keys():
     p = BudgetPolicy(0.25, 1.0, False, 10)
     assert BudgetPolicy.from_dict(p.to_dict()) == p
+    assert "reference_length" not in p.to_dict()  # files without it are written as before
+    p = BudgetPolicy.measured(reference_length=131072)
+    assert BudgetPolicy.from_dict(p.to_dict()) == p
     with pytest.raises(ValueError, match="unknown budget_policy field"):
         BudgetPolicy.from_dict({"exponent": 1})
 
@@ -121,3 +127,25 @@ def test_policy_dict_round_trip_and_unknown_keys():
 def test_bad_seq_len(bad):
     with pytest.raises(ValueError, match="seq_len"):
         adapt_pattern(VS(1, 1), bad, None, BudgetPolicy())
+
+
+def test_reference_length_stands_in_for_an_unknown_context_length():
+    """A converted config (no context_length) scales from the policy's reference_length; a
+    config's own context_length takes precedence."""
+    from minference_patterns.policy import MEASURED_LONGER_EXPONENT as E
+
+    pol = BudgetPolicy.measured(reference_length=131072)
+    assert pol.shorter_exponent == 0.0 and pol.longer_exponent == E > 0
+    c = cfg(pol, context_length=None)
+    assert c.heads_for_layer(0, 131072) == c.layers[0]
+    assert c.heads_for_layer(0, 65536) == c.layers[0]  # shorter: never less attention
+    f = 4**E
+    assert c.heads_for_layer(0, 524288) == (
+        VS(round(1000 * f), round(2000 * f)),
+        AS(64, round(1024 * f)),
+        BS(round(16 * f)),
+        HeadPattern.dense(),
+    )
+    assert pol.scale(524288, None) == pytest.approx(f)
+    assert pol.scale(524288, 262144) == pytest.approx(2**E)  # context_length wins
+    assert BudgetPolicy.absolute().scale(524288, None) == 1.0

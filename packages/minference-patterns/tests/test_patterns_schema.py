@@ -29,7 +29,9 @@ def test_schema_matches_the_codec():
             assert branch["properties"][name]["enum"] == list(allowed)
         required = {f for f, default in KIND_FIELDS[kind].items() if default is None}
         assert set(branch.get("required", [])) == required
-    assert set(s["$defs"]["budget_policy"]["properties"]) == set(mp.BudgetPolicy().to_dict())
+    policy_fields = set(mp.BudgetPolicy.__dataclass_fields__)
+    assert set(s["$defs"]["budget_policy"]["properties"]) == policy_fields
+    assert set(mp.BudgetPolicy(reference_length=8192).to_dict()) == policy_fields
     assert set(s["$defs"]["provenance"]["properties"]) == set(mp.Provenance.__dataclass_fields__)
 
 

@@ -12,9 +12,17 @@ so exponent 0 keeps sizes absolute (MInference's behaviour: density falls as ``1
 ``densify_covering`` is set, a head whose clamped budget covers every causal pair becomes ``dense``
 (the same pairs, without the estimation cost). Prompts shorter than ``dense_below`` get dense heads.
 
-A config without a ``context_length`` (e.g. one converted from MInference, whose search length is
-not published) has no reference length, so only clamping, ``densify_covering`` and ``dense_below``
-apply. See ``docs/patterns/budget-policy.md``.
+The reference length ``L`` is the config's ``context_length``, or the policy's own
+``reference_length`` when it sets one (a config converted from MInference does not know the length
+it was searched at, but it knows the lengths its published accuracy was measured at). With neither,
+only clamping, ``densify_covering`` and ``dense_below`` apply.
+
+Fixed budgets lose recall as prompts grow: measured on real heads (Gemma-3-270M's global layers
+4K-32K, SmolLM2-135M 2K-8K) and calibrated structured heads (16K-128K), keeping the recall of the
+reference length needs budgets that grow like ``n ** e`` with ``e`` about
+:data:`MEASURED_LONGER_EXPONENT` (``benchmarks/length_policy.py``,
+``benchmarks/results/length_policy_cpu.json``). :meth:`BudgetPolicy.measured` is that policy; the
+shipped configs carry it. See ``docs/patterns/budget-policy.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,11 @@ from typing import Any
 
 from minference_kernels.patterns import HeadPattern
 
-__all__ = ["BudgetPolicy", "adapt_pattern"]
+__all__ = ["MEASURED_LONGER_EXPONENT", "BudgetPolicy", "adapt_pattern"]
+
+#: The budget growth exponent beyond the reference length that holds recall, fitted from
+#: measurements (module doc): the largest per-estimator median, rounded up to 0.05.
+MEASURED_LONGER_EXPONENT = 0.6
 
 
 @dataclass(frozen=True)
@@ -39,12 +51,16 @@ class BudgetPolicy:
         densify_covering: turn a head whose budget covers every causal pair into ``dense``.
         dense_below: prompts shorter than this many tokens use dense attention in every head
             (0 = never).
+        reference_length: the length the stored sizes are meant for, when the config has no
+            ``context_length`` (which takes precedence): scaling starts from it. ``None``
+            (default): the config's ``context_length``.
     """
 
     shorter_exponent: float = 0.0
     longer_exponent: float = 0.0
     densify_covering: bool = True
     dense_below: int = 0
+    reference_length: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("shorter_exponent", "longer_exponent"):
@@ -60,6 +76,11 @@ class BudgetPolicy:
             raise TypeError("BudgetPolicy.dense_below must be an int")
         if self.dense_below < 0:
             raise ValueError(f"BudgetPolicy.dense_below must be >= 0, got {self.dense_below}")
+        ref = self.reference_length
+        if ref is not None and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 1):
+            raise ValueError(
+                f"BudgetPolicy.reference_length must be None or a positive int, got {ref!r}"
+            )
 
     @classmethod
     def absolute(cls, *, dense_below: int = 0) -> BudgetPolicy:
@@ -71,21 +92,38 @@ class BudgetPolicy:
         """Sizes scale linearly with the prompt length: the density of the searched length."""
         return cls(1.0, 1.0, True, dense_below)
 
+    @classmethod
+    def measured(
+        cls, *, reference_length: int | None = None, dense_below: int = 0
+    ) -> BudgetPolicy:
+        """Sizes as stored up to the reference length (never less attention on shorter prompts),
+        growing like ``(n / L) ** MEASURED_LONGER_EXPONENT`` beyond it: the growth that held the
+        reference length's recall in the measurements (module doc). The shipped configs' policy."""
+        return cls(0.0, MEASURED_LONGER_EXPONENT, True, dense_below, reference_length)
+
+    def reference(self, context_length: int | None) -> int | None:
+        """The length scaling starts from: ``context_length``, else ``reference_length``."""
+        return context_length if context_length is not None else self.reference_length
+
     def scale(self, seq_len: int, context_length: int | None) -> float:
         """The factor applied to the sizes at ``seq_len`` (1.0 without a reference length)."""
-        if context_length is None or seq_len == context_length:
+        ref = self.reference(context_length)
+        if ref is None or seq_len == ref:
             return 1.0
-        ratio = seq_len / context_length
-        exp = self.shorter_exponent if seq_len < context_length else self.longer_exponent
+        ratio = seq_len / ref
+        exp = self.shorter_exponent if seq_len < ref else self.longer_exponent
         return ratio**exp
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "shorter_exponent": self.shorter_exponent,
             "longer_exponent": self.longer_exponent,
             "densify_covering": self.densify_covering,
             "dense_below": self.dense_below,
         }
+        if self.reference_length is not None:  # files without it stay as they were
+            out["reference_length"] = self.reference_length
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> BudgetPolicy:
