@@ -222,7 +222,7 @@ def torch_scoring(fn):
     return run
 
 
-def timings(n: int, rounds: int, frac: float, cfg: dict) -> dict:
+def timings(n: int, rounds: int, frac: float, cfg: dict, rows_list=(4, 2), recall=False) -> dict:
     q, k, v = layer(n)
     top_k = max(1, math.ceil(frac * n / BS))
     pooled = [mk.HeadPattern.block_sparse(top_k)] * HQ
@@ -240,12 +240,12 @@ def timings(n: int, rounds: int, frac: float, cfg: dict) -> dict:
     fns = {"dense_cudnn": dense, "est_pooled": est("pooled")}
     if n <= 32768:
         fns["est_sampled_torch_r4"] = torch_scoring(with_rows(4, est("sampled")))
-    for r in (4, 2):
+    for r in rows_list:
         fns[f"kernel_r{r}"] = kernel_fn(q, k, r)
         fns[f"est_sampled_r{r}"] = with_rows(r, est("sampled"))
     fns["index_pooled"] = lambda: mk.build_index(q, k, pooled, validate=False)
     fns["layer_pooled"] = lambda: mk.sparse_prefill(q, k, v, pooled, validate=False)
-    for r in (4, 2):
+    for r in rows_list:
         fns[f"index_sampled_r{r}"] = with_rows(
             r, lambda: mk.build_index(q, k, sampled, validate=False)
         )
@@ -264,7 +264,7 @@ def timings(n: int, rounds: int, frac: float, cfg: dict) -> dict:
            "ms_spread": {name: [min(t), max(t)] for name, t in times.items()}}  # fmt: skip
     causal = n * (n + 1) / 2
     res["tflops"] = {"dense_cudnn": 4 * D * HQ * causal / ms["dense_cudnn"] / 1e9}
-    for r in (4, 2):
+    for r in rows_list:
         useful, visited = flops_of(n, n, r, cfg["tile_m"])
         t = ms[f"kernel_r{r}"]
         res["tflops"][f"kernel_r{r}_useful"] = 2 * D * HQ * useful / t / 1e9
@@ -280,8 +280,58 @@ def timings(n: int, rounds: int, frac: float, cfg: dict) -> dict:
         "index_of_layer": ms["index_pooled"] / ms["layer_pooled"],
         "layer_speedup_over_dense": ms["dense_cudnn"] / ms["layer_pooled"],
     }
+    if recall:
+        idx = {"pooled": block_topk(q, k, top_k, BS, backend="triton")}
+        for r in rows_list:
+            idx[f"sampled_r{r}"] = with_rows(r, est("sampled"))()
+        res["recall"] = recall_of_oracle(q, k, top_k, idx)
     print(json.dumps(res), flush=True)
     return res
+
+
+def recall_of_oracle(q, k, top_k: int, indices: dict, count: int = 96) -> dict:
+    """Attention mass of ``count`` sampled query rows (``bench_layer.sample_rows``) inside the key
+    blocks each block index keeps for the rows' query blocks, against the block oracle at the same
+    budget (the ``top_k`` key blocks of the query block by its true attention mass, its diagonal
+    block always): per method the mean recall and, per head, recall / oracle recall (mean, min).
+    Nq = Nk here."""
+    from bench_layer import sample_rows
+
+    n = q.shape[2]
+    mbk = -(-n // BS)
+    g = HQ // HKV
+    rows = sample_rows(n, min(count, n), device=DEV)
+    qb = rows // BS
+    s = q[0, :, rows].float() @ k[0].float().repeat_interleave(g, 0).transpose(-1, -2) * D**-0.5
+    causal = torch.arange(n, device=DEV)[None, :] <= rows[:, None]
+    p = torch.softmax(s.masked_fill_(~causal, float("-inf")), -1)  # [H, R, N]
+    del s
+    pb = torch.nn.functional.pad(p, (0, mbk * BS - n)).view(HQ, len(rows), mbk, BS).sum(-1)
+    del p
+    got = {}
+    for name, idx in indices.items():
+        keep = block_sets(idx[0][:, qb], mbk)  # [H, R, MBk]
+        got[name] = (pb * keep).sum(-1)  # [H, R]
+    blocks, inv = qb.unique(return_inverse=True)
+    ar = torch.arange(BS, device=DEV)
+    orc = torch.empty(HQ, len(rows), device=DEV)
+    for h in range(HQ):
+        r_all = (blocks[:, None] * BS + ar[None, :]).clamp(max=n - 1).flatten()
+        s = q[0, h, r_all].float() @ k[0, h // g].float().T * D**-0.5
+        s.masked_fill_(torch.arange(n, device=DEV)[None, :] > r_all[:, None], float("-inf"))
+        pm = torch.nn.functional.pad(torch.softmax(s, -1), (0, mbk * BS - n))
+        mass = pm.view(len(blocks), BS, mbk, BS).sum((1, 3))
+        del s, pm
+        mass[torch.arange(len(blocks), device=DEV), blocks] = float("inf")
+        top = mass.topk(min(top_k, mbk), -1).indices
+        keep = torch.zeros_like(mass, dtype=torch.bool).scatter_(1, top, True)
+        orc[h] = (pb[h] * keep[inv]).sum(-1)
+    out = {"oracle_recall_mean": float(orc.mean())}
+    for name, rec in got.items():
+        ratio = rec.mean(-1) / orc.mean(-1)  # per head
+        out[name] = {"recall_mean": float(rec.mean()), "of_oracle_mean": float(ratio.mean()),
+                     "of_oracle_min_head": float(ratio.min())}  # fmt: skip
+    return out
 
 
 def main() -> int:
@@ -291,6 +341,8 @@ def main() -> int:
     ap.add_argument("--frac", type=float, default=0.08)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--rows", default="4,2", help="SAMPLED_ROWS values timed")
+    ap.add_argument("--recall", action="store_true", help="also each index's recall vs the oracle")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (interpreter)")
     a = ap.parse_args()
     global DEV, DTYPE, HQ, HKV, D
@@ -310,10 +362,10 @@ def main() -> int:
         with open(a.out, "w") as f:
             json.dump(doc, f, indent=1)
 
-    checks = [(4096, 4096, None, (4, 2)), (4096, 4096, 50.0, (4,)), (5000, 3001, None, (4,)),
+    checks = [(4096, 4096, None, (4, 2, 1)), (4096, 4096, 50.0, (4,)), (5000, 3001, None, (4,)),
               (32768, 32768, None, (4, 2))]  # fmt: skip
     if a.smoke:
-        checks = [(300, 300, None, (4, 2)), (300, 200, 50.0, (4,))]
+        checks = [(300, 300, None, (4, 2, 1)), (300, 200, 50.0, (4,))]
     doc["checks"] = [check(*c) for c in checks]
     save()
     if not a.no_sweep:
@@ -323,7 +375,8 @@ def main() -> int:
     doc["config"] = dict(st.SAMPLED_CONFIG)
     doc["timings"] = []
     for n in (int(x) for x in a.ns.split(",")):
-        doc["timings"].append(timings(n, a.rounds, a.frac, doc["config"]))
+        rows_list = tuple(int(x) for x in a.rows.split(","))
+        doc["timings"].append(timings(n, a.rounds, a.frac, doc["config"], rows_list, a.recall))
         save()
     print("\n| N | what | ms | share of sampled layer |", file=sys.stderr)
     for row in doc["timings"]:
