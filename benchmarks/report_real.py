@@ -240,8 +240,8 @@ def block_scoring_snippet() -> list[str]:
     if p.exists():
         d = json.loads(p.read_text())
         out += [
-            f"GPU cost per layer (32 query / 8 KV heads, head dim 128, bf16; {d['device']}, "
-            f"`{p.name}`):",
+            "GPU cost per layer with the PyTorch sampled path, before the fused kernel (32 query /"
+            f" 8 KV heads, head dim 128, bf16; {d['device']}, `{p.name}`):",
             "",
             "| N | dense cuDNN ms | pooled estimate ms | sampled estimate ms | sampled / dense |",
             "|---|---|---|---|---|",
@@ -252,6 +252,54 @@ def block_scoring_snippet() -> list[str]:
                 f"| {r['sampled_share_of_dense']:.2f} |"
             )
         out.append("")
+    p = RESULTS / "bench_sampled_scoring_rows_h200.json"
+    if p.exists():
+        out += sampled_kernel_table(p, json.loads(p.read_text()))
+    return out
+
+
+def sampled_kernel_table(p: Path, d: dict) -> list[str]:
+    """The fused sampled-scoring kernel: its time and rate, and the estimation's share of a sparse
+    layer (``benchmarks/bench_sampled_scoring.py``)."""
+    out = [
+        "With the fused Triton kernel (`_sampled_triton`; same layer shape, structured inputs, a "
+        "layer of `block_sparse` heads keeping 8% of the key blocks per query block, interleaved "
+        f"medians; {d['device']}, `{p.name}`). Kernel rate: 2 D FLOPs per (sampled row, causal "
+        "key), one pass; cuDNN's: 4 D per causal pair.",
+        "",
+        "| N | scoring | kernel ms (TFLOP/s) | estimate ms | estimate + index ms | sparse layer ms "
+        "| (estimate + index) / layer | recall / oracle, mean (worst head) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in d["timings"]:
+        ms, n, rec = t["ms"], t["n"], t.get("recall", {})
+        dense = f"{ms['dense_cudnn']:.1f} ({t['tflops']['dense_cudnn']:.0f})"
+        out.append(f"| {n} | dense cuDNN | {dense} | | | | | |")
+        rows = [("pooled", None)] + [
+            (f"sampled({k.split('_r')[1]})", k.split("_r")[1])
+            for k in ms
+            if k.startswith("kernel_r")
+        ]
+        for name, r in rows:
+            key = "pooled" if r is None else f"sampled_r{r}"
+            kern = (
+                ""
+                if r is None
+                else (f"{ms[f'kernel_r{r}']:.2f} ({t['tflops'][f'kernel_r{r}_useful']:.0f})")
+            )
+            est = ms["est_pooled" if r is None else f"est_sampled_r{r}"]
+            idx = ms[f"index_{key}"]
+            lay = ms[f"layer_{key}"]
+            rc = rec.get(key)
+            rc = f"{rc['of_oracle_mean']:.3f} ({rc['of_oracle_min_head']:.3f})" if rc else ""
+            out.append(
+                f"| {n} | {name} | {kern} | {est:.2f} | {idx:.2f} | {lay:.1f} | {idx / lay:.2f} "
+                f"| {rc} |"
+            )
+        if "est_sampled_torch_r4" in ms:
+            out.append(f"| {n} | sampled(4), PyTorch path | | {ms['est_sampled_torch_r4']:.1f} "
+                       "| | | | |")  # fmt: skip
+    out.append("")
     return out
 
 
