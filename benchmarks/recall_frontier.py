@@ -9,7 +9,10 @@ on the layer benchmark's structured heads (or on captured ``q``/``k``, ``--qk``)
 * **vs aligned tiles**: a prototype that scores 64-key relative tiles directly (a tile at offset
   ``-64m`` collects the slash mass ``sum_d slash[64m + d] (64 - |d|) / 64``) and keeps the best;
   it is the exact objective of the tile cover, so it bounds what smarter slash selection gains;
-* **block-sparse**: the shipped pooled-block estimator at several ``top_k``;
+* **block-sparse**: the shipped pooled-block estimator at several ``top_k``, and the sampled one
+  (``scoring="sampled"``: the exact attention of a few rows per query block; ``--no-sampled``
+  skips it, its PyTorch path is slow on a CPU);
+* **vs coverage**: VS(1000, 6096) with ``coverage=`` 0.9 / 0.95 / 0.99 (adaptive budgets);
 * **oracle tiles / oracle keys**: the best possible recall at a density, per head, given the exact
   attention of the sampled rows, when every 64-key aligned tile (resp. every key) of every sampled
   row can be chosen freely. Any index that shares a tile set across a 64-row block is below the
@@ -95,6 +98,9 @@ def main() -> None:
     ap.add_argument("--qk", help="a torch.save'd dict with q [1,Hq,N,D] and k [1,Hkv,N,D]")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=".")
+    ap.add_argument(
+        "--no-sampled", action="store_true", help="skip sampled block scoring (slow on a CPU)"
+    )
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +152,17 @@ def main() -> None:
     for frac in (0.02, 0.05, 0.1, 0.15):
         heads = [mk.HeadPattern.block_sparse(max(1, math.ceil(frac * n / 64)))] * hq
         record(f"block-sparse ({frac:.0%} of blocks)", mk.build_index(q, k, heads, validate=False))
+    if not a.no_sampled:
+        for frac in (0.02, 0.05, 0.1):
+            top_k = max(1, math.ceil(frac * n / 64))
+            heads = [mk.HeadPattern.block_sparse(top_k, scoring="sampled")] * hq
+            record(
+                f"block-sparse sampled ({frac:.0%} of blocks)",
+                mk.build_index(q, k, heads, validate=False),
+            )
+    vs = [mk.HeadPattern.vertical_slash(1000, 6096)] * hq
+    for cov in (0.9, 0.95, 0.99):
+        record(f"vs coverage ({cov}, at most 1000, 6096)", mk.build_index(q, k, vs, coverage=cov))
 
     r = rows.numel()
     total = float((rows + 1).sum())
