@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -37,6 +38,8 @@ REFERENCE = 131072
 
 
 def _commit() -> str:
+    if os.environ.get("MINFERENCE_COMMIT"):  # a copied tree whose .git is stale (device runs)
+        return os.environ["MINFERENCE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):

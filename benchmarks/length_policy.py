@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import math
 import subprocess
 import sys
@@ -45,9 +46,12 @@ SOURCES = {
     "smollm2": ("smollm2-135m", 8192, (2048, 4096, 8192), tuple(range(1, 30, 3))),
 }
 SYNTH_LENGTHS = (16384, 32768, 65536, 131072)
+ORACLE_DENSITIES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
 
 def _commit() -> str:
+    if os.environ.get("MINFERENCE_COMMIT"):  # a copied tree whose .git is stale (device runs)
+        return os.environ["MINFERENCE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
@@ -96,7 +100,20 @@ def measure(q, k, scale, rows, skip_families=()) -> dict[str, dict]:
     n, hq = k.shape[2], q.shape[1]
     p = row_probs(q, k, rows, scale)  # [Hq, R, N]
     causal_rows = float((rows + 1).sum())
+    # the oracle: each row keeps its own highest-probability keys, the same share of its causal
+    # keys as the density (the upper line no index at that density beats)
+    top = p.sort(-1, descending=True).values.cumsum(-1)  # [Hq, R, N]
     res = {}
+    for d in ORACLE_DENSITIES:
+        take = ((rows + 1).double() * d).ceil().long().clamp(min=1) - 1  # [R]
+        rec = top.gather(-1, take[None, :, None].expand(hq, -1, 1))[..., 0]
+        res[f"oracle{d}"] = {
+            "family": "oracle",
+            "budget": d,
+            "recall": rec.mean(-1).tolist(),
+            "density": [float(((take + 1).sum()) / causal_rows)] * hq,
+        }
+    del top
     for name, (fam, budget, heads) in methods(n, hq).items():
         if fam in skip_families:
             continue

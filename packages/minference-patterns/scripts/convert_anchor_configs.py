@@ -15,13 +15,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from minference_patterns import Provenance, from_minference
-from minference_patterns._version import __version__
+from minference_patterns import BudgetPolicy, Provenance, __version__, from_minference
 from minference_patterns.registry import SHIPPED_MODELS
 
 PKG = Path(__file__).resolve().parents[1]
 OUT = PKG / "src" / "minference_patterns" / "configs"
 TEST_DATA = PKG / "tests" / "data" / "minference"
+#: The longest length of the RULER evaluation MInference published with these configs (4K-128K).
+ANCHOR_REFERENCE_LENGTH = 131072
 
 
 def main(argv: list[str]) -> int:
@@ -60,6 +61,9 @@ def main(argv: list[str]) -> int:
             num_kv_heads=m.num_kv_heads,
             head_dim=m.head_dim,
             provenance=prov,
+            # sizes as published up to the longest RULER length MInference evaluated them at,
+            # grown beyond it as measured (docs/patterns/budget-policy.md)
+            budget_policy=BudgetPolicy.measured(reference_length=ANCHOR_REFERENCE_LENGTH),
         )
         cfg.validate_against(num_layers=m.num_layers, num_heads=m.num_heads)
         cfg.save(OUT / m.file)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 from minference_patterns import BudgetPolicy, HeadPattern, PatternConfig, adapt_pattern
 
@@ -149,3 +153,23 @@ def test_reference_length_stands_in_for_an_unknown_context_length():
     assert pol.scale(524288, None) == pytest.approx(f)
     assert pol.scale(524288, 262144) == pytest.approx(2**E)  # context_length wins
     assert BudgetPolicy.absolute().scale(524288, None) == 1.0
+
+
+RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "length_policy_cpu.json"
+
+
+@pytest.mark.skipif(not RESULTS.exists(), reason="benchmark results not in this checkout")
+def test_the_measured_exponent_follows_its_result_file():
+    """MEASURED_LONGER_EXPONENT is not typed by hand: it is the rule of
+    benchmarks/report_length_policy.py (largest per-estimator median growth exponent on real
+    heads, rounded up to 0.05) applied to benchmarks/results/length_policy_cpu.json."""
+    from minference_patterns.policy import MEASURED_LONGER_EXPONENT
+
+    sys.path.insert(0, str(RESULTS.parents[1]))
+    try:
+        from report_length_policy import fitted_exponent
+    finally:
+        sys.path.pop(0)
+    res = json.loads(RESULTS.read_text())
+    assert {"gemma3", "smollm2"} <= set(res["sources"])  # real heads of two models
+    assert MEASURED_LONGER_EXPONENT == pytest.approx(fitted_exponent(res))

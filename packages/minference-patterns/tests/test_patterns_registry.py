@@ -156,5 +156,25 @@ def test_heads_for_layer_on_a_shipped_config():
             assert h.kind == "dense"
         elif s.kind == "vertical_slash":
             assert h == s or h.kind == "dense"
-    # long prompts keep the absolute sizes (MInference's behaviour, the default policy)
-    assert cfg.heads_for_layer(0, 1 << 20) == stored
+    # the shipped policy (measured): sizes as published up to 128K (MInference's RULER lengths),
+    # grown like (n / 128K) ** MEASURED_LONGER_EXPONENT beyond; the absolute policy keeps them
+    from minference_patterns.policy import MEASURED_LONGER_EXPONENT
+
+    assert cfg.budget_policy == mp.BudgetPolicy.measured(reference_length=131072)
+    assert cfg.heads_for_layer(0, 131072) == stored
+    grown = cfg.heads_for_layer(0, 1 << 20)
+    f = 8**MEASURED_LONGER_EXPONENT
+    for s, h in zip(stored, grown, strict=True):
+        if s.kind == "vertical_slash":
+            assert (h.num_vertical, h.num_slash) == (
+                round(s.num_vertical * f),
+                round(s.num_slash * f),
+            )
+    assert cfg.heads_for_layer(0, 1 << 20, policy=mp.BudgetPolicy.absolute()) == stored
+
+
+def test_every_shipped_config_carries_the_measured_policy():
+    for model_id in mp.shipped_model_ids():
+        cfg = mp.load(model_id)
+        ref = None if cfg.context_length is not None else 131072
+        assert cfg.budget_policy == mp.BudgetPolicy.measured(reference_length=ref), model_id
