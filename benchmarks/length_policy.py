@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import math
+import os
 import subprocess
 import sys
 import time
