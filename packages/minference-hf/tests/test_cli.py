@@ -251,3 +251,12 @@ def test_niah_gives_the_model_back_with_its_whole_plan(tmp_path):
         700,
         32,
     )
+
+
+def test_version_flag(capsys):
+    import minference_hf
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"minference {minference_hf.__version__}"

@@ -14,6 +14,7 @@ Importing this package registers nothing and loads no model; :func:`register` (c
 
 from __future__ import annotations
 
+from .__about__ import __version__ as __version__
 from .attention import UnsupportedAttentionError
 from .capture import CapturedLayer, capture_qkv, search_model_config
 from .longctx import (
@@ -32,8 +33,6 @@ from .plan import (
     AttentionStats,
     SparsePrefillPlan,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MIN_SPARSE_LEN",

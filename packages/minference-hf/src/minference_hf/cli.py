@@ -619,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="minference",
         description="Sparse long-context pre-fill for transformers models (MInference).",
     )
+    from .__about__ import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="pre-fill + greedy generation, with timing")

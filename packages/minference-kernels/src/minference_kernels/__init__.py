@@ -7,6 +7,7 @@ See :mod:`minference_kernels.api` for the layout and conventions.
 
 from __future__ import annotations
 
+from .__about__ import __version__ as __version__
 from ._validate import check_softcap
 from .api import (
     block_sparse_attention,
@@ -23,8 +24,6 @@ from .api import (
 from .index import BLOCK, SparseIndex
 from .masks import block_sparse_mask, dense_mask, streaming_mask, vertical_slash_mask
 from .patterns import KINDS, HeadPattern, PatternKind
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BLOCK",

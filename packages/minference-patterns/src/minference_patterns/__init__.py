@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from minference_kernels.patterns import HeadPattern
 
-from ._version import __version__
+from .__about__ import __version__
 from .config import SCHEMA_VERSION, PatternConfig, Provenance, json_schema
 from .convert import MINFERENCE_KINDS, from_minference, from_qwen, to_minference
 from .errors import ConfigError, UnknownModelError

@@ -117,7 +117,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ._version import __version__
+    from .__about__ import __version__
 
     p = argparse.ArgumentParser(
         prog="minference-patterns",

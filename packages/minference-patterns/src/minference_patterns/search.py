@@ -31,8 +31,8 @@ import torch
 from minference_kernels import check_softcap, sparse_prefill_mask
 from minference_kernels.patterns import BLOCK_SCORINGS, HeadPattern
 
+from .__about__ import __version__
 from ._progress import progress as _progress_bar
-from ._version import __version__
 from .config import PatternConfig, Provenance, _is_int
 from .cost import AnalyticCostModel, CostModel, relative_cost
 from .density import dense_pairs

@@ -6,9 +6,8 @@ package imports neither vLLM nor torch and changes nothing; see ``docs/guides/vl
 
 from __future__ import annotations
 
+from .__about__ import __version__
 from ._plugin import register
 from .settings import PluginSettings, resolve_settings
-
-__version__ = "0.1.0"
 
 __all__ = ["PluginSettings", "__version__", "register", "resolve_settings"]

@@ -1,0 +1,3 @@
+"""The version of minference-kernels: the one place it is written (hatch reads it for the wheel)."""
+
+__version__ = "0.2.0"
