@@ -23,11 +23,15 @@ from .errors import ConfigError, UnknownModelError
 __all__ = ["main"]
 
 
-def _policy(name: str | None):
+def _policy(name: str | None, cfg):
     from .policy import BudgetPolicy
 
     if name is None:
         return None
+    if name == "measured":  # from the searched length, else the config's reference (or 128K)
+        if cfg.context_length is not None:
+            return BudgetPolicy.measured()
+        return BudgetPolicy.measured(reference_length=cfg.budget_policy.reference_length or 131072)
     return {"absolute": BudgetPolicy.absolute(), "proportional": BudgetPolicy.proportional()}[name]
 
 
@@ -35,7 +39,7 @@ def _load(args: argparse.Namespace):
     from .registry import load
 
     cfg = load(args.config)
-    pol = _policy(getattr(args, "policy", None))
+    pol = _policy(getattr(args, "policy", None), cfg)
     return cfg if pol is None else cfg.with_budget_policy(pol)
 
 
@@ -137,9 +141,10 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--policy",
-            choices=("absolute", "proportional"),
+            choices=("absolute", "proportional", "measured"),
             default=None,
-            help="override the config's budget policy",
+            help="override the config's budget policy (default: the config's own; shipped "
+            "configs carry 'measured')",
         )
 
     sp = sub.add_parser("show", help="print a summary: kinds, budgets, expected density")

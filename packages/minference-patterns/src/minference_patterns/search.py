@@ -430,7 +430,9 @@ def search_config(
     searched (e.g. ``dense`` for a model's sliding-window layers, whose attention is local by
     construction); their scores are ``None`` and they are listed in the provenance.
     The other arguments are those of :func:`search_layer`. The config's scores are the chosen
-    patterns' objective values and its ``context_length`` the calibration length. Deterministic
+    patterns' objective values and its ``context_length`` the calibration length; its
+    ``budget_policy`` is ``budget_policy`` or :meth:`BudgetPolicy.measured` (sizes held on shorter
+    prompts, grown as measured on longer ones: ``docs/patterns/budget-policy.md``). Deterministic
     for given inputs and ``seed`` (``date`` defaults to today and is the only varying field).
     """
     fixed = dict(fixed or {})
@@ -520,7 +522,7 @@ def search_config(
         layers=tuple(layers),
         context_length=n,
         provenance=prov,
-        budget_policy=budget_policy or BudgetPolicy(),
+        budget_policy=budget_policy or BudgetPolicy.measured(),
         scores=tuple(scores),
     )
 
