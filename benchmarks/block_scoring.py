@@ -122,6 +122,7 @@ def main(argv=None) -> int:
                 "flex": (score_flex(qh, kh, scale), True),
                 "antidiag(8)": (score_antidiag(qh, kh, scale, 8), True),
                 "antidiag(16)": (score_antidiag(qh, kh, scale, 16), True),
+                "sampled(1)": (score_sampled(qh, kh, scale, 1), True),
                 "sampled(2)": (score_sampled(qh, kh, scale, 2), True),
                 "sampled(4)": (score_sampled(qh, kh, scale, 4), True),
             }
