@@ -96,9 +96,7 @@ class BudgetPolicy:
         return cls(1.0, 1.0, True, dense_below)
 
     @classmethod
-    def measured(
-        cls, *, reference_length: int | None = None, dense_below: int = 0
-    ) -> BudgetPolicy:
+    def measured(cls, *, reference_length: int | None = None, dense_below: int = 0) -> BudgetPolicy:
         """Sizes as stored up to the reference length (never less attention on shorter prompts),
         growing like ``(n / L) ** MEASURED_LONGER_EXPONENT`` beyond it: the growth that held the
         reference length's recall in the measurements (module doc). The shipped configs' policy."""
