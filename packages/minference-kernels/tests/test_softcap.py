@@ -360,13 +360,16 @@ def test_pooled_scores_are_capped_like_logits():
     # allocation="head" ranks shares of the capped logits: on a head with large pooled logits
     # and query blocks of different peakedness the cap moves blocks between query blocks, while
     # each query block's own ranking (tanh is monotone) stays
-    q, k = _peaked_blocks()
+    q, k = _peaked_blocks(24)
     kw = dict(scale=1.0)
-    head_cap = block_topk(q, k, 4, 64, allocation="head", softcap=2.0, **kw)
-    head = block_topk(q, k, 4, 64, allocation="head", **kw)
+    top_k = 8  # ceil(HEAD_ALLOCATION_FLOOR * 8) = 7 guaranteed: one block per query block pooled
+    head_cap = block_topk(q, k, top_k, 64, allocation="head", softcap=2.0, **kw)
+    head = block_topk(q, k, top_k, 64, allocation="head", **kw)
     assert int((head_cap != head).sum()) > 10
     assert int((head_cap >= 0).sum()) == int((head >= 0).sum())
-    assert torch.equal(block_topk(q, k, 4, 64, softcap=2.0, **kw), block_topk(q, k, 4, 64, **kw))
+    assert torch.equal(
+        block_topk(q, k, top_k, 64, softcap=2.0, **kw), block_topk(q, k, top_k, 64, **kw)
+    )
 
 
 def _peaked_blocks(m_blocks=12, seed=0):
@@ -448,10 +451,10 @@ def test_triton_estimation_with_softcap_selects_like_torch():
         t = mk.estimate_block_sparse(q, k, 3, backend="triton", allocation=alloc, softcap=CAP)
         c = mk.estimate_block_sparse(q, k, 3, backend="torch", allocation=alloc, softcap=CAP)
         assert torch.equal(t, c), alloc
-    q, k = _peaked_blocks()  # where the cap changes the head allocation's shares
+    q, k = _peaked_blocks(24)  # where the cap changes the head allocation's shares
     kw = dict(allocation="head", scale=1.0, softcap=2.0)
-    t = mk.estimate_block_sparse(q, k, 4, backend="triton", **kw)
-    assert torch.equal(t, mk.estimate_block_sparse(q, k, 4, backend="torch", **kw))
+    t = mk.estimate_block_sparse(q, k, 8, backend="triton", **kw)
+    assert torch.equal(t, mk.estimate_block_sparse(q, k, 8, backend="torch", **kw))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -361,7 +361,7 @@ def estimate_block_sparse(
     ``allocation="head"``: the same number of (query block, key block) pairs per head, spread over
     the query blocks by estimated attention share; ``"layer"``: the same number for all ``Hq``
     heads, spread over heads and query blocks. Either way each query block keeps at least its own
-    best ``ceil(estimate.HEAD_ALLOCATION_FLOOR * top_k)`` blocks (3/4). The last dimension is then
+    best ``ceil(estimate.HEAD_ALLOCATION_FLOOR * top_k)`` blocks (7/8). The last dimension is then
     ``HEAD_ALLOCATION_CAP * top_k`` (at most the key blocks), ``-1``-padded per query block.
 
     ``scale``: the attention scale (default ``D ** -0.5``) of the sampled rows' softmax, the

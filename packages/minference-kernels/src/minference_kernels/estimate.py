@@ -35,7 +35,7 @@ are padded with ``-1``.
 With ``allocation="head"`` the budget is the head's, not the query block's: the head keeps as many
 (query block, key block) pairs in all as ``top_k`` per query block would (``sum_m min(top_k,
 causal blocks of m)``). Each query block first keeps its own best ``ceil(HEAD_ALLOCATION_FLOOR
-* top_k)`` blocks (3/4 of them) by the rule above (the forced blocks first; forced blocks beyond
+* top_k)`` blocks (7/8 of them) by the rule above (the forced blocks first; forced blocks beyond
 the floor rank above every other share, so they are kept while the budget lasts); the rest of the
 budget goes where the estimated attention share is highest: each query block's pooled scores
 (times the attention scale) go through a softmax over its causal key blocks, and the pairs with
@@ -452,13 +452,14 @@ HEAD_ALLOCATION_CAP = 2
 # shares; only the rest of the budget goes to the largest shares. Pooled shares come from mean-
 # pooled scores, which miss attention that sits in a few key columns (sinks, anchor tokens), and
 # flat shares favour the early query blocks (fewer causal blocks, larger shares): with no floor
-# such heads lost most of their blocks (issue #20). 0.75, not 0.5: on SmolLM2-135M (9 layers, 8K
-# tokens, top_k 8 and 16 of 128 blocks, per-head recall over all rows as in
-# benchmarks/recall_estimators.py) "layer" lost at most 0.17 of a head's recall against
-# "query_block" with 0.5 (which rarely binds beyond the forced blocks) and 0.09 with 0.75, for a
-# mean gain over "query_block" at top_k 8 of +0.0105 / +0.0087 (+0.0063 with 0.875). With
-# top_k <= 3 nothing is pooled.
-HEAD_ALLOCATION_FLOOR = 0.75
+# such heads lost most of their blocks (issue #20). 0.875, not 0.75 or 0.5: on SmolLM2-135M's
+# real heads (9 layers, 81 heads, 8K tokens, top_k 4 / 8 / 16 of 128 blocks, recall on 256
+# stratified rows; benchmarks/allocation_real_heads.py, results/allocation_smollm2_8k.json) "layer"
+# lost up to 0.044 / 0.046 / 0.085 of a head's recall against "query_block" with 0.75 (2 of 81
+# heads beyond the promised 0.05 at 16) and 0.000 / 0.026 / 0.040 with 0.875, for a mean gain of
+# +0.0064 / +0.0059 at 8 / 16 (0.75: +0.0088 / +0.0082); 0.5 lost up to 0.17. With top_k <= 7
+# nothing is pooled.
+HEAD_ALLOCATION_FLOOR = 0.875
 
 
 def _floor_count(limit: torch.Tensor) -> torch.Tensor:
