@@ -298,6 +298,7 @@ def docs(session: nox.Session) -> None:
     session.install("mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")
     session.run("python", "benchmarks/report.py")
     session.run("python", "benchmarks/report_real.py")
+    session.run("python", "benchmarks/report_length_policy.py")
     session.run("python", "benchmarks/report_hybrid.py")
     session.run("python", "docs/gen_figures.py")
     for script in sorted(glob.glob("examples/*.py")):
