@@ -215,8 +215,9 @@ def test_coverage_is_passed_to_the_kernels():
 def test_block_allocation_is_passed_to_the_kernels():
     """``block_allocation="head"`` reaches sparse_prefill: block-sparse heads spread their blocks
     by estimated share (a different output from the per-query-block default on these inputs)."""
-    q, k, v = _qkv(1, 640, 640)
-    heads = (HeadPattern.block_sparse(top_k=4),) * HQ
+    q, k, v = _qkv(1, 1280, 1280)
+    # top_k 8: each query block keeps ceil(7/8 * 8) = 7 of its own blocks, one is shared out
+    heads = (HeadPattern.block_sparse(top_k=8),) * HQ
     plan = _plan(heads=heads)
     plan.block_allocation = "head"
     out, _ = minference_attention(_module(plan), q, k, v, None, scaling=D**-0.5)

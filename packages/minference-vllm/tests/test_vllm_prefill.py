@@ -103,8 +103,8 @@ def test_sparse_chunk_reads_the_cache_exactly(device, dtype, start) -> None:
 @pytest.mark.parametrize("alloc", ["head", "layer"])
 def test_block_allocation_reaches_the_kernels(alloc) -> None:
     """``block_allocation`` (the plugin's setting) is what sparse_prefill gets."""
-    req = Request(700, 4, 2, 64, "cpu", torch.float32, seed=3)
-    blocks = [P.block_sparse(4)] * 4  # > 3: the allocation floor leaves blocks to pool
+    req = Request(1400, 4, 2, 64, "cpu", torch.float32, seed=3)
+    blocks = [P.block_sparse(8)] * 4  # >= 8: the allocation floor (7 of 8) leaves one to pool
     got = req.chunk(200, blocks, block_allocation=alloc)
     want = req.reference(200, blocks, block_allocation=alloc)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
