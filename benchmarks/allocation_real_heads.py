@@ -16,24 +16,14 @@ import argparse
 import datetime
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import minference_kernels as mk
 import torch
+from _provenance import commit
 
 ALLOCATIONS = ("query_block", "head", "layer")
-
-
-def _commit() -> str:
-    if os.environ.get("MINFERENCE_COMMIT"):
-        return os.environ["MINFERENCE_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     top_ks = [int(x) for x in args.top_ks.split(",")]
     res: dict = {
         "benchmark": "allocation_real_heads",
-        "commit": _commit(),
+        "commit": commit(),
         "date": datetime.date.today().isoformat(),
         "argv": sys.argv[1:] if argv is None else argv,
         "versions": {"torch": torch.__version__},

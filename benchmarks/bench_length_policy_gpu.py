@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import time
 
 import minference_kernels as mk
 import minference_patterns as mp
 import torch
 import triton
+from _provenance import commit
 from bench_layer import HQ, dense_probs, sample_rows, structured_layer
 from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
@@ -35,15 +34,6 @@ from minference_patterns.policy import MEASURED_LONGER_EXPONENT
 
 CONFIGS = ("meta-llama/Meta-Llama-3.1-8B-Instruct", "gradientai/Llama-3-8B-Instruct-262k")
 REFERENCE = 131072
-
-
-def _commit() -> str:
-    if os.environ.get("MINFERENCE_COMMIT"):  # a copied tree whose .git is stale (device runs)
-        return os.environ["MINFERENCE_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def timed(fn) -> float:
@@ -68,7 +58,7 @@ def main() -> None:
     }
     log = dict(
         benchmark="bench_length_policy_gpu",
-        commit=_commit(),
+        commit=commit(),
         argv=vars(a),
         device=torch.cuda.get_device_name(),
         versions=dict(torch=torch.__version__, triton=triton.__version__),

@@ -19,12 +19,12 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import minference_kernels as mk
 import torch
+from _provenance import commit
 from minference_kernels.synthetic import structured_qkv
 
 PATTERNS = {
@@ -33,13 +33,6 @@ PATTERNS = {
     "block(8)": mk.HeadPattern.block_sparse(8),
     "ashape(64,512)": mk.HeadPattern.a_shape(64, 512),
 }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     crossover = next((n for n in sorted(by_n) if min(by_n[n]) > 1.0), None)
     result = {
         "benchmark": "cpu_crossover",
-        "commit": _commit(),
+        "commit": commit(),
         "args": vars(args),
         "date": datetime.date.today().isoformat(),
         "device": platform.processor() or platform.machine(),

@@ -27,14 +27,13 @@ import argparse
 import datetime
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import minference_kernels as mk
 import torch
+from _provenance import commit
 from minference_kernels.synthetic import structured_qkv
 
 #: VS ladders keep MInference's 1 : 4 vertical : slash ratio (shipped configs: 1000 : 4096-6096).
@@ -47,15 +46,6 @@ SOURCES = {
 }
 SYNTH_LENGTHS = (16384, 32768, 65536, 131072)
 ORACLE_DENSITIES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
-
-
-def _commit() -> str:
-    if os.environ.get("MINFERENCE_COMMIT"):  # a copied tree whose .git is stale (device runs)
-        return os.environ["MINFERENCE_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def stratified_rows(n: int, count: int, seed: int = 0) -> torch.Tensor:
@@ -294,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     results: dict = {
         "benchmark": "length_policy",
-        "commit": _commit(),
+        "commit": commit(),
         "date": datetime.date.today().isoformat(),
         "device": "cpu",
         "argv": sys.argv[1:] if argv is None else argv,

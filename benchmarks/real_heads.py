@@ -23,19 +23,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from _provenance import commit
 
 
 def oracle_stats(q, k, rows, scale, fracs=(0.9, 0.95, 0.99)):
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             "calibration": text_fingerprint("calibration") + f", first {len(ids)} tokens",
             "last_q": 64,
             "cost_model": cm.describe(),
-            "commit": _commit(),
+            "commit": commit(),
             "date": datetime.date.today().isoformat(),
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "versions": {
