@@ -22,6 +22,7 @@ import statistics
 import minference_kernels as mk
 import torch
 import triton
+from _provenance import commit
 from bench_layer import CONFIG_ID, HQ, block_rows, dense_probs, sample_rows, structured_layer
 from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
@@ -50,9 +51,14 @@ def main() -> None:
     ap.add_argument("--fracs", default="0.09,0.095,0.10")
     ap.add_argument("--head-fracs", default="0.07,0.08", help="block_allocation='head' rows")
     ap.add_argument("--layer-fracs", default="0.07,0.08", help="block_allocation='layer' rows")
+    ap.add_argument(
+        "--profile",
+        default="legacy",
+        help="synthetic heads: 'legacy' or 'real' (calibrated against SmolLM2's captured heads)",
+    )
     a = ap.parse_args()
     n = a.n
-    q, k, v = structured_layer(n)
+    q, k, v = structured_layer(n, a.profile)
     flops = 4 * q.shape[-1] * HQ * n * (n + 1) / 2
     rows = sample_rows(n)
     p = dense_probs(q, k, rows)
@@ -89,7 +95,10 @@ def main() -> None:
         torch=torch.__version__,
         triton=triton.__version__,
         date=datetime.date.today().isoformat(),
+        commit=commit(),
+        args=vars(a),
         n=n,
+        profile=a.profile,
         rounds=a.rounds,
         methods={},
     )

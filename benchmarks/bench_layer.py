@@ -98,11 +98,22 @@ def flex_case(q, k, v, blocks):
     return fn, min(1.0, density)
 
 
-def structured_layer(n: int):
+def structured_layer(n: int, profile: str = "legacy"):
     """The benchmark's structured ``q, k, v`` for one Llama-3-8B-shaped layer of ``n`` tokens
-    (bf16, CUDA; the same seed per length in every script)."""
+    (bf16, CUDA; the same seed per length in every script). ``profile`` is
+    :func:`~minference_kernels.synthetic.structured_qkv`'s: ``"legacy"`` (every table before
+    v0.3.0-e) or ``"real"`` (calibrated against SmolLM2-135M's captured heads at 8K)."""
     return structured_qkv(
-        1, HQ, HKV, n, D, dtype=torch.bfloat16, device="cuda", seed=n % 97, kind="mixed"
+        1,
+        HQ,
+        HKV,
+        n,
+        D,
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=n % 97,
+        kind="mixed",
+        profile=profile,
     )
 
 

@@ -1,0 +1,46 @@
+"""``minference eval`` with the sampled block scoring's rows per query block set to ``--rows``.
+
+:data:`minference_kernels._sampled.SAMPLED_ROWS` (4) sets how many query rows of each block the
+``scoring="sampled"`` estimate computes exactly; its cost is about ``rows / 64`` of a dense layer
+(v0.3.0-c). This runs the eval CLI (every argument after ``--`` is passed to ``minference eval``)
+with another value, so that 1 and 4 rows can be compared on a real model through the whole
+pipeline (pass keys, perplexity, top-1 agreement against dense):
+
+    python benchmarks/eval_sampled_rows.py --rows 1 -- --model M.gguf --device cuda \
+        --methods dense,block:8:sampled --lengths 8k --out-dir OUT
+
+The rows value is recorded in ``OUT/sampled_rows.json`` beside the eval's own ``eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from _provenance import commit
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, required=True, help="sampled rows per query block (1-64)")
+    ap.add_argument("eval_args", nargs=argparse.REMAINDER, help="arguments of minference eval")
+    a = ap.parse_args()
+    if not 1 <= a.rows <= 64:
+        ap.error(f"--rows must be in 1..64, got {a.rows}")
+    rest = a.eval_args[1:] if a.eval_args[:1] == ["--"] else a.eval_args
+    from minference_hf.cli import main as cli_main
+    from minference_kernels import _sampled
+
+    _sampled.SAMPLED_ROWS = a.rows  # read by the estimate at each call
+    rc = cli_main(["eval", *rest])
+    out = Path(rest[rest.index("--out-dir") + 1]) if "--out-dir" in rest else Path("eval-out")
+    (out / "sampled_rows.json").write_text(
+        json.dumps({"rows": a.rows, "commit": commit(), "eval_args": rest}, indent=1)
+    )
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
