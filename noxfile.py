@@ -257,13 +257,14 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The layer benchmark on a CUDA machine (set MINFERENCE_TORCH_SPEC to a CUDA torch build),
-    then the 128K ratios timed interleaved with cuDNN."""
-    install_packages(session, KERNELS, PATTERNS)
-    session.install("matplotlib")
-    out = session.posargs[0] if session.posargs else "benchmarks/results"
-    session.run("python", "benchmarks/bench_layer.py", "--out", out)
-    session.run("python", "benchmarks/bench_interleaved.py", "--out", out)
+    """A benchmark suite on a CUDA machine (set MINFERENCE_TORCH_SPEC to a CUDA torch build):
+    ``nox -s bench -- SUITE [--promote] [-- script args]`` runs ``benchmarks/run.py`` (default
+    suite ``bench``: the layer benchmark and the interleaved ratios). Results go to
+    ``benchmarks/results/`` with their provenance; ``--promote`` makes them the files
+    ``benchmarks/report.py`` and ``benchmarks/results.py`` read."""
+    install_packages(session, KERNELS, PATTERNS, HF)
+    session.install("matplotlib", "pytest")
+    session.run("python", "benchmarks/run.py", *(session.posargs or ["bench"]))
 
 
 @nox.session(tags=["ci"])
