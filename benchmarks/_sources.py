@@ -51,8 +51,9 @@ def cite(path: Path, result: dict[str, Any]) -> str:
     dev = prov["device"]
     if isinstance(dev, dict):
         dev = dev.get("gpu") or dev.get("cpu")
-    when = prov["utc"]
-    when = when[:10] if when != PRE_PROVENANCE else when
+    parts = [str(dev)]
+    if prov["utc"] != PRE_PROVENANCE:
+        parts.append(str(prov["utc"])[:10])
     com = prov["commit"]
-    com = f"commit {com}" if com != PRE_PROVENANCE else "commit unknown (pre-dates provenance)"
-    return f"`{path.relative_to(BENCH.parent)}` ({dev}, {when}, {com})"
+    parts.append(f"commit {com}" if com != PRE_PROVENANCE else "no commit recorded")
+    return f"`{path.relative_to(BENCH.parent)}` ({', '.join(parts)})"
