@@ -74,6 +74,8 @@ def tests(session: nox.Session) -> None:
     # one pytest process per package: test modules of different packages never shadow each other
     for pkg in (KERNELS, PATTERNS, HF, VLLM):
         session.run("pytest", f"{pkg}/tests", "-m", "not triton and not gpu", *session.posargs)
+    # the repository's own tests: generated results current, provenance; tests/gpu is GPU-only
+    session.run("pytest", "tests", "-m", "not gpu", *session.posargs)
     session.run(
         "pytest",
         f"{KERNELS}/tests",

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         old = path.read_text() if path.exists() else None
         if old == text:
             continue
-        stale.append(str(path.relative_to(ROOT)))
+        stale.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
         if not args.check:
             path.write_text(text)
     if args.check:
