@@ -87,7 +87,9 @@ SUITES: dict[str, tuple[Step, ...]] = {
         Step("length_policy.py", "file", "length_policy.json", key="length_policy_cpu"),
     ),
     "cpu-crossover": (Step("cpu_crossover.py", "file", "cpu_crossover.json", key="cpu_crossover"),),
-    "recall-frontier": (Step("recall_frontier.py", "dir", "recall_frontier.json"),),
+    "recall-frontier": (
+        Step("recall_frontier.py", "dir", "recall_frontier.json", key="recall_frontier"),
+    ),
     "block-select": (Step("bench_block_select.py", "dir", "bench_block_select.json"),),
     "sampled-scoring": (Step("bench_sampled_scoring.py", "file", "bench_sampled_scoring.json"),),
     "hybrid": (Step("bench_hybrid.py", "file", "bench_hybrid.json"),),
@@ -133,6 +135,8 @@ def run_step(step: Step, tag: str, extra: list[str], dry: bool) -> Path | None:
         if not produced.exists():
             raise SystemExit(f"{step.script} wrote no {step.writes} (exit {rc}); log: {log}")
         shutil.move(str(produced), dest)
+        for extra_file in Path(tmp).glob(f"{stem}.*"):  # a plot beside the JSON, e.g. .png
+            shutil.move(str(extra_file), dest.with_suffix(extra_file.suffix))
         if rc:
             raise SystemExit(f"{step.script} exited {rc}; partial result {dest}, log {log}")
     print(f"wrote {dest.relative_to(ROOT)} and {log.name}", flush=True)
