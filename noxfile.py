@@ -308,6 +308,7 @@ def docs(session: nox.Session) -> None:
     session.run("python", "benchmarks/report_real.py")
     session.run("python", "benchmarks/report_length_policy.py")
     session.run("python", "benchmarks/report_hybrid.py")
+    session.run("python", "benchmarks/results.py")  # RESULTS.md, the README block, result snippets
     session.run("python", "docs/gen_figures.py")
     for script in sorted(glob.glob("examples/*.py")):
         session.run("python", script)
