@@ -91,8 +91,15 @@ SUITES: dict[str, tuple[Step, ...]] = {
         Step("recall_frontier.py", "dir", "recall_frontier.json", key="recall_frontier"),
     ),
     "block-select": (Step("bench_block_select.py", "dir", "bench_block_select.json"),),
-    "sampled-scoring": (Step("bench_sampled_scoring.py", "file", "bench_sampled_scoring.json"),),
-    "hybrid": (Step("bench_hybrid.py", "file", "bench_hybrid.json"),),
+    "sampled-scoring": (
+        Step(
+            "bench_sampled_scoring.py",
+            "file",
+            "bench_sampled_scoring.json",
+            key="sampled_scoring_rows",
+        ),
+    ),
+    "hybrid": (Step("bench_hybrid.py", "file", "bench_hybrid.json", key="hybrid"),),
     "pinned": (Step("bench_pinned.py", "dir", "bench_pinned.json"),),
 }
 
