@@ -11,7 +11,9 @@ stderr), where ``tag`` defaults to ``<commit>_<device>``; every JSON carries the
 block of ``benchmarks/_provenance.py`` (commit, exact arguments, device, versions). Arguments
 after ``--`` go to the script of a one-script suite. ``--promote`` points the suite's keys in
 ``benchmarks/sources.json`` at the new files, so ``benchmarks/report.py`` and
-``benchmarks/results.py`` (RESULTS.md, the README block) read them next time.
+``benchmarks/results.py`` (RESULTS.md, the README block) read them next time. Without it the new
+files are declared nowhere: promote them, or ``git mv`` them to ``results/archive/`` (a test fails
+on result files that no key names).
 """
 
 from __future__ import annotations

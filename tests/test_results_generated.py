@@ -49,6 +49,19 @@ def test_every_source_file_exists_and_every_headline_has_a_source() -> None:
         assert h.source in keys, h.key
 
 
+def test_every_current_result_file_is_declared() -> None:
+    """A JSON result in benchmarks/results/ feeds a declared key, or it belongs in archive/; logs
+    and plots go with the JSON of the same name."""
+    declared = {p.name for key in _sources.table() for p in _sources.paths(key)}
+    stems = {name.rsplit(".", 1)[0] for name in declared}
+    orphans = [
+        p.name
+        for p in sorted(_sources.RESULTS.iterdir())
+        if p.is_file() and p.name not in declared and p.name.rsplit(".", 1)[0] not in stems
+    ]
+    assert not orphans, f"not in benchmarks/sources.json (declare or git mv to archive/): {orphans}"
+
+
 def test_every_suite_feeds_a_declared_key() -> None:
     keys = _sources.table()
     for steps in run.SUITES.values():
