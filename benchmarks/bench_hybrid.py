@@ -41,7 +41,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import minference_hf  # noqa: E402
 import torch  # noqa: E402
-from _provenance import commit, write_json
+from _provenance import commit, write_json  # noqa: E402
 from minference_kernels import HeadPattern  # noqa: E402
 from minference_patterns import PatternConfig  # noqa: E402
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
