@@ -74,6 +74,8 @@ def tests(session: nox.Session) -> None:
     # one pytest process per package: test modules of different packages never shadow each other
     for pkg in (KERNELS, PATTERNS, HF, VLLM):
         session.run("pytest", f"{pkg}/tests", "-m", "not triton and not gpu", *session.posargs)
+    # the repository's own tests: generated results current, provenance; tests/gpu is GPU-only
+    session.run("pytest", "tests", "-m", "not gpu", *session.posargs)
     session.run(
         "pytest",
         f"{KERNELS}/tests",
@@ -257,13 +259,14 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The layer benchmark on a CUDA machine (set MINFERENCE_TORCH_SPEC to a CUDA torch build),
-    then the 128K ratios timed interleaved with cuDNN."""
-    install_packages(session, KERNELS, PATTERNS)
-    session.install("matplotlib")
-    out = session.posargs[0] if session.posargs else "benchmarks/results"
-    session.run("python", "benchmarks/bench_layer.py", "--out", out)
-    session.run("python", "benchmarks/bench_interleaved.py", "--out", out)
+    """A benchmark suite on a CUDA machine (set MINFERENCE_TORCH_SPEC to a CUDA torch build):
+    ``nox -s bench -- SUITE [--promote] [-- script args]`` runs ``benchmarks/run.py`` (default
+    suite ``bench``: the layer benchmark and the interleaved ratios). Results go to
+    ``benchmarks/results/`` with their provenance; ``--promote`` makes them the files
+    ``benchmarks/report.py`` and ``benchmarks/results.py`` read."""
+    install_packages(session, KERNELS, PATTERNS, HF)
+    session.install("matplotlib", "pytest")
+    session.run("python", "benchmarks/run.py", *(session.posargs or ["bench"]))
 
 
 @nox.session(tags=["ci"])
@@ -305,6 +308,7 @@ def docs(session: nox.Session) -> None:
     session.run("python", "benchmarks/report_real.py")
     session.run("python", "benchmarks/report_length_policy.py")
     session.run("python", "benchmarks/report_hybrid.py")
+    session.run("python", "benchmarks/results.py")  # RESULTS.md, the README block, result snippets
     session.run("python", "docs/gen_figures.py")
     for script in sorted(glob.glob("examples/*.py")):
         session.run("python", script)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import sys
 from pathlib import Path
 
 import minference_kernels as mk
 import torch
-from _provenance import commit
+from _provenance import commit, write_json
 
 ALLOCATIONS = ("query_block", "head", "layer")
 
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"top_k {t:3d} {alloc:6s}: {summary[f'{alloc}@{t}']}", flush=True)
     res["summary"] = summary
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_json(args.out, res)
     return 0
 
 

@@ -15,6 +15,7 @@ import statistics
 
 import torch
 import triton
+from _provenance import write_json
 from minference_kernels.estimate import block_topk
 from minference_kernels.synthetic import structured_qkv
 
@@ -61,9 +62,8 @@ def main() -> int:
             res[f"{s}_share_of_dense"] = statistics.median(ratios[s])
         rows.append(res)
         print(json.dumps(res), flush=True)
-    with open(a.out, "w") as f:
-        json.dump({"benchmark": "bench_block_scoring", "device": torch.cuda.get_device_name(),
-                   "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)  # fmt: skip
+    write_json(a.out, {"benchmark": "bench_block_scoring", "device": torch.cuda.get_device_name(),
+                       "torch": torch.__version__, "triton": triton.__version__, "rows": rows})  # fmt: skip
     return 0
 
 

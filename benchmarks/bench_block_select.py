@@ -20,13 +20,13 @@ Writes DIR/bench_block_select.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
 import minference_kernels as mk
 import torch
 import triton
+from _provenance import write_json
 from minference_kernels import estimate
 from minference_kernels.estimate import (
     _block_geometry,
@@ -166,11 +166,11 @@ def main():
                              "-" if t_torch is None else f"{t_torch:.2f}", f"{t_tri:.2f}",
                              f"{t_old / t_tri:.1f}x", f"{t_idx:.2f}", f"{peak:.2f}",
                              ", ".join(checks)), flush=True)  # fmt: skip
-            json.dump(log, open(f"{a.out}/bench_block_select.json", "w"), indent=1)
+            write_json(f"{a.out}/bench_block_select.json", log)
         q = k = None  # free before the next length
         torch.cuda.empty_cache()
     log["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    json.dump(log, open(f"{a.out}/bench_block_select.json", "w"), indent=1)
+    write_json(f"{a.out}/bench_block_select.json", log)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,12 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA init
 
 import minference_hf  # noqa: E402
 import torch  # noqa: E402
+from _provenance import write_json
 from minference_hf.generation import cache_kwarg  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -315,7 +315,7 @@ def main() -> None:
         sp["speedup"] = de["ttft_s"] / sp["ttft_s"]
         print(f"N={n}: dense {de['ttft_s']:.2f} s{' (est.)' if de['estimated'] else ''}, "
               f"minference {sp['ttft_s']:.2f} s, speedup {sp['speedup']:.2f}x", flush=True)  # fmt: skip
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     print(
         "\n| N | dense TTFT s | minference TTFT s | speedup | attn s dense / ours | peak GiB ours | offloaded |"
     )

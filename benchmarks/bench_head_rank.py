@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 import triton
+from _provenance import write_json
 from minference_kernels import _triton
 from minference_kernels.estimate import _BIG, HEAD_ALLOCATION_CAP, _best_of_rows
 
@@ -75,10 +75,9 @@ def main() -> int:
     for name, ms, same in rows:
         print(f"  {name:<40} {ms:8.3f} ms  {'same' if same else 'DIFFERENT'}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_head_rank.json").write_text(
-        json.dumps({"device": torch.cuda.get_device_name(), "heads": h, "mb": mb, "cap": cap,
-                    "rows": [{"name": n, "ms": m, "same": s} for n, m, s in rows]}, indent=1)
-    )  # fmt: skip
+    write_json(Path(args.out) / "bench_head_rank.json",
+               {"device": torch.cuda.get_device_name(), "heads": h, "mb": mb, "cap": cap,
+                "rows": [{"name": n, "ms": m, "same": s} for n, m, s in rows]})  # fmt: skip
     return 0 if all(s for _, _, s in rows) else 1
 
 

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import minference_hf  # noqa: E402
 import torch  # noqa: E402
+from _provenance import commit, write_json  # noqa: E402
 from minference_kernels import HeadPattern  # noqa: E402
 from minference_patterns import PatternConfig  # noqa: E402
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
@@ -141,18 +141,6 @@ def _patch(model, mode: str, args) -> None:
     minference_hf.patch(model, cfg, min_sparse_len=threshold)
 
 
-def _commit() -> str:
-    if os.environ.get("MINFERENCE_COMMIT"):  # set it where the copy's .git may be stale
-        return os.environ["MINFERENCE_COMMIT"]
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except Exception:  # the device machine may hold a copy without .git
-        return os.environ.get("MINFERENCE_COMMIT", "unknown")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="32768,65536,131072")
@@ -169,7 +157,7 @@ def main() -> int:
     res: dict = {
         "benchmark": "bench_hybrid",
         "argv": sys.argv[1:],
-        "commit": _commit(),
+        "commit": commit(),
         "device": torch.cuda.get_device_name(),
         "versions": {
             "torch": torch.__version__,
@@ -185,7 +173,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        out.write_text(json.dumps(res, indent=1))
+        write_json(out, res)
 
     models = {
         None: Gemma3ForCausalLM(gemma3_270m_config(max(lengths)))

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 
 import minference_kernels as mk
 import torch
 import triton
-from _provenance import commit
+from _provenance import write_json
 from bench_layer import CONFIG_ID, HQ, block_rows, dense_probs, sample_rows, structured_layer
 from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
@@ -95,7 +94,6 @@ def main() -> None:
         torch=torch.__version__,
         triton=triton.__version__,
         date=datetime.date.today().isoformat(),
-        commit=commit(),
         args=vars(a),
         n=n,
         profile=a.profile,
@@ -127,8 +125,7 @@ def main() -> None:
             f"{flops * d['density'] / ms / 1e9:9.0f}",
             flush=True,
         )
-    with open(f"{a.out}/bench_interleaved.json", "w") as f:
-        json.dump(log, f, indent=1)
+    write_json(f"{a.out}/bench_interleaved.json", log)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import time
 import minference_kernels as mk
 import torch
 import triton
+from _provenance import write_json
 from minference_kernels import _triton
 from minference_kernels.index import BLOCK
 from minference_kernels.synthetic import structured_qkv
@@ -305,10 +306,10 @@ def main():
                 log["rows"] += run_n(
                     n, kind, pats, {int(x) for x in a.flex_ns.split(",") if x}, log
                 )
-                json.dump(log, open(f"{a.out}/bench_layer.json", "w"), indent=1)
+                write_json(f"{a.out}/bench_layer.json", log)
                 print(f"   [{time.time() - t0:.0f}s]", flush=True)
     finally:
-        json.dump(log, open(f"{a.out}/bench_layer.json", "w"), indent=1)
+        write_json(f"{a.out}/bench_layer.json", log)
 
 
 if __name__ == "__main__":

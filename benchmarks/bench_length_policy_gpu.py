@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 
@@ -26,7 +25,7 @@ import minference_kernels as mk
 import minference_patterns as mp
 import torch
 import triton
-from _provenance import commit
+from _provenance import commit, write_json
 from bench_layer import HQ, dense_probs, sample_rows, structured_layer
 from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
@@ -72,7 +71,7 @@ def main() -> None:
     for n in (int(x) for x in a.ns.split(",") if x):
         log["rows"] += run_n(n, policies, a.rounds)
         torch.cuda.empty_cache()
-        json.dump(log, open(f"{a.out}/bench_length_policy.json", "w"), indent=1)
+        write_json(f"{a.out}/bench_length_policy.json", log)
         print(f"   [{time.time() - t0:.0f} s]", flush=True)
 
 

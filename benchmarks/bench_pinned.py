@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from _provenance import write_json
 from minference_hf._pinned import copy_kv, pinned_empty
 
 GIB = 1 << 30
@@ -114,7 +115,7 @@ def main() -> int:
         f"{res['copy_kv_fetch_s']:.3f} s |"
     )
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_pinned.json").write_text(json.dumps(res, indent=1))
+    write_json(Path(args.out) / "bench_pinned.json", res)
     return 0
 
 

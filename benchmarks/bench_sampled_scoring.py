@@ -34,6 +34,7 @@ import time
 import minference_kernels as mk
 import torch
 import triton
+from _provenance import write_json
 from minference_kernels import _sampled
 from minference_kernels import _sampled_triton as st
 from minference_kernels.estimate import block_topk
@@ -359,8 +360,7 @@ def main() -> int:
 
     def save():
         doc["wall_s"] = time.time() - t0
-        with open(a.out, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_json(a.out, doc)
 
     checks = [(4096, 4096, None, (4, 2, 1)), (4096, 4096, 50.0, (4,)), (5000, 3001, None, (4,)),
               (32768, 32768, None, (4, 2))]  # fmt: skip

@@ -25,11 +25,11 @@ by ``benchmarks/real_heads.py --save-qk DIR``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
+from _provenance import write_json
 
 B = 64
 
@@ -151,8 +151,8 @@ def main(argv=None) -> int:
             s = summary[f"{name}@{kk}"]
             print(f"K={kk:>2} {name:>13}: recall {s['recall_mean']:.3f} (min {s['recall_min']:.3f}); "
                   f"of oracle {s['of_oracle_mean']:.3f} (min {s['of_oracle_min']:.3f})")  # fmt: skip
-    Path(args.out).write_text(json.dumps({"benchmark": "block_scoring", "heads": args.heads,
-                                          "summary": summary, "rows": rows}, indent=1))  # fmt: skip
+    write_json(args.out, {"benchmark": "block_scoring", "heads": args.heads,
+                          "summary": summary, "rows": rows})  # fmt: skip
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -24,7 +23,7 @@ import time
 
 import minference_kernels as mk
 import torch
-from _provenance import commit
+from _provenance import commit, write_json
 from minference_kernels.synthetic import structured_qkv
 
 PATTERNS = {
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "crossover": crossover,
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"crossover: {crossover if crossover else 'none up to ' + str(max(by_n))} -> {args.out}")
     return 0
 

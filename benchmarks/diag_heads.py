@@ -11,7 +11,6 @@ model's workspace term). CUDA only; writes ``diag_heads.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from minference_kernels import _triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402
+from _provenance import write_json  # noqa: E402
 from bench_layer import structured_layer  # noqa: E402
 
 GIB = 1 << 30
@@ -144,7 +144,7 @@ def main() -> int:
         torch.cuda.empty_cache()
     log["device"] = torch.cuda.get_device_name()
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "diag_heads.json").write_text(json.dumps(log, indent=1))
+    write_json(Path(args.out) / "diag_heads.json", log)
     return 0
 
 

@@ -43,6 +43,7 @@ from minference_kernels import synthetic as S
 from minference_patterns.search import _sample_rows, search_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import write_json  # noqa: E402
 from real_heads import oracle_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,11 +199,11 @@ def main() -> int:
         )
         for key in s:
             print(f"  {key:42s} {s[key]:.4f} {s1[key]:.4f} real {real[group][key]:.4f}", flush=True)
-    Path(a.out).write_text(json.dumps({
+    write_json(a.out, {
         "benchmark": "fit_synthetic", "n": a.n, "rows": a.rows, "max_evals": a.max_evals, "seeds": a.seeds, "step_scale": a.step_scale,
         "real_table": REAL.name, "steps": STEPS, "params": fitted, "groups": report,
         "seconds": time.time() - t0,
-    }, indent=1))  # fmt: skip
+    })  # fmt: skip
     print("REAL_PARAMS =", json.dumps(fitted), flush=True)
     return 0
 

@@ -16,6 +16,7 @@ import time
 import minference_kernels as mk
 import torch
 import triton
+from _provenance import write_json
 from minference_kernels import _triton
 from minference_kernels.synthetic import structured_qkv
 
@@ -369,5 +370,5 @@ if __name__ == "__main__":
         if a.ns:
             bench(log, [int(x) for x in a.ns.split(",")])
     finally:
-        json.dump(log, open(f"{a.out}/gpu_check.json", "w"), indent=1, default=str)
+        write_json(f"{a.out}/gpu_check.json", log, default=str)
     print("failures:", log["failures"][:10])

@@ -23,7 +23,8 @@ from minference_patterns import PatternConfig
 from transformers import Gemma3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_hybrid import LAYERS, _commit, gemma3_270m_config  # noqa: E402
+from _provenance import commit, write_json  # noqa: E402
+from bench_hybrid import LAYERS, gemma3_270m_config  # noqa: E402
 
 KEEP = 512
 
@@ -45,7 +46,7 @@ def main() -> int:
     ap.add_argument("--lengths", default="4096,16384")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    res: dict = {"benchmark": "gpu_hybrid_exactness", "argv": sys.argv[1:], "commit": _commit(),
+    res: dict = {"benchmark": "gpu_hybrid_exactness", "argv": sys.argv[1:], "commit": commit(),
                  "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                  "model": "Gemma-3-270M shape, random weights", "runs": []}  # fmt: skip
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -69,7 +70,7 @@ def main() -> int:
         res["runs"].append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    write_json(args.out, res)
     return 0
 
 

@@ -26,7 +26,6 @@ Prints a pass/fail table (cases, failures, worst error, tolerance); writes gpu_p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -34,6 +33,7 @@ import time
 
 import minference_kernels as mk
 import torch
+from _provenance import write_json
 from minference_kernels import _torch_attn
 from minference_kernels.estimate import HEAD_ALLOCATION_CAP, KEEP_FIRST, KEEP_LOCAL
 from minference_kernels.synthetic import structured_qkv
@@ -628,35 +628,33 @@ def main(argv=None) -> int:
             print(f"  FAIL {c.name}: {f}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gpu_properties.json")
-    with open(path, "w") as fh:
-        json.dump(
-            {
-                "device": dev_name,
-                "torch": torch.__version__,
-                "backend": be,
-                "dtype": str(args.dtype),
-                "small": args.small,
-                "seed": args.seed,
-                "seconds": total,
-                "total_cases": n_cases,
-                "total_failed": n_failed,
-                "checks": {
-                    c.name: {
-                        "cases": c.cases,
-                        "failed": c.failed,
-                        "worst_err": c.worst,
-                        "tol": c.tol,
-                        "seconds": c.seconds,
-                        "notes": c.notes,
-                        "failures": c.failures,
-                    }
-                    for c in checks.values()
-                },
+    write_json(
+        path,
+        {
+            "device": dev_name,
+            "torch": torch.__version__,
+            "backend": be,
+            "dtype": str(args.dtype),
+            "small": args.small,
+            "seed": args.seed,
+            "seconds": total,
+            "total_cases": n_cases,
+            "total_failed": n_failed,
+            "checks": {
+                c.name: {
+                    "cases": c.cases,
+                    "failed": c.failed,
+                    "worst_err": c.worst,
+                    "tol": c.tol,
+                    "seconds": c.seconds,
+                    "notes": c.notes,
+                    "failures": c.failures,
+                }
+                for c in checks.values()
             },
-            fh,
-            indent=1,
-            default=str,
-        )
+        },
+        default=str,
+    )
     print(f"wrote {path}")
     return 1 if n_failed else 0
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import minference_kernels as mk
 import torch
-from _provenance import commit
+from _provenance import commit, write_json
 from minference_kernels.synthetic import structured_qkv
 
 #: VS ladders keep MInference's 1 : 4 vertical : slash ratio (shipped configs: 1000 : 4096-6096).
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(Path(args.out).read_text())
         for src in res["sources"].values():
             src["fit"] = fit({int(n): v for n, v in src["per_length"].items()})
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        write_json(args.out, res)
         plot(res, Path(args.out).with_suffix(".png"))
         print(f"refitted {args.out}")
         return 0
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{f['upper_bounds']} upper",
                 flush=True,
             )
-        out.write_text(json.dumps(results, indent=1))  # after each source: partial results stay
+        write_json(out, results)  # after each source: partial results stay
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

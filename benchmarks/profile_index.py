@@ -16,6 +16,7 @@ from pathlib import Path
 import minference_kernels as mk
 import torch
 import triton
+from _provenance import write_text
 from bench_layer import CONFIG_ID, structured_layer
 from minference_patterns.registry import load_shipped
 from torch.profiler import ProfilerActivity, profile
@@ -67,8 +68,8 @@ def main() -> int:
         lines += [ev.table(sort_by="self_device_time_total", row_limit=25), ""]
         lines += [ev.table(sort_by="self_cpu_time_total", row_limit=20), ""]
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"profile_index_{args.pattern}_{args.allocation}.txt").write_text(
-        "\n".join(lines)
+    write_text(
+        Path(args.out) / f"profile_index_{args.pattern}_{args.allocation}.txt", "\n".join(lines)
     )
     return 0
 

@@ -12,10 +12,10 @@ row normalised to sum to 1, as a small JSON that ``benchmarks/report_real.py`` d
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
+from _provenance import write_json
 
 
 def block_map(q, k, scale, block):
@@ -58,8 +58,8 @@ def main() -> int:
                 }
             )
             print(f"layer {layer} head {h}", flush=True)
-    Path(a.out).write_text(json.dumps({"model": a.model, "tokens": int(q.shape[1]), "block": a.block,
-                                       "maps": maps}))  # fmt: skip
+    write_json(a.out, {"model": a.model, "tokens": int(q.shape[1]), "block": a.block,
+                       "maps": maps})  # fmt: skip
     return 0
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _provenance import commit
+from _provenance import commit, write_json
 
 
 def oracle_stats(q, k, rows, scale, fracs=(0.9, 0.95, 0.99)):
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         table["seconds"] = time.perf_counter() - t0
-        out.write_text(json.dumps(table, indent=1))
+        write_json(out, table)
         print(f"wrote {out}")
     if args.derive:
         for spec in args.derive.split(","):

@@ -27,6 +27,7 @@ import time
 
 import minference_kernels as mk
 import torch
+from _provenance import write_json
 
 
 def row_probs(q, k, scale, rows):
@@ -223,8 +224,7 @@ def main() -> None:
                 f"  density {float(dn.mean()):.3f}"
             )
         if a.out:
-            with open(a.out, "w") as f:
-                json.dump(log, f, indent=1)
+            write_json(a.out, log)
 
 
 if __name__ == "__main__":

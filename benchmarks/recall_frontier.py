@@ -30,7 +30,6 @@ of causal pairs computed over the sampled rows' blocks (``index_density``), as i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -45,6 +44,7 @@ from minference_kernels.index import BLOCK, assemble, vertical_slash_pieces
 from minference_kernels.synthetic import structured_qkv
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _provenance import write_json  # noqa: E402
 from bench_layer import sample_rows  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -177,7 +177,7 @@ def main() -> None:
     for name in ("oracle_tiles", "oracle_keys"):
         need = ", ".join(f"{t}: {res[name][f'density_at_{t}']:.4f}" for t in TARGETS)
         print(f"{name:12s} density needed for recall {need}", flush=True)
-    (out / "recall_frontier.json").write_text(json.dumps(res, indent=1))
+    write_json(out / "recall_frontier.json", res)
     plot(res, out / "recall_frontier.png")
     print(f"[{time.time() - t0:.0f}s] wrote {out}/recall_frontier.json and .png", flush=True)
 

@@ -1,6 +1,10 @@
-"""Turn benchmarks/results/bench_layer_*.json into docs/benchmarks.md tables and a speedup plot.
+"""Turn the layer, interleaved and end-to-end results into docs/benchmarks.md and two PNGs.
 
-python benchmarks/report.py [benchmarks/results/bench_layer_v020f_h200.json]
+python benchmarks/report.py [RESULT.json]
+
+Which result file feeds which section is declared once, in ``benchmarks/sources.json`` (keys
+``layer``, ``layer_earlier``, ``fracs``, ``interleaved``, ``interleaved_earlier``, ``e2e``,
+``e2e_other_cards``, ``e2e_random``); a file given on the command line replaces ``layer``.
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _sources  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,59 +82,34 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-# earlier full or partial runs, kept below the current tables for comparison (newest first)
-EARLIER_LAYER_RUNS = (
-    (
-        "bench_layer_128k_v020e_h200.json",
-        "v0.2.0-e kernel (pointer loads; scale folded into the exponent, in-place `p @ v`), 128K",
-    ),
-    ("bench_layer_h200.json", "v0.2.0-c kernel (pointer loads), every length"),
-)
-
-# later files replace earlier rows of the same (method, length)
-E2E_FILES = ("e2e_v3_h200.json", "e2e_512k_v3_h200.json", "e2e_1m_v3_h200.json")
-E2E_OTHER_CARDS = (("e2e_1m_v2_h100.json", "the v0.2.0-c kernel, pointer loads"),)
-
-
-# the 128K equal-recall budget sweep (bench_layer --block-fracs) and the interleaved ratios
-FRACS_FILE = "bench_layer_128k_fracs_v020h_h200.json"
-INTERLEAVED_FILE = "bench_interleaved_128k_v020h_h200.json"
-ALLOC_INTERLEAVED_FILE = "bench_interleaved_equal_recall_v020j_h200.json"
-
-
 def equal_recall_section() -> list[str]:
     """Issue 3's equal-recall point at 128K: the budget sweep and the interleaved ratios."""
-    res = ROOT / "benchmarks/results"
-    if not (res / FRACS_FILE).exists() or not (res / INTERLEAVED_FILE).exists():
-        return []
-    fr = json.loads((res / FRACS_FILE).read_text())
-    il = json.loads((res / INTERLEAVED_FILE).read_text())
+    (fr_path,), (fr,) = _sources.paths("fracs"), _sources.load("fracs")
+    (il_path,), (il,) = _sources.paths("interleaved"), _sources.load("interleaved")
     out = [
         "## Equal recall at 128K, and ratios measured interleaved",
         "",
-        f"Budget sweep (`bench_layer.py --block-fracs`, `benchmarks/results/{FRACS_FILE}`; "
+        f"Budget sweep (`bench_layer.py --block-fracs`, {_sources.cite(fr_path, fr)}; "
         f"**{fr['device']}**, run {fr['date']}): which block-sparse budget lands on the recall "
         "MInference's default VS(1000, 6096) reaches on these heads (issue 3's equal-recall target).",
         "",
         *table(fr["rows"], "structured"),
         "",
-        f"The same pipelines timed interleaved (`bench_interleaved.py`, "
-        f"`benchmarks/results/{INTERLEAVED_FILE}`; **{il['device']}**, run {il['date']}): each "
-        f"method right after its own cuDNN run, {il['rounds']} rounds, so both sides of a ratio "
-        "see the same clocks. These ratios are 5-7% below the sequential ones above, mostly "
-        "because cuDNN times faster when repeated.",
+        f"The pipelines timed interleaved (`bench_interleaved.py`, {_sources.cite(il_path, il)}; "
+        f"**{il['device']}**, run {il['date']}): each method right after its own cuDNN run, "
+        f"{il['rounds']} rounds, so both sides of a ratio see the same clocks (cuDNN times "
+        "faster when repeated, so these ratios sit below sequential ones).",
         "",
         *_interleaved_table(il),
     ]
-    if (res / ALLOC_INTERLEAVED_FILE).exists():
-        hd = json.loads((res / ALLOC_INTERLEAVED_FILE).read_text())
+    for path, hd in zip(
+        _sources.paths("interleaved_earlier"), _sources.load("interleaved_earlier")
+    ):
         out += [
             "",
-            f'With `block_allocation="layer"` (the layer\'s tiles spread over its heads and query '
-            "blocks by estimated share; "
-            f"`benchmarks/results/{ALLOC_INTERLEAVED_FILE}`, **{hd['device']}**, run {hd['date']}). "
-            "It reaches the recall with fewer tiles than the per-query-block budget, which pays "
-            "for its longer estimation; see benchmarks/NOTES.md, v0.2.0-j, for the breakdown.",
+            f"Earlier interleaved run: {_sources.label('interleaved_earlier', path)} "
+            f"({_sources.cite(path, hd)}, **{hd['device']}**, run {hd['date']}, "
+            f"{hd['rounds']} rounds).",
             "",
             *_interleaved_table(hd),
         ]
@@ -148,13 +130,7 @@ def _interleaved_table(il: dict) -> list[str]:
 
 def e2e_section() -> list[str]:
     """Table + PNG of the end-to-end TTFT runs (``benchmarks/bench_e2e.py``), if present."""
-    logs = [
-        json.loads((ROOT / "benchmarks/results" / f).read_text())
-        for f in E2E_FILES
-        if (ROOT / "benchmarks/results" / f).exists()
-    ]
-    if not logs:
-        return []
+    logs = _sources.load("e2e")
     latest = {(r["method"], r["n"]): r for log in logs for r in log["rows"]}
     rows = list(latest.values())
     ours = [r for r in rows if r["method"] == "minference"]
@@ -162,7 +138,9 @@ def e2e_section() -> list[str]:
     out = [
         "## End to end: time to first token (issue 7)",
         "",
-        f"`benchmarks/bench_e2e.py` on **{logs[0]['device']}** (torch {logs[0]['torch']}, "
+        "`benchmarks/bench_e2e.py`, "
+        + ", ".join(_sources.cite(p, lg) for p, lg in zip(_sources.paths("e2e"), logs))
+        + f". On **{logs[0]['device']}** (torch {logs[0]['torch']}, "
         f"transformers {logs[0]['transformers']}, triton {logs[0]['triton']}; {logs[0]['date']}). "
         "Llama-3.1-8B-shaped model, 32 layers, random bf16 weights with the `structured` construction "
         "(shared embedding direction, query heads tied to their KV group; see the script). Dense SDPA "
@@ -191,11 +169,8 @@ def e2e_section() -> list[str]:
             f"{d['attention_s']:.1f} / {r['attention_s']:.1f} | {r['peak_gpu_gib']:.1f} "
             f"({r['predicted_peak_gib']:.1f}) | {r['offloaded_layers']} | {dec} |"
         )
-    for f, kernel in E2E_OTHER_CARDS:
-        path = ROOT / "benchmarks/results" / f
-        if not path.exists():
-            continue
-        other = json.loads(path.read_text())
+    for path, other in zip(_sources.paths("e2e_other_cards"), _sources.load("e2e_other_cards")):
+        kernel = _sources.label("e2e_other_cards", path)
         rr = {r["method"]: r for r in other["rows"]}
         o, d = rr["minference"], rr["dense"]
         steps = sorted(o.get("decode_step_s", [])[1:])
@@ -207,18 +182,18 @@ def e2e_section() -> list[str]:
             f"{d['ttft_s']:.1f} s{' (est.)' if d.get('estimated') else ''}, "
             f"**{d['ttft_s'] / o['ttft_s']:.2f}x**; {o['offloaded_layers']} of 32 cache layers in "
             f"pinned host memory ({o['host_kv_gib']:.0f} GiB), peak GPU {o['peak_gpu_gib']:.1f} GiB "
-            f"(predicted {o['predicted_peak_gib']:.1f})"
+            f"(predicted {o['predicted_peak_gib']:.1f}; {_sources.cite(path, other)})"
             + (f", decode {steps[len(steps) // 2]:.2f} s/token." if steps else "."),
         ]
-    rnd = ROOT / "benchmarks/results/e2e_random_v1_h200.json"
-    if rnd.exists():
-        rr = {r["method"]: r for r in json.loads(rnd.read_text())["rows"]}
+    for rnd, log in zip(_sources.paths("e2e_random"), _sources.load("e2e_random")):
+        rr = {r["method"]: r for r in log["rows"]}
         if {"dense", "minference"} <= rr.keys():
             out += [
                 "",
                 f"Plain random weights (no attention structure) at {fmt_n(rr['dense']['n'])}: dense "
                 f"{rr['dense']['ttft_s']:.2f} s, minference {rr['minference']['ttft_s']:.2f} s — the "
-                "estimated index keeps most pairs, so the `max_density` guard runs the layers dense.",
+                "estimated index keeps most pairs, so the `max_density` guard runs the layers dense "
+                f"({_sources.cite(rnd, log)}).",
             ]
     import matplotlib
 
@@ -245,7 +220,7 @@ def e2e_section() -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    src = Path(argv[0]) if argv else ROOT / "benchmarks/results/bench_layer_v020f_h200.json"
+    src = Path(argv[0]).resolve() if argv else _sources.paths("layer")[0]
     log = json.loads(src.read_text())
     rows = log["rows"]
     png = ROOT / "docs/img/bench_layer_speedup.png"
@@ -253,7 +228,12 @@ def main(argv: list[str]) -> int:
     head = [
         "# Benchmarks",
         "",
-        f"Layer benchmark, generated by `benchmarks/report.py` from `{src.relative_to(ROOT)}`.",
+        f"Layer benchmark, generated by `benchmarks/report.py` from {_sources.cite(src, log)}.",
+        "",
+        "Re-run on a CUDA machine with `python benchmarks/run.py layer --promote` (or `nox -s bench "
+        "-- layer --promote`; `python benchmarks/run.py --list` shows every suite), then "
+        "`python benchmarks/report.py` and `python benchmarks/results.py`. The headline figures, "
+        "each beside its result file, are in `benchmarks/RESULTS.md`.",
         "",
         f"- Card: **{log['device']}**; torch {log['torch']}, triton {log['triton']}; run {log['date']}.",
         "- Layer: 32 query heads, 8 KV heads, head dim 128, bf16, batch 1 (Llama-3-8B shaped).",
@@ -275,15 +255,15 @@ def main(argv: list[str]) -> int:
     ]
     body = head + table(rows, "structured") + ["", "## Random inputs (reference)", ""]
     body += table(rows, "random") + [""]
-    for name, what in EARLIER_LAYER_RUNS:
-        path = ROOT / "benchmarks/results" / name
-        if not path.exists() or path == src:
+    for path in _sources.paths("layer_earlier"):
+        if path == src:
             continue
         later = json.loads(path.read_text())
+        what = _sources.label("layer_earlier", path)
         body += [
             f"## Earlier run: {what}",
             "",
-            f"`benchmarks/results/{name}`; card **{later['device']}**, torch {later['torch']}, "
+            f"{_sources.cite(path, later)}; card **{later['device']}**, torch {later['torch']}, "
             f"triton {later['triton']}; run {later['date']}. Same inputs and columns as above.",
             "",
             *table(later["rows"], "structured"),

@@ -17,8 +17,10 @@ import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _sources  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SNIPPET = ROOT / "docs" / "snippets" / "length_policy.md"
 FRONTIER = ROOT / "docs" / "snippets" / "frontier.md"
 IMG = ROOT / "docs" / "img" / "gen"
@@ -150,11 +152,9 @@ def frontier_snippet() -> list[str]:
     """Recall against density per estimator on the layer benchmark's structured heads at 128K and
     512K (``recall_frontier_*_h200.json``), with the per-row and per-tile oracles."""
     out = []
-    for tag in ("128k", "512k"):
-        path = RESULTS / f"recall_frontier_{tag}_h200.json"
-        if not path.exists():
-            continue
+    for path in _sources.paths("recall_frontier"):
         r = json.loads(path.read_text())
+        tag = f"{r['n'] // 1024}k"
         out += [
             f"**{r['n'] // 1024}K tokens**, {r['heads']} heads, {r['source']}; {r['device']}, "
             f"`python benchmarks/recall_frontier.py {r['argv']}` at commit `{r['commit']}`:",
@@ -187,7 +187,7 @@ def frontier_snippet() -> list[str]:
 
 
 def main() -> int:
-    res = json.loads((RESULTS / "length_policy_cpu.json").read_text())
+    (res,) = _sources.load("length_policy_cpu")
     runs = [*res.get("earlier_runs", []), res]
     cmds = "; ".join(
         f"`python benchmarks/length_policy.py {' '.join(r['argv'])}` at commit `{r['commit']}`"
@@ -208,9 +208,8 @@ def main() -> int:
         f"**{fitted_exponent(res):.2f}**.",
         "",
     ]
-    gpu = RESULTS / "bench_length_policy_h200.json"
-    if gpu.exists():
-        lines += gpu_table(json.loads(gpu.read_text()))
+    for gpu in _sources.load("length_policy_gpu"):
+        lines += gpu_table(gpu)
     IMG.mkdir(parents=True, exist_ok=True)
     if frontier_png(res, IMG / "frontier_real_heads.png"):
         lines += [
@@ -225,7 +224,7 @@ def main() -> int:
             + frontier_snippet()
         )
     )
-    png = RESULTS / "length_policy_cpu.png"
+    png = _sources.paths("length_policy_cpu")[0].with_suffix(".png")
     if png.exists():
         IMG.mkdir(parents=True, exist_ok=True)
         shutil.copy(png, IMG / "length_policy.png")

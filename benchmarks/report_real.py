@@ -1,7 +1,8 @@
 """Real-model results -> docs/snippets/real_models.md, two PNGs and the README's real-model lines.
 
-Reads ``benchmarks/results/eval_*.json`` (written by ``minference eval``) and
-``benchmarks/results/real_heads_*.json`` (``benchmarks/real_heads.py``); every figure in the
+Reads the result files that ``benchmarks/sources.json`` names under ``eval`` (written by
+``minference eval``), ``real_heads``, ``real_head_maps``, ``synthetic_vs_real``,
+``block_scoring_real``, ``bench_block_scoring`` and ``sampled_scoring_rows``; every figure in the
 generated text comes from those files.
 
     python benchmarks/report_real.py
@@ -12,10 +13,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _sources  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SNIPPET = ROOT / "docs" / "snippets" / "real_models.md"
 IMG = ROOT / "docs" / "img" / "gen"
 README = ROOT / "README.md"
@@ -217,8 +221,7 @@ def readme_lines(evals: list[dict]) -> list[str]:
 def block_scoring_snippet() -> list[str]:
     """The block scorings against the block oracle, and their GPU cost."""
     out: list[str] = []
-    p = RESULTS / "block_scoring_smollm2_8k.json"
-    if p.exists():
+    for p in _sources.paths("block_scoring_real"):
         summ = json.loads(p.read_text())["summary"]
         names = list(dict.fromkeys(k.split("@")[0] for k in summ if not k.startswith("oracle")))
         ks = sorted({int(k.split("@")[1]) for k in summ})
@@ -236,8 +239,7 @@ def block_scoring_snippet() -> list[str]:
             ]
             out.append(f"| {k} | " + " | ".join(cells) + " |")
         out.append("")
-    p = RESULTS / "bench_block_scoring_h200.json"
-    if p.exists():
+    for p in _sources.paths("bench_block_scoring"):
         d = json.loads(p.read_text())
         out += [
             "GPU cost per layer with the PyTorch sampled path, before the fused kernel (32 query /"
@@ -252,8 +254,7 @@ def block_scoring_snippet() -> list[str]:
                 f"| {r['sampled_share_of_dense']:.2f} |"
             )
         out.append("")
-    p = RESULTS / "bench_sampled_scoring_rows_h200.json"
-    if p.exists():
+    for p in _sources.paths("sampled_scoring_rows"):
         out += sampled_kernel_table(p, json.loads(p.read_text()))
     return out
 
@@ -392,9 +393,7 @@ def main() -> int:
         "",
     ]
     evals = []
-    for p in sorted(RESULTS.glob("eval_*.json")):
-        if p.name.startswith("eval_gemma3"):  # hybrid models: benchmarks/report_hybrid.py
-            continue
+    for p in _sources.paths("eval"):  # hybrid models (eval_gemma3): benchmarks/report_hybrid.py
         res = json.loads(p.read_text())
         evals.append(res)
         parts += [f"### `{p.name}`", "", *eval_table(res), "", *per_length_table(res), ""]
@@ -407,15 +406,13 @@ def main() -> int:
             parts += [f"![accuracy against density]({'../img/gen/' + png.name})", ""]
         except ImportError:
             pass
-    for p in sorted(RESULTS.glob("real_heads_*.json")):
-        if "_config_" in p.name:
-            continue
+    for p in _sources.paths("real_heads"):
         t = json.loads(p.read_text())
         parts += [f"### `{p.name}`", "", *heads_table(t), ""]
         png = IMG / f"{p.stem}.png"
         draw_heads(t, png)
         parts += [f"![oracle vs estimation]({'../img/gen/' + png.name})", ""]
-    for p in sorted(RESULTS.glob("real_head_maps_*.json")):
+    for p in _sources.paths("real_head_maps"):
         d = json.loads(p.read_text())
         png = IMG / f"{p.stem}.png"
         draw_maps(d, png)
@@ -428,8 +425,7 @@ def main() -> int:
             f"![real heads]({'../img/gen/' + png.name})",
             "",
         ]
-    p = RESULTS / "synthetic_vs_real_8k.json"
-    if p.exists():
+    for p in _sources.paths("synthetic_vs_real"):
         parts += synthetic_section(p, json.loads(p.read_text()))
     SNIPPET.write_text("\n".join(parts))
     bs = block_scoring_snippet()

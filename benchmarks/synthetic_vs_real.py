@@ -28,6 +28,7 @@ from minference_kernels import synthetic as S
 from minference_kernels.synthetic import structured_qkv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import write_json  # noqa: E402
 from fit_synthetic import CANDS, GROUPS, real_groups, summary  # noqa: E402
 from real_heads import oracle_stats  # noqa: E402
 
@@ -164,7 +165,7 @@ def main() -> int:
     if a.density_n:
         out["llama31_budget_density"] = llama_density(a.density_n)
     out["seconds"] = time.time() - t0
-    Path(a.out).write_text(json.dumps(out, indent=1))
+    write_json(a.out, out)
     print(f"wrote {a.out} [{out['seconds']:.0f} s]")
     return 0
 

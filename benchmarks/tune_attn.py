@@ -12,12 +12,12 @@ PYTHONPATH=packages/minference-kernels/src:benchmarks python benchmarks/tune_att
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import minference_kernels as mk
 import torch
 import triton
+from _provenance import write_json
 from bench_layer import structured_layer
 from minference_kernels import _triton
 from minference_kernels._validate import check_qkv
@@ -108,8 +108,7 @@ def main() -> None:
                 )
         q = k = v = idxs = None  # free before the next length
         torch.cuda.empty_cache()
-    with open(f"{a.out}/tune_attn.json", "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(f"{a.out}/tune_attn.json", res)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ of ms per setting and the whole ``build_index`` time with the default. CUDA only
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import minference_kernels as mk
 import torch
 import triton
+from _provenance import write_json
 from bench_layer import CONFIG_ID, structured_layer
 from minference_kernels import _triton
 from minference_patterns.registry import load_shipped
@@ -50,7 +50,8 @@ def main() -> int:
         rows.append({"n": n, "build_index_ms_default": ms})
         print(f"N={n:>7} build_index (default launch): {ms:.2f} ms", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "tune_vs_scores.json").write_text(json.dumps(rows, indent=1))
+    # a dict since provenance was added (earlier files: the bare list of rows)
+    write_json(Path(args.out) / "tune_vs_scores.json", {"rows": rows})
     return 0
 
 

@@ -32,7 +32,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 IMG = DOCS / "img" / "gen"
 SNIPPETS = DOCS / "snippets"
-BENCH_JSON = ROOT / "benchmarks" / "results" / "bench_layer_v020f_h200.json"
+# the layer benchmark's current result, as declared in benchmarks/sources.json (key "layer")
+BENCH_JSON = (
+    ROOT
+    / "benchmarks"
+    / "results"
+    / json.loads((ROOT / "benchmarks" / "sources.json").read_text())["layer"]["files"][0]
+)
 DPI = 110
 # PNG metadata without the matplotlib version, so the files only change when the pictures do
 META = {"Software": None}
