@@ -22,13 +22,16 @@ cache in FlashAttention's layout (logical ``[blocks, kv_heads, block_size, 2 * h
 
 On CPU (small shapes, the PyTorch kernels) add ``--device cpu --dtype float32`` and shorter
 ``--contexts``. The JSON holds one row per context length with the median milliseconds of each
-part, the bytes the gather writes, and the commit (``_provenance.commit()``).
+part, the bytes of keys and values the gather returns, the machine's 1-minute load average before
+and after (CPU timings on a shared machine mean little under load), and the commit
+(``_provenance.commit()``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -108,7 +111,7 @@ def run_one(a, n_cached: int, device: torch.device, dtype: torch.dtype, sync) ->
         "gather_ms": timed(gather, sync, a.repeats),
         "attention_ms": timed(attention, sync, a.repeats),
         "chunk_ms": timed(chunk, sync, a.repeats),
-        # keys + values of the whole context, written once by the gather and once by cat
+        # keys + values of the whole context (each copy the gather makes writes this much)
         "gather_bytes": 2 * total * hkv * d * cache.element_size(),
     }
     row["gather_share_of_chunk"] = row["gather_ms"] / row["chunk_ms"]
@@ -136,6 +139,7 @@ def main() -> None:
     device = torch.device(a.device)
     dtype = getattr(torch, a.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    load_before = os.getloadavg()[0]  # on a shared CPU, the load the timings ran under
     rows = []
     for n in (int(x) for x in a.contexts.split(",")):
         row = run_one(a, n, device, dtype, sync)
@@ -149,6 +153,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "args": vars(a),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
         "rows": rows,
     }  # fmt: skip
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
