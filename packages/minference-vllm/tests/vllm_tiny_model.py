@@ -49,8 +49,11 @@ def build_tokenizer(path: Path) -> None:
     )
 
 
-def build_model(path: Path, seed: int = 0) -> Path:
-    """Save a random ``LlamaForCausalLM`` (2 layers, 4 query / 2 KV heads of dim 64) to ``path``."""
+def build_model(path: Path, seed: int = 0, num_kv_heads: int = NUM_KV_HEADS) -> Path:
+    """Save a random ``LlamaForCausalLM`` (2 layers, 4 query / 2 KV heads of dim 64) to ``path``.
+
+    ``num_kv_heads=1`` gives the multi-query variant (fewer KV heads than tensor-parallel ranks).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,7 +64,7 @@ def build_model(path: Path, seed: int = 0) -> Path:
         intermediate_size=2 * HIDDEN,
         num_hidden_layers=NUM_LAYERS,
         num_attention_heads=NUM_HEADS,
-        num_key_value_heads=NUM_KV_HEADS,
+        num_key_value_heads=num_kv_heads,
         head_dim=HEAD_DIM,
         max_position_embeddings=4096,
         initializer_range=0.1,
