@@ -275,3 +275,249 @@ def attend_varlen(
         num_warps=num_warps,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# vertical-slash scores of every sequence of a packed batch: the two passes of ``_triton.vs_scores``
+# (log-sum-exp of the last queries, then column and diagonal sums), one launch each for the whole
+# batch. Each program does exactly what the equal-length kernels do for its sequence (same chunks,
+# same key windows, same reduction shapes), so each sequence's scores are those of
+# ``_triton.vs_scores`` on it alone.
+
+
+@triton.jit(do_not_specialize=["H", "G"])
+def _varlen_vs_lse_kernel(
+    Q,
+    K,
+    M_OUT,
+    L_OUT,
+    sqn,
+    sqh,
+    sqd,
+    skn,
+    skh,
+    skd,
+    TABLE,
+    Q_START,
+    K_START,
+    NQ,
+    NK,
+    LQS,
+    CHUNKS,
+    H,
+    G,
+    qk_scale,
+    cap_in,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LQ_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    row = tl.program_id(0)  # (sequence, chunk) row of the table
+    h = tl.program_id(1)
+    seq = tl.load(TABLE + 2 * row)
+    cid = tl.load(TABLE + 2 * row + 1)
+    hk = h // G
+    q0 = tl.load(Q_START + seq).to(tl.int64)
+    k0 = tl.load(K_START + seq).to(tl.int64)
+    Nq = tl.load(NQ + seq)
+    Nk = tl.load(NK + seq)
+    LQ = tl.load(LQS + seq)
+    CHUNK = tl.load(CHUNKS + seq)
+    t = tl.arange(0, LQ_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    row_ok = t < LQ
+    qrow = Nq - LQ + t
+    q = _load_rows(Q + q0 * sqn + h.to(tl.int64) * sqh, qrow, row_ok, sqn, offs_d, d_ok, sqd)
+    if UPCAST:
+        q = q.to(tl.float32)
+    qpos = Nk - LQ + t
+    m_i = tl.full([LQ_P], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([LQ_P], dtype=tl.float32)
+    lo = cid * CHUNK
+    hi = tl.minimum(lo + CHUNK, Nk)
+    k_base = K + k0 * skn + hk.to(tl.int64) * skh
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kv_ok = offs_n < hi
+        k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
+        s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP) * qk_scale
+        s = tl.where(
+            kv_ok[None, :] & (offs_n[None, :] <= qpos[:, None]) & row_ok[:, None], s, float("-inf")
+        )
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+        m_i = m_new
+    base = (row.to(tl.int64) * H + h) * LQ_P
+    tl.store(M_OUT + base + t, m_i)
+    tl.store(L_OUT + base + t, l_i)
+
+
+@triton.jit(do_not_specialize=["H", "G", "NKMAX", "PER"])
+def _varlen_vs_score_kernel(
+    Q,
+    K,
+    LSE,
+    VERT,
+    SLASH,
+    sqn,
+    sqh,
+    sqd,
+    skn,
+    skh,
+    skd,
+    TABLE,
+    Q_START,
+    K_START,
+    NQ,
+    NK,
+    LQS,
+    H,
+    G,
+    NKMAX,
+    qk_scale,
+    cap_in,
+    PER,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LQ_P: tl.constexpr,
+    BS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    row = tl.program_id(0)  # (sequence, program of that sequence) row of the table
+    h = tl.program_id(1)
+    seq = tl.load(TABLE + 2 * row)
+    pid = tl.load(TABLE + 2 * row + 1)
+    hk = h // G
+    sh = (seq * H + h).to(tl.int64)
+    q0 = tl.load(Q_START + seq).to(tl.int64)
+    k0 = tl.load(K_START + seq).to(tl.int64)
+    Nq = tl.load(NQ + seq)
+    Nk = tl.load(NK + seq)
+    LQ = tl.load(LQS + seq)
+    t = tl.arange(0, LQ_P)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    row_ok = t < LQ
+    qrow = Nq - LQ + t
+    q = _load_rows(Q + q0 * sqn + h.to(tl.int64) * sqh, qrow, row_ok, sqn, offs_d, d_ok, sqd)
+    if UPCAST:
+        q = q.to(tl.float32)
+    p0 = Nk - LQ
+    qpos = p0 + t
+    lse = tl.load(LSE + sh * LQ_P + t)
+    c = tl.arange(0, LQ_P + BS)
+    u = tl.arange(0, BS)
+    idx = (BS - 1) + t[:, None] - u[None, :]
+    k_base = K + k0 * skn + hk.to(tl.int64) * skh
+    for j in range(0, PER):
+        sid = pid * PER + j
+        s0 = sid * BS
+        w0 = p0 - s0 - (BS - 1)
+        keys = w0 + c
+        kv_ok = (keys >= 0) & (keys < Nk)
+        k = _load_rows(k_base, keys, kv_ok, skn, offs_d, d_ok, skd)
+        s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP) * qk_scale
+        ok = kv_ok[None, :] & (keys[None, :] <= qpos[:, None]) & row_ok[:, None]
+        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+        colsum = tl.sum(p, 0)
+        own = (c >= LQ_P) & kv_ok
+        tl.store(VERT + sh * NKMAX + keys, colsum, mask=own)
+        diag = tl.gather(p, idx, axis=1)
+        ssum = tl.sum(diag, 0)
+        offs_s = s0 + u
+        tl.store(SLASH + sh * NKMAX + offs_s, ssum, mask=offs_s < Nk)
+
+
+def vs_scores_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    starts_q: list[int],
+    starts_k: list[int],
+    n_q: list[int],
+    n_kv: list[int],
+    last_q: int,
+    scale: float,
+    *,
+    softcap: float | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """``(vertical, slash)`` float32 ``[1, Hq, Nk_s]`` views for each listed sequence (``n_q[s]
+    >= 1``), as ``_triton.vs_scores`` gives them for the sequence alone, in two launches for all
+    of them. ``None`` where the equal-length pass would not run these in Triton (a key window
+    over ``VS_SCORE_WINDOW_MAX``, or sequences whose ``min(last_q, Nq)`` round to different
+    powers of two: the caller then scores each sequence on its own)."""
+    from . import _triton
+
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k.shape[1]
+    lqs = [min(last_q, n) for n in n_q]
+    lq_ps = {max(16, triton.next_power_of_2(x)) for x in lqs}
+    if len(lq_ps) != 1:
+        return None
+    lq_p = lq_ps.pop()
+    block_d = max(16, triton.next_power_of_2(d))
+    if _triton._score_window(lq_p, block_d, k.element_size()) > _triton.VS_SCORE_WINDOW_MAX:
+        return None
+    dev = q.device
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
+    upcast = _upcast(q.dtype)
+    qk_scale, cap_in = _softcap_args(scale, softcap)
+    has_cap = softcap is not None
+    block_n = 64
+    chunks = [max(block_n, triton.cdiv(triton.cdiv(nk, 16), block_n) * block_n) for nk in n_kv]
+    nchunks = [triton.cdiv(nk, c) for nk, c in zip(n_kv, chunks)]
+    table = i32([[s, c] for s, nc in enumerate(nchunks) for c in range(nc)]).reshape(-1, 2)
+    m_part = torch.empty((table.shape[0], hq, lq_p), dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    meta = (i32(starts_q), i32(starts_k), i32(n_q), i32(n_kv), i32(lqs))
+    _launch(
+        _varlen_vs_lse_kernel,
+        (table.shape[0], hq),
+        (q, k, m_part, l_part, *q.stride(), *k.stride(), table, *meta, i32(chunks), hq,
+         hq // hkv, qk_scale, cap_in),
+        num_stages=3,
+        HEAD_D=d,
+        BLOCK_D=block_d,
+        LQ_P=lq_p,
+        BLOCK_N=block_n,
+        UPCAST=upcast,
+        HAS_SOFTCAP=has_cap,
+        num_warps=4,
+    )  # fmt: skip
+    lse_parts, first = [], 0
+    for nc in nchunks:  # the combination of vs_scores, on each sequence's [Hq, nchunk, LQ_P]
+        mp = m_part[first : first + nc].transpose(0, 1)
+        lp = l_part[first : first + nc].transpose(0, 1)
+        first += nc
+        m_max = mp.amax(1)
+        m_safe = torch.where(torch.isfinite(m_max), m_max, torch.zeros_like(m_max))
+        l_tot = (lp * torch.exp2(mp - m_safe[:, None])).sum(1)
+        lse_parts.append(m_safe + torch.log2(torch.where(l_tot > 0, l_tot, torch.ones_like(l_tot))))
+    lse = torch.stack(lse_parts).contiguous()  # [S, Hq, LQ_P]
+    nk_max = max(n_kv)
+    vertical = torch.empty((len(n_q), hq, nk_max), dtype=torch.float32, device=dev)
+    slash = torch.empty_like(vertical)
+    bs = lq_p
+    per = _triton.VS_SCORE_PER
+    progs = [triton.cdiv(triton.cdiv(nk, bs) + 1, per) for nk in n_kv]
+    table = i32([[s, p] for s, n in enumerate(progs) for p in range(n)]).reshape(-1, 2)
+    _launch(
+        _varlen_vs_score_kernel,
+        (table.shape[0], hq),
+        (q, k, lse, vertical, slash, *q.stride(), *k.stride(), table, *meta, hq, hq // hkv,
+         nk_max, qk_scale, cap_in, per),
+        num_stages=_triton._score_stages(lq_p, block_d, k.element_size()),
+        HEAD_D=d,
+        BLOCK_D=block_d,
+        LQ_P=lq_p,
+        BS=bs,
+        UPCAST=upcast,
+        HAS_SOFTCAP=has_cap,
+        num_warps=_triton.VS_SCORE_WARPS,
+    )  # fmt: skip
+    return [(vertical[s : s + 1, :, :nk], slash[s : s + 1, :, :nk]) for s, nk in enumerate(n_kv)]

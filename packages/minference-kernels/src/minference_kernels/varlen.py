@@ -31,9 +31,9 @@ from ._validate import (
     resolve_backend,
 )
 from .api import (
+    _build_index,
     _check_last_q,
     _dense_index,
-    build_index,
     dense_attention,
 )
 from .estimate import check_allocation as _check_allocation
@@ -134,9 +134,11 @@ def sparse_prefill_varlen(
     dense (or is empty). Which sequences ran dense is also logged at DEBUG level (logger
     ``minference_kernels``).
 
-    Backends: ``"triton"`` estimates each sequence's index (the estimation launches of
-    :func:`~minference_kernels.build_index`, per sequence), then runs ONE attention launch for the
-    whole batch, dense sequences included (with a dense index); ``"torch"`` is the reference: each
+    Backends: ``"triton"`` scores the vertical-slash heads of every sequence in one launch per
+    estimation pass (log-sum-exp, then column and diagonal sums; the same scores as each sequence
+    alone), selects each sequence's index on its own (top-k selection, slash tiles and the
+    block-sparse estimation still run per sequence), then runs ONE attention launch for the whole
+    batch, dense sequences included (with a dense index); ``"torch"`` is the reference: each
     sequence alone through the PyTorch path.
     """
     hq, hkv, d = _check_packed(q, k, v)
@@ -168,6 +170,25 @@ def sparse_prefill_varlen(
             check_finite(name, x)
 
     all_dense = all(p.kind == "dense" for p in heads)
+    est = [i for i in range(len(n_q)) if n_q[i] > 0 and not all_dense and n_q[i] >= dense_below]
+    scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if be == "triton" and est and any(p.kind == "vertical_slash" for p in heads):
+        from . import _varlen_triton
+
+        # the vertical-slash scores of every estimated sequence: one launch per pass
+        got = _varlen_triton.vs_scores_varlen(
+            q,
+            k,
+            [cq[i] for i in est],
+            [ck[i] for i in est],
+            [n_q[i] for i in est],
+            [n_kv[i] for i in est],
+            last_q,
+            scale,
+            softcap=softcap,
+        )
+        if got is not None:
+            scores = dict(zip(est, got))
     indices: list[SparseIndex | None] = []
     dense_seqs: list[int] = []
     for i, (nq, nk) in enumerate(zip(n_q, n_kv)):
@@ -175,8 +196,8 @@ def sparse_prefill_varlen(
             indices.append(None)
             continue
         idx = None
-        if not all_dense and nq >= dense_below:
-            idx = build_index(
+        if i in est:
+            idx = _build_index(
                 _seq(q, cq[i], nq),
                 _seq(k, ck[i], nk),
                 heads,
@@ -187,6 +208,7 @@ def sparse_prefill_varlen(
                 coverage=coverage,
                 block_allocation=block_allocation,
                 softcap=softcap,
+                vs_scores=scores.get(i),
             )
             if max_density is not None and _too_dense(idx, hq, nq, nk, max_density):
                 idx = None
