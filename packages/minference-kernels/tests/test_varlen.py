@@ -257,3 +257,18 @@ def test_triton_vs_scores_of_the_batch_are_each_sequences_own(monkeypatch):
     monkeypatch.setattr(_triton, "vs_scores", per_sequence)
     heads = [mk.HeadPattern.vertical_slash(8, 16)] * 4
     mk.sparse_prefill_varlen(q, k, v, cu(lens_q), cu(lens_k), heads, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_strided_inputs_give_a_contiguous_output(backend):
+    """q/k/v as views of wider [total, H, 2D] buffers (e.g. a fused QKV projection)."""
+    lens_q, lens_k = [70, 20], [70, 41]
+    q, k, v = make(lens_q, lens_k, 2, 1, 64, torch.float32, seed=8)
+    wide = lambda x: torch.cat([x, torch.zeros_like(x)], -1)[..., :64]  # noqa: E731
+    heads = heads_for(2)
+    out = mk.sparse_prefill_varlen(
+        wide(q), wide(k), wide(v), cu(lens_q), cu(lens_k), heads, backend=backend
+    )
+    assert out.is_contiguous()
+    want = mk.sparse_prefill_varlen(q, k, v, cu(lens_q), cu(lens_k), heads, backend=backend)
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)

@@ -221,7 +221,8 @@ def attend_varlen(
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     dev = q.device
-    out = torch.zeros_like(q) if sum(n_q) != total_q else torch.empty_like(q)
+    alloc = torch.zeros if sum(n_q) != total_q else torch.empty
+    out = alloc(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q's strides
     if not indices:
         return out
     p = pack_indices(indices)

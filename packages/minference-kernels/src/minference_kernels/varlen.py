@@ -246,7 +246,7 @@ def sparse_prefill_varlen(
             softcap=softcap,
         )
     else:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for i, idx in enumerate(indices):
             if n_q[i] == 0:
                 continue
