@@ -272,3 +272,26 @@ def test_strided_inputs_give_a_contiguous_output(backend):
     assert out.is_contiguous()
     want = mk.sparse_prefill_varlen(q, k, v, cu(lens_q), cu(lens_k), heads, backend=backend)
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.triton
+def test_triton_tensor_descriptor_loads_equal_pointer_loads():
+    """fp16 K/V go through tensor descriptors (TMA) over the packed rows, where a tile reaching
+    past a sequence's keys also loads its neighbour's rows (masked): the same output as pointer
+    loads. Sequences back to back with cached prefixes, so such tiles occur."""
+    from minference_kernels import _varlen_triton
+    from minference_kernels._triton import _tma_ok
+
+    lens_q, lens_k = [70, 33, 100], [90, 33, 130]
+    q, k, v = make(lens_q, lens_k, 4, 2, 80, torch.float16, seed=13)
+    assert _tma_ok(k) and _tma_ok(v)
+    cq, ck = cu(lens_q).tolist(), cu(lens_k).tolist()
+    heads = heads_for(4)
+    idx = [
+        mk.build_index(seq(q, cu(lens_q), i), seq(k, cu(lens_k), i), heads, backend="triton")
+        for i in range(3)
+    ]
+    args = (q, k, v, cq[:-1], ck[:-1], lens_q, lens_k, idx, 80**-0.5)
+    a = _varlen_triton.attend_varlen(*args, tma=True)
+    b = _varlen_triton.attend_varlen(*args, tma=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -7,7 +7,7 @@ Layout (flash-attn's varlen convention): ``q [total_q, Hq, D]``, ``k/v [total_k,
 sequence). The index is the per-sequence :class:`~minference_kernels.index.SparseIndex` pieces
 stacked along a sequence axis and padded to the largest (:func:`pack_indices`); a small table maps
 each program to its (sequence, 64-row query block). The kernel body is the per-pair logic of the
-equal-length kernel in ``_triton.py`` with per-sequence offsets and lengths (pointer loads only).
+equal-length kernel in ``_triton.py`` with per-sequence offsets and lengths.
 """
 
 from __future__ import annotations
@@ -16,7 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import _launch, _load_rows, _online_update, _qk, _softcap, _softcap_args, _upcast
+from ._triton import (
+    ATTN_CONFIG,
+    _desc_strides,
+    _launch,
+    _load_rows,
+    _online_update,
+    _qk,
+    _softcap,
+    _softcap_args,
+    _tma_ok,
+    _upcast,
+)
 from .index import BLOCK, SparseIndex
 
 _NO_SPEC = ["n_rel", "n_cols", "n_cov", "n_abs", "H", "G", "MB"]
@@ -28,6 +39,8 @@ def _varlen_attn_fwd(
     K,
     V,
     Out,
+    DESC_K,
+    DESC_V,
     sqn,
     sqh,
     sqd,
@@ -68,6 +81,7 @@ def _varlen_attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
+    TMA: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -109,8 +123,14 @@ def _varlen_attn_fwd(
         r = tl.load(REL + sh * n_rel + t)
         offs_n = a0 + r + offs_n0
         kv_ok = (offs_n >= 0) & (offs_n < Nk)
-        k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
-        v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
+        if TMA:
+            # tensor-memory loads of packed rows k0 + a0 + r ..: rows of a neighbouring sequence
+            # (a tile reaching before key 0 or past Nk) arrive too, and are masked below
+            k = DESC_K.load([(k0 + a0 + r).to(tl.int32), hk, 0]).reshape([BLOCK_N, BLOCK_D])
+            v = DESC_V.load([(k0 + a0 + r).to(tl.int32), hk, 0]).reshape([BLOCK_N, BLOCK_D])
+        else:
+            k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
+            v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
         s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP)  # capped before the mask
         st = a0 + r
         past_window = (win > 0) & (a0 + BLOCK_M - 1 - st >= win)
@@ -146,8 +166,12 @@ def _varlen_attn_fwd(
         st = tl.load(ABS + (sh * MB + m).to(tl.int64) * n_abs + t)
         offs_n = st + offs_n0
         kv_ok = offs_n < Nk
-        k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
-        v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
+        if TMA:
+            k = DESC_K.load([(k0 + st).to(tl.int32), hk, 0]).reshape([BLOCK_N, BLOCK_D])
+            v = DESC_V.load([(k0 + st).to(tl.int32), hk, 0]).reshape([BLOCK_N, BLOCK_D])
+        else:
+            k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, skd)
+            v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, svd)
         s = _softcap(_qk(q, k, UPCAST), cap_in, HAS_SOFTCAP)
         need = (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)
         if need:
@@ -199,6 +223,18 @@ def block_table(n_q: list[int], n_kv: list[int], device) -> torch.Tensor:
     return table.reshape(-1, 2).to(device)
 
 
+def _kv_descriptors_packed(k: torch.Tensor, v: torch.Tensor, block_n: int, block_d: int):
+    """Tensor descriptors of packed ``[total_k, Hkv, D]`` K/V, one ``[block_n, 1, block_d]`` tile
+    per load (rows outside ``[0, total_k)`` and dims past D arrive as zeros)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    blk = [block_n, 1, block_d]
+    return (
+        TensorDescriptor(k, list(k.shape), _desc_strides(k), blk),
+        TensorDescriptor(v, list(v.shape), _desc_strides(v), blk),
+    )
+
+
 def attend_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -213,6 +249,7 @@ def attend_varlen(
     softcap: float | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    tma: bool | None = None,
 ) -> torch.Tensor:
     """One launch over every (sequence, query block, head). ``q [total_q, Hq, D]``, ``k/v
     [total_k, Hkv, D]``; sequence ``s`` is rows ``starts_q[s] ..+ n_q[s]`` of q (``n_q[s] >= 1``)
@@ -230,6 +267,11 @@ def attend_varlen(
     table = block_table(n_q, n_kv, dev)
     mb = p["rel_end"].shape[-1]
     qk_scale, cap_in = _softcap_args(scale, softcap)
+    block_d = max(16, triton.next_power_of_2(d))
+    # K/V tiles through tensor descriptors (TMA, sm_90+) where the layout allows, as in the
+    # equal-length kernel (``ATTN_CONFIG["tma"]``); ``tma=False`` forces pointer loads
+    use_tma = bool(ATTN_CONFIG["tma"] if tma is None else tma) and _tma_ok(k) and _tma_ok(v)
+    desc_k, desc_v = _kv_descriptors_packed(k, v, BLOCK, block_d) if use_tma else (k, v)
     _launch(
         _varlen_attn_fwd,
         (table.shape[0], hq),
@@ -238,6 +280,8 @@ def attend_varlen(
             k,
             v,
             out,
+            desc_k,
+            desc_v,
             *q.stride(),
             *k.stride(),
             *v.stride(),
@@ -268,10 +312,11 @@ def attend_varlen(
         ),
         num_stages=num_stages,
         HEAD_D=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_D=block_d,
         BLOCK_M=BLOCK,
         BLOCK_N=BLOCK,
         UPCAST=_upcast(q.dtype),
+        TMA=use_tma,
         HAS_SOFTCAP=softcap is not None,
         num_warps=num_warps,
     )
