@@ -31,6 +31,7 @@ PUBLIC = [
     "index_density",
     "sparse_prefill",
     "sparse_prefill_mask",
+    "sparse_prefill_varlen",
     "streaming_attention",
     "streaming_mask",
     "vertical_slash_attention",
@@ -51,6 +52,7 @@ POSITIONAL = {
     "estimate_block_sparse": ["q", "k", "top_k", "block_size"],
     "sparse_prefill": ["q", "k", "v", "heads"],
     "sparse_prefill_mask": ["q", "k", "heads"],
+    "sparse_prefill_varlen": ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "heads", "scale"],
     "build_index": ["q", "k", "heads"],
     "dense_mask": ["n"],
 }

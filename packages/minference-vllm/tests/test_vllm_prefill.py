@@ -142,3 +142,35 @@ def test_chunk_longer_than_request() -> None:
             [P.dense()] * 2,
             scale=0.125,
         )
+
+
+def test_batched_requests_equal_each_alone() -> None:
+    """prefill_requests (one sparse_prefill_varlen call) on requests of different lengths and cached
+    prefixes in one paged cache gives each what prefill_request gives it alone."""
+    from minference_vllm.prefill import prefill_requests
+
+    hq, hkv, d = 4, 2, 64
+    lens, starts = [300, 130, 70, 90], [96, 0, 50, 89]
+    g = torch.Generator().manual_seed(7)
+    nblk = [-(-n // BS) for n in lens]
+    cache = torch.zeros(sum(nblk) + 2, hkv, BS, 2 * d)
+    perm = torch.randperm(sum(nblk) + 2, generator=g)
+    layout = probe_layout(_write, cache, block_size=BS, num_kv_heads=hkv, head_size=d)
+    reqs, first = [], 0
+    for n, nb in zip(lens, nblk):
+        q, k, v = (torch.randn(n, h, d, generator=g) for h in (hq, hkv, hkv))
+        blocks = perm[first : first + nb].to(torch.int32)
+        first += nb
+        slots = blocks.long()[torch.arange(n) // BS] * BS + torch.arange(n) % BS
+        _write(k, v, cache, slots)
+        reqs.append((q, k, v, blocks, n))
+    chunks = [
+        (q[s:], None if i == 3 else k[s:], None if i == 3 else v[s:], b, n)  # 3: a shared layer
+        for i, ((q, k, v, b, n), s) in enumerate(zip(reqs, starts))
+    ]
+    kw = dict(scale=d**-0.5)
+    got = prefill_requests(chunks, cache, lambda: layout, SPARSE, **kw)
+    for (q, k, v, b, n), out in zip(chunks, got):
+        alone = prefill_request(q, k, v, cache, lambda: layout, b, n, SPARSE, **kw)
+        assert out.shape == alone.shape
+        torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)

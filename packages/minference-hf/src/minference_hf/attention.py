@@ -268,6 +268,88 @@ def _per_sample(
     return out
 
 
+def _varlen_forward(
+    plan: SparsePrefillPlan,
+    layer: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Sparse pre-fill of a packed batch of sequences: ``q [total_q, Hq, D]``, ``k/v
+    [total_k, Hkv, D]``, sequence ``i`` = rows ``cu_q[i]:cu_q[i+1]`` / ``cu_k[i]:cu_k[i+1]``.
+
+    Each sequence gets the plan's decision for its own length: a dense one runs
+    :func:`~minference_kernels.dense_attention` alone, the sparse ones go through
+    :func:`~minference_kernels.sparse_prefill_varlen` in one call per distinct head-pattern row
+    (one call in all when the config's patterns do not depend on the length). Returns
+    ``[total_q, Hq, D]`` (rows of empty sequences are zero)."""
+    import minference_kernels
+
+    cap: dict[str, Any] = {} if softcap is None else {"softcap": softcap}
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(cu_q) - 1):
+        nq, nk = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
+        if nq == 0:
+            continue
+        if not plan.wants_sparse(nq, nk):
+            plan.stats.dense_calls += 1
+            seq = lambda x, c: x[c[i] : c[i + 1]].transpose(0, 1)[None]  # noqa: E731
+            o = minference_kernels.dense_attention(
+                seq(q, cu_q), seq(k, cu_k), seq(v, cu_k), scale=scale, **cap
+            )
+            out[cu_q[i] : cu_q[i + 1]] = o[0].transpose(0, 1)
+            continue
+        groups.setdefault(plan.heads_for_layer(layer, nk), []).append(i)
+    # the density guard is tuned to the GPU kernel's rate; on CPU, sparse runs as configured
+    max_density = DEFAULT_MAX_DENSITY if q.is_cuda else None
+    for heads, seqs in groups.items():
+        if len(seqs) == len(cu_q) - 1:  # every sequence: the packed tensors as they are
+            qg, kg, vg, cq, ck = q, k, v, cu_q, cu_k
+        else:
+            rows_q = torch.cat([torch.arange(cu_q[i], cu_q[i + 1]) for i in seqs])
+            rows_k = torch.cat([torch.arange(cu_k[i], cu_k[i + 1]) for i in seqs])
+            rows_q, rows_k = rows_q.to(q.device), rows_k.to(q.device)
+            qg, kg = q.index_select(0, rows_q), k.index_select(0, rows_k)
+            vg = v.index_select(0, rows_k)
+            cq, ck = [0], [0]
+            for i in seqs:
+                cq.append(cq[-1] + cu_q[i + 1] - cu_q[i])
+                ck.append(ck[-1] + cu_k[i + 1] - cu_k[i])
+        i32 = lambda c: torch.tensor(c, dtype=torch.int32, device=q.device)  # noqa: E731
+        og, indices = minference_kernels.sparse_prefill_varlen(
+            qg,
+            kg,
+            vg,
+            i32(cq),
+            i32(ck),
+            heads,
+            scale,
+            last_q=plan.last_q,
+            backend=plan.backend,
+            coverage=plan.coverage,
+            block_allocation=plan.block_allocation,
+            max_density=max_density,
+            return_index=True,
+            **cap,
+        )
+        plan.stats.sparse_calls += len(seqs)
+        plan.stats.sparse_layers.add(layer)
+        if qg is q:
+            out = og
+        else:
+            for j, i in enumerate(seqs):
+                out[cu_q[i] : cu_q[i + 1]] = og[cq[j] : cq[j + 1]]
+        if plan.record_density:
+            for j, idx in enumerate(indices):
+                plan.stats.record(layer, idx, cq[j + 1] - cq[j], ck[j + 1] - ck[j], q.shape[1])
+    return out
+
+
 def _sparse_forward(
     plan: SparsePrefillPlan,
     layer: int,
@@ -278,16 +360,128 @@ def _sparse_forward(
     scale: float | None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Sparse pre-fill of one layer; per sample on the valid tokens when the batch is padded."""
-    out = _per_sample(
-        lambda q, k, v: _call_one(plan, layer, q, k, v, scale, softcap),
-        query,
-        key,
-        value,
-        key_valid,
-    )
-    assert out is not None  # gathering never gives up
-    return out
+    """Sparse pre-fill of one layer. An unpadded batch runs as it is (equal lengths); a padded
+    one is packed (each sample's real tokens, holes closed up; its queries are the last of them)
+    and runs through :func:`_varlen_forward`, then scattered back (padded queries give 0)."""
+    if key_valid is None or bool(key_valid.all()):
+        return _call_one(plan, layer, query, key, value, scale, softcap)
+    bsz, hq, nq, d = query.shape
+    nk = key.shape[2]
+    offset = nk - nq
+    if key_valid.shape[0] == 1 and bsz > 1:
+        key_valid = key_valid.expand(bsz, -1)
+    dev = query.device
+    rows_q, rows_k, cu_q, cu_k = [], [], [0], [0]
+    for b in range(bsz):
+        idx = torch.nonzero(key_valid[b], as_tuple=False).flatten()
+        qidx = idx[idx >= offset] - offset
+        if qidx.numel() == 0:  # no real token among the new queries: nothing to compute
+            continue
+        rows_q.append(qidx + b * nq)
+        rows_k.append(idx + b * nk)
+        cu_q.append(cu_q[-1] + int(qidx.numel()))
+        cu_k.append(cu_k[-1] + int(idx.numel()))
+    out = query.new_zeros(bsz * nq, hq, value.shape[-1])
+    if len(cu_q) > 1:
+        rq, rk = torch.cat(rows_q).to(dev), torch.cat(rows_k).to(dev)
+        flat = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # noqa: E731
+        packed = _varlen_forward(
+            plan,
+            layer,
+            flat(query).index_select(0, rq),
+            flat(key).index_select(0, rk),
+            flat(value).index_select(0, rk),
+            cu_q,
+            cu_k,
+            scale,
+            softcap,
+        )
+        out.index_copy_(0, rq, packed)
+    return out.reshape(bsz, nq, hq, -1).transpose(1, 2)
+
+
+def _packed_cached(
+    plan: SparsePrefillPlan,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+    query: torch.Tensor,
+    key: torch.Tensor,
+) -> list[int] | None:
+    """:func:`_packed_segments`, checked once per forward pass (every layer gets the same mask
+    and position tensors), not once per layer."""
+    if attention_mask is None:
+        return None
+    src = kwargs.get("cu_seq_lens_q")
+    src = kwargs.get("position_ids") if src is None else src
+    cached = plan._packed_check
+    if (
+        cached is not None
+        and cached[0]() is attention_mask
+        and (cached[1] is None if src is None else cached[1]() is src)
+    ):
+        return cached[2]
+    cu = _packed_segments(attention_mask, kwargs, query.shape[0], query.shape[2], key.shape[2])
+    ref = None if not isinstance(src, torch.Tensor) else weakref.ref(src)
+    plan._packed_check = (weakref.ref(attention_mask), ref, cu)
+    return cu
+
+
+def _packed_segments(
+    attention_mask: torch.Tensor | None, kwargs: dict[str, Any], bsz: int, num_queries: int,
+    num_keys: int,
+) -> list[int] | None:  # fmt: skip
+    """Sequence boundaries of a packed batch (several sequences one after the other in a row,
+    transformers' packed-sequence path), over the rows flattened ``[B * N]``: ``cu_seqlens`` as a
+    list, or ``None`` when this is not a packed batch we can prove.
+
+    The boundaries come from ``cu_seq_lens_q`` (flash-attn's kwarg, batch 1) if given, else from
+    ``position_ids`` restarting (a step other than +1, transformers' rule). They are used only if
+    ``attention_mask`` is exactly the block-diagonal causal mask they imply (no cache, no
+    padding), so a mask that says anything else keeps the dense path."""
+    if attention_mask is None or attention_mask.dtype != torch.bool or num_queries != num_keys:
+        return None
+    if attention_mask.dim() != 4 or attention_mask.shape[1] != 1:
+        return None
+    if tuple(attention_mask.shape[-2:]) != (num_queries, num_keys):
+        return None
+    dev = attention_mask.device
+    cu = kwargs.get("cu_seq_lens_q")
+    pos = kwargs.get("position_ids")
+    if cu is not None:
+        cu_k = kwargs.get("cu_seq_lens_k")
+        if bsz != 1 or (cu_k is not None and not torch.equal(cu_k.cpu(), cu.cpu())):
+            return None
+        c = [int(x) for x in cu.flatten().tolist()]
+        if c[0] != 0 or c[-1] != num_queries or any(b <= a for a, b in zip(c, c[1:])):
+            return None
+        seg = torch.zeros(1, num_queries, dtype=torch.long, device=dev)
+        for a in c[1:-1]:
+            seg[0, a:] += 1
+    elif isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == num_queries:
+        pos = pos.to(dev).expand(bsz, -1)
+        step = torch.ones_like(pos, dtype=torch.bool)
+        step[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+        step[:, 0] = False
+        seg = step.long().cumsum(-1)  # [B, N] segment id per token
+        if not bool((seg[:, -1] > 0).any()):
+            return None  # nothing restarts: not packed
+    else:
+        return None
+    if attention_mask.shape[0] not in (1, bsz):
+        return None
+    mask = attention_mask[:, 0].expand(bsz, -1, -1)
+    for start in range(0, num_queries, _ROW_CHUNK):
+        stop = min(start + _ROW_CHUNK, num_queries)
+        qpos = torch.arange(start, stop, device=dev)
+        causal = torch.arange(num_keys, device=dev)[None, :] <= qpos[:, None]
+        same = seg[:, start:stop, None] == seg[:, None, :]
+        if not torch.equal(mask[:, start:stop], causal[None] & same):
+            return None
+    cu_all = [0]
+    for b in range(seg.shape[0]):
+        base = cu_all[-1]
+        cu_all.extend(base + int(x) for x in torch.bincount(seg[b]).cumsum(0).tolist())
+    return cu_all
 
 
 def _softcap_attention(
@@ -434,6 +628,20 @@ def minference_attention(
             )
             # the Triton kernels write [B, N, H, D] memory, so this is a view, not a copy
             return out.transpose(1, 2).contiguous(), None
+        elif (cu := _packed_cached(plan, attention_mask, kwargs, query, key)) is not None:
+            flat = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # noqa: E731
+            out = _varlen_forward(
+                plan,
+                int(module.layer_idx),
+                flat(query),
+                flat(key),
+                flat(value),
+                cu,
+                cu,
+                scaling,
+                softcap,
+            )
+            return out.reshape(query.shape[0], num_queries, query.shape[1], -1), None
         elif kwargs.get("sliding_window") is not None and all(
             h.kind == "dense" for h in plan.heads_for_layer(int(module.layer_idx), filled)
         ):
@@ -446,9 +654,9 @@ def minference_attention(
                 plan,
                 f"mask:{type(module).__name__}:{kwargs.get('sliding_window')}",
                 f"minference: {type(module).__name__} got an attention mask that is not plain "
-                f"causal + padding (sliding_window={kwargs.get('sliding_window')}, packed "
-                "sequences or a custom mask); these calls run dense SDPA instead of the sparse "
-                "path.",
+                f"causal + padding (sliding_window={kwargs.get('sliding_window')}, a custom "
+                "mask, or packed sequences that are not exactly their block-diagonal causal "
+                "mask); these calls run dense SDPA instead of the sparse path.",
             )
     else:
         plan.stats.dense_calls += 1

@@ -205,6 +205,7 @@ class SparsePrefillPlan:
         default_factory=dict, repr=False
     )
     _mask_check: Any = field(default=None, repr=False)
+    _packed_check: Any = field(default=None, repr=False)
     _warned: set[str] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:

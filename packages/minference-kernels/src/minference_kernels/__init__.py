@@ -24,6 +24,7 @@ from .api import (
 from .index import BLOCK, SparseIndex
 from .masks import block_sparse_mask, dense_mask, streaming_mask, vertical_slash_mask
 from .patterns import KINDS, HeadPattern, PatternKind
+from .varlen import sparse_prefill_varlen
 
 __all__ = [
     "BLOCK",
@@ -42,6 +43,7 @@ __all__ = [
     "index_density",
     "sparse_prefill",
     "sparse_prefill_mask",
+    "sparse_prefill_varlen",
     "streaming_attention",
     "streaming_mask",
     "vertical_slash_attention",

@@ -434,6 +434,36 @@ def build_index(
     """Estimate every head's index (per its pattern) and assemble the layer's :class:`SparseIndex`.
     ``block_allocation``, ``softcap``: see :func:`sparse_prefill` (the estimation caps the logits
     as the attention does)."""
+    return _build_index(
+        q,
+        k,
+        heads,
+        scale=scale,
+        last_q=last_q,
+        backend=backend,
+        validate=validate,
+        coverage=coverage,
+        block_allocation=block_allocation,
+        softcap=softcap,
+    )
+
+
+def _build_index(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    heads: Sequence[HeadPattern],
+    *,
+    scale: float | None = None,
+    last_q: int = 64,
+    backend: str = "auto",
+    validate: bool = True,
+    coverage: float | None = None,
+    block_allocation: str = "query_block",
+    softcap: float | None = None,
+    vs_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> SparseIndex:
+    """:func:`build_index`; ``vs_scores``: this input's vertical-slash scores ``(vertical,
+    slash)`` ``[B, Hq, Nk]`` already computed (by the varlen pass), instead of scoring here."""
     shape = check_qkv(q, k, None, check_values=validate)
     heads = check_heads(heads, shape.heads_q)
     scale = check_scale(scale, shape.head_dim)
@@ -461,7 +491,9 @@ def build_index(
         ns_l = [min(heads[i].num_slash, nk) for i in hid]
         nv = nv_l[0] if len(set(nv_l)) == 1 else _small_tensor(nv_l, dev)
         ns = ns_l[0] if len(set(ns_l)) == 1 else _small_tensor(ns_l, dev)
-        if be == "triton":
+        if vs_scores is not None:
+            vert, sl = vs_scores
+        elif be == "triton":
             from . import _triton
 
             # all heads, one launch each pass

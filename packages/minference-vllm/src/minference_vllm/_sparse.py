@@ -9,7 +9,8 @@ Two mixins sit in front of a platform's standard attention classes:
   token ranges of the sparse ones.
 * :class:`SparseImplMixin` (attention impl): checks at construction that the layer and the pattern
   config fit, and in ``forward`` runs the parent on the dense requests and
-  ``minference_kernels.sparse_prefill`` on each sparse request, writing into vLLM's output buffer.
+  ``minference_kernels.sparse_prefill_varlen`` on all sparse requests at once (one call per
+  distinct head-pattern row), writing into vLLM's output buffer.
 
 This module imports no vLLM code directly; the compat layer passes what is needed.
 """
@@ -28,7 +29,7 @@ import torch
 
 from . import _compat as compat
 from .kvcache import CacheLayout, probe_layout
-from .prefill import prefill_request
+from .prefill import prefill_requests
 from .settings import (
     PluginSettings,
     heads_for_rank,
@@ -277,8 +278,9 @@ class SparseImplMixin:
                 part = output.new_empty((sel.numel(), *output.shape[1:]))
                 parent.forward(layer, query[sel], k_sel, v_sel, kv_cache, batch.dense, part)
                 output[sel] = part
-        for row in batch.rows:
-            self._mi_prefill(layer, row, batch.block_size, query, key, value, kv_cache, output)
+        self._mi_prefill_rows(
+            layer, batch.rows, batch.block_size, query, key, value, kv_cache, output
+        )
         return output
 
     def _mi_cache_layout(self, layer: Any, kv_cache: torch.Tensor, block_size: int) -> CacheLayout:
@@ -298,10 +300,10 @@ class SparseImplMixin:
             self._mi_layout = layout
         return layout
 
-    def _mi_prefill(
+    def _mi_prefill_rows(
         self,
         layer: Any,
-        row: SparseRow,
+        rows: Sequence[SparseRow],
         block_size: int,
         query: torch.Tensor,
         key: torch.Tensor | None,
@@ -309,35 +311,47 @@ class SparseImplMixin:
         kv_cache: torch.Tensor,
         output: torch.Tensor,
     ) -> None:
+        """The step's sparse requests: one ``sparse_prefill_varlen`` call for all the requests
+        whose context length gives them the same head patterns (one call in all unless the
+        config's patterns depend on the length)."""
         global SPARSE_CALLS
         settings = self._mi_settings
         assert settings is not None
         if self._mi_layer is None:
             self._mi_layer = layer_index(layer.layer_name)
-        s, e = row.q_start, row.q_end
         patterns = load_patterns(settings.config)
-        heads = heads_for_rank(
-            patterns.heads_for_layer(self._mi_layer, seq_len=row.seq_len), *self._mi_tp
-        )
-        out = prefill_request(
-            query[s:e],
-            None if key is None else key[s:e],
-            None if value is None else value[s:e],
-            kv_cache,
-            lambda: self._mi_cache_layout(layer, kv_cache, block_size),
-            row.block_ids,
-            row.seq_len,
-            heads,
-            scale=self.scale,
-            last_q=settings.last_q,
-            backend=settings.kernel_backend,
-            block_allocation=settings.block_allocation,
-            coverage=settings.coverage,
-        )
-        output[s:e].copy_(out)
-        SPARSE_CALLS += 1
-        if settings.trace:
-            _trace(settings.trace, self._mi_layer, row, heads, self._mi_tp)
+        groups: dict[tuple[Any, ...], list[SparseRow]] = {}
+        for row in rows:
+            heads = heads_for_rank(
+                patterns.heads_for_layer(self._mi_layer, seq_len=row.seq_len), *self._mi_tp
+            )
+            groups.setdefault(tuple(heads), []).append(row)
+        for heads, group in groups.items():
+            outs = prefill_requests(
+                [
+                    (
+                        query[r.q_start : r.q_end],
+                        None if key is None else key[r.q_start : r.q_end],
+                        None if value is None else value[r.q_start : r.q_end],
+                        r.block_ids,
+                        r.seq_len,
+                    )
+                    for r in group
+                ],
+                kv_cache,
+                lambda: self._mi_cache_layout(layer, kv_cache, block_size),
+                heads,
+                scale=self.scale,
+                last_q=settings.last_q,
+                backend=settings.kernel_backend,
+                block_allocation=settings.block_allocation,
+                coverage=settings.coverage,
+            )
+            for r, out in zip(group, outs):
+                output[r.q_start : r.q_end].copy_(out)
+                SPARSE_CALLS += 1
+                if settings.trace:
+                    _trace(settings.trace, self._mi_layer, r, heads, self._mi_tp)
 
 
 def _trace(path: str, layer: int, row: SparseRow, heads: Sequence[Any], tp: tuple[int, int]):

@@ -16,7 +16,7 @@ from .kvcache import CacheLayout, gather_kv
 if TYPE_CHECKING:
     from minference_kernels import HeadPattern
 
-__all__ = ["prefill_request"]
+__all__ = ["prefill_request", "prefill_requests"]
 
 
 #: Share of causal pairs above which a sparse index runs dense on CUDA (kernel rate ~0.68 of
@@ -87,3 +87,82 @@ def prefill_request(
         max_density=MAX_DENSITY if query.is_cuda else None,
     )
     return out[0].transpose(0, 1)
+
+
+def _request_kv(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
+    kv_cache: torch.Tensor,
+    layout: Callable[[], CacheLayout],
+    block_ids: torch.Tensor,
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's keys and values ``[seq_len, Hkv, D]`` (token-major): the cached ones read from
+    the paged cache, then the chunk's own (as :func:`prefill_request` assembles them)."""
+    n = query.shape[0]
+    cached = seq_len - n
+    if cached < 0:
+        raise ValueError(f"chunk of {n} tokens is longer than its request ({seq_len} tokens)")
+    if key is not None and value is not None:
+        if cached == 0:
+            return key[:n], value[:n]
+        k_old, v_old = gather_kv(kv_cache, layout(), block_ids, cached)
+        k = torch.cat([k_old.to(key.dtype).transpose(0, 1), key[:n]], dim=0)
+        v = torch.cat([v_old.to(value.dtype).transpose(0, 1), value[:n]], dim=0)
+        return k, v
+    k, v = gather_kv(kv_cache, layout(), block_ids, seq_len)
+    return k.to(query.dtype).transpose(0, 1), v.to(query.dtype).transpose(0, 1)
+
+
+def prefill_requests(
+    chunks: Sequence[
+        tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, int]
+    ],
+    kv_cache: torch.Tensor,
+    layout: Callable[[], CacheLayout],
+    heads: Sequence[HeadPattern],
+    *,
+    scale: float,
+    last_q: int = 64,
+    backend: str = "auto",
+    block_allocation: str = "query_block",
+    coverage: float | None = None,
+) -> list[torch.Tensor]:
+    """:func:`prefill_request` for several requests that share ``heads``, in one
+    ``minference_kernels.sparse_prefill_varlen`` call (one attention launch for all of them).
+
+    ``chunks``: per request ``(query [Nq, Hq, D], key, value [Nq, Hkv, D] or None, block_ids,
+    seq_len)`` as :func:`prefill_request` takes them. Returns each request's ``[Nq, Hq, D]``, equal
+    to :func:`prefill_request` on it alone.
+    """
+    import minference_kernels
+
+    if not chunks:
+        return []
+    qs, ks, vs = [], [], []
+    for query, key, value, block_ids, seq_len in chunks:
+        k, v = _request_kv(query, key, value, kv_cache, layout, block_ids, seq_len)
+        qs.append(query)
+        ks.append(k)
+        vs.append(v)
+    dev = qs[0].device
+    cu_q = torch.tensor([0, *torch.tensor([x.shape[0] for x in qs]).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor([x.shape[0] for x in ks]).cumsum(0).tolist()])
+    out = minference_kernels.sparse_prefill_varlen(
+        torch.cat(qs),
+        torch.cat(ks),
+        torch.cat(vs),
+        cu_q.to(dev, torch.int32),
+        cu_k.to(dev, torch.int32),
+        heads,
+        scale,
+        last_q=last_q,
+        backend=backend,
+        validate=False,
+        block_allocation=block_allocation,
+        coverage=coverage,
+        # on CUDA an index that keeps most pairs (no sparse structure) runs dense instead
+        max_density=MAX_DENSITY if dev.type == "cuda" else None,
+    )
+    return [out[int(cu_q[i]) : int(cu_q[i + 1])] for i in range(len(qs))]
