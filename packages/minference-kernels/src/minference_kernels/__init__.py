@@ -23,6 +23,7 @@ from .api import (
 )
 from .index import BLOCK, SparseIndex
 from .masks import block_sparse_mask, dense_mask, streaming_mask, vertical_slash_mask
+from .options import PrefillOptions
 from .patterns import KINDS, HeadPattern, PatternKind
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "KINDS",
     "HeadPattern",
     "PatternKind",
+    "PrefillOptions",
     "SparseIndex",
     "block_sparse_attention",
     "block_sparse_mask",
