@@ -143,7 +143,7 @@ def full_budget(run_engine, workdir: Path) -> EngineRun:
         # keep the sparse kinds instead of turning covering budgets into dense heads
         budget_policy=BudgetPolicy(densify_covering=False),
     )
-    settings = {"config": config, "threshold": 64, "min_query_len": 16}
+    settings = {"config": config, "min_sparse_len": 64, "min_sparse_query": 16}
     return _ok(run_engine("full", PROMPTS, CHUNKED, settings))
 
 
@@ -159,7 +159,7 @@ def sparse_budget(run_engine, workdir: Path) -> EngineRun:
         ],
     )
     engine = {**ENGINE, "max_num_batched_tokens": 512}
-    settings = {"config": config, "threshold": 256}
+    settings = {"config": config, "min_sparse_len": 256}
     # configured through MINFERENCE_VLLM_* variables instead of --additional-config
     return _ok(run_engine("sparse", [LONG_PROMPT], engine, settings, via_env=True))
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from minference_kernels.options import PrefillOptions
 
 from .kvcache import CacheLayout, gather_kv
 
@@ -17,11 +18,6 @@ if TYPE_CHECKING:
     from minference_kernels import HeadPattern
 
 __all__ = ["prefill_request"]
-
-
-#: Share of causal pairs above which a sparse index runs dense on CUDA (kernel rate ~0.68 of
-#: cuDNN's with pointer loads, ~0.85 with TMA loads on Hopper; see benchmarks/NOTES.md).
-MAX_DENSITY = 0.6
 
 
 def prefill_request(
@@ -35,10 +31,7 @@ def prefill_request(
     heads: Sequence[HeadPattern],
     *,
     scale: float,
-    last_q: int = 64,
-    backend: str = "auto",
-    block_allocation: str = "query_block",
-    coverage: float | None = None,
+    options: PrefillOptions | None = None,
 ) -> torch.Tensor:
     """Attention output ``[Nq, Hq, D]`` for the last ``Nq`` tokens of a ``seq_len``-token request.
 
@@ -50,8 +43,10 @@ def prefill_request(
             when ``key`` is ``None``) are read through ``layout`` from blocks ``block_ids``.
         layout: returns the cache's :class:`CacheLayout`; called only when the cache is read.
         heads: one pattern per query head of ``query``.
-        scale, last_q, backend, block_allocation, coverage: passed to
-            ``minference_kernels.sparse_prefill``.
+        scale: the attention scale, passed to ``minference_kernels.sparse_prefill``.
+        options: the sparse pre-fill settings (:class:`minference_kernels.PrefillOptions`;
+            ``None``: the defaults); their kernel arguments are passed to ``sparse_prefill``
+            (``max_density`` on CUDA only: an index that keeps most pairs runs dense instead).
 
     The causal diagonal is aligned bottom-right: query ``i`` of the chunk sits at position
     ``seq_len - Nq + i`` and sees keys ``0 .. seq_len - Nq + i``.
@@ -78,12 +73,7 @@ def prefill_request(
         v.unsqueeze(0).contiguous(),
         heads,
         scale=scale,
-        last_q=last_q,
-        backend=backend,
         validate=False,
-        block_allocation=block_allocation,
-        coverage=coverage,
-        # on CUDA an index that keeps most pairs (no sparse structure) runs dense instead
-        max_density=MAX_DENSITY if query.is_cuda else None,
+        **(options or PrefillOptions()).kernel_kwargs(cuda=query.is_cuda),
     )
     return out[0].transpose(0, 1)
