@@ -297,7 +297,9 @@ def patch(
         raise TypeError(
             f"options must be a minference_kernels.PrefillOptions, got {type(options).__name__}"
         )
-    opts = (options or PrefillOptions()).replace(**settings)  # validated before touching model
+    opts = options or PrefillOptions()
+    if settings:
+        opts = opts.replace(**settings)  # validated before the model is touched
     register()
     _check_architecture(model)
     shape = attention_shape(model)
