@@ -43,6 +43,7 @@ import minference_hf  # noqa: E402
 import torch  # noqa: E402
 from _provenance import write_json
 from minference_hf.generation import cache_kwarg  # noqa: E402
+from minference_kernels.options import DEFAULT_MIN_SPARSE_LEN, PrefillOptions  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 CONFIG_ID = "meta-llama/Llama-3.1-8B-Instruct"
@@ -236,7 +237,11 @@ def main() -> None:
         "--decode-steps", type=int, default=0, help="time this many decode steps after pre-fill"
     )
     ap.add_argument("--out", default="bench_e2e.json")
-    ap.add_argument("--min-sparse-len", type=int, help="default 32768 (--smoke: 1024)")
+    ap.add_argument(
+        "--min-sparse-len",
+        type=int,
+        help=f"default PrefillOptions' {DEFAULT_MIN_SPARSE_LEN} (--smoke: 1024)",
+    )
     ap.add_argument(
         "--smoke", action="store_true", help="CPU smoke test: a narrow model, short prompts"
     )
@@ -247,12 +252,13 @@ def main() -> None:
     # unset sizes: the GPU run's, or a CPU smoke test's that finishes in about a minute
     for name, full, smoke in (
         ("lengths", "131072,262144,524288,1048576", "4096"),
-        ("min_sparse_len", 32768, 1024),
+        ("min_sparse_len", DEFAULT_MIN_SPARSE_LEN, 1024),
         ("warmup", 32768, 512),
     ):
         if getattr(args, name) is None:
             setattr(args, name, smoke if args.smoke else full)
     lengths = [int(x) for x in args.lengths.split(",") if x]
+    options = PrefillOptions(min_sparse_len=args.min_sparse_len)  # the sparse runs' settings
     off = {"auto": "auto", "on": True, "off": False}.get(args.offload_kv)
     off = off if off is not None else int(args.offload_kv)
     config = llama3_8b_config(args.layers, max(lengths))
@@ -273,6 +279,7 @@ def main() -> None:
         "layers": args.layers,
         "weights": args.weights,
         "config": CONFIG_ID,
+        "options": options.to_dict(),
         "rows": [],
     }
     if args.check:
@@ -288,7 +295,7 @@ def main() -> None:
     rows: list[dict[str, object]] = result["rows"]  # type: ignore[assignment]
     for n in lengths:
         ids = torch.randint(3, config.vocab_size, (1, n), device=DEVICE)
-        minference_hf.patch(model, config=CONFIG_ID, min_sparse_len=args.min_sparse_len)
+        minference_hf.patch(model, config=CONFIG_ID, options=options)
         sp = run_one(model, ids, "minference", off, args.decode_steps)
         stats = model.minference_plan.stats
         sp["sparse_calls"], sp["dense_calls"] = stats.sparse_calls, stats.dense_calls

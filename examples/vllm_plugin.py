@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="model path or Hugging Face id (default: tiny random Llama)")
     ap.add_argument("--prompt-file", help="text file with a long prompt (with --model)")
     ap.add_argument("--config", help="pattern config: file or shipped model id (with --model)")
-    ap.add_argument("--threshold", type=int, help="sparse from this many tokens of context")
+    ap.add_argument(
+        "--min-sparse-len",
+        type=int,
+        help="sparse from this many tokens of context (default: PrefillOptions' default with "
+        "--model, 256 on the tiny model)",
+    )
     args = ap.parse_args(argv)
     try:
         import vllm  # noqa: F401
@@ -71,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.prompt_file:
             ap.error("--model needs --prompt-file")
         model, config = args.model, args.config or args.model
-        threshold = args.threshold or 32768
+        threshold = args.min_sparse_len  # None: the plugin's default
         engine: dict = {}
     else:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB, plenty for the tiny model
         model_dir, config_path = tiny_model(work / "tiny-llama")
         model, config = str(model_dir), str(config_path)
-        threshold = args.threshold or 256
+        threshold = args.min_sparse_len or 256
         engine = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True, "seed": 0,
                   "max_num_batched_tokens": 256}  # fmt: skip
 
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if torch.cuda.is_available():
         engine["attention_backend"] = "CUSTOM"  # on CPU the plugin replaces CPU_ATTN itself
-    settings = {"config": config, "threshold": threshold, "trace": str(trace)}
+    settings = {"config": config, "min_sparse_len": threshold, "trace": str(trace)}
     llm = LLM(model=model, additional_config={"minference": settings}, **engine)
     params = SamplingParams(temperature=0.0, max_tokens=8)
     if args.model:

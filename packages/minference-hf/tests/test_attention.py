@@ -10,7 +10,7 @@ from minference_hf.attention import (
     minference_mask,
 )
 from minference_hf.plan import SparsePrefillPlan
-from minference_kernels import HeadPattern, dense_attention, sparse_prefill
+from minference_kernels import HeadPattern, PrefillOptions, dense_attention, sparse_prefill
 from minference_patterns import PatternConfig
 from transformers.masking_utils import (
     causal_mask_function,
@@ -38,7 +38,8 @@ def _module(plan: SparsePrefillPlan, layer: int = 0) -> torch.nn.Module:
 
 def _plan(min_sparse_len: int = 64, heads=HEADS) -> SparsePrefillPlan:
     cfg = PatternConfig(model_id="t", num_layers=1, num_heads=HQ, layers=(heads,))
-    return SparsePrefillPlan(config=cfg, min_sparse_len=min_sparse_len, min_sparse_query=8)
+    opts = PrefillOptions(min_sparse_len=min_sparse_len, min_sparse_query=8)
+    return SparsePrefillPlan(config=cfg, options=opts)
 
 
 def _qkv(b: int, nq: int, nk: int, seed: int = 0):
@@ -209,7 +210,10 @@ def test_coverage_is_passed_to_the_kernels():
     ref = sparse_prefill(q, k, v, heads, D**-0.5, coverage=0.5)
     torch.testing.assert_close(out.transpose(1, 2), ref)
     with pytest.raises(ValueError, match="coverage"):
-        SparsePrefillPlan(config=plan.config, coverage=1.5)
+        plan.coverage = 1.5
+    with pytest.raises(TypeError, match="coverage"):  # a string is not silently converted
+        plan.coverage = "0.5"
+    assert plan.options.coverage == 0.5
 
 
 def test_block_allocation_is_passed_to_the_kernels():

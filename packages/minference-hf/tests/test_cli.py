@@ -241,9 +241,14 @@ def test_niah_gives_the_model_back_with_its_whole_plan(tmp_path):
     model = build_model(num_layers=2)
     cfg = default_pattern_config(num_layers=2)
     patch(model, cfg, min_sparse_len=700, block_allocation="layer", coverage=0.9, last_q=32)
-    run_niah(model, build_tokenizer(), lengths=[300], depths=[0.5], sparse_config=cfg,
-             min_sparse_len=700, out_dir=tmp_path, max_new_tokens=1, progress=False)  # fmt: skip
+    before = get_plan(model).options
+    res = run_niah(model, build_tokenizer(), lengths=[300], depths=[0.5], sparse_config=cfg,
+                   out_dir=tmp_path, max_new_tokens=1, progress=False)  # fmt: skip
+    # the sparse run itself used the model's settings (it re-patched with query_block before)
+    assert res["options"] == before.to_dict()
+    assert res["options"]["block_allocation"] == "layer"
     plan = get_plan(model)
+    assert plan is not None and plan.options == before
     assert plan is not None and plan.config is cfg
     assert (plan.block_allocation, plan.coverage, plan.min_sparse_len, plan.last_q) == (
         "layer",
@@ -260,3 +265,102 @@ def test_version_flag(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"minference {minference_hf.__version__}"
+
+
+def _option_actions(parser):
+    """Every (command path, option action) of ``parser`` and its subcommands."""
+    import argparse
+
+    out = []
+    todo = [("minference", parser)]
+    while todo:
+        name, p = todo.pop()
+        for a in p._actions:  # argparse has no public walk over its actions
+            if isinstance(a, argparse._SubParsersAction):
+                todo += [(f"{name} {n}", sub) for n, sub in a.choices.items()]
+            elif a.option_strings:
+                out.append((name, p, a))
+    return out
+
+
+def test_every_cli_option_has_help_and_shows_its_default():
+    actions = _option_actions(build_parser())
+    assert {n for n, _, _ in actions} == {
+        "minference", "minference generate", "minference search", "minference niah",
+        "minference eval",
+    }  # fmt: skip
+    for name, parser, a in actions:
+        assert a.help and a.help.strip(), f"{name} {a.option_strings} has no help"
+        if a.default not in (None, False, True) and a.default != "==SUPPRESS==":
+            text = parser.format_help()
+            flat = " ".join(text.split())
+            assert f"(default: {a.default})" in flat, (
+                f"{name} {a.option_strings}: its default {a.default!r} is not shown"
+            )
+
+
+def test_cli_flag_defaults_are_the_options_defaults():
+    """generate and niah take every PrefillOptions setting under its own name, with its
+    default: a flag that re-declares one differently fails here."""
+    import dataclasses
+
+    from minference_kernels import PrefillOptions
+
+    defaults = PrefillOptions()
+    for cmd in ("generate", "niah"):
+        args = build_parser().parse_args([cmd])
+        for f in dataclasses.fields(PrefillOptions):
+            if f.name in ("min_sparse_len", "max_density"):
+                continue  # device-dependent default (CPU crossover) / not a CLI setting
+            assert getattr(args, f.name) == getattr(defaults, f.name), (cmd, f.name)
+        assert args.min_sparse_len is None  # resolved by the device's measured crossover
+
+
+def test_cli_options_flags_reach_the_plan(tmp_path):
+    out = tmp_path / "gen.json"
+    rc = main(["generate", "--tiny", "--max-new-tokens", "1", "--prompt-tokens", "300",
+               "--no-warmup", "--no-progress", "--last-q", "32", "--block-allocation", "layer",
+               "--coverage", "0.9", "--min-sparse-query", "16", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    opts = json.loads(out.read_text())["options"]
+    assert (opts["last_q"], opts["block_allocation"], opts["coverage"]) == (32, "layer", 0.9)
+    assert opts["min_sparse_query"] == 16
+
+
+def test_cli_bad_option_is_one_clear_line(capsys):
+    assert main(["generate", "--tiny", "--last-q", "200", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "last_q must be <= 128, got 200" in err and "Traceback" not in err
+
+
+def test_niah_and_eval_without_matplotlib(tmp_path):
+    """Without the [plot] extra the JSON is still written and a one-line note replaces the
+    heatmaps (matplotlib blocked in a fresh process)."""
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from minference_hf.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    niah = tmp_path / "niah"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "niah", "--tiny", "--lengths", "300", "--depths", "0.5",
+         "--max-new-tokens", "1", "--no-progress", "--out-dir", str(niah)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "niah: no plot: matplotlib is not installed" in proc.stdout
+    res = json.loads((niah / "niah.json").read_text())
+    assert res["methods"]["sparse"]["heatmap"] is None and "matplotlib" in res["note"]
+    assert not list(niah.glob("*.png"))
+    ev = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "eval", "--tiny", "--lengths", "300", "--seeds", "1",
+         "--tasks", "passkey", "--depths", "0.5", "--max-new-tokens", "1", "--no-progress",
+         "--methods", "dense,vs:16:32", "--out-dir", str(ev)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "eval: no plot: matplotlib is not installed" in proc.stdout
+    assert (ev / "eval.json").exists() and not (ev / "eval.png").exists()

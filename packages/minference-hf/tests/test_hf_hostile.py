@@ -48,14 +48,19 @@ def test_unsupported_features(attr, value, words):
 @pytest.mark.parametrize(
     "kwargs,words",
     [
-        ({"last_q": 0}, "last_q must be a positive int"),
-        ({"min_sparse_len": 0}, "min_sparse_len must be a positive int"),
-        ({"min_sparse_query": True}, "min_sparse_query must be a positive int"),
+        ({"last_q": 0}, "last_q must be >= 1, got 0"),
+        ({"last_q": 129}, "last_q must be <= 128, got 129"),  # up front, not at the first prompt
+        ({"min_sparse_len": 0}, "min_sparse_len must be >= 1, got 0"),
+        ({"min_sparse_query": True}, "min_sparse_query must be an int, got bool"),
         ({"coverage": 2.0}, r"coverage must be in \(0, 1\]"),
+        ({"coverage": "0.5"}, "coverage must be a number in \\(0, 1\\] or None, got str"),
+        ({"coverage": True}, "coverage must be a number in \\(0, 1\\] or None, got bool"),
         ({"block_allocation": "row"}, "block_allocation must be one of 'query_block', 'head'"),
+        ({"threshold": 8192}, "unknown PrefillOptions setting.*threshold"),
     ],
 )
 def test_bad_plan_arguments(kwargs, words):
     model = make_model("llama")
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises((ValueError, TypeError), match=words):
         minference_hf.patch(model, config(), **kwargs)
+    assert model.config._attn_implementation != "minference"

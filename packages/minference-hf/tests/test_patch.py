@@ -283,3 +283,29 @@ def test_patched_model_can_be_deep_copied():
     twin.minference_plan.stats.reset()
     _logits(twin, batch)
     assert twin.minference_plan.stats.sparse_calls == 2 * LAYERS
+
+
+def test_plan_settings_are_prefill_options_unchanged():
+    """patch() embeds minference_kernels.PrefillOptions: its defaults without settings, the given
+    object itself with options=, and a setting by name on top of it; the hf constants are the
+    kernels' (one default per setting)."""
+    from minference_kernels import PrefillOptions
+    from minference_kernels import options as opt
+
+    assert minference_hf.DEFAULT_MIN_SPARSE_LEN is opt.DEFAULT_MIN_SPARSE_LEN
+    assert minference_hf.DEFAULT_MIN_SPARSE_QUERY is opt.DEFAULT_MIN_SPARSE_QUERY
+    model = make_model("llama")
+    minference_hf.patch(model, sparse_config())
+    assert model.minference_plan.options == PrefillOptions()
+    given = PrefillOptions(min_sparse_len=100, block_allocation="layer", coverage=0.9)
+    minference_hf.patch(model, sparse_config(), options=given)
+    assert model.minference_plan.options is given
+    minference_hf.patch(model, sparse_config(), options=given, last_q=16)
+    assert model.minference_plan.options == given.replace(last_q=16)
+    plan = model.minference_plan
+    plan.min_sparse_len = 200  # a validated copy replaces the options
+    assert plan.options.min_sparse_len == 200 and plan.options.block_allocation == "layer"
+    with pytest.raises(ValueError, match="min_sparse_len must be >= 1"):
+        plan.min_sparse_len = 0
+    with pytest.raises(TypeError, match="options must be a minference_kernels.PrefillOptions"):
+        minference_hf.patch(model, sparse_config(), options={"last_q": 16})

@@ -19,6 +19,7 @@ PUBLIC = [
     "KINDS",
     "HeadPattern",
     "PatternKind",
+    "PrefillOptions",
     "SparseIndex",
     "block_sparse_attention",
     "block_sparse_mask",

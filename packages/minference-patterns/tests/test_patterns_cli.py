@@ -155,3 +155,26 @@ def test_console_script_runs():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert out.stdout.strip() == f"minference-patterns {mp.__version__}"
+
+
+def test_every_cli_option_has_help_and_shows_its_default():
+    """Every option and argument of every subcommand has help text; an option with a default
+    shows it in ``--help``."""
+    import argparse
+
+    from minference_patterns.cli import _parser
+
+    seen = set()
+    todo = [("minference-patterns", _parser())]
+    while todo:
+        name, parser = todo.pop()
+        seen.add(name)
+        text = " ".join(parser.format_help().split())
+        for a in parser._actions:  # argparse has no public walk over its actions
+            if isinstance(a, argparse._SubParsersAction):
+                todo += [(f"{name} {n}", sp) for n, sp in a.choices.items()]
+                continue
+            assert a.help and a.help.strip(), f"{name} {a.option_strings or a.dest} has no help"
+            if a.option_strings and a.default not in (None, False, True, argparse.SUPPRESS):
+                assert f"(default: {a.default})" in text, (name, a.option_strings)
+    assert len(seen) == 7  # the command and its six subcommands

@@ -189,7 +189,7 @@ def full_budget(run_engine, workdir: Path) -> EngineRun:
         # keep the sparse kinds instead of turning covering budgets into dense heads
         budget_policy=BudgetPolicy(densify_covering=False),
     )
-    settings = {"config": config, "threshold": 64, "min_query_len": 16}
+    settings = {"config": config, "min_sparse_len": 64, "min_sparse_query": 16}
     return _ok(run_engine("full", PROMPTS, CHUNKED, settings))
 
 
@@ -205,7 +205,7 @@ def sparse_layers() -> list[list[Any]]:
 
 def sparse_settings(config: str) -> dict[str, Any]:
     """The plugin settings of the engines with real sparse budgets."""
-    return {"config": config, "threshold": 256}
+    return {"config": config, "min_sparse_len": 256}
 
 
 SPARSE_ENGINE = {**ENGINE, "max_num_batched_tokens": 512}

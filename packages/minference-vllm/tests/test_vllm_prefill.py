@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from minference_kernels import HeadPattern as P
-from minference_kernels import dense_attention, sparse_prefill
+from minference_kernels import PrefillOptions, dense_attention, sparse_prefill
 from minference_vllm.kvcache import probe_layout
 from minference_vllm.prefill import prefill_request
 
@@ -61,7 +61,7 @@ class Request:
             self.n,
             heads,
             scale=self.d**-0.5,
-            **kw,
+            options=PrefillOptions(**kw),
         )
 
     def reference(self, start, heads=None, **kw):

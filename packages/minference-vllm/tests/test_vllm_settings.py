@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from minference_kernels import HeadPattern
+from minference_kernels import HeadPattern, PrefillOptions
 from minference_patterns import PatternConfig
 from minference_vllm import settings as S
 from minference_vllm._plugin import parse_version, version_supported
@@ -20,62 +20,74 @@ def test_unconfigured_is_none() -> None:
     assert S.resolve_settings({}, {}) is None
     assert S.resolve_settings({"other_plugin": {"x": 1}}, {}) is None
     # env knobs without a config do not switch the plugin on
-    assert S.resolve_settings({}, {S.ENV_THRESHOLD: "100"}) is None
+    assert S.resolve_settings({}, {S.ENV_MIN_SPARSE_LEN: "100"}) is None
 
 
 def test_additional_config_section() -> None:
     got = S.resolve_settings(
-        {"minference": {"config": "p.json", "threshold": 4096, "last_q": 32}}, {}
+        {"minference": {"config": "p.json", "min_sparse_len": 4096, "last_q": 32}}, {}
     )
-    assert got == S.PluginSettings(config="p.json", threshold=4096, last_q=32)
-    assert got is not None and got.min_query_len == 64 and got.kernel_backend == "auto"
+    opts = PrefillOptions(min_sparse_len=4096, last_q=32)
+    assert got == S.PluginSettings(config="p.json", options=opts)
+    assert got is not None and got.options.min_sparse_query == 64
+    assert got.options.backend == "auto"
 
 
 def test_additional_config_as_json_string() -> None:
     got = S.resolve_settings({"minference": json.dumps({"config": "org/model"})}, {})
-    assert got is not None and got.config == "org/model" and got.threshold == 8192
+    assert got is not None and got.config == "org/model" and got.options == PrefillOptions()
 
 
 def test_env_fallback_and_precedence() -> None:
     env = {
         S.ENV_CONFIG: "env.json",
-        S.ENV_THRESHOLD: "1000",
-        S.ENV_MIN_QUERY_LEN: "8",
+        S.ENV_MIN_SPARSE_LEN: "1000",
+        S.ENV_MIN_SPARSE_QUERY: "8",
         S.ENV_LAST_Q: "16",
         S.ENV_TRACE: "/tmp/t.jsonl",
     }
     got = S.resolve_settings(None, env)
-    assert got == S.PluginSettings("env.json", 1000, 8, 16, "auto", "/tmp/t.jsonl")
+    opts = PrefillOptions(min_sparse_len=1000, min_sparse_query=8, last_q=16)
+    assert got == S.PluginSettings("env.json", opts, "/tmp/t.jsonl")
     # additional_config wins field by field; the rest still comes from the environment
-    got = S.resolve_settings({"minference": {"threshold": 5}}, env)
-    assert got is not None and got.config == "env.json" and got.threshold == 5
-    assert got.last_q == 16 and got.block_allocation == "query_block"
+    got = S.resolve_settings({"minference": {"min_sparse_len": 5}}, env)
+    assert got is not None and got.config == "env.json" and got.options.min_sparse_len == 5
+    assert got.options.last_q == 16 and got.options.block_allocation == "query_block"
     got = S.resolve_settings(None, {**env, S.ENV_BLOCK_ALLOCATION: "head"})
-    assert got is not None and got.block_allocation == "head"
-    assert got.coverage is None
+    assert got is not None and got.options.block_allocation == "head"
+    assert got.options.coverage is None
     got = S.resolve_settings(None, {**env, S.ENV_COVERAGE: "0.9"})
-    assert got is not None and got.coverage == 0.9
+    assert got is not None and got.options.coverage == 0.9
     got = S.resolve_settings({"minference": {"coverage": 1}}, {**env, S.ENV_COVERAGE: "0.9"})
-    assert got is not None and got.coverage == 1
+    assert got is not None and got.options.coverage == 1
+    got = S.resolve_settings(None, {**env, S.ENV_BACKEND: "torch", S.ENV_MAX_DENSITY: "none"})
+    assert got is not None and got.options.backend == "torch" and got.options.max_density is None
 
 
 @pytest.mark.parametrize(
     ("section", "env", "match"),
     [
         ({"config": "p", "treshold": 3}, {}, "unknown key"),
-        ({"config": "p", "threshold": "big"}, {}, "must be an int"),
-        ({"config": "p", "threshold": 0}, {}, ">= 1"),
-        ({"config": "p", "threshold": True}, {}, "must be an int"),
-        ({"config": "p", "kernel_backend": "cuda"}, {}, "kernel_backend"),
-        ({"config": "p", "block_allocation": "row"}, {}, "'block_allocation' must be one of"),
-        ({"config": "p", "coverage": 0}, {}, r"'coverage' must be in \(0, 1\]"),
-        ({"config": "p", "coverage": 1.5}, {}, r"'coverage' must be in \(0, 1\]"),
-        ({"config": "p", "coverage": float("nan")}, {}, r"'coverage' must be in \(0, 1\]"),
-        ({"config": "p", "coverage": "0.9"}, {}, "'coverage' must be a number"),
-        ({"config": "p", "coverage": True}, {}, "'coverage' must be a number"),
+        ({"config": "p", "min_sparse_len": "big"}, {}, "min_sparse_len must be an int"),
+        ({"config": "p", "min_sparse_len": 0}, {}, "min_sparse_len must be >= 1"),
+        ({"config": "p", "min_sparse_len": True}, {}, "min_sparse_len must be an int"),
+        ({"config": "p", "backend": "cuda"}, {}, "backend must be one of"),
+        ({"config": "p", "last_q": 129}, {}, "last_q must be <= 128"),
+        ({"config": "p", "block_allocation": "row"}, {}, "block_allocation must be one of"),
+        ({"config": "p", "coverage": 0}, {}, r"coverage must be in \(0, 1\]"),
+        ({"config": "p", "coverage": 1.5}, {}, r"coverage must be in \(0, 1\]"),
+        ({"config": "p", "coverage": float("nan")}, {}, r"coverage must be in \(0, 1\]"),
+        ({"config": "p", "coverage": "0.9"}, {}, "coverage must be a number"),
+        ({"config": "p", "coverage": True}, {}, "coverage must be a number"),
+        ({"config": "p", "max_density": 2}, {}, r"max_density must be in \(0, 1\]"),
+        # the names renamed in 0.2.0 fail with the new name, not silently
+        ({"config": "p", "threshold": 8192}, {}, "'threshold' was renamed to 'min_sparse_len'"),
+        ({"config": "p", "min_query_len": 8}, {}, "renamed to 'min_sparse_query'"),
+        ({"config": "p", "kernel_backend": "torch"}, {}, "renamed to 'backend'"),
+        ({}, {S.ENV_CONFIG: "p", "MINFERENCE_VLLM_THRESHOLD": "9"}, "MIN_SPARSE_LEN"),
         ({}, {S.ENV_CONFIG: "p", S.ENV_COVERAGE: "most"}, "COVERAGE='most' is not a number"),
         ({"config": ""}, {}, "non-empty"),
-        ({}, {S.ENV_CONFIG: "p", S.ENV_THRESHOLD: "1e4"}, "not an integer"),
+        ({}, {S.ENV_CONFIG: "p", S.ENV_MIN_SPARSE_LEN: "1e4"}, "not an integer"),
         ([1, 2], {}, "must be an object"),
         ("{not json", {}, "not valid JSON"),
     ],
@@ -90,6 +102,26 @@ def test_env_flag() -> None:
     assert not S.env_flag({}, "X") and not S.env_flag({"X": "0"}, "X")
     with pytest.raises(ValueError, match="not a boolean"):
         S.env_flag({"X": "maybe"}, "X")
+
+
+def test_defaults_are_the_options_defaults() -> None:
+    """The plugin's settings are PrefillOptions unchanged: one name and one default per setting
+    (a re-declared key or default fails here), and every option has its variable."""
+    import dataclasses
+
+    got = S.resolve_settings({"minference": {"config": "p"}}, {})
+    assert got is not None and got.options == PrefillOptions()
+    assert got.options.min_sparse_len == 32768  # the measured crossover, not 8192 any more
+    other = {"min_sparse_len": ("9", 9), "min_sparse_query": ("3", 3), "last_q": ("7", 7),
+             "backend": ("torch", "torch"), "coverage": ("0.5", 0.5),
+             "block_allocation": ("layer", "layer"), "max_density": ("none", None)}  # fmt: skip
+    assert set(other) == {f.name for f in dataclasses.fields(PrefillOptions)}
+    for name, (raw, value) in other.items():
+        var = "MINFERENCE_VLLM_" + name.upper()
+        assert getattr(S, "ENV_" + name.upper()) == var
+        got = S.resolve_settings(None, {S.ENV_CONFIG: "p", var: raw})
+        assert got is not None and getattr(got.options, name) == value
+        assert got.options == PrefillOptions().replace(**{name: value})
 
 
 # ---- layer names and tensor parallelism --------------------------------------------------
@@ -184,7 +216,7 @@ def test_all_unsupported_reasons_are_reported_together() -> None:
 
 
 def test_plan_batch_mixed() -> None:
-    cfg = S.PluginSettings(config="x", threshold=100, min_query_len=16)
+    cfg = S.PluginSettings("x", PrefillOptions(min_sparse_len=100, min_sparse_query=16))
     # decode (q=1, long ctx) | long chunk | short prompt | chunk with too few queries | empty row
     starts = [0, 1, 201, 221, 231, 231]
     seq_lens = [5000, 300, 20, 5000, 7]
@@ -194,7 +226,7 @@ def test_plan_batch_mixed() -> None:
 
 
 def test_plan_batch_threshold_counts_cached_tokens() -> None:
-    cfg = S.PluginSettings(config="x", threshold=100, min_query_len=16)
+    cfg = S.PluginSettings("x", PrefillOptions(min_sparse_len=100, min_sparse_query=16))
     # a 50-token chunk after 60 cached tokens reaches the threshold
     assert S.plan_batch([0, 50], [110], cfg) == ([0], [])
     assert S.plan_batch([0, 50], [99], cfg) == ([], [0])

@@ -35,7 +35,7 @@ from minference_kernels import BLOCK
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from .plan import DEFAULT_MAX_DENSITY, SparsePrefillPlan, _causal_count
+from .plan import SparsePrefillPlan, _causal_count
 
 logger = logging.getLogger("minference_hf")
 
@@ -176,14 +176,8 @@ def _call_one(
     plan.stats.sparse_calls += 1
     plan.stats.sparse_layers.add(layer)
     # the density guard is tuned to the GPU kernel's rate; on CPU, sparse runs as configured
-    max_density = DEFAULT_MAX_DENSITY if q.is_cuda else None
-    kw: dict[str, Any] = dict(
-        last_q=plan.last_q,
-        backend=plan.backend,
-        coverage=plan.coverage,
-        block_allocation=plan.block_allocation,
-        **cap,
-    )
+    kw: dict[str, Any] = {**plan.options.kernel_kwargs(cuda=q.is_cuda), **cap}
+    max_density = kw.pop("max_density")
     if not plan.record_density:
         return minference_kernels.sparse_prefill(
             q, k, v, heads, scale, max_density=max_density, **kw
@@ -305,8 +299,8 @@ def _varlen_forward(
             out[cu_q[i] : cu_q[i + 1]] = o[0].transpose(0, 1)
             continue
         groups.setdefault(plan.heads_for_layer(layer, nk), []).append(i)
-    # the density guard is tuned to the GPU kernel's rate; on CPU, sparse runs as configured
-    max_density = DEFAULT_MAX_DENSITY if q.is_cuda else None
+    # the density guard (max_density) is tuned to the GPU kernel's rate: CUDA only
+    kw: dict[str, Any] = {**plan.options.kernel_kwargs(cuda=q.is_cuda), **cap}
     for heads, seqs in groups.items():
         if len(seqs) == len(cu_q) - 1:  # every sequence: the packed tensors as they are
             qg, kg, vg, cq, ck = q, k, v, cu_q, cu_k
@@ -329,13 +323,8 @@ def _varlen_forward(
             i32(ck),
             heads,
             scale,
-            last_q=plan.last_q,
-            backend=plan.backend,
-            coverage=plan.coverage,
-            block_allocation=plan.block_allocation,
-            max_density=max_density,
             return_index=True,
-            **cap,
+            **kw,
         )
         plan.stats.sparse_calls += len(seqs)
         plan.stats.sparse_layers.add(layer)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from minference_kernels import options as _opts
+from minference_kernels.options import PrefillOptions
 
 if TYPE_CHECKING:
     from minference_patterns import PatternConfig
@@ -103,6 +105,18 @@ def _min_sparse_len(args: argparse.Namespace, loaded: Loaded) -> int:
     return default_min_sparse_len(next(loaded.model.parameters()).device)
 
 
+def _options(args: argparse.Namespace, loaded: Loaded) -> PrefillOptions:
+    """The command's :class:`PrefillOptions`, made (and validated) once from its flags."""
+    return PrefillOptions(
+        min_sparse_len=_min_sparse_len(args, loaded),
+        min_sparse_query=args.min_sparse_query,
+        last_q=args.last_q,
+        backend=args.backend,
+        coverage=args.coverage,
+        block_allocation=args.block_allocation,
+    )
+
+
 def _describe_config(cfg: PatternConfig) -> str:
     counts: dict[str, int] = {}
     for layer in cfg.layers:
@@ -183,7 +197,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     loaded = _load(args)
     model, tok = loaded.model, loaded.tokenizer
     cfg = _pattern_config(args, loaded)
-    thr = _min_sparse_len(args, loaded)
+    opts = _options(args, loaded)
+    thr = opts.min_sparse_len
     ids, what, key = _prompt_ids(args, loaded)
     device = next(model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=device)
@@ -195,13 +210,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     note = cpu_crossover_note(device, thr, len(ids))
     if note:
         print(note)
-    patch(
-        model,
-        cfg,
-        min_sparse_len=thr,
-        coverage=args.coverage,
-        block_allocation=args.block_allocation,
-    )
+    patch(model, cfg, options=opts)
     plan = get_plan(model)
     assert plan is not None
     plan.record_density = args.density
@@ -256,6 +265,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "prompt": what,
         "pass_key": key,
         "min_sparse_len": thr,
+        "options": opts.to_dict(),
         "prefill": prefill.to_dict(),
         "minference": _result_dict(sparse, text),
         "density": density,
@@ -500,10 +510,10 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     lengths = [parse_length(s) for s in lengths_arg.split(",") if s.strip()]
     depths = parse_depths(args.depths)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    thr = _min_sparse_len(args, loaded)
+    opts = _options(args, loaded)
     print(
         f"niah: {loaded.name}; lengths {lengths}; depths {depths}; methods {methods}; "
-        f"sparse from {thr} tokens",
+        f"sparse from {opts.min_sparse_len} tokens",
         flush=True,
     )
     result = run_niah(
@@ -512,9 +522,8 @@ def _cmd_niah(args: argparse.Namespace) -> int:
         lengths=lengths,
         depths=depths,
         sparse_config=cfg,
-        min_sparse_len=thr,
         out_dir=args.out_dir,
-        coverage=args.coverage,
+        options=opts,
         model_name=loaded.name,
         untrained=loaded.untrained,
         methods=methods,
@@ -525,7 +534,10 @@ def _cmd_niah(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     for m in methods:
         r = result["methods"][m]
-        print(f"niah {m}: mean retrieval {r['mean']:.2f} -> {out / r['heatmap']}")
+        drawn = f" -> {out / r['heatmap']}" if r["heatmap"] else ""
+        print(f"niah {m}: mean retrieval {r['mean']:.2f}{drawn}")
+    if "note" in result:
+        print(f"niah: {result['note']}")
     print(f"niah: wrote {out / 'niah.json'}")
     if loaded.untrained:
         print("(untrained default model: a score of 0 is expected)")
@@ -583,11 +595,71 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         png = plot_eval(result, out / "eval.png")
         print(f"eval: drew {png}")
     except ImportError:
-        print("eval: no plot (matplotlib is not installed: pip install 'minference-hf[plot]')")
+        from .niah import PLOT_NOTE
+
+        print(f"eval: {PLOT_NOTE}")
     return 0
 
 
 # ---- parser --------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to every option's help (an option whose default is ``None``, or
+    a flag's ``False``, says in words what happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
+def _prefill_flags(p: argparse.ArgumentParser) -> None:
+    """The :class:`minference_kernels.PrefillOptions` flags: one per setting, under its name,
+    with its default (made into the options once, by :func:`_options`)."""
+    p.add_argument(
+        "--min-sparse-len",
+        type=int,
+        help="context length (tokens) from which pre-fill goes sparse (default: "
+        f"{_opts.DEFAULT_MIN_SPARSE_LEN} on a GPU, the measured crossover with dense attention; "
+        f"on CPU the measured CPU crossover; {TINY_MIN_SPARSE_LEN} with --tiny)",
+    )
+    p.add_argument(
+        "--min-sparse-query",
+        type=int,
+        default=_opts.DEFAULT_MIN_SPARSE_QUERY,
+        help="fewest new tokens a forward call needs to go sparse",
+    )
+    p.add_argument(
+        "--last-q",
+        type=int,
+        default=_opts.DEFAULT_LAST_Q,
+        help="trailing queries that estimate each vertical-slash head's index (1..128)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "triton", "torch"),
+        default=_opts.DEFAULT_BACKEND,
+        help="kernel backend: auto is Triton on CUDA, PyTorch on CPU",
+    )
+    p.add_argument(
+        "--coverage",
+        type=float,
+        default=_opts.DEFAULT_COVERAGE,
+        help="adaptive vertical-slash budgets: keep this share in (0, 1] of each head's "
+        "estimated attention mass (e.g. 0.95), at most the configured budget (default: off, the "
+        "configured budgets)",
+    )
+    p.add_argument(
+        "--block-allocation",
+        choices=("query_block", "head", "layer"),
+        default=_opts.DEFAULT_BLOCK_ALLOCATION,
+        help="block-sparse heads: top_k key blocks per query block (query_block), or the same "
+        "number in all spread by estimated attention share over each head's query blocks (head) "
+        "or over all the layer's block-sparse heads (layer): more recall per tile, slower "
+        "estimation",
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -602,7 +674,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="use the embedded tiny UNTRAINED model instead (no download; for tests)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES])
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", *_DTYPES], help="model weights' dtype"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -618,19 +692,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minference",
         description="Sparse long-context pre-fill for transformers models (MInference).",
+        formatter_class=_HelpFormatter,
     )
     from .__about__ import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="pre-fill + greedy generation, with timing")
+    g = sub.add_parser(
+        "generate", help="pre-fill + greedy generation, with timing", formatter_class=_HelpFormatter
+    )
     _common(g)
     g.add_argument("--prompt-file", help="text file with the prompt")
     g.add_argument("--config", help="pattern config: path or shipped model id")
     g.add_argument("--compare-dense", action="store_true", help="also run dense and compare")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--min-sparse-len", type=int, help="sparse pre-fill threshold (tokens)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
     g.add_argument(
         "--chunk-size",
         type=int,
@@ -642,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         default="auto",
         help="pre-fill layer by layer with minference_hf.long_prefill: 'on' keeps every layer's "
-        "KV cache in host memory; 'auto' (default) does so, with automatic placement, only on "
+        "KV cache in host memory; 'auto' does so, with automatic placement, only on "
         "CUDA when a plain model(...) pre-fill would not fit the free GPU memory; 'off' always "
         "uses model(...)",
     )
@@ -651,21 +727,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tokens per chunk of the layer-by-layer pre-fill's norms, projections and MLP "
         "(default 16384)",
-    )
-    g.add_argument(
-        "--coverage",
-        type=float,
-        help="adaptive vertical-slash budgets: keep this share of each head's estimated "
-        "attention mass (e.g. 0.95), at most the configured budget",
-    )
-    g.add_argument(
-        "--block-allocation",
-        choices=("query_block", "head", "layer"),
-        default="query_block",
-        help="block-sparse heads: top_k key blocks per query block (query_block), or the same "
-        "number in all spread by estimated attention share over each head's query blocks (head) "
-        "or over all the layer's block-sparse heads (layer): more recall per tile, slower "
-        "estimation",
     )
     g.add_argument(
         "--prompt-tokens",
@@ -698,9 +759,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: on for CUDA, off for CPU)",
     )
     g.add_argument("--json", help="also write the results as JSON here")
+    _prefill_flags(g)
     g.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("search", help="capture Q/K/V on a calibration prompt, search a config")
+    s = sub.add_parser(
+        "search",
+        help="capture Q/K/V on a calibration prompt, search a config",
+        formatter_class=_HelpFormatter,
+    )
     _common(s)
     s.add_argument(
         "--calib",
@@ -730,26 +796,37 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="calibration length (default: min(8192, the model's context) for real models)",
     )
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="calibration text offset")
     s.set_defaults(func=_cmd_search)
 
-    n = sub.add_parser("niah", help="needle-in-a-haystack retrieval, dense vs sparse")
+    n = sub.add_parser(
+        "niah",
+        help="needle-in-a-haystack retrieval, dense vs sparse",
+        formatter_class=_HelpFormatter,
+    )
     _common(n)
     n.add_argument("--config", help="pattern config: path or shipped model id")
     n.add_argument(
         "--lengths", help="comma-separated, e.g. 8k,32k,128k (default 1k,2k on the tiny model)"
     )
-    n.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    n.add_argument("--methods", default="dense,sparse")
-    n.add_argument("--out-dir", default="niah-out")
-    n.add_argument("--max-new-tokens", type=int, default=12)
-    n.add_argument("--min-sparse-len", type=int, help="sparse pre-fill threshold (tokens)")
-    n.add_argument("--no-chat-template", dest="chat_template", action="store_false")
-    n.add_argument("--coverage", type=float, help="adaptive vertical-slash budgets (see generate)")
+    n.add_argument(
+        "--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]"
+    )
+    n.add_argument("--methods", default="dense,sparse", help="dense and/or sparse")
+    n.add_argument("--out-dir", default="niah-out", help="niah.json and the heatmaps go here")
+    n.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated per cell")
+    n.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="do not wrap the prompts in the tokenizer's chat template",
+    )
+    _prefill_flags(n)
     n.set_defaults(func=_cmd_niah)
 
     e = sub.add_parser(
         "eval",
+        formatter_class=_HelpFormatter,
         help="accuracy of sparse against dense pre-fill: pass key, multi-key retrieval, "
         "perplexity, top-1 agreement, KL, with the density each method kept",
     )
@@ -760,24 +837,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="dense,shipped",
         help="comma-separated: dense, shipped, config=PATH, vs:V:S, block:K, block:K:sampled, "
         "ashape:SINK:WINDOW; "
-        "a sparse one may end in @cov=X and/or @alloc=NAME (default: dense,shipped)",
+        "a sparse one may end in @cov=X and/or @alloc=NAME",
     )
-    e.add_argument("--lengths", default="2k,4k,8k", help="prompt lengths (default 2k,4k,8k)")
+    e.add_argument("--lengths", default="2k,4k,8k", help="prompt lengths")
     e.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="pass-key depths")
-    e.add_argument("--seeds", type=int, default=2, help="seeds per length (default 2)")
-    e.add_argument(
-        "--tasks", default="passkey,multikey,lm", help="any of passkey, multikey, lm (default all)"
-    )
-    e.add_argument("--tail", type=int, default=512, help="lm task: positions scored (default 512)")
-    e.add_argument("--num-keys", type=int, default=4, help="multikey task: needles (default 4)")
+    e.add_argument("--seeds", type=int, default=2, help="seeds per length")
+    e.add_argument("--tasks", default="passkey,multikey,lm", help="any of passkey, multikey, lm")
+    e.add_argument("--tail", type=int, default=512, help="lm task: positions scored")
+    e.add_argument("--num-keys", type=int, default=4, help="multikey task: needles")
     e.add_argument(
         "--min-sparse-len",
         type=int,
         help="sparse threshold of the sparse methods (default: the shortest length, so every "
         "case goes sparse)",
     )
-    e.add_argument("--max-new-tokens", type=int, default=10)
-    e.add_argument("--no-chat-template", dest="chat_template", action="store_false")
+    e.add_argument(
+        "--max-new-tokens", type=int, default=10, help="tokens generated per retrieval case"
+    )
+    e.add_argument(
+        "--no-chat-template",
+        dest="chat_template",
+        action="store_false",
+        help="do not wrap the prompts in the tokenizer's chat template",
+    )
     e.add_argument("--out-dir", default="eval-out", help="eval.json and eval.png go here")
     e.set_defaults(func=_cmd_eval)
     return parser

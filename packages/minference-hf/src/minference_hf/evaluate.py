@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from minference_kernels.options import DEFAULT_BLOCK_ALLOCATION, DEFAULT_COVERAGE
 
 from .generation import greedy_generate
 from .patching import (
@@ -70,8 +71,8 @@ class Method:
 
     name: str
     config: PatternConfig | None = None
-    coverage: float | None = None
-    block_allocation: str = "query_block"
+    coverage: float | None = DEFAULT_COVERAGE
+    block_allocation: str = DEFAULT_BLOCK_ALLOCATION
     oracle_density: float | None = None
 
     @property
@@ -82,13 +83,13 @@ class Method:
 def parse_method(spec: str, model: PreTrainedModel) -> Method:
     """A :class:`Method` from its spec (see the module doc); ``ValueError`` names a bad spec."""
     from minference_kernels import HeadPattern
-    from minference_kernels.estimate import check_allocation, check_coverage
+    from minference_kernels._validate import check_allocation, check_coverage
     from minference_patterns import PatternConfig
 
     text = spec.strip()
     base, *opts = text.split("@")
-    coverage: float | None = None
-    alloc = "query_block"
+    coverage = DEFAULT_COVERAGE
+    alloc = DEFAULT_BLOCK_ALLOCATION
     for o in opts:
         key, _, val = o.partition("=")
         if key == "cov":

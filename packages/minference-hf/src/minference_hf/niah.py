@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from minference_kernels.options import PrefillOptions
 
 from .generation import greedy_generate
 from .patching import get_plan, patch, restore_plan, unpatch
@@ -172,9 +173,8 @@ def run_niah(
     lengths: Sequence[int],
     depths: Sequence[float],
     sparse_config: PatternConfig | None,
-    min_sparse_len: int,
     out_dir: str | Path,
-    coverage: float | None = None,
+    options: PrefillOptions | None = None,
     model_name: str = "",
     untrained: bool = False,
     methods: Sequence[str] = ("dense", "sparse"),
@@ -183,7 +183,9 @@ def run_niah(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the grid for each method, write ``niah.json`` and ``niah_<method>.png`` to ``out_dir``.
+    """Run the grid for each method, write ``niah.json`` and ``niah_<method>.png`` to ``out_dir``
+    (without matplotlib, the ``[plot]`` extra, the JSON only: its ``heatmap`` entries are ``None``
+    and ``result["note"]`` says why).
 
     Args:
         model: the causal LM (left unpatched on return if it was unpatched on entry).
@@ -192,10 +194,10 @@ def run_niah(
         depths: needle depths in [0, 1] (0: start of the text, 1: end).
         sparse_config: pattern config for the ``sparse`` method (``None``: the model's own
             shipped config).
-        min_sparse_len: sparse threshold for the ``sparse`` method.
         out_dir: where the JSON and PNGs go (created).
-        coverage: adaptive vertical-slash budgets for the ``sparse`` method (see
-            :func:`minference_hf.patch`).
+        options: the sparse pre-fill settings of the ``sparse`` method
+            (:class:`minference_kernels.PrefillOptions`, used unchanged); ``None``: those of the
+            model's plan when it is patched, else the defaults.
         model_name: recorded in the JSON.
         untrained: recorded in the JSON (the embedded default model).
         methods: subset of ``("dense", "sparse")``.
@@ -214,6 +216,12 @@ def run_niah(
         raise ValueError(f"unknown NIAH methods {sorted(unknown)}; use dense and/or sparse")
     device = next(model.parameters()).device
     was = get_plan(model)
+    if options is None:
+        options = was.options if was is not None else PrefillOptions()
+    elif not isinstance(options, PrefillOptions):
+        raise TypeError(
+            f"options must be a minference_kernels.PrefillOptions, got {type(options).__name__}"
+        )
     cases: list[NiahCase] = []
     prompts = {
         (L, d): build_prompt(tokenizer, L, d, seed=seed, use_chat_template=use_chat_template)
@@ -228,7 +236,7 @@ def run_niah(
                 cfg = sparse_config
                 if cfg is None and was is not None:
                     cfg = was.config
-                patch(model, cfg, min_sparse_len=min_sparse_len, coverage=coverage)
+                patch(model, cfg, options=options)
             total = len(lengths) * len(depths)
             for i, ((L, d), (ids, answer)) in enumerate(prompts.items()):
                 x = torch.tensor([ids], dtype=torch.long, device=device)
@@ -258,8 +266,9 @@ def run_niah(
         "untrained": untrained,
         "lengths": list(lengths),
         "depths": list(depths),
-        "min_sparse_len": min_sparse_len,
-        "coverage": coverage,
+        "min_sparse_len": options.min_sparse_len,
+        "coverage": options.coverage,
+        "options": options.to_dict(),
         "methods": {},
         "cases": [asdict(c) for c in cases],
     }
@@ -279,10 +288,28 @@ def run_niah(
             "mean": sum(flat) / len(flat),
             "heatmap": f"niah_{method}.png",
         }
+    plot = _has_matplotlib()
+    if not plot:
+        result["note"] = PLOT_NOTE
+        for method in methods:
+            result["methods"][method]["heatmap"] = None
     (out / "niah.json").write_text(json.dumps(result, indent=2))
-    for method in methods:
-        plot_heatmap(result, method, out / f"niah_{method}.png")
+    if plot:
+        for method in methods:
+            plot_heatmap(result, method, out / f"niah_{method}.png")
     return result
+
+
+#: What ``niah`` and ``eval`` say instead of drawing when matplotlib is missing.
+PLOT_NOTE = "no plot: matplotlib is not installed (pip install 'minference-hf[plot]')"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plot_heatmap(result: dict[str, Any], method: str, path: str | Path) -> Path:

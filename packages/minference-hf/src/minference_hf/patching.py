@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from minference_kernels.options import PrefillOptions
 
 from .attention import (
     CAPTURE_IMPLEMENTATION,
@@ -17,7 +18,7 @@ from .attention import (
     minference_attention,
     minference_mask,
 )
-from .plan import DEFAULT_MIN_SPARSE_LEN, DEFAULT_MIN_SPARSE_QUERY, SparsePrefillPlan
+from .plan import SparsePrefillPlan
 
 if TYPE_CHECKING:
     from minference_patterns import PatternConfig
@@ -258,13 +259,9 @@ def patch(
     model: PreTrainedModel,
     config: PatternConfig | str | os.PathLike[str] | None = None,
     *,
-    min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
-    min_sparse_query: int = DEFAULT_MIN_SPARSE_QUERY,
-    last_q: int = 64,
-    backend: str = "auto",
-    coverage: float | None = None,
-    block_allocation: str = "query_block",
+    options: PrefillOptions | None = None,
     verify: bool = True,
+    **settings: Any,
 ) -> PreTrainedModel:
     """Switch ``model`` to ``attn_implementation="minference"`` with a per-layer, per-head plan.
 
@@ -277,17 +274,16 @@ def patch(
         model: a transformers causal LM (or base model) whose attention uses the interface.
         config: a :class:`minference_patterns.PatternConfig`, a path to one, the model id of a
             shipped config, or ``None`` to use the model's own id.
-        min_sparse_len: keys (cached + new) from which pre-fill goes sparse.
-        min_sparse_query: new tokens from which a forward call may go sparse.
-        last_q: trailing queries used for the online vertical-slash estimate.
-        backend: :func:`minference_kernels.sparse_prefill` backend.
-        coverage: adaptive vertical-slash budgets (see :class:`SparsePrefillPlan`); ``None``
-            keeps the configured budgets.
-        block_allocation: ``"head"`` spreads each block-sparse head's blocks over its query blocks
-            by estimated attention share, ``"layer"`` the layer's blocks over its block-sparse
-            heads and their query blocks (see :class:`SparsePrefillPlan`).
+        options: the sparse pre-fill settings (:class:`minference_kernels.PrefillOptions`:
+            ``min_sparse_len``, ``min_sparse_query``, ``last_q``, ``backend``, ``coverage``,
+            ``block_allocation``, ``max_density``; its docstring gives each one's meaning and
+            default). ``None``: the defaults.
         verify: run a 2-token forward to check every layer reaches the ``minference`` function
             (raises :class:`UnsupportedModelError` otherwise, and restores the previous setting).
+        **settings: single settings by their ``PrefillOptions`` name, applied over ``options``
+            (``patch(model, min_sparse_len=8192)`` is ``options=PrefillOptions(min_sparse_len=8192)``).
+            An unknown name raises ``TypeError``, a bad value ``TypeError``/``ValueError``, both
+            naming the setting.
 
     Returns:
         ``model`` itself (patched in place); its plan is ``model.minference_plan``.
@@ -297,6 +293,13 @@ def patch(
         ValueError: the config does not match the model (layers, heads, KV heads, head dim) or
             cannot be found.
     """
+    if options is not None and not isinstance(options, PrefillOptions):
+        raise TypeError(
+            f"options must be a minference_kernels.PrefillOptions, got {type(options).__name__}"
+        )
+    opts = options or PrefillOptions()
+    if settings:
+        opts = opts.replace(**settings)  # validated before the model is touched
     register()
     _check_architecture(model)
     shape = attention_shape(model)
@@ -326,12 +329,7 @@ def patch(
         previous = "sdpa"
     plan = SparsePrefillPlan(
         config=pattern_config,
-        min_sparse_len=min_sparse_len,
-        min_sparse_query=min_sparse_query,
-        last_q=last_q,
-        backend=backend,
-        coverage=coverage,
-        block_allocation=block_allocation,
+        options=opts,
         previous_attn_implementation=previous,
     )
     modules = _attention_modules(model)
@@ -369,19 +367,10 @@ def patch(
 
 
 def restore_plan(model: PreTrainedModel, plan: SparsePrefillPlan) -> PreTrainedModel:
-    """Patch ``model`` again with every setting of an earlier ``plan`` (its config, thresholds,
-    ``last_q``, backend, coverage and block allocation), e.g. after a tool unpatched it for a
+    """Patch ``model`` again with every setting of an earlier ``plan`` (its config and its
+    :class:`minference_kernels.PrefillOptions`, unchanged), e.g. after a tool unpatched it for a
     dense run."""
-    return patch(
-        model,
-        plan.config,
-        min_sparse_len=plan.min_sparse_len,
-        min_sparse_query=plan.min_sparse_query,
-        last_q=plan.last_q,
-        backend=plan.backend,
-        coverage=plan.coverage,
-        block_allocation=plan.block_allocation,
-    )
+    return patch(model, plan.config, options=plan.options)
 
 
 def _remove(model: PreTrainedModel, previous: str | None) -> None:

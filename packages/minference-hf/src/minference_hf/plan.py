@@ -8,17 +8,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from minference_kernels.estimate import check_allocation
+from minference_kernels.options import DEFAULT_MIN_SPARSE_LEN as DEFAULT_MIN_SPARSE_LEN
+from minference_kernels.options import DEFAULT_MIN_SPARSE_QUERY as DEFAULT_MIN_SPARSE_QUERY
+from minference_kernels.options import PrefillOptions
 
 if TYPE_CHECKING:
     from minference_kernels import HeadPattern
     from minference_patterns import PatternConfig
 
-#: Default prompt length (keys) from which pre-fill takes the sparse path. Below it dense SDPA
-#: (cuDNN / FlashAttention on GPU) is as fast or faster, so short prompts never pay for sparsity.
-#: Measured crossover of the shipped Llama-3.1 config vs cuDNN on an H200 (benchmarks/NOTES.md):
-#: 0.93x at 16K, 1.89x at 32K (0.42x and 1.18x with the pointer-load kernel of other GPUs).
-DEFAULT_MIN_SPARSE_LEN = 32768
+# DEFAULT_MIN_SPARSE_LEN / DEFAULT_MIN_SPARSE_QUERY: re-exported from minference_kernels.options,
+# where every sparse pre-fill default is declared (PrefillOptions).
 #: CPU default: the PyTorch sparse path is a reference implementation (accuracy checks, machines
 #: without a GPU), not a fast one. ``benchmarks/cpu_crossover.py`` times it against dense attention
 #: on one layer; below the measured crossover (``benchmarks/results/cpu_crossover.json``) dense is
@@ -52,16 +51,6 @@ def cpu_crossover_note(device: torch.device | str, min_sparse_len: int, prompt_t
         "path is a reference implementation for accuracy checks and GPU-less machines; its "
         "timings are not the product's speed (GPU figures: docs/benchmarks.md)."
     )
-
-
-#: On CUDA, a layer whose estimated index keeps more than this share of the causal pairs (inputs
-#: without sparse structure) runs dense. Our kernel computes kept pairs at ~0.68 of cuDNN's dense
-#: rate with pointer loads and ~0.85 with TMA loads on Hopper (benchmarks/NOTES.md); 0.6 keeps the
-#: sparse path a win for both, and dense is exact.
-DEFAULT_MAX_DENSITY = 0.6
-#: Default number of new query tokens a forward call needs before it may take the sparse path
-#: (a chunk of a chunked pre-fill smaller than this runs dense).
-DEFAULT_MIN_SPARSE_QUERY = 64
 
 
 @dataclass
@@ -164,26 +153,17 @@ class SparsePrefillPlan:
     """What the ``minference`` attention function does for one patched model.
 
     Built by :func:`minference_hf.patch`; reachable as ``model.minference_plan`` and from every
-    attention module of the model (no global state). Mutable: change ``min_sparse_len`` at any
-    time to move the dense/sparse threshold.
+    attention module of the model (no global state). The sparse pre-fill settings are one
+    :class:`minference_kernels.PrefillOptions` (``options``), validated when it is made; the
+    plan's ``min_sparse_len``, ``min_sparse_query``, ``last_q``, ``backend``, ``coverage``,
+    ``block_allocation`` and ``max_density`` read it, and setting one (e.g.
+    ``plan.min_sparse_len = 8192`` to move the dense/sparse threshold) replaces ``options`` with a
+    validated copy.
 
     Attributes:
         config: the per-layer, per-head pattern config (:class:`minference_patterns.PatternConfig`).
-        min_sparse_len: a pre-fill call takes the sparse path only when the number of keys (cached
-            plus new tokens) is at least this.
-        min_sparse_query: ... and the number of new query tokens is at least this. Decode steps
-            (one query token) are always dense.
-        last_q: number of trailing queries used for the online vertical-slash estimate.
-        backend: passed to :func:`minference_kernels.sparse_prefill` (``"auto"``, or a backend it
-            names).
-        coverage: when set (e.g. ``0.95``), vertical-slash budgets become adaptive: each head
-            keeps only the columns and diagonals needed for that share of its estimated attention
-            mass, at most its configured budget (passed to ``sparse_prefill``).
-        block_allocation: ``"query_block"`` (default: each block-sparse head keeps ``top_k`` key
-            blocks per query block), ``"head"`` (the same number of blocks per head, spread over
-            its query blocks by estimated attention share) or ``"layer"`` (the same number per
-            layer, spread over its block-sparse heads and their query blocks); passed to
-            ``sparse_prefill``.
+        options: the sparse pre-fill settings (:class:`minference_kernels.PrefillOptions`;
+            its docstring defines each one).
         previous_attn_implementation: what :func:`minference_hf.unpatch` restores.
         stats: call counters (:class:`AttentionStats`).
         record_density: keep each sparse call's index in ``stats`` so that the pairs it attends
@@ -192,12 +172,7 @@ class SparsePrefillPlan:
     """
 
     config: PatternConfig
-    min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN
-    min_sparse_query: int = DEFAULT_MIN_SPARSE_QUERY
-    last_q: int = 64
-    backend: str = "auto"
-    coverage: float | None = None
-    block_allocation: str = "query_block"
+    options: PrefillOptions = field(default_factory=PrefillOptions)
     previous_attn_implementation: str | None = None
     stats: AttentionStats = field(default_factory=AttentionStats)
     record_density: bool = False
@@ -209,24 +184,17 @@ class SparsePrefillPlan:
     _warned: set[str] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("min_sparse_len", "min_sparse_query", "last_q"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if self.coverage is not None and not 0.0 < float(self.coverage) <= 1.0:
-            raise ValueError(f"coverage must be in (0, 1], got {self.coverage!r}")
-        check_allocation(self.block_allocation)
+        if not isinstance(self.options, PrefillOptions):
+            raise TypeError(
+                "options must be a minference_kernels.PrefillOptions, "
+                f"got {type(self.options).__name__}"
+            )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SparsePrefillPlan:
-        # The pattern config is immutable (and holds read-only mappings): share it.
+        # The pattern config and the options are immutable: share them.
         new = SparsePrefillPlan(
             config=self.config,
-            min_sparse_len=self.min_sparse_len,
-            min_sparse_query=self.min_sparse_query,
-            last_q=self.last_q,
-            backend=self.backend,
-            coverage=self.coverage,
-            block_allocation=self.block_allocation,
+            options=self.options,
             previous_attn_implementation=self.previous_attn_implementation,
             stats=copy.deepcopy(self.stats, memo),
             record_density=self.record_density,
@@ -234,13 +202,49 @@ class SparsePrefillPlan:
         memo[id(self)] = new
         return new
 
+    def _set(self, **change: Any) -> None:
+        self.options = self.options.replace(**change)
+
+    min_sparse_len = property(
+        lambda self: self.options.min_sparse_len,
+        lambda self, v: self._set(min_sparse_len=v),
+        doc="``options.min_sparse_len`` (settable: replaces ``options``).",
+    )
+    min_sparse_query = property(
+        lambda self: self.options.min_sparse_query,
+        lambda self, v: self._set(min_sparse_query=v),
+        doc="``options.min_sparse_query`` (settable: replaces ``options``).",
+    )
+    last_q = property(
+        lambda self: self.options.last_q,
+        lambda self, v: self._set(last_q=v),
+        doc="``options.last_q`` (settable: replaces ``options``).",
+    )
+    backend = property(
+        lambda self: self.options.backend,
+        lambda self, v: self._set(backend=v),
+        doc="``options.backend`` (settable: replaces ``options``).",
+    )
+    coverage = property(
+        lambda self: self.options.coverage,
+        lambda self, v: self._set(coverage=v),
+        doc="``options.coverage`` (settable: replaces ``options``).",
+    )
+    block_allocation = property(
+        lambda self: self.options.block_allocation,
+        lambda self, v: self._set(block_allocation=v),
+        doc="``options.block_allocation`` (settable: replaces ``options``).",
+    )
+    max_density = property(
+        lambda self: self.options.max_density,
+        lambda self, v: self._set(max_density=v),
+        doc="``options.max_density`` (settable: replaces ``options``).",
+    )
+
     def wants_sparse(self, num_queries: int, num_keys: int) -> bool:
-        """Whether a call with ``num_queries`` new tokens over ``num_keys`` keys goes sparse."""
-        return (
-            num_queries > 1
-            and num_queries >= self.min_sparse_query
-            and num_keys >= self.min_sparse_len
-        )
+        """Whether a call with ``num_queries`` new tokens over ``num_keys`` keys goes sparse
+        (:meth:`minference_kernels.PrefillOptions.wants_sparse`)."""
+        return self.options.wants_sparse(num_queries, num_keys)
 
     def heads_for_layer(self, layer: int, seq_len: int) -> tuple[HeadPattern, ...]:
         """The ``Hq`` head patterns of ``layer`` for a sequence of ``seq_len`` keys (memoised)."""

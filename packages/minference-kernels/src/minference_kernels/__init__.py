@@ -23,6 +23,7 @@ from .api import (
 )
 from .index import BLOCK, SparseIndex
 from .masks import block_sparse_mask, dense_mask, streaming_mask, vertical_slash_mask
+from .options import PrefillOptions
 from .patterns import KINDS, HeadPattern, PatternKind
 from .varlen import sparse_prefill_varlen
 
@@ -31,6 +32,7 @@ __all__ = [
     "KINDS",
     "HeadPattern",
     "PatternKind",
+    "PrefillOptions",
     "SparseIndex",
     "block_sparse_attention",
     "block_sparse_mask",

@@ -12,6 +12,10 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 BACKENDS = ("auto", "triton", "torch")
+#: The values of ``block_allocation`` (see :func:`minference_kernels.sparse_prefill`).
+ALLOCATIONS = ("query_block", "head", "layer")
+#: ``last_q`` is at most this: the estimation rows live in one tile of the score kernels.
+MAX_LAST_Q = 128
 
 
 @dataclass(frozen=True)
@@ -168,8 +172,7 @@ def interpreting() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> ``triton`` on CUDA, ``torch`` on CPU. ``triton`` on CPU needs TRITON_INTERPRET=1."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and not interpreting():
@@ -177,4 +180,54 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
             "before importing triton"
         )
+    return backend
+
+
+# One validator per sparse pre-fill setting: the kernels' functions and
+# :class:`minference_kernels.PrefillOptions` (hence every integration) call these, so a setting is
+# accepted or rejected the same way in every layer. ``name`` is what the error calls the setting.
+
+
+def check_allocation(allocation: object, name: str = "block_allocation") -> str:
+    """``allocation`` if it is one of :data:`ALLOCATIONS`, else a ``ValueError`` naming ``name``."""
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+        raise ValueError(
+            f"{name} must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}"
+        )
+    return allocation
+
+
+def check_share(value: object, name: str) -> float | None:
+    """``None``, or a real number (not a bool or a string) in (0, 1] (NaN is not), returned as a
+    float; else a ``TypeError``/``ValueError`` naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a number in (0, 1] or None, got {type(value).__name__} {value!r}"
+        )
+    if not (0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_coverage(coverage: object, name: str = "coverage") -> float | None:
+    """The adaptive budgets' share of the estimated attention mass: :func:`check_share`."""
+    return check_share(coverage, name)
+
+
+def check_last_q(last_q: object, name: str = "last_q") -> int:
+    """An int in ``[1, MAX_LAST_Q]`` (not a bool), else a ``TypeError``/``ValueError`` naming
+    ``name``."""
+    check_int(last_q, name, low=1)
+    assert isinstance(last_q, int)
+    if last_q > MAX_LAST_Q:
+        raise ValueError(f"{name} must be <= {MAX_LAST_Q}, got {last_q}")
+    return last_q
+
+
+def check_backend(backend: object, name: str = "backend") -> str:
+    """``backend`` if it is one of :data:`BACKENDS`, else a ``ValueError`` naming ``name``."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return backend

@@ -36,15 +36,18 @@ from ._validate import (
     check_softcap,
     resolve_backend,
 )
+from ._validate import check_allocation as _check_allocation
+from ._validate import check_coverage as _check_coverage
+from ._validate import check_last_q as _check_last_q
+from ._validate import check_share as _check_share
 from .estimate import (
     block_topk,
     check_block_scoring,
     estimate_block_sparse_impl,
     estimate_vertical_slash_impl,
 )
-from .estimate import check_allocation as _check_allocation
-from .estimate import check_coverage as _check_coverage
 from .index import BLOCK, SparseIndex
+from .options import DEFAULT_BACKEND, DEFAULT_BLOCK_ALLOCATION, DEFAULT_LAST_Q
 from .patterns import HeadPattern, check_heads
 
 _log = logging.getLogger("minference_kernels")
@@ -66,7 +69,7 @@ def dense_attention(
     v: torch.Tensor,
     scale: float | None = None,
     *,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Dense causal attention (the reference and the fallback). Returns ``[B, Hq, Nq, D]``.
@@ -149,7 +152,7 @@ def vertical_slash_attention(
     slash_indices: torch.Tensor,
     scale: float | None = None,
     *,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention over key columns and diagonals. Returns ``[B, Hq, Nq, D]``.
@@ -206,7 +209,7 @@ def block_sparse_attention(
     block_size: int = 64,
     scale: float | None = None,
     *,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention over listed key blocks. Returns ``[B, Hq, Nq, D]``.
@@ -267,7 +270,7 @@ def streaming_attention(
     window_tokens: int,
     scale: float | None = None,
     *,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """A-shape (StreamingLLM) attention: each query attends to the first ``sink_tokens`` keys and to
@@ -300,10 +303,10 @@ def estimate_vertical_slash(
     k: torch.Tensor,
     num_vertical: int,
     num_slash: int,
-    last_q: int = 64,
+    last_q: int = DEFAULT_LAST_Q,
     *,
     scale: float | None = None,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimate each query head's columns and diagonals from its last ``last_q`` queries.
@@ -330,19 +333,13 @@ def estimate_vertical_slash(
     return v, s
 
 
-def _check_last_q(last_q: int) -> None:
-    check_int(last_q, "last_q", low=1)
-    if last_q > 128:
-        raise ValueError(f"last_q must be <= 128, got {last_q}")
-
-
 def estimate_block_sparse(
     q: torch.Tensor,
     k: torch.Tensor,
     top_k: int,
     block_size: int = 64,
     *,
-    backend: str = "auto",
+    backend: str = DEFAULT_BACKEND,
     allocation: str = "query_block",
     scoring: str = "pooled",
     scale: float | None = None,
@@ -424,11 +421,11 @@ def build_index(
     heads: Sequence[HeadPattern],
     *,
     scale: float | None = None,
-    last_q: int = 64,
-    backend: str = "auto",
+    last_q: int = DEFAULT_LAST_Q,
+    backend: str = DEFAULT_BACKEND,
     validate: bool = True,
     coverage: float | None = None,
-    block_allocation: str = "query_block",
+    block_allocation: str = DEFAULT_BLOCK_ALLOCATION,
     softcap: float | None = None,
 ) -> SparseIndex:
     """Estimate every head's index (per its pattern) and assemble the layer's :class:`SparseIndex`.
@@ -619,14 +616,14 @@ def sparse_prefill(
     heads: Sequence[HeadPattern],
     scale: float | None = None,
     *,
-    last_q: int = 64,
-    backend: str = "auto",
+    last_q: int = DEFAULT_LAST_Q,
+    backend: str = DEFAULT_BACKEND,
     validate: bool = True,
     return_index: bool = False,
     coverage: float | None = None,
     dense_below: int = 0,
     max_density: float | None = None,
-    block_allocation: str = "query_block",
+    block_allocation: str = DEFAULT_BLOCK_ALLOCATION,
     softcap: float | None = None,
 ):
     """One layer of sparse pre-fill: estimate each head's index per its :class:`HeadPattern`, then run
@@ -668,7 +665,7 @@ def sparse_prefill(
     softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
     _check_coverage(coverage)
-    _check_coverage(max_density, "max_density")
+    _check_share(max_density, "max_density")
     _check_last_q(last_q)
     _check_allocation(block_allocation)
     check_int(dense_below, "dense_below")
@@ -707,10 +704,10 @@ def sparse_prefill_mask(
     heads: Sequence[HeadPattern],
     *,
     scale: float | None = None,
-    last_q: int = 64,
+    last_q: int = DEFAULT_LAST_Q,
     query_rows: torch.Tensor | None = None,
     coverage: float | None = None,
-    block_allocation: str = "query_block",
+    block_allocation: str = DEFAULT_BLOCK_ALLOCATION,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """The exact pairs :func:`sparse_prefill` attends to: ``bool [B, Hq, R, Nk]`` for the given local

@@ -72,6 +72,9 @@ import logging
 import torch
 
 from ._torch_attn import softcap_
+from ._validate import ALLOCATIONS as ALLOCATIONS  # re-exported: moved to _validate
+from ._validate import check_allocation as check_allocation
+from ._validate import check_coverage as check_coverage
 from .index import _BIG
 
 _log = logging.getLogger("minference_kernels")
@@ -465,31 +468,6 @@ HEAD_ALLOCATION_FLOOR = 0.875
 def _floor_count(limit: torch.Tensor) -> torch.Tensor:
     """The guaranteed key blocks per query block of each head: ``ceil(FLOOR * limit)``."""
     return torch.ceil(limit.to(torch.float64) * HEAD_ALLOCATION_FLOOR).to(torch.int64)
-
-
-ALLOCATIONS = ("query_block", "head", "layer")
-
-
-def check_allocation(allocation: str, name: str = "block_allocation") -> str:
-    """``allocation`` if it is one of :data:`ALLOCATIONS`, else a ``ValueError`` naming ``name``
-    (the integrations validate their settings with it too)."""
-    if allocation not in ALLOCATIONS:
-        raise ValueError(
-            f"{name} must be one of {', '.join(map(repr, ALLOCATIONS))}, got {allocation!r}"
-        )
-    return allocation
-
-
-def check_coverage(coverage: float | None, name: str = "coverage") -> None:
-    """``None``, or a number in (0, 1] (NaN is not), else a ``TypeError``/``ValueError`` naming
-    ``name`` (the adaptive budgets' share of the estimated mass; the integrations validate their
-    settings with it too)."""
-    if coverage is None:
-        return
-    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)):
-        raise TypeError(f"{name} must be a number in (0, 1] or None, got {type(coverage).__name__}")
-    if not (0.0 < coverage <= 1.0):
-        raise ValueError(f"{name} must be in (0, 1], got {coverage}")
 
 
 # Scratch bytes of one chunk of query blocks in :func:`block_topk` (the scores; on the PyTorch

@@ -30,15 +30,16 @@ from ._validate import (
     check_softcap,
     resolve_backend,
 )
+from ._validate import check_allocation as _check_allocation
+from ._validate import check_coverage as _check_coverage
+from ._validate import check_last_q as _check_last_q
 from .api import (
     _build_index,
-    _check_last_q,
     _dense_index,
     dense_attention,
 )
-from .estimate import check_allocation as _check_allocation
-from .estimate import check_coverage as _check_coverage
 from .index import BLOCK, SparseIndex
+from .options import DEFAULT_BACKEND, DEFAULT_BLOCK_ALLOCATION, DEFAULT_LAST_Q
 from .patterns import HeadPattern, check_heads
 
 _log = logging.getLogger("minference_kernels")
@@ -109,14 +110,14 @@ def sparse_prefill_varlen(
     heads: Sequence[HeadPattern],
     scale: float | None = None,
     *,
-    last_q: int = 64,
-    backend: str = "auto",
+    last_q: int = DEFAULT_LAST_Q,
+    backend: str = DEFAULT_BACKEND,
     validate: bool = True,
     return_index: bool = False,
     coverage: float | None = None,
     dense_below: int = 0,
     max_density: float | None = None,
-    block_allocation: str = "query_block",
+    block_allocation: str = DEFAULT_BLOCK_ALLOCATION,
     softcap: float | None = None,
 ):
     """:func:`~minference_kernels.sparse_prefill` for a packed batch of different-length sequences.

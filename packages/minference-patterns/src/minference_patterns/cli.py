@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import ConfigError, UnknownModelError
 
@@ -120,15 +121,28 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to every option's help (an option whose default is ``None``, or
+    a flag's ``False``, says in words what happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def _parser() -> argparse.ArgumentParser:
     from .__about__ import __version__
 
     p = argparse.ArgumentParser(
         prog="minference-patterns",
         description="Inspect, draw, validate and convert sparse attention pattern configs.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    kw: dict[str, Any] = {"formatter_class": _HelpFormatter}
 
     def config_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("config", help="config file, or the model id of a shipped config")
@@ -147,28 +161,43 @@ def _parser() -> argparse.ArgumentParser:
             "configs carry 'measured')",
         )
 
-    sp = sub.add_parser("show", help="print a summary: kinds, budgets, expected density")
+    sp = sub.add_parser("show", help="print a summary: kinds, budgets, expected density", **kw)
     config_args(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=_cmd_show)
 
-    sp = sub.add_parser("plot", help="draw layers x heads coloured by kind and budget")
+    sp = sub.add_parser("plot", help="draw layers x heads coloured by kind and budget", **kw)
     config_args(sp)
     sp.add_argument("-o", "--output", required=True, help="image file (png, svg, pdf)")
-    sp.add_argument("--dpi", type=int, default=120)
+    sp.add_argument("--dpi", type=int, default=120, help="resolution of raster images")
     sp.set_defaults(func=_cmd_plot)
 
-    sp = sub.add_parser("validate", help="check config files; exit 1 if any is invalid")
-    sp.add_argument("files", nargs="+")
+    sp = sub.add_parser("validate", help="check config files; exit 1 if any is invalid", **kw)
+    sp.add_argument("files", nargs="+", help="config files to check")
     sp.set_defaults(func=_cmd_validate)
 
-    sp = sub.add_parser("convert", help="convert between formats")
+    sp = sub.add_parser("convert", help="convert between formats", **kw)
     sp.add_argument("src", help="config file (any supported format) or shipped model id")
-    sp.add_argument("-o", "--output", required=True)
-    sp.add_argument("--to", choices=("ours", "minference"), default="ours")
-    sp.add_argument("--model-id", default=None)
-    sp.add_argument("--num-kv-heads", type=int, default=None)
-    sp.add_argument("--head-dim", type=int, default=None)
+    sp.add_argument("-o", "--output", required=True, help="file to write")
+    sp.add_argument(
+        "--to",
+        choices=("ours", "minference"),
+        default="ours",
+        help="output format: this project's JSON (ours) or MInference 1.0's (minference)",
+    )
+    sp.add_argument("--model-id", default=None, help="model id to record (default: the source's)")
+    sp.add_argument(
+        "--num-kv-heads",
+        type=int,
+        default=None,
+        help="set the config's key/value heads (default: keep the source's)",
+    )
+    sp.add_argument(
+        "--head-dim",
+        type=int,
+        default=None,
+        help="set the config's head dimension (default: keep the source's)",
+    )
     sp.add_argument(
         "--context-length",
         type=int,
@@ -177,10 +206,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(func=_cmd_convert)
 
-    sp = sub.add_parser("list", help="list the shipped configs")
+    sp = sub.add_parser("list", help="list the shipped configs", **kw)
     sp.set_defaults(func=_cmd_list)
 
-    sp = sub.add_parser("schema", help="print the JSON Schema of the config format")
+    sp = sub.add_parser("schema", help="print the JSON Schema of the config format", **kw)
     sp.set_defaults(func=_cmd_schema)
     return p
 

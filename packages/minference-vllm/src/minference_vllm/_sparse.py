@@ -3,8 +3,8 @@
 Two mixins sit in front of a platform's standard attention classes:
 
 * :class:`SparseBuilderMixin` (metadata builder): per step, decides which requests of the batch
-  take the sparse path (a pre-fill chunk of at least ``min_query_len`` tokens whose context reaches
-  ``threshold``). If none does, it returns the parent's metadata untouched. Otherwise it returns a
+  take the sparse path (a pre-fill chunk of at least ``min_sparse_query`` tokens whose context
+  reaches ``min_sparse_len``). If none does, it returns the parent's metadata untouched. Otherwise it returns a
   :class:`SparseBatch` holding the parent's metadata for the remaining (dense) requests and the
   token ranges of the sparse ones.
 * :class:`SparseImplMixin` (attention impl): checks at construction that the layer and the pattern
@@ -117,8 +117,8 @@ class SparseBuilderMixin:
         common = common_attn_metadata
         if (
             settings is None
-            or common.max_query_len < settings.min_query_len
-            or common.max_seq_len < settings.threshold
+            or common.max_query_len < settings.options.min_sparse_query
+            or common.max_seq_len < settings.options.min_sparse_len
         ):
             return full
         lengths = compat.request_lengths(common)
@@ -342,10 +342,7 @@ class SparseImplMixin:
                 lambda: self._mi_cache_layout(layer, kv_cache, block_size),
                 heads,
                 scale=self.scale,
-                last_q=settings.last_q,
-                backend=settings.kernel_backend,
-                block_allocation=settings.block_allocation,
-                coverage=settings.coverage,
+                options=settings.options,
             )
             for r, out in zip(group, outs):
                 output[r.q_start : r.q_end].copy_(out)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from minference_kernels.options import PrefillOptions
 
 from .kvcache import CacheLayout, gather_kv
 
@@ -17,11 +18,6 @@ if TYPE_CHECKING:
     from minference_kernels import HeadPattern
 
 __all__ = ["prefill_request", "prefill_requests"]
-
-
-#: Share of causal pairs above which a sparse index runs dense on CUDA (kernel rate ~0.68 of
-#: cuDNN's with pointer loads, ~0.85 with TMA loads on Hopper; see benchmarks/NOTES.md).
-MAX_DENSITY = 0.6
 
 
 def prefill_request(
@@ -35,10 +31,7 @@ def prefill_request(
     heads: Sequence[HeadPattern],
     *,
     scale: float,
-    last_q: int = 64,
-    backend: str = "auto",
-    block_allocation: str = "query_block",
-    coverage: float | None = None,
+    options: PrefillOptions | None = None,
 ) -> torch.Tensor:
     """Attention output ``[Nq, Hq, D]`` for the last ``Nq`` tokens of a ``seq_len``-token request.
 
@@ -50,8 +43,10 @@ def prefill_request(
             when ``key`` is ``None``) are read through ``layout`` from blocks ``block_ids``.
         layout: returns the cache's :class:`CacheLayout`; called only when the cache is read.
         heads: one pattern per query head of ``query``.
-        scale, last_q, backend, block_allocation, coverage: passed to
-            ``minference_kernels.sparse_prefill``.
+        scale: the attention scale, passed to ``minference_kernels.sparse_prefill``.
+        options: the sparse pre-fill settings (:class:`minference_kernels.PrefillOptions`;
+            ``None``: the defaults); their kernel arguments are passed to ``sparse_prefill``
+            (``max_density`` on CUDA only: an index that keeps most pairs runs dense instead).
 
     The causal diagonal is aligned bottom-right: query ``i`` of the chunk sits at position
     ``seq_len - Nq + i`` and sees keys ``0 .. seq_len - Nq + i``.
@@ -78,13 +73,8 @@ def prefill_request(
         v.unsqueeze(0).contiguous(),
         heads,
         scale=scale,
-        last_q=last_q,
-        backend=backend,
         validate=False,
-        block_allocation=block_allocation,
-        coverage=coverage,
-        # on CUDA an index that keeps most pairs (no sparse structure) runs dense instead
-        max_density=MAX_DENSITY if query.is_cuda else None,
+        **(options or PrefillOptions()).kernel_kwargs(cuda=query.is_cuda),
     )
     return out[0].transpose(0, 1)
 
@@ -124,17 +114,14 @@ def prefill_requests(
     heads: Sequence[HeadPattern],
     *,
     scale: float,
-    last_q: int = 64,
-    backend: str = "auto",
-    block_allocation: str = "query_block",
-    coverage: float | None = None,
+    options: PrefillOptions | None = None,
 ) -> list[torch.Tensor]:
     """:func:`prefill_request` for several requests that share ``heads``, in one
     ``minference_kernels.sparse_prefill_varlen`` call (one attention launch for all of them).
 
     ``chunks``: per request ``(query [Nq, Hq, D], key, value [Nq, Hkv, D] or None, block_ids,
-    seq_len)`` as :func:`prefill_request` takes them. Returns each request's ``[Nq, Hq, D]``, equal
-    to :func:`prefill_request` on it alone.
+    seq_len)`` as :func:`prefill_request` takes them; ``options`` as there. Returns each request's
+    ``[Nq, Hq, D]``, equal to :func:`prefill_request` on it alone.
     """
     import minference_kernels
 
@@ -157,12 +144,7 @@ def prefill_requests(
         cu_k.to(dev, torch.int32),
         heads,
         scale,
-        last_q=last_q,
-        backend=backend,
         validate=False,
-        block_allocation=block_allocation,
-        coverage=coverage,
-        # on CUDA an index that keeps most pairs (no sparse structure) runs dense instead
-        max_density=MAX_DENSITY if dev.type == "cuda" else None,
+        **(options or PrefillOptions()).kernel_kwargs(cuda=dev.type == "cuda"),
     )
     return [out[int(cu_q[i]) : int(cu_q[i + 1])] for i in range(len(qs))]

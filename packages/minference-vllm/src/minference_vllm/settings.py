@@ -18,24 +18,27 @@ import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from minference_kernels import HeadPattern
+    from minference_kernels.options import PrefillOptions
     from minference_patterns import PatternConfig
 
 __all__ = [
     "ADDITIONAL_CONFIG_KEY",
+    "ENV_BACKEND",
     "ENV_BLOCK_ALLOCATION",
     "ENV_CONFIG",
     "ENV_COVERAGE",
     "ENV_DISABLE",
     "ENV_LAST_Q",
-    "ENV_MIN_QUERY_LEN",
+    "ENV_MAX_DENSITY",
+    "ENV_MIN_SPARSE_LEN",
+    "ENV_MIN_SPARSE_QUERY",
     "ENV_REPLACE_DEFAULT",
     "ENV_SKIP_VERSION_CHECK",
-    "ENV_THRESHOLD",
     "ENV_TRACE",
     "ModelShape",
     "PluginSettings",
@@ -52,28 +55,38 @@ ADDITIONAL_CONFIG_KEY = "minference"
 
 #: Pattern config (a path to a JSON config, or a model id known to ``minference_patterns.load``).
 ENV_CONFIG = "MINFERENCE_VLLM_CONFIG"
-#: Context length (cached + new tokens) from which a pre-fill chunk takes the sparse path.
-ENV_THRESHOLD = "MINFERENCE_VLLM_THRESHOLD"
-#: Fewest query tokens a chunk needs to take the sparse path (decode steps never do).
-ENV_MIN_QUERY_LEN = "MINFERENCE_VLLM_MIN_QUERY_LEN"
-#: Number of last queries used to estimate each head's index.
-ENV_LAST_Q = "MINFERENCE_VLLM_LAST_Q"
-#: ``minference_kernels`` backend: ``auto`` (Triton on CUDA, PyTorch on CPU), ``torch``, ``triton``.
-ENV_KERNEL_BACKEND = "MINFERENCE_VLLM_KERNEL_BACKEND"
 #: Append one JSON line per sparse pre-fill call to this file (debugging, tests).
 ENV_TRACE = "MINFERENCE_VLLM_TRACE"
-#: Block-sparse heads: ``query_block`` (top_k key blocks per query block) or ``head`` (the same
-#: number per head, spread by estimated attention share).
-ENV_BLOCK_ALLOCATION = "MINFERENCE_VLLM_BLOCK_ALLOCATION"
-#: Adaptive vertical-slash budgets: each head keeps the columns and diagonals that hold this share
-#: of its estimated attention mass, at most its configured budget (e.g. ``0.95``).
+# The sparse pre-fill settings: one variable per :class:`minference_kernels.PrefillOptions` field,
+# ``MINFERENCE_VLLM_`` + its name in capitals (its docstring gives meaning and default).
+#: ``PrefillOptions.min_sparse_len``: context length from which a pre-fill chunk goes sparse.
+ENV_MIN_SPARSE_LEN = "MINFERENCE_VLLM_MIN_SPARSE_LEN"
+#: ``PrefillOptions.min_sparse_query``: fewest query tokens a chunk needs to go sparse.
+ENV_MIN_SPARSE_QUERY = "MINFERENCE_VLLM_MIN_SPARSE_QUERY"
+#: ``PrefillOptions.last_q``: last queries used to estimate each head's index.
+ENV_LAST_Q = "MINFERENCE_VLLM_LAST_Q"
+#: ``PrefillOptions.backend``: ``auto`` (Triton on CUDA, PyTorch on CPU), ``torch``, ``triton``.
+ENV_BACKEND = "MINFERENCE_VLLM_BACKEND"
+#: ``PrefillOptions.coverage``: adaptive vertical-slash budgets (e.g. ``0.95``).
 ENV_COVERAGE = "MINFERENCE_VLLM_COVERAGE"
+#: ``PrefillOptions.block_allocation``: ``query_block``, ``head`` or ``layer``.
+ENV_BLOCK_ALLOCATION = "MINFERENCE_VLLM_BLOCK_ALLOCATION"
+#: ``PrefillOptions.max_density``: on CUDA, an index keeping more of the causal pairs runs dense.
+ENV_MAX_DENSITY = "MINFERENCE_VLLM_MAX_DENSITY"
 #: ``1``: ``register()`` does nothing (the plugin stays installed but inactive).
 ENV_DISABLE = "MINFERENCE_VLLM_DISABLE"
 #: ``1`` on CUDA: also replace the default ``FLASH_ATTN`` entry, not only the ``CUSTOM`` slot.
 ENV_REPLACE_DEFAULT = "MINFERENCE_VLLM_REPLACE_DEFAULT"
 #: ``1``: register even when the installed vLLM is outside the tested range.
 ENV_SKIP_VERSION_CHECK = "MINFERENCE_VLLM_SKIP_VERSION_CHECK"
+
+#: Keys and variables renamed in 0.2.0 (before any release) to the settings' one name; using an
+#: old one is an error that names the new one (it would otherwise be silently ignored).
+_RENAMED = {
+    "threshold": "min_sparse_len",
+    "min_query_len": "min_sparse_query",
+    "kernel_backend": "backend",
+}
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -96,79 +109,88 @@ class PluginSettings:
     Attributes:
         config: the pattern config, a path to a JSON file or a model id that
             ``minference_patterns.load`` knows.
-        threshold: a pre-fill chunk takes the sparse path when its request's context length
-            (tokens already cached plus the chunk) is at least this many tokens. Shorter contexts
-            use the platform's dense attention: sparse estimation does not pay off there.
-        min_query_len: a chunk also needs at least this many query tokens; decode steps (one token)
-            and short speculative-decoding verifications always use the dense path.
-        last_q: how many of the chunk's last queries estimate each head's index.
-        kernel_backend: ``minference_kernels`` backend (``auto``, ``torch`` or ``triton``).
+        options: the sparse pre-fill settings, a :class:`minference_kernels.PrefillOptions`
+            (validated when it was made; its docstring gives each setting's meaning and default).
+            A pre-fill chunk takes the sparse path when its request's context length (tokens
+            already cached plus the chunk) is at least ``options.min_sparse_len`` and the chunk has
+            at least ``options.min_sparse_query`` tokens; other chunks, decode steps and short
+            speculative-decoding verifications use the platform's dense attention.
+            ``block_allocation="layer"`` pools the heads of one call, i.e. this worker's heads of
+            the layer.
         trace: a file to which every sparse pre-fill call appends one JSON line, or ``None``.
-        block_allocation: ``minference_kernels.sparse_prefill``'s ``block_allocation``:
-            ``query_block`` (default), ``head`` or ``layer`` (the heads of one call, i.e. this
-            worker's heads of the layer, pool their budgets).
-        coverage: ``minference_kernels.sparse_prefill``'s ``coverage``: ``None`` (default, the
-            config's fixed budgets) or a share in (0, 1] of each vertical-slash head's estimated
-            attention mass to keep, at most its configured budget.
     """
 
     config: str
-    threshold: int = 8192
-    min_query_len: int = 64
-    last_q: int = 64
-    kernel_backend: str = "auto"
+    options: PrefillOptions = field(default_factory=lambda: _options_class()())
     trace: str | None = None
-    block_allocation: str = "query_block"
-    coverage: float | None = None
 
     def __post_init__(self) -> None:
+        PrefillOptions = _options_class()
         if not isinstance(self.config, str) or not self.config.strip():
             raise ValueError("minference: 'config' must be a non-empty path or model id")
-        for name, low in (("threshold", 1), ("min_query_len", 1), ("last_q", 1)):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int):
-                raise TypeError(f"minference: '{name}' must be an int, got {val!r}")
-            if val < low:
-                raise ValueError(f"minference: '{name}' must be >= {low}, got {val}")
-        if self.kernel_backend not in ("auto", "torch", "triton"):
-            raise ValueError(
-                "minference: 'kernel_backend' must be 'auto', 'torch' or 'triton', "
-                f"got {self.kernel_backend!r}"
+        if not isinstance(self.options, PrefillOptions):
+            raise TypeError(
+                "minference: 'options' must be a minference_kernels.PrefillOptions, "
+                f"got {type(self.options).__name__}"
             )
         if self.trace is not None and not isinstance(self.trace, str):
             raise TypeError(f"minference: 'trace' must be a path string, got {self.trace!r}")
-        from minference_kernels.estimate import check_allocation, check_coverage
-
-        check_allocation(self.block_allocation, "minference: 'block_allocation'")
-        check_coverage(self.coverage, "minference: 'coverage'")
 
 
-_ENV_FIELDS: dict[str, str] = {
-    "config": ENV_CONFIG,
-    "threshold": ENV_THRESHOLD,
-    "min_query_len": ENV_MIN_QUERY_LEN,
+def _options_class() -> type[PrefillOptions]:
+    # imported when settings are made, not with the module: importing the plugin (every vLLM
+    # process does) loads neither torch nor the kernels
+    from minference_kernels.options import PrefillOptions
+
+    return PrefillOptions
+
+
+#: The ``additional_config`` keys and environment variables of the plugin's own fields.
+_PLUGIN_ENV = {"config": ENV_CONFIG, "trace": ENV_TRACE}
+#: The same for the :class:`PrefillOptions` fields, by name.
+_OPTION_ENV = {
+    "min_sparse_len": ENV_MIN_SPARSE_LEN,
+    "min_sparse_query": ENV_MIN_SPARSE_QUERY,
     "last_q": ENV_LAST_Q,
-    "kernel_backend": ENV_KERNEL_BACKEND,
-    "trace": ENV_TRACE,
-    "block_allocation": ENV_BLOCK_ALLOCATION,
+    "backend": ENV_BACKEND,
     "coverage": ENV_COVERAGE,
+    "block_allocation": ENV_BLOCK_ALLOCATION,
+    "max_density": ENV_MAX_DENSITY,
 }
-_INT_FIELDS = {"threshold", "min_query_len", "last_q"}
-_FLOAT_FIELDS = {"coverage"}
 
 
 def _env_value(name: str, var: str, raw: str) -> Any:
-    if name in _FLOAT_FIELDS:
+    """An environment variable's text as the type the setting's default has (the validator of
+    :class:`PrefillOptions` then checks the value)."""
+    default = getattr(_options_class()(), name, None)
+    if name in ("coverage", "max_density"):  # a share: a number, or ``none`` for ``None``
+        if raw.lower() == "none":
+            return None
         try:
             return float(raw)
         except ValueError:
             raise ValueError(f"{var}={raw!r} is not a number") from None
-    if name not in _INT_FIELDS:
-        return raw
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{var}={raw!r} is not an integer") from None
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{var}={raw!r} is not an integer") from None
+    return raw
+
+
+def _check_renamed(section: Mapping[str, Any], environ: Mapping[str, str]) -> None:
+    for old, new in _RENAMED.items():
+        if old in section:
+            raise ValueError(
+                f"additional_config['minference'] key {old!r} was renamed to {new!r} "
+                "(the setting's one name in every layer: minference_kernels.PrefillOptions)"
+            )
+        var = "MINFERENCE_VLLM_" + old.upper()
+        if environ.get(var, "").strip():
+            raise ValueError(
+                f"{var} was renamed to MINFERENCE_VLLM_{new.upper()} (the setting's one name in "
+                "every layer: minference_kernels.PrefillOptions)"
+            )
 
 
 def resolve_settings(
@@ -178,8 +200,11 @@ def resolve_settings(
     """Build the settings from vLLM's ``additional_config`` and the environment.
 
     ``additional_config["minference"]`` (a dict, or a JSON string of one) wins field by field over
-    the ``MINFERENCE_VLLM_*`` variables. Without a ``config`` from either source the plugin is not
-    configured and this returns ``None``. Unknown keys and bad values raise ``ValueError``.
+    the ``MINFERENCE_VLLM_*`` variables. Its keys are ``config``, ``trace`` and the
+    :class:`minference_kernels.PrefillOptions` field names; the options are made (and validated)
+    once, here. Without a ``config`` from either source the plugin is not configured and this
+    returns ``None``. Unknown keys (and the names renamed in 0.2.0) and bad values raise
+    ``ValueError`` / ``TypeError`` naming the setting.
     """
     environ = os.environ if environ is None else environ
     section: Any = None
@@ -195,10 +220,11 @@ def resolve_settings(
     if not isinstance(section, Mapping):
         raise TypeError(
             "additional_config['minference'] must be an object such as "
-            '{"config": "patterns.json", "threshold": 32768}, '
+            '{"config": "patterns.json", "min_sparse_len": 32768}, '
             f"got {type(section).__name__}"
         )
-    known = {f.name for f in fields(PluginSettings)}
+    _check_renamed(section, environ)
+    known = set(_PLUGIN_ENV) | set(_OPTION_ENV)
     unknown = sorted(set(section) - known)
     if unknown:
         raise ValueError(
@@ -206,14 +232,18 @@ def resolve_settings(
             f"known keys: {', '.join(sorted(known))}"
         )
     values: dict[str, Any] = {}
-    for name, var in _ENV_FIELDS.items():
-        if name in section and section[name] is not None:
+    for name, var in {**_PLUGIN_ENV, **_OPTION_ENV}.items():
+        if name in section and (section[name] is not None or name in ("coverage", "max_density")):
             values[name] = section[name]
         elif environ.get(var, "").strip():
             values[name] = _env_value(name, var, environ[var].strip())
     if "config" not in values:
         return None
-    return PluginSettings(**values)
+    try:
+        options = _options_class()(**{k: v for k, v in values.items() if k in _OPTION_ENV})
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"minference: {exc}") from None
+    return PluginSettings(config=values["config"], options=options, trace=values.get("trace"))
 
 
 _LAYER_RE = re.compile(r"^\d+$")
@@ -350,11 +380,12 @@ def clear_pattern_cache() -> None:
 def plan_batch(
     query_start_loc: Sequence[int], seq_lens: Sequence[int], settings: PluginSettings
 ) -> tuple[list[int], list[int]]:
-    """Split a batch's requests into ``(sparse, dense)`` request indices."""
+    """Split a batch's requests into ``(sparse, dense)`` request indices
+    (:meth:`minference_kernels.PrefillOptions.wants_sparse` on each request's chunk and context)."""
     sparse, dense = [], []
     for i, seq_len in enumerate(seq_lens):
         q_len = query_start_loc[i + 1] - query_start_loc[i]
-        if q_len >= settings.min_query_len and seq_len >= settings.threshold:
+        if settings.options.wants_sparse(q_len, seq_len):
             sparse.append(i)
         elif q_len > 0:
             dense.append(i)
