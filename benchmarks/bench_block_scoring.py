@@ -15,7 +15,7 @@ import statistics
 
 import torch
 import triton
-from minference_kernels.estimate import block_topk
+from minference_kernels.ops.block_select import block_topk
 from minference_kernels.synthetic import structured_qkv
 
 
