@@ -42,7 +42,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import minference_hf  # noqa: E402
 import torch  # noqa: E402
-from minference_hf.generation import cache_kwarg  # noqa: E402
+from minference_hf.caches import cache_kwarg  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 CONFIG_ID = "meta-llama/Llama-3.1-8B-Instruct"
