@@ -16,7 +16,7 @@ import statistics
 import torch
 import triton
 from _provenance import write_json
-from minference_kernels.estimate import block_topk
+from minference_kernels.ops.block_select import block_topk
 from minference_kernels.synthetic import structured_qkv
 
 

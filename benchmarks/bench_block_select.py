@@ -1,5 +1,5 @@
 """Block-sparse estimation time (issue 3's index share): the top-k selection of
-``estimate.block_topk`` on a Llama-3-8B-shaped layer (32 query / 8 KV heads, head dim 128, bf16,
+``block_select.block_topk`` on a Llama-3-8B-shaped layer (32 query / 8 KV heads, head dim 128, bf16,
 B = 1), per sequence length and budget, three ways in one process:
 
 * ``topk``: the v0.2.0-f selection (``torch.topk(sorted=True)`` over each chunk of ranked scores,
@@ -27,8 +27,8 @@ import minference_kernels as mk
 import torch
 import triton
 from _provenance import write_json
-from minference_kernels import estimate
-from minference_kernels.estimate import (
+from minference_kernels.ops import block_select
+from minference_kernels.ops.block_select import (
     _block_geometry,
     _causal_forced,
     _pool_blocks,
@@ -49,7 +49,7 @@ def topk_v020f(q, k, top_k: int, block_size: int) -> torch.Tensor:
     kv_of_q = torch.arange(hq, device=dev) // (hq // k.shape[1])
     pk = _pool_blocks(k, nk, mbk, block_size).index_select(1, kv_of_q)
     out = torch.full((b, hq, mbq, top_k), -1, dtype=torch.int64, device=dev)
-    rows_per = max(1, estimate.BLOCK_SCORE_CHUNK_BYTES // (3 * 4 * b * hq * mbk))
+    rows_per = max(1, block_select.BLOCK_SCORE_CHUNK_BYTES // (3 * 4 * b * hq * mbk))
     for r0 in range(0, mbq, rows_per):
         r1 = min(mbq, r0 + rows_per)
         rows = torch.arange(r0, r1, device=dev)
@@ -95,8 +95,8 @@ def odd_shapes() -> dict[str, bool]:
             for top_k in (1, 3, max(1, mbk // 10), mbk + 5):
                 lim = torch.tensor([1 + (i * 7) % top_k for i in range(hq)], device="cuda")
                 for t in (top_k, lim):
-                    a = estimate.block_topk(q, k, t, bs, top_k_max=top_k, backend="torch")
-                    c = estimate.block_topk(q, k, t, bs, top_k_max=top_k, backend="triton")
+                    a = block_select.block_topk(q, k, t, bs, top_k_max=top_k, backend="torch")
+                    c = block_select.block_topk(q, k, t, bs, top_k_max=top_k, backend="triton")
                     name = f"{b}x{hq}/{hkv} {nq}/{nk} bs{bs} {dt} k{top_k} per-head {t is lim}"
                     res[name] = bool(torch.equal(a, c))
     return res
@@ -134,7 +134,7 @@ def main():
             top_k = max(1, math.ceil(frac * n / 64))
             slow = n >= 524288
             reps = 3 if slow else 10
-            sel = lambda be: estimate.block_topk(q, k, top_k, 64, backend=be)
+            sel = lambda be: block_select.block_topk(q, k, top_k, 64, backend=be)
             t_old = timed(lambda: topk_v020f(q, k, top_k, 64), reps)
             old = topk_v020f(q, k, top_k, 64)
             tri = sel("triton")

@@ -42,7 +42,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import minference_hf  # noqa: E402
 import torch  # noqa: E402
 from _provenance import write_json
-from minference_hf.generation import cache_kwarg  # noqa: E402
+from minference_hf.caches import cache_kwarg  # noqa: E402
 from minference_kernels.options import DEFAULT_MIN_SPARSE_LEN, PrefillOptions  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 

@@ -4,7 +4,7 @@
 
 Candidates like ``block_sparse(8%, head)`` at 128K: 32 heads x 2048 query blocks x
 ``HEAD_ALLOCATION_CAP * top_k`` candidates (top_k = 164; ``--cap`` to change), float32 shares with -inf where a query block has fewer causal blocks,
-ascending ids. Compares the Triton ranking (``_triton.head_keep``) in several launch variants with
+ascending ids. Compares the Triton ranking (``head_rank_triton.head_keep``) in several launch variants with
 the PyTorch one (``_best_of_rows`` bisection + compaction sort), checks that all keep the same
 blocks, and prints a table (median ms). CUDA only.
 """
@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 import triton
 from _provenance import write_json
-from minference_kernels import _triton
-from minference_kernels.estimate import _BIG, HEAD_ALLOCATION_CAP, _best_of_rows
+from minference_kernels.index import _BIG
+from minference_kernels.ops import head_rank_triton
+from minference_kernels.ops.block_select import HEAD_ALLOCATION_CAP
+from minference_kernels.ops.head_rank import _best_of_rows
 
 
 def main() -> int:
@@ -32,7 +34,8 @@ def main() -> int:
     ap.add_argument(
         "--also",
         help="a Python file with another head_keep to time beside the shipped one (e.g. an earlier "
-        "_triton.py: git show REV:packages/minference-kernels/src/minference_kernels/_triton.py)",
+        "ops/head_rank_triton.py, or _triton.py before the kernels were split by operation: "
+        "git show REV:packages/minference-kernels/src/minference_kernels/_triton.py)",
     )
     args = ap.parse_args()
     h, mb, top_k = args.heads, args.mb, args.top_k
@@ -57,13 +60,13 @@ def main() -> int:
 
     want = torch_path()
     rows = [("torch bisect + sort", triton.testing.do_bench(torch_path, rep=200), True)]
-    default = (_triton._RANK_SUB, _triton._RANK_CHUNK)
+    default = (head_rank_triton._RANK_SUB, head_rank_triton._RANK_CHUNK)
     for sub, chunk in [(128, 8192), (64, 8192), (256, 8192), (128, 32768), (128, 4096)]:
-        _triton._RANK_SUB, _triton._RANK_CHUNK = sub, chunk
-        same = torch.equal(_triton.head_keep(vals, ids, budget), want)
-        ms = triton.testing.do_bench(lambda: _triton.head_keep(vals, ids, budget), rep=200)
+        head_rank_triton._RANK_SUB, head_rank_triton._RANK_CHUNK = sub, chunk
+        same = torch.equal(head_rank_triton.head_keep(vals, ids, budget), want)
+        ms = triton.testing.do_bench(lambda: head_rank_triton.head_keep(vals, ids, budget), rep=200)
         rows.append((f"triton sub={sub} chunk={chunk}", ms, same))
-    _triton._RANK_SUB, _triton._RANK_CHUNK = default
+    head_rank_triton._RANK_SUB, head_rank_triton._RANK_CHUNK = default
     if args.also:
         spec = importlib.util.spec_from_file_location("other_ranking", args.also)
         other = importlib.util.module_from_spec(spec)

@@ -23,8 +23,8 @@ import torch
 import triton
 from _provenance import write_json
 from bench_layer import CONFIG_ID, HQ, block_rows, dense_probs, sample_rows, structured_layer
-from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
+from minference_kernels.ops.attention import index_mask
 
 
 def methods(

@@ -27,8 +27,8 @@ import minference_kernels as mk
 import torch
 import triton
 from _provenance import write_json
-from minference_kernels import _triton
 from minference_kernels.index import BLOCK
+from minference_kernels.ops import attention_triton
 from minference_kernels.synthetic import structured_qkv
 
 HQ, HKV, D = 32, 8, 128
@@ -159,10 +159,10 @@ def run_n(n, kind, patterns, flex_ns, log):
         t_total = do_bench(fn)
         t_index = do_bench(lambda: mk.build_index(q, k, heads, validate=False, **kw))
         idx = mk.build_index(q, k, heads, validate=False, **kw)
-        t_kernel = do_bench(lambda: _triton.attend(q, k, v, idx, D**-0.5))
+        t_kernel = do_bench(lambda: attention_triton.attend(q, k, v, idx, D**-0.5))
         out = fn()[:, :, rows].float()
         dens = mk.index_density(idx, blocks).mean().item()
-        from minference_kernels._torch_attn import index_mask
+        from minference_kernels.ops.attention import index_mask
 
         m = index_mask(idx, rows)[0]
         recall = (p * m).sum(-1).mean().item()
@@ -257,7 +257,7 @@ def main():
     )
     a = ap.parse_args()
     if a.attn_config:
-        _triton.ATTN_CONFIG.update(json.loads(a.attn_config))
+        attention_triton.ATTN_CONFIG.update(json.loads(a.attn_config))
     try:
         import minference_patterns as mp
 
@@ -272,7 +272,7 @@ def main():
         triton=triton.__version__,
         date=datetime.date.today().isoformat(),
         layer=dict(hq=HQ, hkv=HKV, d=D, dtype="bf16", batch=1),
-        attn_config=dict(_triton.ATTN_CONFIG),
+        attn_config=dict(attention_triton.ATTN_CONFIG),
         rows=[],
         errors=[],
     )

@@ -27,8 +27,8 @@ import torch
 import triton
 from _provenance import commit, write_json
 from bench_layer import HQ, dense_probs, sample_rows, structured_layer
-from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
+from minference_kernels.ops.attention import index_mask
 from minference_patterns.policy import MEASURED_LONGER_EXPONENT
 
 CONFIGS = ("meta-llama/Meta-Llama-3.1-8B-Instruct", "gradientai/Llama-3-8B-Instruct-262k")

@@ -3,8 +3,8 @@
 One Llama-3-8B-shaped layer (32 query / 8 KV heads, head dim 128, bf16, structured inputs of
 ``bench_layer.structured_layer``):
 
-1. checks the fused kernel (``_sampled_triton``) against the PyTorch reference masses
-   (``_sampled.sampled_mass_chunks``; float32 products of the same bf16 inputs) and a float64
+1. checks the fused kernel (``ops.block_sampled_triton``) against the PyTorch reference masses
+   (``block_sampled.sampled_mass_chunks``; float32 products of the same bf16 inputs) and a float64
    reference on a few heads, and the blocks ``block_topk(backend="triton", scoring="sampled")``
    selects against the PyTorch backend's (4K, 32K and an odd Nq < Nk; softcap on one);
 2. tries a few launch settings of the kernel at 32K (the fastest is used below);
@@ -35,9 +35,8 @@ import minference_kernels as mk
 import torch
 import triton
 from _provenance import write_json
-from minference_kernels import _sampled
-from minference_kernels import _sampled_triton as st
-from minference_kernels.estimate import block_topk
+from minference_kernels.ops import block_sampled, block_sampled_triton
+from minference_kernels.ops.block_select import block_topk
 from minference_kernels.synthetic import structured_qkv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -86,7 +85,7 @@ def mass64(q, k, heads, rows, scale, softcap=None):
     """Float64 ``[len(heads), MBq, MBk]`` masses of batch item 0 (direct softmax of the rows)."""
     nq, nk = q.shape[2], k.shape[2]
     mbq, mbk = -(-nq // BS), -(-nk // BS)
-    r = _sampled.sampled_rows(mbq, nq, BS, rows, DEV).reshape(-1)
+    r = block_sampled.sampled_rows(mbq, nq, BS, rows, DEV).reshape(-1)
     pos = r + nk - nq
     outs = []
     for h in heads:
@@ -108,11 +107,13 @@ def check(n: int, nq: int, softcap, rows_list=(4, 2)) -> dict:
     res = {"n": n, "nq": nq, "softcap": softcap}
     for rows in rows_list:
         got = assemble(
-            st.sampled_mass_chunks_triton(q, k, ids, kv, BS, scale, rows=rows, softcap=softcap),
+            block_sampled_triton.sampled_mass_chunks_triton(
+                q, k, ids, kv, BS, scale, rows=rows, softcap=softcap
+            ),
             (1, HQ, mbq, mbk),
         )
         ref = assemble(
-            _sampled.sampled_mass_chunks(q, k, ids, kv, BS, scale, rows=rows, softcap=softcap),
+            block_sampled.sampled_mass_chunks(q, k, ids, kv, BS, scale, rows=rows, softcap=softcap),
             (1, HQ, mbq, mbk),
         )
         heads = sorted({0, HQ // 2 - 3, HQ - 1})
@@ -123,8 +124,8 @@ def check(n: int, nq: int, softcap, rows_list=(4, 2)) -> dict:
             (ref[0, heads].double() - m64).abs().max()
         )
         res[f"rows{rows}_mass_sum_err"] = float((got.sum(-1) - rows).abs().max())
-        old = _sampled.SAMPLED_ROWS
-        _sampled.SAMPLED_ROWS = rows
+        old = block_sampled.SAMPLED_ROWS
+        block_sampled.SAMPLED_ROWS = rows
         try:
             for frac in (0.02, 0.08):
                 top_k = max(1, math.ceil(frac * n / BS))
@@ -139,7 +140,7 @@ def check(n: int, nq: int, softcap, rows_list=(4, 2)) -> dict:
                 res[f"rows{rows}_top{frac}_blocks_differing"] = diff
                 res[f"rows{rows}_top{frac}_blocks_picked"] = int((c >= 0).sum())
         finally:
-            _sampled.SAMPLED_ROWS = old
+            block_sampled.SAMPLED_ROWS = old
     print(json.dumps(res), flush=True)
     return res
 
@@ -148,7 +149,7 @@ def kernel_fn(q, k, rows, cfg=None):
     ids, kv = ids_kv()
 
     def run():
-        for _ in st.sampled_mass_chunks_triton(
+        for _ in block_sampled_triton.sampled_mass_chunks_triton(
             q, k, ids, kv, BS, D**-0.5, rows=rows, ranked=True, cfg=cfg
         ):
             pass
@@ -185,7 +186,7 @@ def sweep(n: int) -> tuple[dict, list]:
 def flops_of(n, nq, rows, tile_m):
     """``(useful, visited)`` (sampled row, key) pairs of one head and batch item."""
     mbq = -(-nq // BS)
-    r = _sampled.sampled_rows(mbq, nq, BS, rows, "cpu")  # [mbq, rows]
+    r = block_sampled.sampled_rows(mbq, nq, BS, rows, "cpu")  # [mbq, rows]
     off = n - nq
     useful = int((r + off + 1).sum())
     qb_per = tile_m // triton.next_power_of_2(rows)
@@ -199,12 +200,12 @@ def flops_of(n, nq, rows, tile_m):
 
 def with_rows(rows, fn):
     def run():
-        old = _sampled.SAMPLED_ROWS
-        _sampled.SAMPLED_ROWS = rows
+        old = block_sampled.SAMPLED_ROWS
+        block_sampled.SAMPLED_ROWS = rows
         try:
             return fn()
         finally:
-            _sampled.SAMPLED_ROWS = old
+            block_sampled.SAMPLED_ROWS = old
 
     return run
 
@@ -213,12 +214,12 @@ def torch_scoring(fn):
     """``fn`` with the sampled scores from the PyTorch path (the fused kernel declined)."""
 
     def run():
-        real = st.unsupported
-        st.unsupported = lambda *a: "benchmark: the PyTorch sampled path"
+        real = block_sampled_triton.unsupported
+        block_sampled_triton.unsupported = lambda *a: "benchmark: the PyTorch sampled path"
         try:
             return fn()
         finally:
-            st.unsupported = real
+            block_sampled_triton.unsupported = real
 
     return run
 
@@ -370,9 +371,9 @@ def main() -> int:
     save()
     if not a.no_sweep:
         best, doc["sweep_32k"] = sweep(400 if a.smoke else 32768)
-        st.SAMPLED_CONFIG.update(best)
+        block_sampled_triton.SAMPLED_CONFIG.update(best)
         save()
-    doc["config"] = dict(st.SAMPLED_CONFIG)
+    doc["config"] = dict(block_sampled_triton.SAMPLED_CONFIG)
     doc["timings"] = []
     for n in (int(x) for x in a.ns.split(",")):
         rows_list = tuple(int(x) for x in a.rows.split(","))

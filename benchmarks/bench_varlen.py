@@ -109,7 +109,8 @@ def main() -> None:
         ]
 
     # attention alone: indices built once
-    from minference_kernels import _triton, _varlen_triton
+    from minference_kernels.ops import attention_triton
+    from minference_kernels.ops import varlen_triton as _varlen_triton
 
     scale = d**-0.5
     indices = [
@@ -122,7 +123,7 @@ def main() -> None:
 
     def attn_loop():
         return [
-            _triton.attend(seq(q, cq, i), seq(k, ck, i), seq(v, ck, i), indices[i], scale)
+            attention_triton.attend(seq(q, cq, i), seq(k, ck, i), seq(v, ck, i), indices[i], scale)
             for i in range(len(lengths))
         ]
 

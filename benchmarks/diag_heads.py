@@ -17,7 +17,7 @@ from pathlib import Path
 import minference_kernels as mk
 import torch
 import triton
-from minference_kernels import _triton
+from minference_kernels.ops import attention_triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_e2e  # noqa: E402
@@ -74,7 +74,7 @@ def analyse(label: str, q, k, v, heads, log: list) -> None:
         "cols_per_block_mean": float(cols.mean()),
         "group_tile_jaccard": group_sharing(idx, g),
     }
-    t = bench(lambda: _triton.attend(q, k, v, idx, scale))
+    t = bench(lambda: attention_triton.attend(q, k, v, idx, scale))
     row["kernel_ms"] = t
     row["computed_tflops"] = 4 * d * float((cand * rows).sum()) / t / 1e9
     row["cudnn_tflops"] = 4 * d * hq * causal / t_cudnn / 1e9

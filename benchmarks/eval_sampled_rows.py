@@ -1,6 +1,6 @@
 """``minference eval`` with the sampled block scoring's rows per query block set to ``--rows``.
 
-:data:`minference_kernels._sampled.SAMPLED_ROWS` (4) sets how many query rows of each block the
+:data:`minference_kernels.ops.block_sampled.SAMPLED_ROWS` (4) sets how many query rows of each block the
 ``scoring="sampled"`` estimate computes exactly; its cost is about ``rows / 64`` of a dense layer
 (v0.3.0-c). This runs the eval CLI (every argument after ``--`` is passed to ``minference eval``)
 with another value, so that 1 and 4 rows can be compared on a real model through the whole
@@ -31,9 +31,9 @@ def main() -> int:
         ap.error(f"--rows must be in 1..64, got {a.rows}")
     rest = a.eval_args[1:] if a.eval_args[:1] == ["--"] else a.eval_args
     from minference_hf.cli import main as cli_main
-    from minference_kernels import _sampled
+    from minference_kernels.ops import block_sampled
 
-    _sampled.SAMPLED_ROWS = a.rows  # read by the estimate at each call
+    block_sampled.SAMPLED_ROWS = a.rows  # read by the estimate at each call
     rc = cli_main(["eval", *rest])
     out = Path(rest[rest.index("--out-dir") + 1]) if "--out-dir" in rest else Path("eval-out")
     (out / "sampled_rows.json").write_text(

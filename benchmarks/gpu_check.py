@@ -17,7 +17,7 @@ import minference_kernels as mk
 import torch
 import triton
 from _provenance import write_json
-from minference_kernels import _triton
+from minference_kernels.ops import _triton_common, attention_triton, vs_scores_triton
 from minference_kernels.synthetic import structured_qkv
 
 
@@ -201,7 +201,7 @@ def check_32k(log):
 def big_head_dims(log):
     """Head dims above the tuned range (D = 192, 256; e.g. Gemma's 256): every kernel on odd shapes
     against float64 over the exact masks, and which pipeline depth each launch settled on (a
-    launch that does not fit steps down, logged; ``_triton._FIT_STAGES``)."""
+    launch that does not fit steps down, logged; ``_triton_common._FIT_STAGES``)."""
     torch.manual_seed(1)
     n_ok, worst = 0, 0.0
     # fp32 last: its large tiles compile slowly (and step down the most)
@@ -229,7 +229,7 @@ def big_head_dims(log):
             worst, n_ok = max(worst, got[0]), n_ok + got[1]
     stages = {
         f"{k_[0]} {k_[2]} D={dict(k_[3]).get('HEAD_D')} asked {k_[4]}": depth
-        for k_, depth in _triton._FIT_STAGES.items()
+        for k_, depth in _triton_common._FIT_STAGES.items()
     }
     log["big_head_dims"] = {"passed": n_ok, "worst": worst, "stages": stages}
     return n_ok, worst, stages
@@ -239,7 +239,7 @@ def score_grid(log):
     """The Triton vertical-slash score pass against the PyTorch one at the largest ``last_q`` per
     pipeline depth, per dtype, D = 128 (shared memory grows with both; ``last_q = 128`` once asked
     240 KiB). Each (dtype, last_q) pair compiles its own kernels: keep the grid small."""
-    from minference_kernels.estimate import vs_scores_torch
+    from minference_kernels.ops.vs_scores import vs_scores_torch
 
     worst, n_ok = 0.0, 0
     for dt, lq, n in itertools.product(
@@ -250,7 +250,7 @@ def score_grid(log):
         case = dict(dtype=str(dt), last_q=lq, d=d, n=n)
 
         def err(q=q, k=k, lq=lq, d=d):
-            vt, st = _triton.vs_scores(q, k, lq, d**-0.5)
+            vt, st = vs_scores_triton.vs_scores(q, k, lq, d**-0.5)
             vr, sr = vs_scores_torch(q, k, lq, d**-0.5)
             return max(
                 ((vt - vr).abs().max() / vr.abs().max()).item(),
@@ -296,13 +296,13 @@ def bench(log, ns):
         from minference_kernels.api import _dense_index
 
         dense_idx = _dense_index(check_qkv(q, k, v, check_values=False), q.device)
-        row["ours_dense_ms"] = t(lambda: _triton.attend(q, k, v, dense_idx, d**-0.5))
+        row["ours_dense_ms"] = t(lambda: attention_triton.attend(q, k, v, dense_idx, d**-0.5))
         for nv, ns_ in [(1000, 6096), (512, 2048), (100, 800)]:
             heads = [mk.HeadPattern.vertical_slash(nv, ns_)] * hq
             total = t(lambda: mk.sparse_prefill(q, k, v, heads, validate=False))
             est = t(lambda: mk.build_index(q, k, heads, validate=False))
             idx = mk.build_index(q, k, heads, validate=False)
-            kern = t(lambda: _triton.attend(q, k, v, idx, d**-0.5))
+            kern = t(lambda: attention_triton.attend(q, k, v, idx, d**-0.5))
             blocks = list(range(0, idx.num_blocks, max(1, idx.num_blocks // 64)))
             dens = mk.index_density(idx, blocks).mean().item()
             row[f"vs{nv}_{ns_}"] = dict(
@@ -333,8 +333,8 @@ if __name__ == "__main__":
     )
     a = ap.parse_args()
     if a.attn_config:
-        _triton.ATTN_CONFIG.update(json.loads(a.attn_config))
-        print("attention launch config:", _triton.ATTN_CONFIG, flush=True)
+        attention_triton.ATTN_CONFIG.update(json.loads(a.attn_config))
+        print("attention launch config:", attention_triton.ATTN_CONFIG, flush=True)
     QUICK = a.quick  # module global: grid() reads it
     if a.quick:
         a.ns = ""

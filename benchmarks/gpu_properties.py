@@ -34,8 +34,9 @@ import time
 import minference_kernels as mk
 import torch
 from _provenance import write_json
-from minference_kernels import _torch_attn
-from minference_kernels.estimate import HEAD_ALLOCATION_CAP, KEEP_FIRST, KEEP_LOCAL
+from minference_kernels.ops import attention
+from minference_kernels.ops.block_select import HEAD_ALLOCATION_CAP
+from minference_kernels.ops.vs_scores import KEEP_FIRST, KEEP_LOCAL
 from minference_kernels.synthetic import structured_qkv
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -316,7 +317,7 @@ def case_layer(ck, rng, args, dev, be):
     kw = dict(last_q=last_q, coverage=coverage, block_allocation=alloc)
     out, idx = mk.sparse_prefill(q, k, v, heads, backend=be, return_index=True, **kw)
     rows = sample_rows(rng, p["nq"], dev)
-    mask = _torch_attn.index_mask(idx, rows)
+    mask = attention.index_mask(idx, rows)
     params = {**p, "family": fam, "seed": seed, "heads": [h.describe() for h in heads],
               "coverage": coverage, "last_q": last_q, "block_allocation": alloc}  # fmt: skip
     ok, err, tol, why = compare_rows(out[:, :, rows], ref_rows(q, k, v, mask, rows), mask,
@@ -338,11 +339,11 @@ def case_estimate_vs(ck, rng, args, dev, be):
     params = {**p, "family": fam, "seed": seed, "nv": nv, "ns": ns, "last_q": last_q}
     vr, sr = ref_vs_scores(q, k, last_q, scale)
     if be == "triton":
-        from minference_kernels import _triton
+        from minference_kernels.ops import vs_scores_triton
 
-        vt, st = _triton.vs_scores(q, k, last_q, scale)
+        vt, st = vs_scores_triton.vs_scores(q, k, last_q, scale)
     else:
-        from minference_kernels.estimate import vs_scores_torch
+        from minference_kernels.ops.vs_scores import vs_scores_torch
 
         vt, st = vs_scores_torch(q, k, last_q, scale)
     # scores are sums of up to last_q probabilities: error relative to the largest score, plus the

@@ -6,7 +6,7 @@ the pairs :func:`minference_kernels.sparse_prefill_mask` keeps (rows are scored 
 memory stays bounded). Density = kept causal pairs / causal pairs.
 
 Inputs: ``DIR/*.pt`` files, each a dict with ``q [1, Hq, N, D]``, ``k``/``v [1, Hkv, N, D]``
-(post-RoPE) and ``scale``, e.g. captured from SmolLM2-135M on real text::
+(post-RoPE) and ``scale``, block_select.g. captured from SmolLM2-135M on real text::
 
     PYTHONPATH=packages/minference-kernels/src python benchmarks/recall_estimators.py \
         --heads /tmp/realheads --out recall.json
@@ -73,7 +73,7 @@ def methods_for(hq: int) -> dict:
 def synthetic_repro(n: int = 16384, d: int = 64, seed: int = 0) -> dict:
     """The issue's 16K head: the last 64 queries put ~70% of their mass on key 14533 plus
     RoPE-like diagonals. Recall and kept entries on the 64 estimation rows per coverage."""
-    from minference_kernels.estimate import select_vertical_slash, vs_scores_torch
+    from minference_kernels.ops.vs_scores import select_vertical_slash, vs_scores_torch
 
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(1, 1, n, d, generator=g) * 0.5
@@ -118,8 +118,7 @@ def gpu_check() -> dict:
     """CUDA: the Triton estimators against the PyTorch ones (block selection per allocation:
     equality, the floor, key block 0; coverage selection from Triton vs PyTorch scores) and the
     selection times at 128K (32 query / 8 KV heads, head dim 128, bf16)."""
-    from minference_kernels import _triton
-    from minference_kernels import estimate as e
+    from minference_kernels.ops import block_select, vs_scores, vs_scores_triton
     from minference_kernels.synthetic import structured_qkv
 
     d = "cuda"
@@ -134,7 +133,7 @@ def gpu_check() -> dict:
                 kw = {"allocation": alloc}
                 t = mk.estimate_block_sparse(q, k, top_k, backend="triton", **kw)
                 r = mk.estimate_block_sparse(q, k, top_k, backend="torch", **kw)
-                own = e.block_topk(q, k, math.ceil(0.75 * top_k), 64, backend="triton")
+                own = block_select.block_topk(q, k, math.ceil(0.75 * top_k), 64, backend="triton")
                 floor_ok = bool(((own[..., :, None] == t[..., None, :]).any(-1) | (own < 0)).all())
                 row = {
                     "nq": nq, "nk": nk, "alloc": alloc, "top_k": top_k,
@@ -147,11 +146,11 @@ def gpu_check() -> dict:
                 print(row, flush=True)
     q, k, _ = structured_qkv(1, 8, 2, 16384, 128, kind="vertical_slash", seed=1, dtype=torch.bfloat16, device=d)  # fmt: skip
     sc = 128**-0.5
-    tv, ts = _triton.vs_scores(q, k, 64, sc)
-    pv, ps = e.vs_scores_torch(q, k, 64, sc)
+    tv, ts = vs_scores_triton.vs_scores(q, k, 64, sc)
+    pv, ps = vs_scores.vs_scores_torch(q, k, 64, sc)
     for cov in (0.5, 0.9, 0.95):
-        a = e.select_vertical_slash(tv, ts, 256, 1024, coverage=cov, q=q, k=k)
-        b = e.select_vertical_slash(pv, ps, 256, 1024, coverage=cov, q=q, k=k)
+        a = vs_scores.select_vertical_slash(tv, ts, 256, 1024, coverage=cov, q=q, k=k)
+        b = vs_scores.select_vertical_slash(pv, ps, 256, 1024, coverage=cov, q=q, k=k)
         row = {
             "coverage": cov, "equal": [torch.equal(x, y) for x, y in zip(a, b)],
             "kept_v": a[1].sum(-1).tolist(), "kept_s": a[3].sum(-1).tolist(),
@@ -161,7 +160,7 @@ def gpu_check() -> dict:
     n = 131072
     q = torch.randn(1, 32, n, 128, device=d, dtype=torch.bfloat16)
     k = torch.randn(1, 8, n, 128, device=d, dtype=torch.bfloat16)
-    v, s = _triton.vs_scores(q, k, 64, sc)
+    v, s = vs_scores_triton.vs_scores(q, k, 64, sc)
 
     def ms(f, reps=5):
         f()
@@ -173,15 +172,19 @@ def gpu_check() -> dict:
         return (time.perf_counter() - t0) / reps * 1e3
 
     bm = (1000, 6096)
-    out["ms_select_no_coverage"] = ms(lambda: e.select_vertical_slash(v, s, *bm, budget_max=bm))
+    out["ms_select_no_coverage"] = ms(
+        lambda: vs_scores.select_vertical_slash(v, s, *bm, budget_max=bm)
+    )
     out["ms_select_coverage_0.9"] = ms(
-        lambda: e.select_vertical_slash(v, s, *bm, coverage=0.9, q=q, k=k, budget_max=bm)
+        lambda: vs_scores.select_vertical_slash(v, s, *bm, coverage=0.9, q=q, k=k, budget_max=bm)
     )
     for alloc in ("query_block", "head", "layer"):
         out[f"ms_block_{alloc}_top80"] = ms(
             lambda: mk.estimate_block_sparse(q, k, 80, backend="triton", allocation=alloc)
         )
-    e._floor_count = lambda limit: None  # the Triton selection without the floor's bisection
+    block_select._floor_count = lambda limit: (
+        None
+    )  # the Triton selection without the floor's bisection
     out["ms_block_head_top80_no_floor"] = ms(
         lambda: mk.estimate_block_sparse(q, k, 80, backend="triton", allocation="head")
     )

@@ -38,9 +38,10 @@ from pathlib import Path
 import minference_kernels as mk
 import torch
 import torch.nn.functional as F
-from minference_kernels._torch_attn import index_mask
-from minference_kernels.estimate import select_vertical_slash, vs_scores_torch
-from minference_kernels.index import BLOCK, assemble, vertical_slash_pieces
+from minference_kernels.index import BLOCK
+from minference_kernels.ops.attention import index_mask
+from minference_kernels.ops.index_build import assemble, vertical_slash_pieces
+from minference_kernels.ops.vs_scores import select_vertical_slash, vs_scores_torch
 from minference_kernels.synthetic import structured_qkv
 
 sys.path.insert(0, str(Path(__file__).parent))

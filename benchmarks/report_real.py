@@ -263,7 +263,7 @@ def sampled_kernel_table(p: Path, d: dict) -> list[str]:
     """The fused sampled-scoring kernel: its time and rate, and the estimation's share of a sparse
     layer (``benchmarks/bench_sampled_scoring.py``)."""
     out = [
-        "With the fused Triton kernel (`_sampled_triton`; same layer shape, structured inputs, a "
+        "With the fused Triton kernel (`ops.block_sampled_triton`; same layer shape, structured inputs, a "
         "layer of `block_sparse` heads keeping 8% of the key blocks per query block, interleaved "
         f"medians; {d['device']}, `{p.name}`). Kernel rate: 2 D FLOPs per (sampled row, causal "
         "key), one pass; cuDNN's: 4 D per causal pair.",

@@ -59,7 +59,7 @@ def llama_density(n: int, rows: int = 32) -> dict:
     Llama-3-8B-shaped layer of each generator (float32, CPU)."""
     import minference_kernels as mk
     import minference_patterns as mp
-    from minference_kernels._torch_attn import index_mask
+    from minference_kernels.ops.attention import index_mask
 
     hq, hkv, d = 32, 8, 128
     heads = list(mp.load("meta-llama/Llama-3.1-8B-Instruct").heads_for_layer(0, n))

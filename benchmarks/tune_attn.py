@@ -19,9 +19,9 @@ import torch
 import triton
 from _provenance import write_json
 from bench_layer import structured_layer
-from minference_kernels import _triton
 from minference_kernels._validate import check_qkv
 from minference_kernels.api import _dense_index
+from minference_kernels.ops import attention_triton
 
 # launch variants of the shipped kernel (the first is the reference for the error column); kernel
 # rewrites are compared by running the previous kernel beside them (NOTES v0.2.0-e did so)
@@ -79,11 +79,11 @@ def main() -> None:
             for name in names:
                 cfg = VARIANTS[name]
                 try:
-                    o = _triton.attend(q, k, v, idx, d**-0.5, **cfg)
+                    o = attention_triton.attend(q, k, v, idx, d**-0.5, **cfg)
                     if base is None:
                         base = o.float()
                     err = ((o.float() - base).norm() / base.norm()).item()
-                    ms = t(lambda: _triton.attend(q, k, v, idx, d**-0.5, **cfg))
+                    ms = t(lambda: attention_triton.attend(q, k, v, idx, d**-0.5, **cfg))
                 except Exception as e:  # noqa: BLE001
                     print(f"  {iname:13s} {name:20s} failed {repr(e)[:300]}", flush=True)
                     continue

@@ -15,7 +15,7 @@ import torch
 import triton
 from _provenance import write_json
 from bench_layer import CONFIG_ID, structured_layer
-from minference_kernels import _triton
+from minference_kernels.ops import vs_scores_triton
 from minference_patterns.registry import load_shipped
 
 
@@ -28,12 +28,14 @@ def main() -> int:
     rows = []
     for n in [int(x) for x in args.ns.split(",")]:
         q, k, _ = structured_layer(n)
-        ref = _triton.vs_scores(q, k, 64, 128**-0.5)
+        ref = vs_scores_triton.vs_scores(q, k, 64, 128**-0.5)
         for per in (1, 2, 4, 8, 16):
             for warps in (4, 8):
 
                 def fn(q=q, k=k, per=per, warps=warps):
-                    return _triton.vs_scores(q, k, 64, 128**-0.5, score_per=per, score_warps=warps)
+                    return vs_scores_triton.vs_scores(
+                        q, k, 64, 128**-0.5, score_per=per, score_warps=warps
+                    )
 
                 got = fn()
                 same = all(torch.equal(a, b) for a, b in zip(got, ref))

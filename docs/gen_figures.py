@@ -24,7 +24,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from minference_kernels.estimate import block_scores, select_vertical_slash, vs_scores_torch
+from minference_kernels.ops.block_select import block_scores
+from minference_kernels.ops.vs_scores import select_vertical_slash, vs_scores_torch
 from minference_kernels.synthetic import structured_qkv
 from minference_patterns.plot import KIND_COLORS
 

@@ -192,12 +192,12 @@ def test_generate_offload_kv_auto_follows_free_gpu_memory(tmp_path, capsys, monk
 
 
 def test_generate_plan_memory_error_is_one_clear_line(capsys, monkeypatch):
-    import minference_hf.longctx as longctx
+    import minference_hf.layerwise as layerwise
 
     def no_room(*args, **kwargs):
         raise MemoryError("long_prefill of 1100 tokens needs ~9.0 GiB of activations")
 
-    monkeypatch.setattr(longctx, "plan_offload", no_room)
+    monkeypatch.setattr(layerwise, "plan_offload", no_room)
     rc = main(
         [
             "generate",

@@ -28,8 +28,8 @@ from minference_hf import (
     long_prefill,
     plan_offload,
 )
-from minference_hf.generation import cache_kwarg, greedy_generate, new_cache
-from minference_hf.longctx import HostKVLayer, ResidentKVLayer
+from minference_hf.caches import HostKVLayer, ResidentKVLayer, cache_kwarg, new_cache
+from minference_hf.generation import greedy_generate
 
 GIB = 1 << 30
 N = 300  # not a multiple of CHUNK

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import HEAD_DIM, HEADS, KV_HEADS, VOCAB, make_model, padded_batch
 from minference_hf.attention import minference_mask
-from minference_hf.generation import cache_kwarg
+from minference_hf.caches import cache_kwarg
 from minference_kernels import HeadPattern
 from minference_patterns import PatternConfig
 from transformers import DynamicCache

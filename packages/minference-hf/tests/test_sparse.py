@@ -7,7 +7,8 @@ import minference_hf
 import pytest
 import torch
 from conftest import LAYERS, full_budget_config, make_model, padded_batch, sparse_config
-from minference_hf.generation import cache_kwarg, greedy_generate, new_cache
+from minference_hf.caches import cache_kwarg, new_cache
+from minference_hf.generation import greedy_generate
 
 N = 2048
 THRESHOLD = 1024

@@ -125,11 +125,11 @@ def test_triton_output_is_token_major():
 def test_triton_vs_scores_match_float64(n, lq, per):
     """Both estimation passes vs the PyTorch estimator, with several key windows per program
     (``score_per``), odd lengths and GQA."""
-    from minference_kernels import _triton
-    from minference_kernels.estimate import vs_scores_torch
+    from minference_kernels.ops import vs_scores_triton
+    from minference_kernels.ops.vs_scores import vs_scores_torch
 
     q, k, _, _ = make(2, 4, 2, n, 0, 64, torch.float32, seed=n + lq)
     vt, st = vs_scores_torch(q, k, lq, 0.125)
-    vx, sx = _triton.vs_scores(q, k, lq, 0.125, score_per=per)
+    vx, sx = vs_scores_triton.vs_scores(q, k, lq, 0.125, score_per=per)
     torch.testing.assert_close(vx, vt, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(sx, st, atol=2e-5, rtol=1e-4)

@@ -7,8 +7,8 @@ import minference_kernels as mk
 import pytest
 import torch
 from kernels_testlib import reference, rel_err
-from minference_kernels._sampled import SAMPLED_ROWS, sampled_mass_chunks, sampled_rows
-from minference_kernels.estimate import block_topk
+from minference_kernels.ops.block_sampled import SAMPLED_ROWS, sampled_mass_chunks, sampled_rows
+from minference_kernels.ops.block_select import block_topk
 
 
 def _spiky(n=1024, d=64, hq=2, hkv=1, seed=0):
@@ -109,7 +109,7 @@ def test_sampled_heads_mask_matches_what_runs():
         mk.HeadPattern.block_sparse(4, scoring="sampled"),
         mk.HeadPattern.vertical_slash(30, 100),
     ]
-    from minference_kernels._torch_attn import index_mask
+    from minference_kernels.ops.attention import index_mask
 
     mask = mk.sparse_prefill_mask(q, k, heads)
     idx = mk.build_index(q, k, heads)

@@ -7,9 +7,9 @@ import math
 import minference_kernels as mk
 import pytest
 import torch
-from minference_kernels import estimate
-from minference_kernels._torch_attn import index_mask
-from minference_kernels.estimate import (
+from minference_kernels.ops import block_select
+from minference_kernels.ops.attention import index_mask
+from minference_kernels.ops.vs_scores import (
     KEEP_FIRST,
     KEEP_LOCAL,
     select_vertical_slash,
@@ -233,8 +233,8 @@ def test_triton_block_estimation_keeps_key_block_0(alloc):
 def _check_floor(got, q, k, limits, bs=64, **kw):
     """Each query block keeps its own best ``ceil(HEAD_ALLOCATION_FLOOR * limit)`` blocks: the
     per-query-block selection with that budget."""
-    floor = torch.tensor([math.ceil(estimate.HEAD_ALLOCATION_FLOOR * int(x)) for x in limits])
-    own = estimate.block_topk(q, k, floor, bs, top_k_max=int(floor.max()), **kw)
+    floor = torch.tensor([math.ceil(block_select.HEAD_ALLOCATION_FLOOR * int(x)) for x in limits])
+    own = block_select.block_topk(q, k, floor, bs, top_k_max=int(floor.max()), **kw)
     hit = (own[..., :, None] == got[..., None, :]).any(-1) | (own < 0)
     assert bool(hit.all()), torch.nonzero(~hit)[:5]
 
@@ -249,7 +249,7 @@ def test_head_allocation_keeps_each_query_blocks_floor(alloc):
     k = torch.randn(2, 2, 957, 64, generator=g)
     q[:, 2:] *= 0.05  # flat shares: these heads would take the pooled blocks
     limits = torch.tensor([6, 9, 4, 8])
-    got = estimate.block_topk(q, k, limits, 64, allocation=alloc)
+    got = block_select.block_topk(q, k, limits, 64, allocation=alloc)
     _check_floor(got, q, k, limits)
 
 
@@ -261,9 +261,9 @@ def test_triton_head_allocation_keeps_each_query_blocks_floor(alloc):
     k = torch.randn(1, 2, 333, 64, generator=g)
     q[:, 2:] *= 0.05
     limits = torch.tensor([4, 2, 3, 5])
-    got = estimate.block_topk(q, k, limits, 64, allocation=alloc, backend="triton")
+    got = block_select.block_topk(q, k, limits, 64, allocation=alloc, backend="triton")
     _check_floor(got, q, k, limits, backend="triton")
-    want = estimate.block_topk(q, k, limits, 64, allocation=alloc, backend="torch")
+    want = block_select.block_topk(q, k, limits, 64, allocation=alloc, backend="torch")
     assert torch.equal((got >= 0).sum((-1, -2)), (want >= 0).sum((-1, -2)))
 
 

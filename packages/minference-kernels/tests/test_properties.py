@@ -20,10 +20,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from kernels_testlib import FUZZ, TOL, check_rows, checked, examples, logit_bound, reference
-from minference_kernels import _torch_attn
-from minference_kernels.estimate import KEEP_FIRST, KEEP_LOCAL, vs_scores_torch
-from minference_kernels.index import slash_tiles_torch, sorted_unique
+from minference_kernels.index import sorted_unique
 from minference_kernels.masks import greedy_slash_tiles
+from minference_kernels.ops import attention
+from minference_kernels.ops.index_build import slash_tiles_torch
+from minference_kernels.ops.vs_scores import KEEP_FIRST, KEEP_LOCAL, vs_scores_torch
 from minference_kernels.synthetic import structured_qkv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -292,7 +293,7 @@ def test_sparse_prefill_layer(data):
         out, reference(q, k, v, mask, scale), mask, dt, "sparse_prefill", logit_bound(q, k, scale)
     )
     # the index the kernel ran is exactly the independent mask, and its density is exact
-    assert torch.equal(_torch_attn.index_mask(idx), mask)
+    assert torch.equal(attention.index_mask(idx), mask)
     causal = nq * (nq + 1) / 2 + nq * (nk - nq)
     assert torch.allclose(mk.index_density(idx), mask.sum((-1, -2)).double() / causal)
     # without return_index the layer takes the same path (or dense when every head is dense)
@@ -575,7 +576,7 @@ def test_estimation_ties_are_broken_deterministically():
     outs = [mk.sparse_prefill(q, k, v, heads, return_index=True) for _ in range(2)]
     assert torch.equal(outs[0][0], outs[1][0])
     mask = mk.sparse_prefill_mask(q, k, heads)
-    assert torch.equal(_torch_attn.index_mask(outs[0][1]), mask)
+    assert torch.equal(attention.index_mask(outs[0][1]), mask)
     check_rows(outs[0][0], reference(q, k, v, mask), mask, torch.float32, "tied layer")
     assert nq < nk
 
@@ -640,10 +641,10 @@ def test_triton_sparse_prefill_layer(data):
     geom, (q, k, v), _ = data.draw(inputs(TRITON_N, max_heads=4, dims=TRITON_DIMS))
     b, hq, _, nq, nk, d, dt = geom
     heads, coverage, last_q, scale = _layer_args(data, hq)
-    from minference_kernels import _triton
+    from minference_kernels.ops import vs_scores_triton
 
     sc = d**-0.5 if scale is None else scale
-    vt, st_ = _triton.vs_scores(q, k, last_q, sc)
+    vt, st_ = vs_scores_triton.vs_scores(q, k, last_q, sc)
     vr, sr = ref_vs_scores(q, k, last_q, sc)
     assert torch.allclose(vt.double(), vr, atol=1e-5) and torch.allclose(
         st_.double(), sr, atol=1e-5
@@ -651,7 +652,7 @@ def test_triton_sparse_prefill_layer(data):
     out, idx = mk.sparse_prefill(
         q, k, v, heads, scale, last_q=last_q, coverage=coverage, backend="triton", return_index=True
     )
-    mask = _torch_attn.index_mask(idx)
+    mask = attention.index_mask(idx)
     check_rows(
         out,
         reference(q, k, v, mask, scale),
@@ -667,7 +668,7 @@ def test_triton_sparse_prefill_layer(data):
 @examples(15, 150)
 @given(st.lists(st.integers(0, 2000), max_size=40), st.integers(0, 1000))
 def test_triton_slash_tiles_match_greedy(offsets, extra):
-    from minference_kernels import _triton
+    from minference_kernels.ops import index_build_triton
 
     rows = [offsets, offsets[::-1] + [extra]]
     width = max(len(r) for r in rows) or 1
@@ -675,7 +676,7 @@ def test_triton_slash_tiles_match_greedy(offsets, extra):
         [sorted_unique(torch.tensor(r + [r[0] if r else 0] * (width - len(r))))[0] for r in rows]
     )
     cnt = torch.tensor([len(set(r)) for r in rows])
-    tiles, n = _triton.slash_tiles(s, cnt)
+    tiles, n = index_build_triton.slash_tiles(s, cnt)
     for i, r in enumerate(rows):
         want = greedy_slash_tiles(r)
         assert int(n[i]) == len(want) and tiles[i, : len(want)].tolist() == want

@@ -1,5 +1,5 @@
 """The fused Triton kernel of ``scoring="sampled"`` (:mod:`minference_kernels._sampled_triton`)
-against the PyTorch reference (:func:`minference_kernels._sampled.sampled_mass_chunks`) and a
+against the PyTorch reference (:func:`minference_kernels.ops.block_sampled.sampled_mass_chunks`) and a
 float64 reference, on odd shapes (N not a multiple of 64, Nq < Nk, GQA 1 to 8, batch > 1, head
 dims 64 to 128, softcap), and the blocks that block selection picks from its scores. Runs under
 ``TRITON_INTERPRET=1`` on CPU (float32 inputs: the interpreter's half-precision products are
@@ -12,11 +12,11 @@ import minference_kernels as mk
 import pytest
 import torch
 from kernels_testlib import logit_bound
-from minference_kernels import _sampled
-from minference_kernels._sampled import sampled_mass_chunks, sampled_rows
-from minference_kernels._sampled_triton import sampled_mass_chunks_triton
 from minference_kernels._validate import interpreting
-from minference_kernels.estimate import block_topk
+from minference_kernels.ops import block_sampled
+from minference_kernels.ops.block_sampled import sampled_mass_chunks, sampled_rows
+from minference_kernels.ops.block_sampled_triton import sampled_mass_chunks_triton
+from minference_kernels.ops.block_select import block_topk
 
 pytestmark = pytest.mark.triton
 
@@ -102,7 +102,7 @@ def test_fused_mass_chunks_and_head_subsets():
     assert len(chunks) == 2 and chunks[0][:2] == (0, 8)  # one tile (8 query blocks) per chunk
     assert [c[2] for c in chunks] == [9, 10]  # widths: causal for the chunk's last row
     g = _assemble(chunks, (2, 4, 9, 10))
-    want = _mass64(q, k, ids, kv, 64, _sampled.SAMPLED_ROWS, scale)
+    want = _mass64(q, k, ids, kv, 64, block_sampled.SAMPLED_ROWS, scale)
     assert (g - want).abs().max().item() < 2e-6 + 1e-6 * logit_bound(q, k, scale)
 
 
@@ -136,16 +136,16 @@ def test_triton_backend_selects_the_reference_blocks(allocation, cap):
 def test_sparse_prefill_runs_sampled_heads_through_the_kernel(monkeypatch):
     """A layer of sampled block-sparse heads (and a pooled one) through ``sparse_prefill``: the
     Triton backend estimates with the fused kernel and gives the PyTorch backend's index."""
-    from minference_kernels import _sampled_triton
+    from minference_kernels.ops import block_sampled_triton
 
     calls = []
-    real = _sampled_triton.sampled_mass_chunks_triton
+    real = block_sampled_triton.sampled_mass_chunks_triton
 
     def spy(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(_sampled_triton, "sampled_mass_chunks_triton", spy)
+    monkeypatch.setattr(block_sampled_triton, "sampled_mass_chunks_triton", spy)
     q, k = _qk(1, 4, 2, 300, 300, 64, seed=2, spread=1.5)
     heads = [mk.HeadPattern.block_sparse(3, scoring="sampled")] * 3 + [
         mk.HeadPattern.block_sparse(3)
@@ -153,13 +153,13 @@ def test_sparse_prefill_runs_sampled_heads_through_the_kernel(monkeypatch):
     it = mk.build_index(q, k, heads, backend="triton")
     ic = mk.build_index(q, k, heads, backend="torch")
     assert calls
-    from minference_kernels._torch_attn import index_mask
+    from minference_kernels.ops.attention import index_mask
 
     assert torch.equal(index_mask(it).cpu(), index_mask(ic).cpu())
 
 
 def test_unsupported_rows_fall_back_with_a_log_line(monkeypatch, caplog):
-    monkeypatch.setattr(_sampled, "SAMPLED_ROWS", 65)
+    monkeypatch.setattr(block_sampled, "SAMPLED_ROWS", 65)
     q, k = _qk(1, 2, 1, 130, 130, 64)
     with caplog.at_level(logging.WARNING, logger="minference_kernels"):
         t = block_topk(q, k, 2, 128, scoring="sampled", backend="triton")
@@ -176,4 +176,4 @@ def test_blocks_past_the_diagonal_get_no_mass():
     assert w == 10
     upper = torch.triu(torch.ones(10, 10, dtype=torch.bool), 1)
     assert m[0, 0].cpu()[upper].abs().max() == 0
-    assert math.isclose(float(m[0, 0].sum()), 10 * _sampled.SAMPLED_ROWS, rel_tol=1e-5)
+    assert math.isclose(float(m[0, 0].sum()), 10 * block_sampled.SAMPLED_ROWS, rel_tol=1e-5)

@@ -7,9 +7,9 @@ import minference_kernels as mk
 import pytest
 import torch
 from kernels_testlib import reference, rel_err
-from minference_kernels._torch_attn import index_mask
 from minference_kernels.index import BLOCK
 from minference_kernels.masks import greedy_slash_tiles
+from minference_kernels.ops.attention import index_mask
 
 
 def qkv(b=2, hq=4, hkv=2, n=150, d=64, extra=0, seed=0, dt=torch.float32):
@@ -200,13 +200,13 @@ def test_index_density_counts_exact_pairs():
 
 @pytest.mark.triton
 def test_triton_estimator_matches_torch():
-    from minference_kernels import _triton
-    from minference_kernels.estimate import vs_scores_torch
+    from minference_kernels.ops import vs_scores_triton
+    from minference_kernels.ops.vs_scores import vs_scores_torch
 
     q, k = _planted(n=300)
     q = torch.cat([q, q * 0.5], 1)
     k = k.expand(1, 1, -1, -1)
-    vt, st = _triton.vs_scores(q, k, 64, 64**-0.5)
+    vt, st = vs_scores_triton.vs_scores(q, k, 64, 64**-0.5)
     vr, sr = vs_scores_torch(q, k, 64, 64**-0.5)
     assert torch.allclose(vt, vr, atol=1e-5) and torch.allclose(st, sr, atol=1e-5)
     a = mk.estimate_vertical_slash(q, k, 40, 110, backend="triton")
@@ -220,25 +220,26 @@ def test_score_window_limits(monkeypatch, caplog):
     (with a log line) for windows over the limit, e.g. fp32 with last_q = 128 and D = 128."""
     import logging
 
-    from minference_kernels import _triton
-    from minference_kernels.estimate import vs_scores_torch
+    from minference_kernels.ops import vs_scores_triton
+    from minference_kernels.ops.vs_scores import vs_scores_torch
 
-    assert _triton._score_stages(64, 128, 2) == 3  # the tuned default: bf16, last_q = 64, D = 128
-    assert _triton._score_stages(128, 128, 2) == 2  # 3 stages asked 240 KiB on an H200
-    assert _triton._score_window(128, 128, 2) <= _triton.VS_SCORE_WINDOW_MAX
-    assert _triton._score_window(128, 128, 4) > _triton.VS_SCORE_WINDOW_MAX
+    vst = vs_scores_triton
+    assert vst._score_stages(64, 128, 2) == 3  # the tuned default: bf16, last_q = 64, D = 128
+    assert vst._score_stages(128, 128, 2) == 2  # 3 stages asked 240 KiB on an H200
+    assert vst._score_window(128, 128, 2) <= vst.VS_SCORE_WINDOW_MAX
+    assert vst._score_window(128, 128, 4) > vst.VS_SCORE_WINDOW_MAX
 
     q, k = _planted(n=300)
     calls = []
-    monkeypatch.setattr(_triton, "VS_SCORE_WINDOW_MAX", 1)
-    monkeypatch.setattr(_triton, "_warned", set())
+    monkeypatch.setattr(vs_scores_triton, "VS_SCORE_WINDOW_MAX", 1)
+    monkeypatch.setattr(vs_scores_triton, "_warned", set())
     monkeypatch.setattr(
-        "minference_kernels.estimate.vs_scores_torch",
+        "minference_kernels.ops.vs_scores.vs_scores_torch",
         lambda *a, **kw: calls.append(a) or vs_scores_torch(*a, **kw),
     )
     with caplog.at_level(logging.WARNING, logger="minference_kernels"):
-        vt, st = _triton.vs_scores(q, k, 32, 64**-0.5)
-        _triton.vs_scores(q, k, 32, 64**-0.5)
+        vt, st = vs_scores_triton.vs_scores(q, k, 32, 64**-0.5)
+        vs_scores_triton.vs_scores(q, k, 32, 64**-0.5)
     vr, sr = vs_scores_torch(q, k, 32, 64**-0.5)
     assert len(calls) == 2 and torch.equal(vt, vr) and torch.equal(st, sr)
     logged = [r for r in caplog.records if "PyTorch score pass" in r.getMessage()]
@@ -252,7 +253,10 @@ def test_launch_steps_down_stages_when_shared_memory_is_short(monkeypatch, caplo
     import logging
 
     import triton
-    from minference_kernels import _triton
+    from minference_kernels.ops import (
+        _triton_common,
+        attention_triton,
+    )
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, 150, 64, generator=g) for h in (4, 2, 2))
@@ -272,9 +276,9 @@ def test_launch_steps_down_stages_when_shared_memory_is_short(monkeypatch, caplo
 
             return launch
 
-    fake = SmallSmem(_triton._sparse_attn_fwd)
-    monkeypatch.setattr(_triton, "_sparse_attn_fwd", fake)
-    monkeypatch.setattr(_triton, "_FIT_STAGES", {})
+    fake = SmallSmem(attention_triton._sparse_attn_fwd)
+    monkeypatch.setattr(attention_triton, "_sparse_attn_fwd", fake)
+    monkeypatch.setattr(_triton_common, "_FIT_STAGES", {})
     with caplog.at_level(logging.WARNING, logger="minference_kernels"):
         got = mk.sparse_prefill(q, k, v, heads, backend="triton")
         again = mk.sparse_prefill(q, k, v, heads, backend="triton")
@@ -287,7 +291,7 @@ def test_launch_steps_down_stages_when_shared_memory_is_short(monkeypatch, caplo
         raise triton.OutOfResources(1 << 20, 101376, "shared memory")
 
     monkeypatch.setattr(
-        _triton,
+        attention_triton,
         "_sparse_attn_fwd",
         type("K", (), {"fn": fake.fn, "__getitem__": lambda s, g: never})(),
     )
@@ -302,7 +306,7 @@ def test_tma_loads_match_pointer_loads(dt, layout, monkeypatch):
     """K/V tiles read through tensor descriptors (the Hopper path, on by default) give exactly the
     pointer loads' output: tiles reaching before key 0 or past Nk arrive as zeros, D = 80 is padded
     to the 128-wide tile, GQA 4, batch 2, Nq < Nk, the integrations' [B, N, H, D] memory layout."""
-    from minference_kernels import _triton
+    from minference_kernels.ops import attention_triton
 
     g = torch.Generator().manual_seed(3)
     b, hq, hkv, n, nk, d = 2, 8, 2, 141, 203, 80
@@ -321,11 +325,11 @@ def test_tma_loads_match_pointer_loads(dt, layout, monkeypatch):
     ] * 2
     idx = mk.build_index(q, k, heads)
     made = []
-    real = _triton._kv_descriptors
-    monkeypatch.setattr(_triton, "_kv_descriptors", lambda *a: made.append(1) or real(*a))
-    with_tma = _triton.attend(q, k, v, idx, d**-0.5, tma=True)
+    real = attention_triton._kv_descriptors
+    monkeypatch.setattr(attention_triton, "_kv_descriptors", lambda *a: made.append(1) or real(*a))
+    with_tma = attention_triton.attend(q, k, v, idx, d**-0.5, tma=True)
     assert made, "the descriptor path was not taken"
-    pointers = _triton.attend(q, k, v, idx, d**-0.5, tma=False)
+    pointers = attention_triton.attend(q, k, v, idx, d**-0.5, tma=False)
     assert torch.equal(with_tma, pointers)
     want = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads))
     assert rel_err(with_tma, want) < 2e-2
@@ -337,27 +341,28 @@ def test_tma_needs_aligned_half_precision(caplog):
     loads, say so once per layout at INFO, and still give the right answer."""
     import logging
 
-    from minference_kernels import _triton
+    from minference_kernels.ops import attention_triton
 
-    assert not _triton._tma_ok(torch.zeros(1, 2, 8, 64))  # fp32
+    tma_ok = attention_triton._tma_ok
+    assert not tma_ok(torch.zeros(1, 2, 8, 64))  # fp32
     bf = torch.bfloat16
-    assert not _triton._tma_ok(torch.zeros(1, 2, 8, 20, dtype=bf))  # 40-byte rows
-    assert not _triton._tma_ok(torch.zeros(1028, dtype=bf)[4:].view(1, 2, 8, 64))  # 8-byte base
-    assert not _triton._tma_ok(torch.zeros(1, 2, 64, 8, dtype=bf).transpose(2, 3))  # D stride 8
-    assert _triton._tma_ok(torch.zeros(1, 2, 8, 64, dtype=bf)[..., :60])  # D 60 of 64: zero-fill
-    assert not _triton._tma_ok(torch.zeros(1, 1, 8, 64, dtype=bf).expand(1, 4, 8, 64))  # stride 0
+    assert not tma_ok(torch.zeros(1, 2, 8, 20, dtype=bf))  # 40-byte rows
+    assert not tma_ok(torch.zeros(1028, dtype=bf)[4:].view(1, 2, 8, 64))  # 8-byte base
+    assert not tma_ok(torch.zeros(1, 2, 64, 8, dtype=bf).transpose(2, 3))  # D stride 8
+    assert tma_ok(torch.zeros(1, 2, 8, 64, dtype=bf)[..., :60])  # D 60 of 64: zero-fill
+    assert not tma_ok(torch.zeros(1, 1, 8, 64, dtype=bf).expand(1, 4, 8, 64))  # stride 0
     one = torch.zeros(1, 2, 1, 64, dtype=bf).expand(3, 2, 1, 64)[:1]  # size-1 dims: any stride
-    assert _triton._tma_ok(one) and _triton._desc_strides(one) == [128, 64, 64, 1]
-    assert _triton._desc_strides(torch.zeros(1, 2, 1, 64, dtype=bf).transpose(0, 2)) == [
+    assert attention_triton._tma_ok(one) and attention_triton._desc_strides(one) == [128, 64, 64, 1]
+    assert attention_triton._desc_strides(torch.zeros(1, 2, 1, 64, dtype=bf).transpose(0, 2)) == [
         128,
         64,
         64,
         1,
     ]
-    assert _triton._tma_ok(torch.zeros(1, 2, 8, 64, dtype=bf).transpose(1, 2))
+    assert attention_triton._tma_ok(torch.zeros(1, 2, 8, 64, dtype=bf).transpose(1, 2))
     q, k, v = qkv(b=1, hq=2, hkv=1, n=90, d=20, dt=torch.bfloat16)  # 40-byte rows
     heads = [mk.HeadPattern.vertical_slash(8, 30)] * 2
-    _triton._TMA_NOTED.clear()
+    attention_triton._TMA_NOTED.clear()
     with caplog.at_level(logging.INFO, logger="minference_kernels"):
         got = mk.sparse_prefill(q, k, v, heads, backend="triton")
         mk.sparse_prefill(q, k, v, heads, backend="triton")
@@ -408,7 +413,7 @@ def test_max_density_falls_back_to_dense_on_unstructured_inputs():
 def test_budget_forms_select_the_same_indices():
     """Int budgets, per-head tensors and a caller-given maximum (the sync-free path) agree."""
     from minference_kernels.api import _head_index
-    from minference_kernels.estimate import select_vertical_slash
+    from minference_kernels.ops.vs_scores import select_vertical_slash
 
     g = torch.Generator().manual_seed(0)
     vert, sl = torch.rand(2, 3, 50, generator=g), torch.rand(2, 3, 50, generator=g)
@@ -430,14 +435,14 @@ def test_budget_forms_select_the_same_indices():
 def test_block_estimation_chunks_change_nothing(monkeypatch, b, hq, hkv, nq, nk, bs, top_k):
     """Scoring query blocks in bounded chunks against only their causal key blocks selects the
     same blocks as scoring every block pair at once (and memory no longer grows as N^2)."""
-    from minference_kernels import estimate
+    from minference_kernels.ops import block_select
 
     g = torch.Generator().manual_seed(nq)
     q = torch.randn(b, hq, nq, 64, generator=g)
     k = torch.randn(b, hkv, nk, 64, generator=g)
     # the unchunked reference: every block pair, ranked, one top-k
-    scores, forced = estimate.block_scores(q, k, bs)
-    ranked = estimate.force_diagonal(scores, forced)
+    scores, forced = block_select.block_scores(q, k, bs)
+    ranked = block_select.force_diagonal(scores, forced)
     kk = min(top_k, ranked.shape[-1])
     order = torch.topk(ranked, kk, -1).indices
     ok = torch.gather(ranked, -1, order) > float("-inf")
@@ -445,18 +450,18 @@ def test_block_estimation_chunks_change_nothing(monkeypatch, b, hq, hkv, nq, nk,
     picked = torch.where(ok, order, 2**40).sort(-1).values  # ascending ids, -1 padding last
     want[..., :kk] = torch.where(picked == 2**40, -1, picked)
     whole = mk.estimate_block_sparse(q, k, top_k, bs)
-    monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)  # one query block per chunk
+    monkeypatch.setattr(block_select, "BLOCK_SCORE_CHUNK_BYTES", 1)  # one query block per chunk
     chunked = mk.estimate_block_sparse(q, k, top_k, bs)
     assert torch.equal(whole, want)
     assert torch.equal(chunked, want)
     # a subset of query heads (slice or index) estimates exactly those heads, with their KV heads
     pick = torch.tensor([hq - 1, 0])
-    assert torch.equal(estimate.block_topk(q, k, top_k, bs, heads=pick), want[:, pick])
-    assert torch.equal(estimate.block_topk(q, k, top_k, bs, heads=slice(1, hq)), want[:, 1:])
+    assert torch.equal(block_select.block_topk(q, k, top_k, bs, heads=pick), want[:, pick])
+    assert torch.equal(block_select.block_topk(q, k, top_k, bs, heads=slice(1, hq)), want[:, 1:])
     # per-head budgets through the layer entry, chunked: the same blocks per head
     heads = [mk.HeadPattern.block_sparse(top_k if i % 2 else 1, bs) for i in range(hq)]
     idx = mk.build_index(q, k, heads)
-    monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1 << 40)
+    monkeypatch.setattr(block_select, "BLOCK_SCORE_CHUNK_BYTES", 1 << 40)
     again = mk.build_index(q, k, heads)
     assert torch.equal(idx.abs_tiles, again.abs_tiles) and torch.equal(
         idx.abs_count, again.abs_count
@@ -480,7 +485,10 @@ def test_triton_block_selection_matches_torch(monkeypatch, caplog, b, hq, hkv, n
     and rows too wide for it (PyTorch top-k, logged)."""
     import logging
 
-    from minference_kernels import _triton, estimate
+    from minference_kernels.ops import (
+        block_select,
+        block_select_triton,
+    )
 
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + bs)
     want = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch")
@@ -490,9 +498,9 @@ def test_triton_block_selection_matches_torch(monkeypatch, caplog, b, hq, hkv, n
     pick = torch.tensor([hq - 1, 0])
     for kw in ({}, {"heads": pick}, {"heads": slice(1, hq)}):
         t = limits if "heads" not in kw else limits[kw["heads"]]
-        a = estimate.block_topk(q, k, t, bs, top_k_max=top_k, backend="torch", **kw)
-        monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)  # one query block per chunk
-        c = estimate.block_topk(q, k, t, bs, top_k_max=top_k, backend="triton", **kw)
+        a = block_select.block_topk(q, k, t, bs, top_k_max=top_k, backend="torch", **kw)
+        monkeypatch.setattr(block_select, "BLOCK_SCORE_CHUNK_BYTES", 1)  # one query block per chunk
+        c = block_select.block_topk(q, k, t, bs, top_k_max=top_k, backend="triton", **kw)
         monkeypatch.undo()
         assert torch.equal(a, c), kw
     # exact ties everywhere: the lowest block ids win on both paths
@@ -500,8 +508,8 @@ def test_triton_block_selection_matches_torch(monkeypatch, caplog, b, hq, hkv, n
     tied = mk.estimate_block_sparse(qt, kt, top_k, bs, backend="torch")
     assert torch.equal(mk.estimate_block_sparse(qt, kt, top_k, bs, backend="triton"), tied)
     # rows wider than the Triton selection holds: the PyTorch top-k, with one log line
-    monkeypatch.setattr(_triton, "BLOCK_SELECT_MAX", 1)
-    monkeypatch.setattr(estimate, "_wide_logged", set())
+    monkeypatch.setattr(block_select_triton, "BLOCK_SELECT_MAX", 1)
+    monkeypatch.setattr(block_select, "_wide_logged", set())
     with caplog.at_level(logging.INFO, logger="minference_kernels"):
         wide = mk.estimate_block_sparse(q, k, top_k, bs, backend="triton")
     assert torch.equal(wide, want)
@@ -535,13 +543,13 @@ def test_block_selection_is_ascending_and_lowest_id_on_ties():
 def test_block_pieces_fast_path_equals_sorted_path(nq, nk, bs):
     """The estimator's ascending selections become tiles without a sort; the result equals the
     general path (sort + unique, for user indices in any order) tile for tile."""
-    from minference_kernels import index as _index
+    from minference_kernels.ops import index_build
 
     q, k, _ = qkv(b=2, hq=4, hkv=2, n=nq, d=64, extra=nk - nq, seed=bs)
     for top_k in (1, 2, 5, 40):
         bi = mk.estimate_block_sparse(q, k, top_k, bs)
-        t_fast, c_fast = _index.block_sparse_pieces(bi, bs, nq, nk, ascending=True)
-        t_ref, c_ref = _index.block_sparse_pieces(bi, bs, nq, nk)
+        t_fast, c_fast = index_build.block_sparse_pieces(bi, bs, nq, nk, ascending=True)
+        t_ref, c_ref = index_build.block_sparse_pieces(bi, bs, nq, nk)
         assert torch.equal(c_fast, c_ref)
         width = t_ref.shape[-1]
         keep = torch.arange(width) < c_ref[..., None]
@@ -558,23 +566,23 @@ def _head_allocation_reference(q, k, limits, bs, scale, pooled=False):
     stable sort, heads one after the other."""
     import math
 
-    from minference_kernels import estimate
+    from minference_kernels.ops import block_select
 
-    scores, forced = estimate.block_scores(q, k, bs)  # causal-masked pooled scores
-    share = estimate.force_diagonal(torch.log_softmax(scores * scale, -1), forced)
+    scores, forced = block_select.block_scores(q, k, bs)  # causal-masked pooled scores
+    share = block_select.force_diagonal(torch.log_softmax(scores * scale, -1), forced)
     b, hq, mbq, mbk = share.shape
     nq, nk = q.shape[2], k.shape[2]
     rows = torch.arange(mbq)
     n_causal = torch.clamp((torch.clamp((rows + 1) * bs, max=nq) - 1 + nk - nq) // bs + 1, max=mbk)
-    cap = min(mbk, estimate.HEAD_ALLOCATION_CAP * max(int(x) for x in limits))
+    cap = min(mbk, block_select.HEAD_ALLOCATION_CAP * max(int(x) for x in limits))
     out = []
     for bi in range(b):
         orders, vals, budgets = [], [], []
         for h in range(hq):
-            own = min(mbk, estimate.HEAD_ALLOCATION_CAP * int(limits[h]))
+            own = min(mbk, block_select.HEAD_ALLOCATION_CAP * int(limits[h]))
             order = torch.sort(share[bi, h], dim=-1, descending=True, stable=True).indices[:, :cap]
             val = torch.gather(share[bi, h], -1, order)
-            floor = math.ceil(estimate.HEAD_ALLOCATION_FLOOR * int(limits[h]))
+            floor = math.ceil(block_select.HEAD_ALLOCATION_FLOOR * int(limits[h]))
             top = val[:, :floor]
             val[:, :floor] = torch.where(top > float("-inf"), float("inf"), top)
             val[:, own:] = float("-inf")  # the head's own cap
@@ -611,7 +619,7 @@ def test_head_allocation_spreads_the_same_budget(
     mask, for both."""
     import logging
 
-    from minference_kernels import estimate
+    from minference_kernels.ops import block_select
 
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + top_k)
     scale = 64**-0.5
@@ -619,7 +627,7 @@ def test_head_allocation_spreads_the_same_budget(
     got = mk.estimate_block_sparse(q, k, top_k, bs, allocation="head")
     want = _head_allocation_reference(q, k, [top_k] * hq, bs, scale)
     mbk = -(-nk // bs)
-    cap = estimate.HEAD_ALLOCATION_CAP
+    cap = block_select.HEAD_ALLOCATION_CAP
     assert got.shape[-1] == min(mbk, cap * top_k)
     for bi in range(b):
         for h in range(hq):
@@ -636,9 +644,9 @@ def test_head_allocation_spreads_the_same_budget(
         _head_allocation_reference(q, k, [top_k] * hq, bs, scale, pooled=True)
     )
     assert torch.equal((layer >= 0).sum((1, 2, 3)), (got >= 0).sum((1, 2, 3)))  # the same work
-    monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(block_select, "BLOCK_SCORE_CHUNK_BYTES", 1)
     assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer"), layer)
-    monkeypatch.setattr(estimate, "HEAD_RANK_BYTES", 1)
+    monkeypatch.setattr(block_select, "HEAD_RANK_BYTES", 1)
     assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="head"), got)
     # one head per ranking group: each group pools only its own budget, which is "head"; said
     with caplog.at_level(logging.INFO, logger="minference_kernels"):
@@ -674,7 +682,7 @@ def test_head_allocation_gives_spread_blocks_more():
     q = torch.zeros(1, 1, 64 * nb, d)
     q[0, 0, :, 0] = 50.0  # every query block: one dominant key block (block 0), share ~1
     q[0, 0, 64 * 20 : 64 * 21] = 0.0  # block 20: zero scores, flat shares over its 21 blocks
-    from minference_kernels.estimate import HEAD_ALLOCATION_FLOOR
+    from minference_kernels.ops.block_select import HEAD_ALLOCATION_FLOOR
 
     top_k = 8
     floor = math.ceil(HEAD_ALLOCATION_FLOOR * top_k)
@@ -683,7 +691,7 @@ def test_head_allocation_gives_spread_blocks_more():
     counts = (got >= 0).sum(-1)
     per_block = (mk.estimate_block_sparse(q, k, top_k)[0, 0] >= 0).sum(-1)
     assert int(counts.sum()) == int(per_block.sum())  # the same kernel work
-    from minference_kernels.estimate import HEAD_ALLOCATION_CAP as cap
+    from minference_kernels.ops.block_select import HEAD_ALLOCATION_CAP as cap
 
     assert int(counts[20]) == cap * top_k > int(per_block[20])  # the flat block gets its cap
     assert int(counts[23]) < top_k  # peaked blocks give theirs up (the latest first: ties)
@@ -746,7 +754,7 @@ def test_head_allocation_triton_candidates_match_torch(
     """``allocation="head"`` and ``"layer"`` take each query block's candidates from the Triton
     selection on CUDA: the same blocks as the PyTorch path, with per-head budgets, chunked rows,
     one head per ranking group and exact ties."""
-    from minference_kernels import estimate
+    from minference_kernels.ops import block_select
 
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + 7)
     kw = dict(allocation=alloc)
@@ -755,13 +763,15 @@ def test_head_allocation_triton_candidates_match_torch(
     got = mk.estimate_block_sparse(q, k, top_k, bs, backend="triton", **kw)
     _assert_equally_good(got, want, q, k, bs, pooled)
     limits = torch.tensor([1 + i % max(1, top_k) for i in range(hq)])
-    a = estimate.block_topk(q, k, limits, bs, backend="torch", **kw)
-    got = estimate.block_topk(q, k, limits, bs, backend="triton", **kw)
+    a = block_select.block_topk(q, k, limits, bs, backend="torch", **kw)
+    got = block_select.block_topk(q, k, limits, bs, backend="triton", **kw)
     _assert_equally_good(got, a, q, k, bs, pooled)
-    monkeypatch.setattr(estimate, "BLOCK_SCORE_CHUNK_BYTES", 1)
-    monkeypatch.setattr(estimate, "HEAD_RANK_BYTES", 1)  # one head per ranking group
-    a = estimate.block_topk(q, k, limits, bs, backend="torch", **kw)
-    _assert_equally_good(estimate.block_topk(q, k, limits, bs, backend="triton", **kw), a, q, k, bs)
+    monkeypatch.setattr(block_select, "BLOCK_SCORE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(block_select, "HEAD_RANK_BYTES", 1)  # one head per ranking group
+    a = block_select.block_topk(q, k, limits, bs, backend="torch", **kw)
+    _assert_equally_good(
+        block_select.block_topk(q, k, limits, bs, backend="triton", **kw), a, q, k, bs
+    )
     qt, kt, _ = _tied_qk(b, hq, hkv, nq, nk)
     tied = mk.estimate_block_sparse(qt, kt, top_k, bs, backend="torch", **kw)
     assert torch.equal(mk.estimate_block_sparse(qt, kt, top_k, bs, backend="triton", **kw), tied)
@@ -772,13 +782,13 @@ def _assert_equally_good(got, want, q, k, bs, pooled=False):
     winner may swap with a loser whose share is equal to float32 rounding. Same blocks, or per
     head (``pooled``: per layer) the same count of winners with the same total float64 share (to
     1e-5 per swap)."""
-    from minference_kernels import estimate
+    from minference_kernels.ops import block_select
 
     if torch.equal(got, want):
         return
     dims = (1, 2, 3) if pooled else (2, 3)
     assert torch.equal((got >= 0).sum(dims), (want >= 0).sum(dims))
-    scores, forced = estimate.block_scores(q.double(), k.double(), bs)
+    scores, forced = block_select.block_scores(q.double(), k.double(), bs)
     share = torch.log_softmax(scores * q.shape[-1] ** -0.5, -1).masked_fill(forced, 0.0)
 
     def total(sel):
@@ -795,7 +805,7 @@ def _assert_equally_good(got, want, q, k, bs, pooled=False):
 def test_best_of_rows_equals_a_stable_sort():
     """The head allocation's sort-free ranking keeps exactly what a stable descending sort ranks
     first: random values, many exact ties, -inf slots, +inf (diagonal) entries, zero budgets."""
-    from minference_kernels.estimate import _best_of_rows
+    from minference_kernels.ops.head_rank import _best_of_rows
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 5, 300, generator=g)
@@ -818,8 +828,8 @@ def test_head_keep_equals_a_stable_sort():
     count per query block, then a compaction cutting ties by position) keeps what a stable descending sort ranks first: random shares, many
     exact ties, -inf slots, +inf and float32-max (diagonal) entries, zero budgets, budgets above
     the finite candidates, batch 2; the winners come out ascending per query block."""
-    from minference_kernels import _triton
-    from minference_kernels.estimate import _best_of_rows
+    from minference_kernels.ops import head_rank_triton
+    from minference_kernels.ops.head_rank import _best_of_rows
 
     g = torch.Generator().manual_seed(4)
     b, h, mb, cap = 2, 5, 30, 10
@@ -832,7 +842,7 @@ def test_head_keep_equals_a_stable_sort():
     x = x.view(b, h, mb, cap)
     ids = (torch.arange(cap) * 3 + 1).expand(b, h, mb, cap).clone()  # ascending key-block ids
     count = torch.tensor([0, 57, 199, 20, 300])
-    got = _triton.head_keep(x, ids, count)
+    got = head_rank_triton.head_keep(x, ids, count)
     keep = _best_of_rows(x.reshape(b, h, -1), count, "sort").view_as(ids)
     want = torch.where(keep, ids, 2**30).sort(-1).values
     assert torch.equal(got, torch.where(want == 2**30, -1, want))

@@ -11,10 +11,11 @@ import minference_kernels as mk
 import pytest
 import torch
 from kernels_testlib import check_rows, reference, rel_err
-from minference_kernels import _torch_attn
-from minference_kernels._sampled import SAMPLED_ROWS, sampled_mass_chunks, sampled_rows
 from minference_kernels._validate import check_softcap
-from minference_kernels.estimate import block_topk, select_vertical_slash, vs_scores_torch
+from minference_kernels.ops import attention
+from minference_kernels.ops.block_sampled import SAMPLED_ROWS, sampled_mass_chunks, sampled_rows
+from minference_kernels.ops.block_select import block_topk
+from minference_kernels.ops.vs_scores import select_vertical_slash, vs_scores_torch
 
 # (b, hq, hkv, nq, extra keys, d, dtype): GQA 1/2/4/8, N not a multiple of 64, batch > 1,
 # head dims 64/80/96/128/256, q holding only the last Nq positions
@@ -183,10 +184,10 @@ def test_dense_softcap_in_chunks(monkeypatch):
     q, k, v, _ = make(2, 8, 2, 150, 20, 64, torch.float32, seed=9)
     want = reference(q, k, v, mk.dense_mask(150, n_kv=170), softcap=CAP)
     for chunk in (1, 16, 64, 1024):
-        out = _torch_attn.dense(q, k, v, 0.125, chunk=chunk, softcap=CAP)
+        out = attention.dense(q, k, v, 0.125, chunk=chunk, softcap=CAP)
         assert rel_err(out, want) < 1e-5, chunk
-    monkeypatch.setattr(_torch_attn, "DENSE_SOFTCAP_CHUNK_BYTES", 4 * 2 * 8 * 170 * 7)
-    assert rel_err(_torch_attn.dense(q, k, v, 0.125, softcap=CAP), want) < 1e-5
+    monkeypatch.setattr(attention, "DENSE_SOFTCAP_CHUNK_BYTES", 4 * 2 * 8 * 170 * 7)
+    assert rel_err(attention.dense(q, k, v, 0.125, softcap=CAP), want) < 1e-5
 
 
 @pytest.mark.parametrize("nq,extra", [(130, 0), (100, 37)])
@@ -273,7 +274,7 @@ def test_estimate_vertical_slash_with_softcap_is_deterministic_and_finds_planted
                            coverage=cov)  # fmt: skip
         y = mk.build_index(q, k, [mk.HeadPattern.vertical_slash(40, 110)] * 2, softcap=5.0,
                            coverage=cov)  # fmt: skip
-        assert torch.equal(_torch_attn.index_mask(x), _torch_attn.index_mask(y))
+        assert torch.equal(attention.index_mask(x), attention.index_mask(y))
 
 
 def _kept_pairs(cols, diags, off):
@@ -339,7 +340,7 @@ def test_block_estimation_takes_softcap(allocation, scoring):
     heads = [mk.HeadPattern.block_sparse(3, scoring=scoring)] * 4
     mask = mk.sparse_prefill_mask(q, k, heads, softcap=CAP, block_allocation=allocation)
     idx = mk.build_index(q, k, heads, softcap=CAP, block_allocation=allocation)
-    assert torch.equal(mask, _torch_attn.index_mask(idx) & mk.dense_mask(300, n_kv=320))
+    assert torch.equal(mask, attention.index_mask(idx) & mk.dense_mask(300, n_kv=320))
     out = mk.sparse_prefill(q, k, v, heads, softcap=CAP, block_allocation=allocation)
     assert rel_err(out, reference(q, k, v, mask, softcap=CAP)) < 1e-5
 
@@ -347,7 +348,7 @@ def test_block_estimation_takes_softcap(allocation, scoring):
 def test_pooled_scores_are_capped_like_logits():
     """The pooled proxy ``s`` is ranked, and shared out by the allocations, as the capped logit
     ``softcap * tanh(scale * s / softcap)`` (in ``s``'s units)."""
-    from minference_kernels.estimate import _pool_blocks, _score_chunks
+    from minference_kernels.ops.block_select import _pool_blocks, _score_chunks
 
     q, k, _, _ = make(1, 2, 2, 200, 0, 64, torch.float32, seed=8, q_gain=20.0)
     pq, pk = _pool_blocks(q, 200, 4, 64), _pool_blocks(k, 200, 4, 64)
@@ -424,11 +425,11 @@ def test_triton_softcap_saturates_without_nan():
 @pytest.mark.triton
 @pytest.mark.parametrize("nq,extra,lq", [(65, 0, 64), (200, 33, 17)])
 def test_triton_vs_scores_with_softcap_match_torch(nq, extra, lq):
-    from minference_kernels import _triton
+    from minference_kernels.ops import vs_scores_triton
 
     q, k, _, _ = make(2, 4, 2, nq, extra, 64, torch.float32, seed=nq + lq)
     vt, st = vs_scores_torch(q, k, lq, 0.125, softcap=CAP)
-    vx, sx = _triton.vs_scores(q, k, lq, 0.125, score_per=2, softcap=CAP)
+    vx, sx = vs_scores_triton.vs_scores(q, k, lq, 0.125, score_per=2, softcap=CAP)
     torch.testing.assert_close(vx, vt, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(sx, st, atol=2e-5, rtol=1e-4)
 
@@ -446,7 +447,7 @@ def test_triton_estimation_with_softcap_selects_like_torch():
         kw = dict(softcap=CAP, block_allocation=alloc)
         want = mk.build_index(q, k, heads, backend="torch", **kw)
         got = mk.build_index(q, k, heads, backend="triton", **kw)
-        assert torch.equal(_torch_attn.index_mask(got), _torch_attn.index_mask(want)), alloc
+        assert torch.equal(attention.index_mask(got), attention.index_mask(want)), alloc
     for alloc in ("query_block", "head"):
         t = mk.estimate_block_sparse(q, k, 3, backend="triton", allocation=alloc, softcap=CAP)
         c = mk.estimate_block_sparse(q, k, 3, backend="torch", allocation=alloc, softcap=CAP)

@@ -9,7 +9,7 @@ import minference_kernels as mk
 import pytest
 import torch
 from kernels_testlib import TOL, rel_err
-from minference_kernels.estimate import vs_scores_torch
+from minference_kernels.ops.vs_scores import vs_scores_torch
 
 # the dtype's output rounding: a correctly rounded result is within this of float64
 ROUND = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -91,7 +91,7 @@ def test_large_logits_near_fp16_overflow(dt, magnitude):
 # under the interpreter, the values never reach the result (asserted finite below)
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 def test_large_logits_triton(dt):
-    from minference_kernels import _triton
+    from minference_kernels.ops import vs_scores_triton
 
     n, d = 200, 64
     q, k, v = big_logits(n, d, 6e4, dt, seed=1)
@@ -103,7 +103,7 @@ def test_large_logits_triton(dt):
         q, k, v, [mk.HeadPattern.vertical_slash(10**6, 10**6)] * 2, backend="triton"
     )
     assert_no_worse_than_sdpa(out, base, ref, dt, "triton layer")
-    vert, sl = _triton.vs_scores(q, k, 64, d**-0.5)
+    vert, sl = vs_scores_triton.vs_scores(q, k, 64, d**-0.5)
     assert torch.isfinite(vert).all() and torch.isfinite(sl).all()
     assert torch.allclose(vert.sum(-1), torch.full((1, 2), 64.0), atol=1e-3)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 from kernels_testlib import reference
-from minference_kernels import _torch_attn, streaming_attention, streaming_mask
+from minference_kernels import streaming_attention, streaming_mask
 from minference_kernels.api import _attend, streaming_index
+from minference_kernels.ops import attention
 
 CASES = [
     # (b, hq, hkv, nq, nk, d, sink, window, softcap)
@@ -57,6 +58,6 @@ def test_chunk_size_does_not_change_the_result():
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 2, 500, 64, generator=g)
     k, v = torch.randn(1, 1, 500, 64, generator=g), torch.randn(1, 1, 500, 64, generator=g)
-    outs = [_torch_attn.streaming(q, k, v, 4, 90, 0.125, chunk=c) for c in (1, 64, 97, 256, 1024)]
+    outs = [attention.streaming(q, k, v, 4, 90, 0.125, chunk=c) for c in (1, 64, 97, 256, 1024)]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)

@@ -237,14 +237,17 @@ def test_triton_vs_scores_of_the_batch_are_each_sequences_own(monkeypatch):
     """The varlen score passes (one launch each for the batch) give each sequence exactly the
     scores of the equal-length passes on it alone, and sparse_prefill_varlen uses them instead of
     scoring per sequence."""
-    from minference_kernels import _triton, _varlen_triton
+    from minference_kernels.ops import varlen_triton as _varlen_triton
+    from minference_kernels.ops import vs_scores_triton
 
     lens_q, lens_k = [70, 100, 65], [90, 100, 300]
     q, k, v = make(lens_q, lens_k, 4, 2, 64, torch.float32, seed=21)
     cq, ck = cu(lens_q).tolist(), cu(lens_k).tolist()
     got = _varlen_triton.vs_scores_varlen(q, k, cq[:-1], ck[:-1], lens_q, lens_k, 64, 0.125)
     for i, (vert, sl) in enumerate(got):
-        want_v, want_s = _triton.vs_scores(seq(q, cu(lens_q), i), seq(k, cu(lens_k), i), 64, 0.125)
+        want_v, want_s = vs_scores_triton.vs_scores(
+            seq(q, cu(lens_q), i), seq(k, cu(lens_k), i), 64, 0.125
+        )
         assert torch.equal(vert, want_v) and torch.equal(sl, want_s), f"sequence {i}"
     # different last-query paddings (17 rows -> 32, 70 -> 64): not batched, the caller scores alone
     assert (
@@ -254,7 +257,7 @@ def test_triton_vs_scores_of_the_batch_are_each_sequences_own(monkeypatch):
     def per_sequence(*a, **kw):
         raise AssertionError("scored per sequence")
 
-    monkeypatch.setattr(_triton, "vs_scores", per_sequence)
+    monkeypatch.setattr(vs_scores_triton, "vs_scores", per_sequence)
     heads = [mk.HeadPattern.vertical_slash(8, 16)] * 4
     mk.sparse_prefill_varlen(q, k, v, cu(lens_q), cu(lens_k), heads, backend="triton")
 
@@ -279,8 +282,8 @@ def test_triton_tensor_descriptor_loads_equal_pointer_loads():
     """fp16 K/V go through tensor descriptors (TMA) over the packed rows, where a tile reaching
     past a sequence's keys also loads its neighbour's rows (masked): the same output as pointer
     loads. Sequences back to back with cached prefixes, so such tiles occur."""
-    from minference_kernels import _varlen_triton
-    from minference_kernels._triton import _tma_ok
+    from minference_kernels.ops import varlen_triton as _varlen_triton
+    from minference_kernels.ops.attention_triton import _tma_ok
 
     lens_q, lens_k = [70, 33, 100], [90, 33, 130]
     q, k, v = make(lens_q, lens_k, 4, 2, 80, torch.float16, seed=13)

@@ -16,16 +16,11 @@ from __future__ import annotations
 
 from .__about__ import __version__ as __version__
 from .attention import UnsupportedAttentionError
+from .caches import OffloadedKVCache
 from .capture import CapturedLayer, capture_qkv, search_model_config
-from .longctx import (
-    MemoryEstimate,
-    OffloadedKVCache,
-    PrefillResult,
-    estimate_memory,
-    long_prefill,
-    plan_offload,
-)
-from .longctx import generate as generate_long
+from .generation import generate_long
+from .layerwise import PrefillResult, long_prefill
+from .memory import MemoryEstimate, estimate_memory, plan_offload
 from .patching import UnsupportedModelError, get_plan, patch, register, unpatch
 from .plan import (
     DEFAULT_MIN_SPARSE_LEN,

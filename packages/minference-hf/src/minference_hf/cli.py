@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from minference_patterns import PatternConfig
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .longctx import MemoryEstimate
+    from .memory import MemoryEstimate
     from .models import KnownModel
 
 #: Sparse threshold used with the embedded default model, so its short demo prompts go sparse.
@@ -385,7 +385,7 @@ def _free_device_memory(device: torch.device) -> int | None:
 
 def _prefill_plan(args: argparse.Namespace, model: PreTrainedModel, n: int) -> PrefillChoice:
     """Resolve ``--offload-kv`` / ``--chunk-size`` / ``--prefill-chunk`` for an ``n``-token prompt."""
-    from .longctx import DEFAULT_CHUNK_SIZE, estimate_memory, plan_offload
+    from .memory import DEFAULT_CHUNK_SIZE, estimate_memory, plan_offload
     from .patching import UnsupportedModelError
 
     mode = args.offload_kv

@@ -1,4 +1,6 @@
-"""Timed greedy generation: pre-fill (optionally chunked) then decode, with layer progress.
+"""Generation: timed greedy generation (pre-fill, optionally chunked or layer by layer, then
+decode, with layer progress) and :func:`generate_long` (``model.generate`` after the layer-by-layer
+pre-fill of :mod:`minference_hf.layerwise`).
 
 Pre-fill asks the model for the logits of the last position only (``logits_to_keep=1``), so the
 ``[N, vocab]`` logits tensor of a long prompt is never materialised.
@@ -16,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._progress import Progress
+from .caches import _sync, cache_kwarg, new_cache
+from .layerwise import long_prefill
+from .memory import DEFAULT_CHUNK_SIZE, DEFAULT_RESERVE_TOKENS, OffloadSpec
 from .patching import get_plan
 
 if TYPE_CHECKING:
@@ -56,28 +61,6 @@ class GenerationResult:
     def prefill_tokens_per_s(self) -> float:
         """Prompt tokens per second of pre-fill."""
         return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cache_kwarg(model: PreTrainedModel) -> str:
-    """Name of the KV-cache argument of ``model.forward`` (``cache`` in newer transformers,
-    ``past_key_values`` before)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def new_cache(model: PreTrainedModel) -> Any:
-    """An empty ``DynamicCache`` for ``model``."""
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:
-        return DynamicCache()
 
 
 @contextmanager
@@ -169,8 +152,6 @@ def greedy_generate(
                     out = model(input_ids=chunk, use_cache=True, **{ck: cache}, **extra)
             logits = out.logits[:, -1, :]
         else:
-            from .longctx import DEFAULT_CHUNK_SIZE, long_prefill
-
             res = long_prefill(
                 model,
                 input_ids,
@@ -204,3 +185,57 @@ def greedy_generate(
         sparse_calls=s1[0] - s0[0],
         dense_calls=s1[1] - s0[1],
     )
+
+
+def generate_long(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    offload_kv: OffloadSpec = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = False,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """``model.generate`` with the pre-fill done by :func:`long_prefill`.
+
+    Pre-fills the first ``N - 1`` prompt tokens layer by layer (cache offloaded as asked), then
+    hands the cache to ``model.generate``, which processes the last prompt token and decodes.
+    Extra keyword arguments go to ``model.generate`` (``max_new_tokens``, ``do_sample`` ...).
+
+    Args:
+        input_ids: ``[B, N]`` prompt ids (no padding), ``N >= 2``.
+
+    Returns:
+        ``[B, N + new]`` ids, like ``model.generate``.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [B, N] with N >= 2, got {tuple(input_ids.shape)}")
+    if "past_key_values" in generate_kwargs or "cache" in generate_kwargs:
+        raise ValueError("generate() makes the cache itself; do not pass past_key_values")
+    for key in ("prompt_lookup_num_tokens", "assistant_model", "assistant_early_exit"):
+        if generate_kwargs.get(key) is not None:
+            raise ValueError(
+                f"generate_long does not support {key} (assisted / prompt-lookup decoding re-feeds "
+                "the whole prompt on its first step, ignoring the pre-filled cache)"
+            )
+    max_new = int(generate_kwargs.get("max_new_tokens") or DEFAULT_RESERVE_TOKENS)
+    res = long_prefill(
+        model,
+        input_ids[:, :-1],
+        offload_kv=offload_kv,
+        chunk_size=chunk_size,
+        reserve_tokens=max_new + 1,
+        progress=progress,
+    )
+    # generate() expands the prompt to B x num_beams (or x num_return_sequences) rows but not a
+    # cache passed in: expand the cache the same way
+    gc = generate_kwargs.get("generation_config") or model.generation_config
+    expand = max(
+        int(generate_kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1),
+        int(
+            generate_kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+        ),
+    )
+    if expand > 1:
+        res.cache.batch_repeat_interleave(expand)
+    return model.generate(input_ids, **{cache_kwarg(model): res.cache}, **generate_kwargs)

@@ -23,8 +23,6 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _torch_attn
-from . import index as _index
 from . import masks as _masks
 from ._validate import (
     Shape,
@@ -40,13 +38,13 @@ from ._validate import check_allocation as _check_allocation
 from ._validate import check_coverage as _check_coverage
 from ._validate import check_last_q as _check_last_q
 from ._validate import check_share as _check_share
-from .estimate import (
-    block_topk,
-    check_block_scoring,
-    estimate_block_sparse_impl,
-    estimate_vertical_slash_impl,
-)
-from .index import BLOCK, SparseIndex
+from .estimate import estimate_block_sparse_impl, estimate_vertical_slash_impl
+from .index import BLOCK, SparseIndex, sorted_unique
+from .ops import attention as _torch_attn  # the PyTorch path
+from .ops import index_build as _index
+from .ops._dispatch import pick
+from .ops.block_select import block_topk, check_block_scoring
+from .ops.vs_scores import select_vertical_slash, vs_scores, vs_scores_torch
 from .options import DEFAULT_BACKEND, DEFAULT_BLOCK_ALLOCATION, DEFAULT_LAST_Q
 from .patterns import HeadPattern, check_heads
 
@@ -56,11 +54,8 @@ _log = logging.getLogger("minference_kernels")
 def _attend(
     q, k, v, idx: SparseIndex, scale: float, backend: str, softcap: float | None = None
 ) -> torch.Tensor:
-    if backend == "triton":
-        from . import _triton
-
-        return _triton.attend(q, k, v, idx, scale, softcap=softcap)
-    return _torch_attn.attend(q, k, v, idx, scale, softcap=softcap)
+    attend = pick(backend, _torch_attn.attend, "attention_triton.attend")
+    return attend(q, k, v, idx, scale, softcap=softcap)
 
 
 def dense_attention(
@@ -358,7 +353,7 @@ def estimate_block_sparse(
     ``allocation="head"``: the same number of (query block, key block) pairs per head, spread over
     the query blocks by estimated attention share; ``"layer"``: the same number for all ``Hq``
     heads, spread over heads and query blocks. Either way each query block keeps at least its own
-    best ``ceil(estimate.HEAD_ALLOCATION_FLOOR * top_k)`` blocks (7/8). The last dimension is then
+    best ``ceil(ops.block_select.HEAD_ALLOCATION_FLOOR * top_k)`` blocks (7/8). The last dimension is then
     ``HEAD_ALLOCATION_CAP * top_k`` (at most the key blocks), ``-1``-padded per query block.
 
     ``scale``: the attention scale (default ``D ** -0.5``) of the sampled rows' softmax, the
@@ -457,9 +452,9 @@ def _build_index(
     coverage: float | None = None,
     block_allocation: str = "query_block",
     softcap: float | None = None,
-    vs_scores: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scores: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SparseIndex:
-    """:func:`build_index`; ``vs_scores``: this input's vertical-slash scores ``(vertical,
+    """:func:`build_index`; ``scores``: this input's vertical-slash scores ``(vertical,
     slash)`` ``[B, Hq, Nk]`` already computed (by the varlen pass), instead of scoring here."""
     shape = check_qkv(q, k, None, check_values=validate)
     heads = check_heads(heads, shape.heads_q)
@@ -488,19 +483,11 @@ def _build_index(
         ns_l = [min(heads[i].num_slash, nk) for i in hid]
         nv = nv_l[0] if len(set(nv_l)) == 1 else _small_tensor(nv_l, dev)
         ns = ns_l[0] if len(set(ns_l)) == 1 else _small_tensor(ns_l, dev)
-        if vs_scores is not None:
-            vert, sl = vs_scores
-        elif be == "triton":
-            from . import _triton
-
-            # all heads, one launch each pass
-            vert, sl = _triton.vs_scores(q, k, last_q, scale, softcap=softcap)
+        if scores is not None:
+            vert, sl = scores
         else:
-            from .estimate import vs_scores_torch
-
-            vert, sl = vs_scores_torch(q, k, last_q, scale, softcap=softcap)
-        from .estimate import select_vertical_slash
-
+            # all heads at once (on Triton: one launch each pass)
+            vert, sl = vs_scores(q, k, last_q, scale, be, softcap=softcap)
         v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
             _take_heads(vert, hs),
             _take_heads(sl, hs),
@@ -517,8 +504,8 @@ def _build_index(
         )
         v_ok = v_ok.expand(b, -1, -1)
         s_ok = s_ok.expand(b, -1, -1)
-        cols, ctot = _index.sorted_unique(v_idx, v_ok)
-        s_sorted, s_cnt = _index.sorted_unique(s_idx, s_ok)
+        cols, ctot = sorted_unique(v_idx, v_ok)
+        s_sorted, s_cnt = sorted_unique(s_idx, s_ok)
         tiles, n_t = _index.slash_tiles(
             s_sorted.reshape(b * len(hid), -1).contiguous(), s_cnt.reshape(-1).contiguous(), be
         )
@@ -645,8 +632,8 @@ def sparse_prefill(
     ``block_allocation="head"``: each block-sparse head keeps as many key blocks in all as
     ``top_k`` per query block would, spread over its query blocks by estimated attention share
     (more where attention is spread, fewer where it is peaked; at most
-    ``estimate.HEAD_ALLOCATION_CAP * top_k`` per query block, at least its own best
-    ``ceil(estimate.HEAD_ALLOCATION_FLOOR * top_k)``); ``"layer"``: the block-sparse heads
+    ``ops.block_select.HEAD_ALLOCATION_CAP * top_k`` per query block, at least its own best
+    ``ceil(ops.block_select.HEAD_ALLOCATION_FLOOR * top_k)``); ``"layer"``: the block-sparse heads
     (of one block size) pool those budgets, so heads whose attention is spread take blocks from
     peaked ones; ``"query_block"`` (default) keeps ``top_k`` per query block. Measured on an H200
     at 128K (32 heads, interleaved with cuDNN): ``"layer"`` at 7.6% of the blocks reaches recall
@@ -727,8 +714,6 @@ def sparse_prefill_mask(
     )
     vs = [i for i, p in enumerate(heads) if p.kind == "vertical_slash"]
     if vs:
-        from .estimate import select_vertical_slash, vs_scores_torch
-
         vert, sl = vs_scores_torch(q, k, last_q, scale, softcap=softcap)
         hsel = torch.tensor(vs, device=q.device)
         nv = torch.tensor([min(heads[i].num_vertical, nk) for i in vs], device=q.device)

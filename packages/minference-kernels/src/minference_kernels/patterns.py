@@ -11,7 +11,7 @@ KINDS: tuple[str, ...] = ("dense", "a_shape", "vertical_slash", "block_sparse")
 #: How a block-sparse head scores (query block, key block) pairs online: ``"pooled"``, the dot
 #: product of mean-pooled queries and keys (cheap: one small matmul), or ``"sampled"``, the exact
 #: softmax attention of a few query rows of each block summed per key block (the estimated
-#: attention mass; :data:`minference_kernels.estimate.SAMPLED_ROWS` rows per block, about
+#: attention mass; :data:`minference_kernels.ops.block_sampled.SAMPLED_ROWS` rows per block, about
 #: ``SAMPLED_ROWS / 64`` of a dense attention's score work). On SmolLM2-135M's real heads at 8K
 #: (benchmarks/results/block_scoring_smollm2_8k.json) ``"sampled"`` keeps 0.94-0.99 of the block
 #: oracle's recall on average and at least 0.84 on every head, ``"pooled"`` (key block 0 forced)

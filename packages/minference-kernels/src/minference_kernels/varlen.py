@@ -19,7 +19,6 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _torch_attn
 from ._validate import (
     FLOAT_DTYPES,
     Shape,
@@ -39,6 +38,7 @@ from .api import (
     dense_attention,
 )
 from .index import BLOCK, SparseIndex
+from .ops import attention as _torch_attn  # the PyTorch path
 from .options import DEFAULT_BACKEND, DEFAULT_BLOCK_ALLOCATION, DEFAULT_LAST_Q
 from .patterns import HeadPattern, check_heads
 
@@ -174,7 +174,7 @@ def sparse_prefill_varlen(
     est = [i for i in range(len(n_q)) if n_q[i] > 0 and not all_dense and n_q[i] >= dense_below]
     scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if be == "triton" and est and any(p.kind == "vertical_slash" for p in heads):
-        from . import _varlen_triton
+        from .ops import varlen_triton as _varlen_triton
 
         # the vertical-slash scores of every estimated sequence: one launch per pass
         got = _varlen_triton.vs_scores_varlen(
@@ -209,7 +209,7 @@ def sparse_prefill_varlen(
                 coverage=coverage,
                 block_allocation=block_allocation,
                 softcap=softcap,
-                vs_scores=scores.get(i),
+                scores=scores.get(i),
             )
             if max_density is not None and _too_dense(idx, hq, nq, nk, max_density):
                 idx = None
@@ -225,7 +225,7 @@ def sparse_prefill_varlen(
         )
 
     if be == "triton":
-        from . import _varlen_triton
+        from .ops import varlen_triton as _varlen_triton
 
         live = [i for i in range(len(n_q)) if n_q[i] > 0]
         run_idx = [

@@ -24,7 +24,8 @@ from .config import SCHEMA_VERSION, PatternConfig, Provenance, json_schema
 from .convert import MINFERENCE_KINDS, from_minference, from_qwen, to_minference
 from .errors import ConfigError, UnknownModelError
 from .policy import BudgetPolicy, adapt_pattern
-from .registry import load, shipped_model_ids
+from .registry import load
+from .shipped import shipped_model_ids
 
 if TYPE_CHECKING:
     from .cost import AnalyticCostModel, CostModel, MeasuredCostModel

@@ -32,6 +32,7 @@ from minference_kernels.patterns import HeadPattern
 from .config import FORMAT_NAME, PatternConfig, Provenance, Score, _is_int, _is_number, _where
 from .errors import ConfigError
 from .policy import BudgetPolicy
+from .shipped import shape_for_source_file
 
 __all__ = [
     "MINFERENCE_KINDS",
@@ -524,8 +525,6 @@ def load_file(path: PathLike, *, model_id: str | None = None) -> PatternConfig:
         return cfg if model_id is None else cfg.replace(model_id=model_id)
     if fmt == "qwen":
         return from_qwen(p, model_id=model_id)
-    from .registry import shape_for_source_file
-
     known = shape_for_source_file(p.name)
     return _convert_minference(
         data,

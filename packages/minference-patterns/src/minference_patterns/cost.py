@@ -94,7 +94,7 @@ def estimation_work(pattern: HeadPattern, seq_len: int, *, last_q: int = 64) -> 
     if pattern.kind == "block_sparse":
         nb = math.ceil(n / pattern.block_size)
         if pattern.scoring == "sampled":
-            from minference_kernels._sampled import SAMPLED_ROWS
+            from minference_kernels.ops.block_sampled import SAMPLED_ROWS
 
             return SAMPLED_ROWS * nb * (n + pattern.block_size) / 2 + n
         return nb * (nb + 1) / 2 + n

@@ -1,5 +1,5 @@
 """Fused Triton kernel of the sampled block scoring (``scoring="sampled"``; the PyTorch reference is
-:func:`minference_kernels._sampled.sampled_mass_chunks`, same rows, same masses).
+:func:`minference_kernels.ops.block_sampled.sampled_mass_chunks`, same rows, same masses).
 
 One program per (query head, tile of ``TILE_M`` sampled rows, batch item): the sampled rows of
 ``TILE_M / ROWS_P`` consecutive query blocks (``ROWS_P`` the sampled rows per block rounded up to a
@@ -19,7 +19,7 @@ rows give the key block, exactly the reference's -- or, with ``RANKED``, what th
 consumes: ``log(mass + 1e-30) / scale``. So each score costs one ``q.k`` product and one ``exp2``,
 against two of each for a two-pass (max, then normalised sums) kernel.
 
-The logits are ``scale * q.k``, soft-capped first with ``softcap`` (:func:`._triton._softcap`,
+The logits are ``scale * q.k``, soft-capped first with ``softcap`` (:func:`._triton_common._softcap`,
 the ``HAS_SOFTCAP`` flag), causal with the diagonal at ``Nk - Nq``. Inputs float16 / bfloat16
 (float32 products accumulate in float32) or float32 (IEEE products, as under the interpreter).
 """
@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._sampled import SAMPLED_CHUNK_BYTES, SAMPLED_ROWS
-from ._triton import _launch, _load_rows, _qk, _softcap, _softcap_args, _upcast
+from ._triton_common import _launch, _load_rows, _qk, _softcap, _softcap_args, _upcast
+from .block_sampled import SAMPLED_CHUNK_BYTES, SAMPLED_ROWS
 
 _log = logging.getLogger("minference_kernels")
 
@@ -115,7 +115,7 @@ def _sampled_mass_kernel(
     qb_loc = tile * QB + i // ROWS_P  # query block, counted from the chunk's first
     slot = i % ROWS_P
     slot_ok = (slot < rows) & (qb_loc < R)
-    row = tl.minimum((r0 + qb_loc) * bs + slot * step + lo, Nq - 1)  # _sampled.sampled_rows
+    row = tl.minimum((r0 + qb_loc) * bs + slot * step + lo, Nq - 1)  # block_sampled.sampled_rows
     row = tl.where(slot_ok, row, Nq - 1)
     pos = row + off
     offs_d = tl.arange(0, BLOCK_D)
@@ -197,11 +197,11 @@ def sampled_mass_chunks_triton(
     per_score: int = 4,
     cfg: dict | None = None,
 ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-    """:func:`minference_kernels._sampled.sampled_mass_chunks` with the fused kernel: yields
+    """:func:`minference_kernels.ops.block_sampled.sampled_mass_chunks` with the fused kernel: yields
     ``(r0, r1, width, mass [B, H, r1 - r0, width])`` float32, ``width`` the key blocks causal for
     the chunk's last row (key blocks causal for none of a query block's rows get mass 0). With
     ``ranked`` the values are ``log(mass + 1e-30) / scale``, the ranking of
-    :func:`minference_kernels.estimate.block_topk`. A chunk's output (``per_score`` bytes per
+    :func:`minference_kernels.ops.block_select.block_topk`. A chunk's output (``per_score`` bytes per
     value, the caller's share) and the kernel's scratch (4 bytes per sampled row and key block)
     stay under ``chunk_bytes``, at least one tile of query blocks. ``cfg`` overrides
     :data:`SAMPLED_CONFIG`."""

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ._torch_attn import softcap_
+from ._common import softcap_
 
 #: Query rows sampled per query block by ``scoring="sampled"`` (measured on SmolLM2's real heads:
 #: 2 rows keep 0.943 / 0.975 / 0.989 of the block oracle's recall at 4 / 8 / 16 key blocks, 4 rows
