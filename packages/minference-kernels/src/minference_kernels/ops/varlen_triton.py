@@ -7,7 +7,7 @@ Layout (flash-attn's varlen convention): ``q [total_q, Hq, D]``, ``k/v [total_k,
 sequence). The index is the per-sequence :class:`~minference_kernels.index.SparseIndex` pieces
 stacked along a sequence axis and padded to the largest (:func:`pack_indices`); a small table maps
 each program to its (sequence, 64-row query block). The kernel body is the per-pair logic of the
-equal-length kernel in ``_triton.py`` with per-sequence offsets and lengths.
+equal-length kernel in ``ops/attention_triton.py`` with per-sequence offsets and lengths.
 """
 
 from __future__ import annotations
@@ -16,19 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import (
-    ATTN_CONFIG,
-    _desc_strides,
+from ..index import BLOCK, SparseIndex
+from . import vs_scores_triton as _vs
+from ._triton_common import (
     _launch,
     _load_rows,
     _online_update,
     _qk,
     _softcap,
     _softcap_args,
-    _tma_ok,
     _upcast,
 )
-from .index import BLOCK, SparseIndex
+from .attention_triton import ATTN_CONFIG, _desc_strides, _tma_ok
 
 _NO_SPEC = ["n_rel", "n_cols", "n_cov", "n_abs", "H", "G", "MB"]
 
@@ -324,11 +323,11 @@ def attend_varlen(
 
 
 # ---------------------------------------------------------------------------------------------
-# vertical-slash scores of every sequence of a packed batch: the two passes of ``_triton.vs_scores``
+# vertical-slash scores of every sequence of a packed batch: the two passes of ``ops.vs_scores_triton.vs_scores``
 # (log-sum-exp of the last queries, then column and diagonal sums), one launch each for the whole
 # batch. Each program does exactly what the equal-length kernels do for its sequence (same chunks,
 # same key windows, same reduction shapes), so each sequence's scores are those of
-# ``_triton.vs_scores`` on it alone.
+# ``ops.vs_scores_triton.vs_scores`` on it alone.
 
 
 @triton.jit(do_not_specialize=["H", "G"])
@@ -493,12 +492,10 @@ def vs_scores_varlen(
     softcap: float | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """``(vertical, slash)`` float32 ``[1, Hq, Nk_s]`` views for each listed sequence (``n_q[s]
-    >= 1``), as ``_triton.vs_scores`` gives them for the sequence alone, in two launches for all
+    >= 1``), as ``ops.vs_scores_triton.vs_scores`` gives them for the sequence alone, in two launches for all
     of them. ``None`` where the equal-length pass would not run these in Triton (a key window
     over ``VS_SCORE_WINDOW_MAX``, or sequences whose ``min(last_q, Nq)`` round to different
     powers of two: the caller then scores each sequence on its own)."""
-    from . import _triton
-
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     lqs = [min(last_q, n) for n in n_q]
@@ -507,7 +504,7 @@ def vs_scores_varlen(
         return None
     lq_p = lq_ps.pop()
     block_d = max(16, triton.next_power_of_2(d))
-    if _triton._score_window(lq_p, block_d, k.element_size()) > _triton.VS_SCORE_WINDOW_MAX:
+    if _vs._score_window(lq_p, block_d, k.element_size()) > _vs.VS_SCORE_WINDOW_MAX:
         return None
     dev = q.device
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
@@ -549,7 +546,7 @@ def vs_scores_varlen(
     vertical = torch.empty((len(n_q), hq, nk_max), dtype=torch.float32, device=dev)
     slash = torch.empty_like(vertical)
     bs = lq_p
-    per = _triton.VS_SCORE_PER
+    per = _vs.VS_SCORE_PER
     progs = [triton.cdiv(triton.cdiv(nk, bs) + 1, per) for nk in n_kv]
     table = i32([[s, p] for s, n in enumerate(progs) for p in range(n)]).reshape(-1, 2)
     _launch(
@@ -557,13 +554,13 @@ def vs_scores_varlen(
         (table.shape[0], hq),
         (q, k, lse, vertical, slash, *q.stride(), *k.stride(), table, *meta, hq, hq // hkv,
          nk_max, qk_scale, cap_in, per),
-        num_stages=_triton._score_stages(lq_p, block_d, k.element_size()),
+        num_stages=_vs._score_stages(lq_p, block_d, k.element_size()),
         HEAD_D=d,
         BLOCK_D=block_d,
         LQ_P=lq_p,
         BS=bs,
         UPCAST=upcast,
         HAS_SOFTCAP=has_cap,
-        num_warps=_triton.VS_SCORE_WARPS,
+        num_warps=_vs.VS_SCORE_WARPS,
     )  # fmt: skip
     return [(vertical[s : s + 1, :, :nk], slash[s : s + 1, :, :nk]) for s, nk in enumerate(n_kv)]
