@@ -218,6 +218,13 @@ def readme_lines(evals: list[dict]) -> list[str]:
     return out
 
 
+# the model each block_scoring_real file was captured from, by a part of its name
+BLOCK_SCORING_MODELS = {
+    "smollm2": "SmolLM2-135M (9 of its 30 layers, 81 heads)",
+    "gemma3": "Gemma-3-270M (global layers 5, 11, 17; 12 heads)",
+}
+
+
 def block_scoring_snippet() -> list[str]:
     """The block scorings against the block oracle, and their GPU cost."""
     out: list[str] = []
@@ -225,9 +232,9 @@ def block_scoring_snippet() -> list[str]:
         summ = json.loads(p.read_text())["summary"]
         names = list(dict.fromkeys(k.split("@")[0] for k in summ if not k.startswith("oracle")))
         ks = sorted({int(k.split("@")[1]) for k in summ})
+        model = next((m for key, m in BLOCK_SCORING_MODELS.items() if key in p.name), p.stem)
         out += [
-            "Share of the block oracle's recall, mean (worst head), SmolLM2-135M at 8K "
-            f"(`{p.name}`):",
+            f"Share of the block oracle's recall, mean (worst head), {model} at 8K (`{p.name}`):",
             "",
             "| key blocks kept (of 128) | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(names),
@@ -302,6 +309,34 @@ def sampled_kernel_table(p: Path, d: dict) -> list[str]:
                        "| | | | |")  # fmt: skip
     out.append("")
     return out
+
+
+def profile_density_section(p: Path, d: dict) -> list[str]:
+    """The shipped Llama-3.1 config's index on the legacy and the calibrated synthetic heads."""
+    out = [
+        f"### `{p.name}`: what the Llama-3.1 config keeps on legacy and calibrated heads",
+        "",
+        "Layer 0 of the shipped `meta-llama/Llama-3.1-8B-Instruct` config (measured length policy) "
+        "on one Llama-3-8B-shaped layer (32 query / 8 KV heads, head dim 128) of synthetic heads: "
+        "`legacy` is the generator every GPU speed table used, `real` the profile calibrated "
+        "against SmolLM2's captured heads at 8K (extrapolated to these lengths). Density: share of "
+        "the causal pairs the index visits; recall and the oracle's recall at the same number of "
+        "keys per row, on 96 sampled rows (`benchmarks/density_by_profile.py`, PyTorch backend).",
+        "",
+        "| heads | N | index | density | recall | oracle at that density | of oracle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, r in d["results"].items():
+        profile, n = key.split("@")
+        for name, m in r.items():
+            if not isinstance(m, dict):
+                continue
+            out.append(
+                f"| {profile} | {int(n) // 1024}K | {name} | {m['density']:.4f} | "
+                f"{m['recall']:.3f} | {m['oracle_recall']:.3f} | "
+                f"{m['recall'] / m['oracle_recall']:.3f} |"
+            )
+    return out + [""]
 
 
 def synthetic_section(p: Path, d: dict) -> list[str]:
@@ -427,6 +462,8 @@ def main() -> int:
         ]
     for p in _sources.paths("synthetic_vs_real"):
         parts += synthetic_section(p, json.loads(p.read_text()))
+    for p in _sources.paths("density_by_profile"):
+        parts += profile_density_section(p, json.loads(p.read_text()))
     SNIPPET.write_text("\n".join(parts))
     bs = block_scoring_snippet()
     (SNIPPET.parent / "block_scoring.md").write_text(
