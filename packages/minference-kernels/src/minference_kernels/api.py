@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from . import masks as _masks
+from ._device import on_input_device
 from ._validate import (
     Shape,
     _check_tensor,
@@ -58,6 +59,7 @@ def _attend(
     return attend(q, k, v, idx, scale, softcap=softcap)
 
 
+@on_input_device
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -139,6 +141,7 @@ def vertical_slash_index(
     )
 
 
+@on_input_device
 def vertical_slash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -196,6 +199,7 @@ def _check_block_size(block_size: int) -> int:
     return block_size
 
 
+@on_input_device
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -257,6 +261,7 @@ def streaming_index(
     )
 
 
+@on_input_device
 def streaming_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -293,6 +298,7 @@ def streaming_attention(
     return _attend(q, k, v, idx, scale, be, softcap)
 
 
+@on_input_device
 def estimate_vertical_slash(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -328,6 +334,7 @@ def estimate_vertical_slash(
     return v, s
 
 
+@on_input_device
 def estimate_block_sparse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -410,6 +417,7 @@ def _take_heads(x: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
     return x[:, index] if isinstance(index, slice) else x.index_select(1, index)
 
 
+@on_input_device
 def build_index(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -596,6 +604,7 @@ def _build_index(
     )
 
 
+@on_input_device
 def sparse_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -685,6 +694,7 @@ def sparse_prefill(
     return (out, idx) if return_index else out
 
 
+@on_input_device
 def sparse_prefill_mask(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ._device import on_input_device
 from ._validate import (
     FLOAT_DTYPES,
     Shape,
@@ -101,6 +102,7 @@ def _seq(x: torch.Tensor, start: int, n: int) -> torch.Tensor:
     return x[start : start + n].transpose(0, 1).unsqueeze(0)
 
 
+@on_input_device
 def sparse_prefill_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
