@@ -394,9 +394,9 @@ def case_estimate_bs(ck, rng, args, dev, be):
         why.append("rerun differs")
     # block_allocation="head" / "layer": the same pairs per head / per layer, spread by share
     for alloc, dims in (("head", (-1, -2)), ("layer", (1, 2, 3))):
-        hi = mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation=alloc)
+        hi = mk.estimate_block_sparse(q, k, top_k, bs, backend=be, block_allocation=alloc)
         if not torch.equal(
-            hi, mk.estimate_block_sparse(q, k, top_k, bs, backend=be, allocation=alloc)
+            hi, mk.estimate_block_sparse(q, k, top_k, bs, backend=be, block_allocation=alloc)
         ):
             why.append(f"{alloc}: rerun differs")
         hv = hi >= 0
@@ -415,7 +415,7 @@ def case_estimate_bs(ck, rng, args, dev, be):
         if not bool((hv.sum(-1) <= causal.sum(-1)).all()):
             why.append(f"{alloc}: more blocks than causal ones")
         if be != "torch":  # the PyTorch ranking on this device: exact ties may be taken otherwise
-            ht = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", allocation=alloc)
+            ht = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", block_allocation=alloc)
             agree = float((ht == hi).double().mean())
             key = f"{alloc}_torch_agreement"
             ck.notes[key] = min(ck.notes.get(key, 1.0), agree)

@@ -130,7 +130,7 @@ def gpu_check() -> dict:
         q[:, 4:] *= 0.05  # flat shares: these heads would take the pooled blocks
         for alloc in ("query_block", "head", "layer"):
             for top_k in (3, 8):
-                kw = {"allocation": alloc}
+                kw = {"block_allocation": alloc}
                 t = mk.estimate_block_sparse(q, k, top_k, backend="triton", **kw)
                 r = mk.estimate_block_sparse(q, k, top_k, backend="torch", **kw)
                 own = block_select.block_topk(q, k, math.ceil(0.75 * top_k), 64, backend="triton")
@@ -180,13 +180,13 @@ def gpu_check() -> dict:
     )
     for alloc in ("query_block", "head", "layer"):
         out[f"ms_block_{alloc}_top80"] = ms(
-            lambda: mk.estimate_block_sparse(q, k, 80, backend="triton", allocation=alloc)
+            lambda: mk.estimate_block_sparse(q, k, 80, backend="triton", block_allocation=alloc)
         )
     block_select._floor_count = lambda limit: (
         None
     )  # the Triton selection without the floor's bisection
     out["ms_block_head_top80_no_floor"] = ms(
-        lambda: mk.estimate_block_sparse(q, k, 80, backend="triton", allocation="head")
+        lambda: mk.estimate_block_sparse(q, k, 80, backend="triton", block_allocation="head")
     )
     print({x: y for x, y in out.items() if x.startswith("ms")}, flush=True)
     return out

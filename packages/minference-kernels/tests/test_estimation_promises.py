@@ -190,7 +190,7 @@ def test_block_estimation_keeps_key_block_0(alloc, nq, nk):
     q, k = _sink_qk(nq=nq, nk=nk)
     for top_k in (2, 3, 5):
         base = mk.estimate_block_sparse(q, k, top_k)
-        bi = mk.estimate_block_sparse(q, k, top_k, allocation=alloc)
+        bi = mk.estimate_block_sparse(q, k, top_k, block_allocation=alloc)
         _check_sink_kept(bi, nq, nk, top_k)
         if alloc == "query_block":
             assert bi.shape[-1] == top_k
@@ -206,7 +206,7 @@ def test_block_estimation_keeps_key_block_0(alloc, nq, nk):
         ),
         -1,
     )
-    bi = mk.estimate_block_sparse(q, k, 3, allocation=alloc)
+    bi = mk.estimate_block_sparse(q, k, 3, block_allocation=alloc)
     m = mk.block_sparse_mask(bi[:, :1], nq, n_kv=nk)
     assert float(p[..., 0].mean()) > 0.5
     assert float((p * m).sum(-1).mean()) >= float(p[..., 0].mean())
@@ -218,8 +218,8 @@ def test_triton_block_estimation_keeps_key_block_0(alloc):
     """The Triton selection forces key block 0 like the PyTorch one, for every allocation."""
     nq, nk = 300, 331
     q, k = _sink_qk(nq=nq, nk=nk, seed=1)
-    got = mk.estimate_block_sparse(q, k, 3, backend="triton", allocation=alloc)
-    want = mk.estimate_block_sparse(q, k, 3, backend="torch", allocation=alloc)
+    got = mk.estimate_block_sparse(q, k, 3, backend="triton", block_allocation=alloc)
+    want = mk.estimate_block_sparse(q, k, 3, backend="torch", block_allocation=alloc)
     _check_sink_kept(got, nq, nk, 3)
     assert torch.equal((got >= 0).sum(), (want >= 0).sum())
     if alloc == "query_block":
@@ -318,7 +318,7 @@ def test_head_and_layer_allocation_do_not_starve_column_heads(seed):
     want = _recall(mass, base, n)
     assert float(want[:2].max()) > 0.7  # per query block, a column head keeps most of its mass
     for alloc, dims in (("head", (-1, -2)), ("layer", (1, 2, 3))):
-        bi = mk.estimate_block_sparse(q, k, top_k, allocation=alloc)
+        bi = mk.estimate_block_sparse(q, k, top_k, block_allocation=alloc)
         assert torch.equal((bi >= 0).sum(dims), (base >= 0).sum(dims))
         got = _recall(mass, bi, n)
         assert bool((got >= want - 0.05).all()), (alloc, got.tolist(), want.tolist())

@@ -624,7 +624,7 @@ def test_head_allocation_spreads_the_same_budget(
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + top_k)
     scale = 64**-0.5
     per_block = mk.estimate_block_sparse(q, k, top_k, bs)
-    got = mk.estimate_block_sparse(q, k, top_k, bs, allocation="head")
+    got = mk.estimate_block_sparse(q, k, top_k, bs, block_allocation="head")
     want = _head_allocation_reference(q, k, [top_k] * hq, bs, scale)
     mbk = -(-nk // bs)
     cap = block_select.HEAD_ALLOCATION_CAP
@@ -638,19 +638,19 @@ def test_head_allocation_spreads_the_same_budget(
             for m, r in enumerate(rows):
                 first = (m * bs + nk - nq) // bs  # the key block holding the row block's first row
                 assert first in r and r == sorted(set(r)) and len(r) <= cap * top_k
-    layer = mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer")
+    layer = mk.estimate_block_sparse(q, k, top_k, bs, block_allocation="layer")
     assert layer.shape == got.shape
     assert [[[[j for j in r if j >= 0] for r in hh] for hh in bb] for bb in layer.tolist()] == (
         _head_allocation_reference(q, k, [top_k] * hq, bs, scale, pooled=True)
     )
     assert torch.equal((layer >= 0).sum((1, 2, 3)), (got >= 0).sum((1, 2, 3)))  # the same work
     monkeypatch.setattr(block_select, "BLOCK_SCORE_CHUNK_BYTES", 1)
-    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer"), layer)
+    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, block_allocation="layer"), layer)
     monkeypatch.setattr(block_select, "HEAD_RANK_BYTES", 1)
-    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="head"), got)
+    assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, block_allocation="head"), got)
     # one head per ranking group: each group pools only its own budget, which is "head"; said
     with caplog.at_level(logging.INFO, logger="minference_kernels"):
-        assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, allocation="layer"), got)
+        assert torch.equal(mk.estimate_block_sparse(q, k, top_k, bs, block_allocation="layer"), got)
     assert any("ranked in groups of 1 heads" in r.getMessage() for r in caplog.records)
     monkeypatch.undo()
     # per-head budgets: the layer entry and the mask agree pair for pair
@@ -687,7 +687,7 @@ def test_head_allocation_gives_spread_blocks_more():
     top_k = 8
     floor = math.ceil(HEAD_ALLOCATION_FLOOR * top_k)
     assert floor < top_k  # some blocks per query block are pooled
-    got = mk.estimate_block_sparse(q, k, top_k, allocation="head")[0, 0]
+    got = mk.estimate_block_sparse(q, k, top_k, block_allocation="head")[0, 0]
     counts = (got >= 0).sum(-1)
     per_block = (mk.estimate_block_sparse(q, k, top_k)[0, 0] >= 0).sum(-1)
     assert int(counts.sum()) == int(per_block.sum())  # the same kernel work
@@ -702,7 +702,7 @@ def test_head_allocation_gives_spread_blocks_more():
     assert idx.abs_count[0, :, 20].tolist() == [min(21, cap * 8), min(21, cap * 9)]
     # "layer": a head whose every query block is flat takes blocks from a peaked head
     q2 = torch.cat([q[:, :, :] * 0 + q[:, :, :1], torch.zeros_like(q)], 1)  # peaked, flat
-    lay = mk.estimate_block_sparse(q2, k.expand(1, 2, -1, -1), top_k, allocation="layer")[0]
+    lay = mk.estimate_block_sparse(q2, k.expand(1, 2, -1, -1), top_k, block_allocation="layer")[0]
     per = (mk.estimate_block_sparse(q2, k.expand(1, 2, -1, -1), top_k)[0] >= 0).sum((-1, -2))
     got = (lay >= 0).sum((-1, -2))
     assert int(got.sum()) == int(per.sum())  # the same kernel work per layer
@@ -739,7 +739,7 @@ def test_block_allocation_is_checked():
     ):
         mk.sparse_prefill(q, k, v, [mk.HeadPattern.block_sparse(2)] * 4, block_allocation="row")
     with pytest.raises(ValueError, match="block_allocation"):
-        mk.estimate_block_sparse(q, k, 2, allocation="global")
+        mk.estimate_block_sparse(q, k, 2, block_allocation="global")
 
 
 @pytest.mark.triton
@@ -757,10 +757,10 @@ def test_head_allocation_triton_candidates_match_torch(
     from minference_kernels.ops import block_select
 
     q, k, _ = qkv(b=b, hq=hq, hkv=hkv, n=nq, d=64, extra=nk - nq, seed=nq + 7)
-    kw = dict(allocation=alloc)
+    kw = dict(allocation=alloc)  # block_topk's (private) name of block_allocation
     pooled = alloc == "layer"
-    want = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", **kw)
-    got = mk.estimate_block_sparse(q, k, top_k, bs, backend="triton", **kw)
+    want = mk.estimate_block_sparse(q, k, top_k, bs, backend="torch", block_allocation=alloc)
+    got = mk.estimate_block_sparse(q, k, top_k, bs, backend="triton", block_allocation=alloc)
     _assert_equally_good(got, want, q, k, bs, pooled)
     limits = torch.tensor([1 + i % max(1, top_k) for i in range(hq)])
     a = block_select.block_topk(q, k, limits, bs, backend="torch", **kw)
@@ -773,6 +773,7 @@ def test_head_allocation_triton_candidates_match_torch(
         block_select.block_topk(q, k, limits, bs, backend="triton", **kw), a, q, k, bs
     )
     qt, kt, _ = _tied_qk(b, hq, hkv, nq, nk)
+    kw = dict(block_allocation=alloc)
     tied = mk.estimate_block_sparse(qt, kt, top_k, bs, backend="torch", **kw)
     assert torch.equal(mk.estimate_block_sparse(qt, kt, top_k, bs, backend="triton", **kw), tied)
 

@@ -329,7 +329,7 @@ def test_block_estimation_takes_softcap(allocation, scoring):
     """Deterministic, the same budget as without the cap; pooled per query block: the same blocks
     (tanh is monotone); the masks of the layer entry are the blocks that run."""
     q, k, v, _ = make(2, 4, 2, 300, 20, 64, torch.float32, seed=6)
-    kw = dict(allocation=allocation, scoring=scoring)
+    kw = dict(block_allocation=allocation, scoring=scoring)
     a = mk.estimate_block_sparse(q, k, 3, softcap=CAP, **kw)
     b = mk.estimate_block_sparse(q, k, 3, softcap=CAP, **kw)
     plain = mk.estimate_block_sparse(q, k, 3, **kw)
@@ -449,11 +449,11 @@ def test_triton_estimation_with_softcap_selects_like_torch():
         got = mk.build_index(q, k, heads, backend="triton", **kw)
         assert torch.equal(attention.index_mask(got), attention.index_mask(want)), alloc
     for alloc in ("query_block", "head"):
-        t = mk.estimate_block_sparse(q, k, 3, backend="triton", allocation=alloc, softcap=CAP)
-        c = mk.estimate_block_sparse(q, k, 3, backend="torch", allocation=alloc, softcap=CAP)
+        t = mk.estimate_block_sparse(q, k, 3, backend="triton", block_allocation=alloc, softcap=CAP)
+        c = mk.estimate_block_sparse(q, k, 3, backend="torch", block_allocation=alloc, softcap=CAP)
         assert torch.equal(t, c), alloc
     q, k = _peaked_blocks(24)  # where the cap changes the head allocation's shares
-    kw = dict(allocation="head", scale=1.0, softcap=2.0)
+    kw = dict(block_allocation="head", scale=1.0, softcap=2.0)
     t = mk.estimate_block_sparse(q, k, 8, backend="triton", **kw)
     assert torch.equal(t, mk.estimate_block_sparse(q, k, 8, backend="torch", **kw))
 

@@ -342,7 +342,7 @@ def estimate_block_sparse(
     block_size: int = 64,
     *,
     backend: str = DEFAULT_BACKEND,
-    allocation: str = "query_block",
+    block_allocation: str = DEFAULT_BLOCK_ALLOCATION,
     scoring: str = "pooled",
     scale: float | None = None,
     softcap: float | None = None,
@@ -357,7 +357,9 @@ def estimate_block_sparse(
     tokens: attention sinks); equal scores go to the lowest block id, so both backends select the
     same blocks. Definitions: see :mod:`minference_kernels.estimate`.
 
-    ``allocation="head"``: the same number of (query block, key block) pairs per head, spread over
+    ``block_allocation`` (the setting of the same name in :class:`~minference_kernels.PrefillOptions`
+    and :func:`sparse_prefill`): ``"query_block"`` (default) keeps ``top_k`` per query block;
+    ``"head"``: the same number of (query block, key block) pairs per head, spread over
     the query blocks by estimated attention share; ``"layer"``: the same number for all ``Hq``
     heads, spread over heads and query blocks. Either way each query block keeps at least its own
     best ``ceil(ops.block_select.HEAD_ALLOCATION_FLOOR * top_k)`` blocks (7/8). The last dimension is then
@@ -372,13 +374,13 @@ def estimate_block_sparse(
     shape = check_qkv(q, k, None)
     check_int(top_k, "top_k", low=1)
     _check_block_size(block_size)
-    _check_allocation(allocation)
+    _check_allocation(block_allocation)
     check_block_scoring(scoring)
     scale = check_scale(scale, shape.head_dim)
     softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
     return estimate_block_sparse_impl(
-        q, k, top_k, block_size, backend=be, allocation=allocation, scoring=scoring, scale=scale,
+        q, k, top_k, block_size, backend=be, allocation=block_allocation, scoring=scoring, scale=scale,
         softcap=softcap,
     )  # fmt: skip
 
