@@ -179,6 +179,24 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
+#: The type checker and the one transformers release its verdict is checked against: a library's
+#: annotations change between releases, so neither may float (like ruff in ``lint``).
+MYPY = "mypy==2.4.1"
+TYPECHECK_TRANSFORMERS = "transformers==5.25.0"
+
+
+@nox.session(tags=["ci"])
+def typecheck(session: nox.Session) -> None:
+    """mypy over the four packages' sources (configuration: ``[tool.mypy]`` in pyproject.toml).
+
+    vLLM is not installed (its modules are untyped to mypy, like Triton's): the plugin's own code
+    is still checked.
+    """
+    install_packages(session, KERNELS, PATTERNS, HF, VLLM)
+    session.install(MYPY, TYPECHECK_TRANSFORMERS)
+    session.run("mypy")
+
+
 @nox.session
 def demo(session: nox.Session) -> None:
     """The main job on a trained model: SmolLM2-135M-Instruct (installed from PyPI, no download

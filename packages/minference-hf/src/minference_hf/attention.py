@@ -525,6 +525,7 @@ def _key_valid_for_sparse(
     """``(usable, key_valid)``: whether the mask allows the sparse path, and the key padding."""
     if attention_mask is None:
         return True, None
+    key_valid: torch.Tensor | None
     if attention_mask.dim() == 4 and attention_mask.shape[-2] == 1 and num_queries > 1:
         key_valid = attention_mask[:, 0, 0, :]
         return True, None if bool(key_valid.all()) else key_valid
@@ -535,6 +536,16 @@ def _key_valid_for_sparse(
         key_valid = _key_padding_from_full_mask(attention_mask, num_queries)
         plan._mask_check = (weakref.ref(attention_mask), key_valid)
     return key_valid is not None, key_valid
+
+
+def _layer_idx(module: torch.nn.Module) -> int:
+    idx = getattr(module, "layer_idx", None)
+    if not isinstance(idx, int):
+        raise UnsupportedAttentionError(
+            f"{type(module).__name__} has no integer layer_idx (got {idx!r}); minference needs it "
+            "to pick the layer's patterns"
+        )
+    return idx
 
 
 def minference_attention(
@@ -568,18 +579,21 @@ def minference_attention(
     """
     plan = _plan_of(module)
     _check_kwargs(module, is_causal, kwargs)
-    plan.stats.seen_layers.add(int(module.layer_idx))
+    layer_idx = _layer_idx(module)
+    plan.stats.seen_layers.add(layer_idx)
     softcap = kwargs.get("softcap")
     num_queries, num_keys = query.shape[2], key.shape[2]
-    compact = (
-        attention_mask is not None
+    compact_mask = (
+        attention_mask
+        if attention_mask is not None
         and attention_mask.dim() == 4
         and attention_mask.shape[-2] == 1
         and num_queries > 1
+        else None
     )
-    window = _compact_window(attention_mask) if compact else None
+    window = _compact_window(compact_mask) if compact_mask is not None else None
     # a static cache passes its whole buffer; the compact mask says how much of it is filled
-    filled = attention_mask.shape[-1] if compact else num_keys
+    filled = compact_mask.shape[-1] if compact_mask is not None else num_keys
     sparse = window is None and plan.wants_sparse(num_queries, filled)
     if window is not None or sparse:  # a kernel path
         if dropout and module.training:
@@ -590,13 +604,14 @@ def minference_attention(
         if filled < num_keys:
             key, value = key[:, :, :filled], value[:, :, :filled]
     if window is not None:  # a sliding-window layer longer than its window: exact, O(N W)
-        key_valid = attention_mask[:, 0, 0, :] != 0
+        assert compact_mask is not None  # the window comes from the compact mask
+        real_keys = compact_mask[:, 0, 0, :] != 0
         out = _per_sample(
             lambda q, k, v: _call_local(plan, window, q, k, v, scaling, softcap),
             query,
             key,
             value,
-            None if bool(key_valid.all()) else key_valid,
+            None if bool(real_keys.all()) else real_keys,
             gather=False,
         )
         if out is not None:
@@ -612,16 +627,14 @@ def minference_attention(
     elif sparse:
         usable, key_valid = _key_valid_for_sparse(plan, attention_mask, num_queries)
         if usable:
-            out = _sparse_forward(
-                plan, int(module.layer_idx), query, key, value, key_valid, scaling, softcap
-            )
+            out = _sparse_forward(plan, layer_idx, query, key, value, key_valid, scaling, softcap)
             # the Triton kernels write [B, N, H, D] memory, so this is a view, not a copy
             return out.transpose(1, 2).contiguous(), None
         elif (cu := _packed_cached(plan, attention_mask, kwargs, query, key)) is not None:
             flat = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])  # noqa: E731
             out = _varlen_forward(
                 plan,
-                int(module.layer_idx),
+                layer_idx,
                 flat(query),
                 flat(key),
                 flat(value),
@@ -632,7 +645,7 @@ def minference_attention(
             )
             return out.reshape(query.shape[0], num_queries, query.shape[1], -1), None
         elif kwargs.get("sliding_window") is not None and all(
-            h.kind == "dense" for h in plan.heads_for_layer(int(module.layer_idx), filled)
+            h.kind == "dense" for h in plan.heads_for_layer(layer_idx, filled)
         ):
             # a sliding-window layer (dense in the plan: patch makes it so) in a later pre-fill
             # chunk over its cache: the model's own window mask with SDPA is the exact path
@@ -649,8 +662,8 @@ def minference_attention(
             )
     else:
         plan.stats.dense_calls += 1
-    if compact:
-        attention_mask = _expand_compact(attention_mask, num_queries, key.shape[2], window)
+    if compact_mask is not None:
+        attention_mask = _expand_compact(compact_mask, num_queries, key.shape[2], window)
     if softcap is not None:  # SDPA has no soft-capping
         if dropout and module.training:
             raise UnsupportedAttentionError(
@@ -714,6 +727,7 @@ def minference_mask(
     if (
         not compactable
         and plain
+        and isinstance(q_offset, int)  # (plain checks it; repeated for the type checker)
         and isinstance(local, int)
         and local >= 1
         and kwargs.get("allow_is_causal_skip", True)
@@ -733,12 +747,14 @@ def minference_mask(
             batch_size=batch_size,
             q_length=q_length,
             kv_length=kv_length,
-            q_offset=q_offset,
+            # a tensor q_offset (static caches under tracing) is passed on as transformers does
+            q_offset=q_offset,  # type: ignore[arg-type]  # transformers types it int only
             kv_offset=kv_offset,
             mask_function=mask_function,
             attention_mask=attention_mask,
             **kwargs,
         )
+    assert isinstance(q_offset, int)  # compactable implies plain, which checks it
     # positions kv_offset .. kv_offset + filled - 1 are in the cache (static: < kv_length)
     filled = q_offset + q_length - kv_offset
     if attention_mask is None:

@@ -27,6 +27,9 @@ class _KVBuffer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = True
+    # views of the filled part, set from the start (transformers' layers may have them None)
+    keys: torch.Tensor
+    values: torch.Tensor
 
     def __init__(self, keys_buf: torch.Tensor, values_buf: torch.Tensor, length: int) -> None:
         super().__init__()
@@ -156,9 +159,10 @@ class HostKVLayer(_KVBuffer):
         """Start copying the filled part to ``device`` (on the caller's current stream)."""
         if self._fetched is None:
             nb = self._kbuf.is_pinned()
-            self._fetched = tuple(  # type: ignore[assignment]
-                copy_kv(torch.empty(t.shape, dtype=t.dtype, device=self.device), t, nb)
-                for t in (self.keys, self.values)
+            k, v = self.keys, self.values
+            self._fetched = (
+                copy_kv(torch.empty(k.shape, dtype=k.dtype, device=self.device), k, nb),
+                copy_kv(torch.empty(v.shape, dtype=v.dtype, device=self.device), v, nb),
             )
 
     def _index_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -216,6 +220,7 @@ class OffloadedKVCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[layer_idx]
+        assert isinstance(layer, _KVBuffer)  # __init__ takes only these; none are added later
         if isinstance(layer, HostKVLayer) and self._stream is not None:
             cur = torch.cuda.current_stream(key_states.device)
             cur.wait_stream(self._stream)  # this layer's prefetch has landed

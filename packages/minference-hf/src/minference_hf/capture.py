@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .attention import CAPTURE_IMPLEMENTATION
+from .attention import CAPTURE_IMPLEMENTATION, _layer_idx
 from .patching import _attention_modules, _set_impl, attention_shape, register
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def capture_qkv(
     def hook(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if to_device is not None:
             q, k, v = q.to(to_device), k.to(to_device), v.to(to_device)
-        put(("layer", CapturedLayer(int(module.layer_idx), q.detach(), k.detach(), v.detach())))
+        put(("layer", CapturedLayer(_layer_idx(module), q.detach(), k.detach(), v.detach())))
 
     runner = getattr(model, "base_model", model)
 
@@ -178,8 +178,9 @@ def search_model_config(
             os.path.basename(os.path.normpath(model_id)) if os.path.isdir(model_id) else model_id
         )
     modules = _attention_modules(model)
-    scales = [m.scaling for m in modules if hasattr(m, "scaling")]
-    caps = {getattr(m, "attn_logit_softcapping", None) for m in modules}
+    # attributes of the model's own attention classes (untyped)
+    scales: list[Any] = [m.scaling for m in modules if hasattr(m, "scaling")]
+    caps: set[Any] = {getattr(m, "attn_logit_softcapping", None) for m in modules}
     layers = ((c.q, c.k, c.v) for c in capture_qkv(model, input_ids))
     kwargs: dict[str, Any] = {
         "model_id": model_id,

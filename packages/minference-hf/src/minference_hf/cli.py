@@ -72,8 +72,9 @@ def _load(args: argparse.Namespace) -> Loaded:
         )
 
         print(UNTRAINED_NOTICE, flush=True)
-        dtype = torch.float32 if args.dtype == "auto" else _DTYPES[args.dtype]
-        model = build_model(dtype=dtype).to(device)
+        tiny_dtype = torch.float32 if args.dtype == "auto" else _DTYPES[args.dtype]
+        model = build_model(dtype=tiny_dtype)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to through functools.wraps
         return Loaded(model, build_tokenizer(), DEFAULT_MODEL_NAME, True, default_pattern_config())
     from .models import load_model
 
@@ -150,10 +151,10 @@ def _prompt_ids(args: argparse.Namespace, loaded: Loaded) -> tuple[list[int], st
     if args.prompt_file:
         text = Path(args.prompt_file).read_text()
         if args.chat_template and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(
+            rendered = tok.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
             )
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+            ids = list(tok(rendered, add_special_tokens=False)["input_ids"])
         else:
             ids = list(tok(text)["input_ids"])
         what = f"{args.prompt_file}"
@@ -189,7 +190,7 @@ def _density_note(model: PreTrainedModel) -> tuple[float | None, str]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationResult, greedy_generate
+    from .generation import GenerationResult, _decode_text, greedy_generate
     from .patching import get_plan, patch, unpatch
     from .plan import cpu_crossover_note
 
@@ -249,7 +250,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     sparse = run()
     density, dnote = _density_note(model)
-    text = tok.decode(sparse.token_ids, skip_special_tokens=True)
+    text = _decode_text(tok, sparse.token_ids)
     path = "sparse" if sparse.sparse_calls else "dense (prompt below the threshold)"
     print(
         f"minference [{path}{dnote}]: time to first token {sparse.ttft_s:.3f} s "
@@ -275,7 +276,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.compare_dense:
         unpatch(model)
         dense = run()
-        dtext = tok.decode(dense.token_ids, skip_special_tokens=True)
+        dtext = _decode_text(tok, dense.token_ids)
         n = min(len(dense.token_ids), len(sparse.token_ids))
         same = next((i for i in range(n) if dense.token_ids[i] != sparse.token_ids[i]), n)
         agree = dense.token_ids == sparse.token_ids

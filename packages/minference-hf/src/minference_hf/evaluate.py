@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from minference_kernels.options import DEFAULT_BLOCK_ALLOCATION, DEFAULT_COVERAGE
 
-from .generation import greedy_generate
+from .generation import _decode_text, greedy_generate
 from .patching import (
     _set_impl,
     attention_shape,
@@ -441,9 +441,9 @@ def run_eval(
     unknown = set(tasks) - {"passkey", "multikey", "lm"}
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}: use passkey, multikey, lm")
-    for d in depths:
-        if not 0.0 <= d <= 1.0:
-            raise ValueError(f"depths must be in [0, 1], got {d}")
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depths must be in [0, 1], got {depth}")
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method names repeat: {names}")
@@ -526,7 +526,7 @@ def run_eval(
                 switch.use(m)
                 _reset(model)
                 res = greedy_generate(model, x, max_new_tokens=max_new_tokens)
-                text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
+                text = _decode_text(tokenizer, res.token_ids)
                 went, dens = _sparse_state(model, num_layers)
                 emit(
                     CaseResult(

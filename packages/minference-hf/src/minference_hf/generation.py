@@ -72,16 +72,18 @@ def layer_progress(
     Uses forward hooks on the attention modules (nothing is replaced). Yields a function that
     closes the progress line early.
     """
-    attn = [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")
-    ]
-    layers = sorted({m.layer_idx for m in attn})
+    attn: list[torch.nn.Module] = []
+    layer_ids: set[int] = set()
+    for m in model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, int) and type(m).__name__.endswith("Attention"):
+            attn.append(m)
+            layer_ids.add(idx)
+    layers = sorted(layer_ids)
     prog = Progress(label, len(layers) * steps, enabled=enabled and bool(layers))
     handles = []
 
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    def hook(module: Any, args: Any, output: Any) -> None:  # one of `attn`: layer_idx is an int
         prog.update(1, note=f"layer {module.layer_idx + 1}/{len(layers)}")
 
     if enabled:
@@ -94,6 +96,16 @@ def layer_progress(
         prog.close()
 
 
+def _decode_text(tokenizer: Any, token_ids: list[int]) -> str:
+    """``tokenizer.decode(token_ids, skip_special_tokens=True)``, checked to be one string."""
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    if not isinstance(text, str):
+        raise TypeError(
+            f"{type(tokenizer).__name__}.decode returned {type(text).__name__}, not str"
+        )
+    return text
+
+
 def greedy_generate(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -102,7 +114,7 @@ def greedy_generate(
     eos_token_id: int | list[int] | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
-    offload_kv: bool | int | str | None = None,
+    offload_kv: OffloadSpec | None = None,
     prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Greedy decoding of one prompt with timing.
@@ -208,6 +220,10 @@ def generate_long(
     Returns:
         ``[B, N + new]`` ids, like ``model.generate``.
     """
+    from transformers import GenerationMixin
+
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(f"{type(model).__name__} has no generate(): pass a *ForCausalLM model")
     if input_ids.dim() != 2 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids must be [B, N] with N >= 2, got {tuple(input_ids.shape)}")
     if "past_key_values" in generate_kwargs or "cache" in generate_kwargs:

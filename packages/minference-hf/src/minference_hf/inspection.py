@@ -25,7 +25,10 @@ _ATTN_CHILDREN = {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", 
 @dataclass
 class _Model:
     embed: torch.nn.Module
-    layers: list[torch.nn.Module]
+    embed_weight: torch.Tensor  # [vocab, hidden]
+    # decoder layers of the model's own class: _inspect checks their children by name, which the
+    # type system cannot see, so their attributes are looked up untyped
+    layers: list[Any]
     norm: torch.nn.Module
     rotary: torch.nn.Module
     lm_head: torch.nn.Module
@@ -54,9 +57,8 @@ def _inspect(model: torch.nn.Module) -> _Model:
     lm_head = getattr(model, "lm_head", None)
     if lm_head is None:
         raise _fail(f"{type(model).__name__} has no `lm_head` (pass the *ForCausalLM model)")
-    cfg = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
+    config: Any = model.config  # a transformers PretrainedConfig (nn.Module attributes are untyped)
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     for attr, what in (
         ("final_logit_softcapping", "final logit soft-capping"),
         ("attn_logit_softcapping", "attention logit soft-capping"),
@@ -90,11 +92,15 @@ def _inspect(model: torch.nn.Module) -> _Model:
             raise _fail(f"attention of layer {i} has no o_proj")
         if not hasattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb"):
             raise _fail(f"{type(attn).__module__} defines no apply_rotary_pos_emb")
+    embed_weight = getattr(base.embed_tokens, "weight", None)
+    if not isinstance(embed_weight, torch.Tensor):
+        raise _fail(f"{type(base.embed_tokens).__name__} (embed_tokens) has no weight tensor")
     hq = int(cfg.num_attention_heads)
     hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
     head_dim = int(getattr(layers[0].self_attn, "head_dim", cfg.hidden_size // hq))
     return _Model(
         embed=base.embed_tokens,
+        embed_weight=embed_weight,
         layers=layers,
         norm=base.norm,
         rotary=base.rotary_emb,
@@ -111,6 +117,7 @@ def _inspect(model: torch.nn.Module) -> _Model:
 def _check_window(attn: torch.nn.Module, config: Any, layer: int, n: int) -> None:
     # Qwen2 sets the window per attention module (None on full-attention layers); Mistral and
     # Phi-3 keep it in the config only
+    window: Any
     if hasattr(attn, "sliding_window"):
         window = attn.sliding_window
     else:

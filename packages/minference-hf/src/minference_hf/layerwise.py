@@ -45,7 +45,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -107,7 +107,9 @@ def _attention_fn(model: torch.nn.Module):
 
 
 def _project(
-    attn: torch.nn.Module, h: torch.Tensor, m: _Model
+    attn: Any,
+    h: torch.Tensor,
+    m: _Model,  # attn: the model's own class, checked by _inspect
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h [B, n, hidden]`` -> ``q [B, Hq, n, D]``, ``k``/``v`` ``[B, Hkv, n, D]`` (before RoPE)."""
     bsz, n, _ = h.shape
@@ -180,12 +182,12 @@ def long_prefill(
     if model.training:
         raise ValueError("long_prefill is for inference: call model.eval() first")
     m = _inspect(model)
-    dev = m.embed.weight.device
+    dev = m.embed_weight.device
     if input_ids.device != dev:
         raise ValueError(f"input_ids are on {input_ids.device} but the model is on {dev}")
     vocab_hi = int(input_ids.max())
-    if int(input_ids.min()) < 0 or vocab_hi >= m.embed.weight.shape[0]:
-        raise ValueError(f"input_ids out of range [0, {m.embed.weight.shape[0]})")
+    if int(input_ids.min()) < 0 or vocab_hi >= m.embed_weight.shape[0]:
+        raise ValueError(f"input_ids out of range [0, {m.embed_weight.shape[0]})")
     bsz, n = int(input_ids.shape[0]), int(input_ids.shape[1])
     for i, layer in enumerate(m.layers):
         _check_window(layer.self_attn, model.config, i, n)
@@ -204,7 +206,7 @@ def long_prefill(
     if host_layers:
         logger.info("long_prefill: %s", plan.summary())
     rope = sys.modules[type(m.layers[0].self_attn).__module__].apply_rotary_pos_emb
-    dtype = m.embed.weight.dtype
+    dtype = m.embed_weight.dtype
     cuda = dev.type == "cuda"
     pin = cuda
     copy_stream = torch.cuda.Stream(device=dev) if cuda and host_layers else None

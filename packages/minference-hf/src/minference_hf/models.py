@@ -16,6 +16,7 @@ shipped for that id (``minference_patterns.load``) is found without a ``--config
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -175,7 +176,7 @@ def resolve_model_file(model: KnownModel) -> Path:
     with tmp.open("wb") as out:
         for p in parts:
             with p.open("rb") as f:
-                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                for block in iter(functools.partial(f.read, 1 << 20), b""):
                     out.write(block)
     if model.sha256 is not None and _sha256(tmp) != model.sha256:
         tmp.unlink()
@@ -240,10 +241,11 @@ def load_model(
         km = known_model(path.name)
     else:
         tok = AutoTokenizer.from_pretrained(text)
-        m = AutoModelForCausalLM.from_pretrained(
+        hub_model = AutoModelForCausalLM.from_pretrained(
             text, dtype=dtype, attn_implementation=attn_implementation
         )
-        return LoadedModel(m.to(device).eval(), tok, text, text, None)
+        hub_model = hub_model.to(device)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to through functools.wraps
+        return LoadedModel(hub_model.eval(), tok, text, text, None)
     _gguf_deps()
     folder, fname = str(path.parent), path.name
     if dtype == "auto":

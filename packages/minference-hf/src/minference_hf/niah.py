@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from minference_kernels.options import PrefillOptions
 
-from .generation import greedy_generate
+from .generation import _decode_text, greedy_generate
 from .patching import get_plan, patch, restore_plan, unpatch
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ def run_niah(
                 res = greedy_generate(
                     model, x, max_new_tokens=max_new_tokens, progress=progress and L >= 32768
                 )
-                text = tokenizer.decode(res.token_ids, skip_special_tokens=True)
+                text = _decode_text(tokenizer, res.token_ids)
                 score = 1.0 if answer in text else 0.0
                 cases.append(
                     NiahCase(

@@ -335,7 +335,7 @@ def patch(
     modules = _attention_modules(model)
     if not modules:
         raise UnsupportedModelError(f"{type(model).__name__} has no attention layers (layer_idx)")
-    model.minference_plan = plan
+    vars(model)["minference_plan"] = plan  # a plain attribute, as nn.Module.__setattr__ sets it
     for m in modules:
         setattr(m, _PLAN_ATTR, plan)
     try:

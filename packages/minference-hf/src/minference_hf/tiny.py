@@ -83,7 +83,8 @@ def build_model(
     with gen:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return model.to(dtype).eval()
+    model = model.to(dtype)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to through functools.wraps
+    return model.eval()
 
 
 def default_pattern_config(num_layers: int = 4, num_heads: int = 8) -> PatternConfig:

@@ -345,7 +345,8 @@ def save_minference(config: PatternConfig, path: PathLike, **kwargs: Any) -> Pat
 
 
 def _qwen_shape(cfg: Mapping[str, Any]) -> dict[str, int | None]:
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), Mapping) else cfg
+    sub = cfg.get("text_config")
+    text: Mapping[str, Any] = sub if isinstance(sub, Mapping) else cfg
     heads = text.get("num_attention_heads")
     hd = text.get("head_dim")
     if hd is None and _is_int(text.get("hidden_size")) and _is_int(heads) and heads:

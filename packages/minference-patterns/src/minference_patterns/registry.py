@@ -42,12 +42,14 @@ SEARCH_HINT = (
 
 def shipped_path(model: ShippedModel) -> Path:
     """Filesystem path of a shipped config file."""
-    return Path(str(files("minference_patterns").joinpath("configs", model.file)))
+    return Path(str(files("minference_patterns").joinpath("configs").joinpath(model.file)))
 
 
 @lru_cache(maxsize=16)
 def _load_shipped_file(file: str) -> PatternConfig:
-    text = files("minference_patterns").joinpath("configs", file).read_text(encoding="utf-8")
+    text = (
+        files("minference_patterns").joinpath("configs").joinpath(file).read_text(encoding="utf-8")
+    )
     return PatternConfig.from_dict(json.loads(text), source=f"shipped config {file}")
 
 
@@ -98,14 +100,15 @@ def load(path_or_model_id: str | os.PathLike[str], *, model_id: str | None = Non
         if _has_sparse_config(p):
             return load_file(p, model_id=model_id)
         # a model directory without a sparse config: the shipped config of the model it holds
-        name = next((n for n in _dir_model_names(p, path_or_model_id) if resolve_model_id(n)), None)
-        if name is None:
+        held = next((n for n in _dir_model_names(p, path_or_model_id) if resolve_model_id(n)), None)
+        if held is None:
             raise UnknownModelError(
                 f"{p} is a directory without a sparse attention config (no "
                 "sparse_attention_config in config.json, no sparse_attention_config.json), and "
                 f"the model it holds has no shipped pattern config.\n{SEARCH_HINT}",
                 path_or_model_id,
             )
+        name = held
     elif resolve_model_id(name) is None and name.lower().endswith(".json"):
         raise FileNotFoundError(f"no such pattern config file: {name}")
     cfg = load_shipped(name)

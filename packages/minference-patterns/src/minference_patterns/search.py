@@ -189,6 +189,13 @@ def _check_inputs(q: Any, k: Any, v: Any) -> tuple[int, int, int, int]:
     return hq, hkv, nq, d
 
 
+def _objective_value(c: CandidateScore, objective: Objective) -> float:
+    if objective == "recall":
+        return c.recall
+    assert c.output_error is not None  # objective "output" needs v (checked by search_layer)
+    return 1.0 - c.output_error
+
+
 def _select(
     scores: list[CandidateScore],
     objective: Objective,
@@ -197,7 +204,7 @@ def _select(
     min_score: float | None,
 ) -> tuple[int, bool]:
     def quality(c: CandidateScore) -> float:
-        return c.recall if objective == "recall" else 1.0 - float(c.output_error)
+        return _objective_value(c, objective)
 
     idx = range(len(scores))
     feasible = [i for i in idx if scores[i].cost <= budget * (1 + 1e-9)]
@@ -324,7 +331,7 @@ def search_layer(
                 rec = mass.mean(-1)
                 dens = mask.sum((-1, -2)).to(work) / causal_pairs
                 err = None
-                if v is not None:
+                if o_dense is not None:  # set exactly when v is given
                     o_sparse = attend(kept / mass.clamp(min=1e-30)[..., None])
                     err = ((o_sparse - o_dense).norm(dim=-1) / o_norm).mean(-1)
                 del mask, kept
@@ -341,13 +348,13 @@ def search_layer(
     results = []
     for h in range(hq):
         scored = []
-        for cand, (rec, err, dens) in zip(cands, stats[h]):
-            kept_pairs = dens * total_pairs
+        for cand, (h_rec, h_err, h_dens) in zip(cands, stats[h]):
+            kept_pairs = h_dens * total_pairs
             c = relative_cost(cost_model, cand, n, kept_pairs=kept_pairs, head_dim=d)
-            scored.append(CandidateScore(cand, rec, err, dens, c))
+            scored.append(CandidateScore(cand, h_rec, h_err, h_dens, c))
         i, within = _select(scored, objective, float(budget), tolerance, min_score)
         ch = scored[i]
-        score = ch.recall if objective == "recall" else 1.0 - float(ch.output_error)
+        score = _objective_value(ch, objective)
         results.append(
             HeadSearchResult(
                 layer=layer,
@@ -373,9 +380,7 @@ def search_head(
     Keyword arguments are those of :func:`search_layer`.
     """
 
-    def as4(t: torch.Tensor | None, name: str) -> torch.Tensor | None:
-        if t is None:
-            return None
+    def as4(t: torch.Tensor, name: str) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() == 2:
@@ -386,7 +391,7 @@ def search_head(
             f"{name} must be [N, D] or [1, 1, N, D] for one head, got {tuple(t.shape)}"
         )
 
-    return search_layer(as4(q, "q"), as4(k, "k"), as4(v, "v"), **kwargs)[0]
+    return search_layer(as4(q, "q"), as4(k, "k"), None if v is None else as4(v, "v"), **kwargs)[0]
 
 
 LayerInput = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -103,7 +103,8 @@ class SparseBuilderMixin:
     """Metadata-builder mixin; put it before the platform's builder class."""
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # type: ignore[call-arg]
+        base: Any = super()  # the platform's builder class, after this mixin in the MRO
+        base.__init__(kv_cache_spec, layer_names, vllm_config, device)
         self._mi_settings = compat.plugin_settings(vllm_config)
         self._mi_block_size = int(kv_cache_spec.block_size)
         self._mi_fallback_logged = False
@@ -111,8 +112,8 @@ class SparseBuilderMixin:
     def build(
         self, common_prefix_len: int, common_attn_metadata: Any, fast_build: bool = False
     ) -> Any:
-        parent = super()
-        full = parent.build(common_prefix_len, common_attn_metadata, fast_build)  # type: ignore[misc]
+        parent: Any = super()  # the platform's builder class, after this mixin in the MRO
+        full = parent.build(common_prefix_len, common_attn_metadata, fast_build)
         settings = self._mi_settings
         common = common_attn_metadata
         if (
@@ -140,7 +141,7 @@ class SparseBuilderMixin:
                     self._mi_fallback_logged = True
                 return full
             sub, dense_tokens = selected
-            dense_meta = parent.build(0, sub, fast_build)  # type: ignore[misc]
+            dense_meta = parent.build(0, sub, fast_build)
         rows = [
             SparseRow(
                 request=r,

@@ -44,7 +44,7 @@ class CacheLayout:
 def _scratch_like(kv_cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """A zeroed cache of ``num_blocks`` blocks with the same dtype, device and dim order."""
     shape = (num_blocks, *kv_cache.shape[1:])
-    order = sorted(range(kv_cache.dim()), key=lambda i: (-kv_cache.stride(i), i))
+    order = sorted(range(kv_cache.dim()), key=lambda i: (-kv_cache.stride()[i], i))
     base = torch.zeros([shape[i] for i in order], dtype=kv_cache.dtype, device=kv_cache.device)
     inverse = [order.index(i) for i in range(kv_cache.dim())]
     return base.permute(inverse)

@@ -151,10 +151,9 @@ def attend(
     sink = index.sink.long()[..., None]
     # the most candidate keys any block has (an upper bound; one host read on the CPU path)
     l_max = int((index.rel_end.amax() + index.abs_count.amax()) * BLOCK + index.col_count.amax())
-    ws = dict(dtype=compute_dtype, device=q.device)
-    kbuf = torch.empty(b * hq * l_max * d, **ws)
-    vbuf = torch.empty(b * hq * l_max * d, **ws)
-    sbuf = torch.empty(b * hq * BLOCK * l_max, **ws)
+    kbuf = torch.empty(b * hq * l_max * d, dtype=compute_dtype, device=q.device)
+    vbuf = torch.empty(b * hq * l_max * d, dtype=compute_dtype, device=q.device)
+    sbuf = torch.empty(b * hq * BLOCK * l_max, dtype=compute_dtype, device=q.device)
     raw = None
     if k.dtype != compute_dtype:
         raw = torch.empty(b * hq * l_max * d, dtype=k.dtype, device=q.device)
@@ -180,7 +179,9 @@ def attend(
         s = sbuf[: b * hq * (r1 - r0) * length].view(b, hq, r1 - r0, length)
         torch.matmul(qb, kg.transpose(-1, -2), out=s)
         softcap_(s, softcap)  # the scale is folded into qb: s holds the logits
-        bias = torch.zeros(pos.shape, **ws).masked_fill_(~every, -torch.inf)
+        bias = torch.zeros(pos.shape, dtype=compute_dtype, device=q.device).masked_fill_(
+            ~every, -torch.inf
+        )
         n_edge = int(edge.sum(-1).max())
         if n_edge:
             # the row-dependent keys of each head (padded with other keys, which stay as they are)

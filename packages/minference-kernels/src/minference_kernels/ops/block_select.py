@@ -209,22 +209,16 @@ def block_topk(
     capped like logits). ``scale`` (default ``D ** -0.5``) is the attention scale of both.
     """
     check_block_scoring(scoring)
-    sampled = q if isinstance(q, _SampledQ) else None
-    if sampled is not None:
-        q = sampled.q
     b, _, nq, d = q.shape
     nk = k.shape[2]
     dev = q.device
     block_size, mbq, mbk = _block_geometry(nq, nk, block_size)
     off = nk - nq
-    if scoring == "sampled":
-        return block_topk(
-            _SampledQ(q, k, heads, kv_of_q, block_size, d**-0.5 if scale is None else scale,
-                      softcap=softcap, backend=backend),
-            k, top_k, block_size, kv_of_q=kv_of_q, top_k_max=top_k_max, backend=backend,
-            allocation=allocation, scale=scale,
-        )  # fmt: skip
-    if sampled is not None:  # the sampled estimate: pk only carries the key-block count
+    pq: torch.Tensor | _SampledQ
+    if scoring == "sampled":  # the sampled estimate: pk only carries the key-block count
+        sampled = _SampledQ(q, k, heads, kv_of_q, block_size, d**-0.5 if scale is None else scale,
+                            softcap=softcap, backend=backend)  # fmt: skip
+        softcap = None  # the sampled rows cap their own logits
         pq = sampled
         kv_of_q = sampled.kv_of_q
     elif heads is None:

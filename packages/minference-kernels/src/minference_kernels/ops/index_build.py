@@ -94,6 +94,8 @@ def assemble(
     if rel_tiles is None or rel_tiles.shape[-1] == 0:
         rel_tiles = torch.full((batch, heads, 1), -_BIG, dtype=torch.int64, device=device)
         rel_count = zeros_bh
+    elif rel_count is None:
+        raise ValueError("assemble: rel_tiles needs rel_count (the valid tiles per head)")
     t_len = rel_tiles.shape[-1]
     tpos = torch.arange(t_len, device=device)
     rel_valid = tpos[None, None, :] < rel_count[..., None]
@@ -121,6 +123,8 @@ def assemble(
     if cols is None or cols.shape[-1] == 0:
         cols = torch.full((batch, heads, 1), _BIG, dtype=torch.int64, device=device)
         col_total = zeros_bh
+    elif col_total is None:
+        raise ValueError("assemble: cols needs col_total (the valid columns per head)")
     cpos = torch.arange(cols.shape[-1], device=device)
     cvalid = cpos[None, None, :] < col_total[..., None]
     cols_s = torch.where(cvalid, cols, torch.full_like(cols, _BIG)).contiguous()
@@ -129,6 +133,8 @@ def assemble(
     if abs_tiles is None or abs_tiles.shape[-1] == 0:
         abs_tiles = torch.zeros((batch, heads, mb, 1), dtype=torch.int64, device=device)
         abs_count = torch.zeros((batch, heads, mb), dtype=torch.int64, device=device)
+    elif abs_count is None:
+        raise ValueError("assemble: abs_tiles needs abs_count (the valid tiles per block)")
 
     if sink is None:
         sink = zeros_bh

@@ -195,7 +195,8 @@ def _stack(parts: list[torch.Tensor], fill: int) -> torch.Tensor:
     shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
     out = parts[0].new_full((len(parts), *shape), fill)
     for i, p in enumerate(parts):
-        out[(i, *(slice(0, n) for n in p.shape[1:]))] = p[0]
+        region: tuple[int | slice, ...] = (i, *(slice(0, n) for n in p.shape[1:]))
+        out[region] = p[0]
     return out.contiguous()
 
 
