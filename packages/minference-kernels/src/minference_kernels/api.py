@@ -758,7 +758,7 @@ def sparse_prefill_mask(
                 p.sink_tokens, p.window_tokens, nq, n_kv=nk, query_rows=rows, device=q.device
             )[:, 0]
     for (bs, scoring), hl in _block_sparse_groups(heads).items():  # as in build_index
-        bi = block_topk(
+        blocks = block_topk(
             q,
             k,
             torch.tensor([min(heads[i].top_k, -(-nk // bs)) for i in hl], device=q.device),
@@ -771,7 +771,7 @@ def sparse_prefill_mask(
         )
         for j, i in enumerate(hl):
             out[:, i : i + 1] = _masks.block_sparse_mask(
-                bi[:, j : j + 1], nq, bs, n_kv=nk, query_rows=rows
+                blocks[:, j : j + 1], nq, bs, n_kv=nk, query_rows=rows
             )
     return out
 

@@ -231,8 +231,8 @@ def sparse_prefill_varlen(
 
         live = [i for i in range(len(n_q)) if n_q[i] > 0]
         run_idx = [
-            indices[i]
-            if indices[i] is not None
+            si
+            if (si := indices[i]) is not None
             else _dense_index(_shape(hq, hkv, n_q[i], n_kv[i], d), q.device)
             for i in live
         ]
