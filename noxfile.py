@@ -192,7 +192,8 @@ def typecheck(session: nox.Session) -> None:
     vLLM is not installed (its modules are untyped to mypy, like Triton's): the plugin's own code
     is still checked.
     """
-    install_packages(session, KERNELS, PATTERNS, HF, VLLM)
+    # [plot]: matplotlib (typed) for the figure code in patterns and hf's niah / eval
+    install_packages(session, KERNELS, f"{PATTERNS}[plot]", HF, VLLM)
     session.install(MYPY, TYPECHECK_TRANSFORMERS)
     session.run("mypy")
 
