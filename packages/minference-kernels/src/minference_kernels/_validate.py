@@ -226,6 +226,22 @@ def check_last_q(last_q: object, name: str = "last_q") -> int:
     return last_q
 
 
+def check_layer_settings(
+    coverage: object,
+    max_density: object,
+    last_q: object,
+    block_allocation: object,
+    dense_below: object,
+) -> None:
+    """The per-call settings of :func:`~minference_kernels.sparse_prefill` and
+    :func:`~minference_kernels.sparse_prefill_varlen`, each through its one validator."""
+    check_coverage(coverage)
+    check_share(max_density, "max_density")
+    check_last_q(last_q)
+    check_allocation(block_allocation)
+    check_int(dense_below, "dense_below")
+
+
 def check_backend(backend: object, name: str = "backend") -> str:
     """``backend`` if it is one of :data:`BACKENDS`, else a ``ValueError`` naming ``name``."""
     if not isinstance(backend, str) or backend not in BACKENDS:

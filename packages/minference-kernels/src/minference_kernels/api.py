@@ -30,6 +30,7 @@ from ._validate import (
     _check_tensor,
     check_index,
     check_int,
+    check_layer_settings,
     check_qkv,
     check_scale,
     check_softcap,
@@ -38,7 +39,6 @@ from ._validate import (
 from ._validate import check_allocation as _check_allocation
 from ._validate import check_coverage as _check_coverage
 from ._validate import check_last_q as _check_last_q
-from ._validate import check_share as _check_share
 from .estimate import estimate_block_sparse_impl, estimate_vertical_slash_impl
 from .index import BLOCK, SparseIndex, sorted_unique
 from .ops import attention as _torch_attn  # the PyTorch path
@@ -662,11 +662,7 @@ def sparse_prefill(
     scale = check_scale(scale, shape.head_dim)
     softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
-    _check_coverage(coverage)
-    _check_share(max_density, "max_density")
-    _check_last_q(last_q)
-    _check_allocation(block_allocation)
-    check_int(dense_below, "dense_below")
+    check_layer_settings(coverage, max_density, last_q, block_allocation, dense_below)
     if not return_index and (all(p.kind == "dense" for p in heads) or shape.n_q < dense_below):
         return dense_attention(q, k, v, scale, backend=backend, softcap=softcap)
     idx = build_index(

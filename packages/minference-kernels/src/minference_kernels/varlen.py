@@ -25,14 +25,11 @@ from ._validate import (
     Shape,
     _check_tensor,
     check_finite,
-    check_int,
+    check_layer_settings,
     check_scale,
     check_softcap,
     resolve_backend,
 )
-from ._validate import check_allocation as _check_allocation
-from ._validate import check_coverage as _check_coverage
-from ._validate import check_last_q as _check_last_q
 from .api import (
     _build_index,
     _dense_index,
@@ -163,11 +160,7 @@ def sparse_prefill_varlen(
     scale = check_scale(scale, d)
     softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
-    _check_coverage(coverage)
-    _check_coverage(max_density, "max_density")
-    _check_last_q(last_q)
-    _check_allocation(block_allocation)
-    check_int(dense_below, "dense_below")
+    check_layer_settings(coverage, max_density, last_q, block_allocation, dense_below)
     if validate:
         for name, x in (("q", q), ("k", k), ("v", v)):
             check_finite(name, x)
