@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from minference_kernels import HeadPattern, sparse_prefill
+from minference_kernels import HeadPattern, PrefillOptions, sparse_prefill
 from minference_vllm.kvcache import gather_kv, probe_layout
 from minference_vllm.prefill import prefill_request
 
@@ -102,7 +102,7 @@ def run_one(a, n_cached: int, device: torch.device, dtype: torch.dtype, sync) ->
     def chunk():
         prefill_request(
             q, k_new, v_new, cache, lambda: layout, blocks, total, heads,
-            scale=scale, backend=a.backend,
+            scale=scale, options=PrefillOptions(backend=a.backend),
         )  # fmt: skip
 
     row = {

@@ -85,3 +85,34 @@ def test_gpu_properties(tmp_path: Path) -> None:
     failed = {k: v["failures"][:3] for k, v in log["checks"].items() if v["failed"]}
     assert log["total_failed"] == 0, failed
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_kernel_tests_on_the_gpu() -> None:
+    """The kernels' own Triton tests that honour ``MINFERENCE_TEST_DEVICE`` (the varlen API: each
+    sequence alone, float64 masks, full budget equals dense, tensor descriptors) run compiled on
+    the GPU instead of under the interpreter."""
+    env = dict(os.environ, MINFERENCE_TEST_DEVICE="cuda")
+    env.pop("TRITON_INTERPRET", None)
+    src = [str(ROOT / "packages" / p / "src") for p in ("minference-kernels",)]
+    env["PYTHONPATH"] = os.pathsep.join([*src, env.get("PYTHONPATH", "")])
+    tests = ROOT / "packages" / "minference-kernels" / "tests"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "triton",
+            "-p",
+            "no:cacheprovider",
+            str(tests / "test_varlen.py"),
+        ],
+        cwd=tests,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    print(proc.stdout[-20000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout, proc.stdout[-2000:]

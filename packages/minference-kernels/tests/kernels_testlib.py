@@ -1,6 +1,12 @@
 """Shared helpers of the kernels tests (a uniquely named module, not conftest)."""
 
+import os
+
 import torch
+
+#: where the tests that honour it put their tensors: ``MINFERENCE_TEST_DEVICE=cuda`` runs them on
+#: a GPU with the compiled Triton kernels (``tests/gpu`` does so); default ``cpu``
+DEVICE = torch.device(os.environ.get("MINFERENCE_TEST_DEVICE", "cpu"))
 
 
 def reference(q, k, v, mask, scale=None, softcap=None):
@@ -9,6 +15,7 @@ def reference(q, k, v, mask, scale=None, softcap=None):
     b, hq, nq, d = q.shape
     g = hq // k.shape[1]
     scale = d**-0.5 if scale is None else scale
+    mask = mask.to(q.device)
     kk = k.double().repeat_interleave(g, 1)
     vv = v.double().repeat_interleave(g, 1)
     s = (q.double() @ kk.transpose(-1, -2)) * scale
@@ -31,7 +38,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 import atexit  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 from collections import Counter  # noqa: E402
 
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -9,7 +9,7 @@ import logging
 import minference_kernels as mk
 import pytest
 import torch
-from kernels_testlib import TOL, reference, rel_err
+from kernels_testlib import DEVICE, TOL, reference, rel_err
 
 KINDS = [
     mk.HeadPattern.vertical_slash(12, 20),
@@ -27,7 +27,7 @@ def cu(lengths):
     c = [0]
     for n in lengths:
         c.append(c[-1] + n)
-    return torch.tensor(c, dtype=torch.int32)
+    return torch.tensor(c, dtype=torch.int32, device=DEVICE)
 
 
 def make(lens_q, lens_k, hq, hkv, d, dt, seed):
@@ -35,7 +35,7 @@ def make(lens_q, lens_k, hq, hkv, d, dt, seed):
     q = torch.randn(sum(lens_q), hq, d, generator=g).to(dt)
     k = torch.randn(sum(lens_k), hkv, d, generator=g).to(dt)
     v = torch.randn(sum(lens_k), hkv, d, generator=g).to(dt)
-    return q, k, v
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
 
 
 def seq(x, c, i):
@@ -297,4 +297,35 @@ def test_triton_tensor_descriptor_loads_equal_pointer_loads():
     args = (q, k, v, cq[:-1], ck[:-1], lens_q, lens_k, idx, 80**-0.5)
     a = _varlen_triton.attend_varlen(*args, tma=True)
     b = _varlen_triton.attend_varlen(*args, tma=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.triton
+def test_program_orders_cover_every_block_once_and_agree():
+    """Both program orders of the varlen launch list every (sequence, query block) exactly once;
+    ``"sequence"`` keeps each sequence's blocks together, longest sequence first; the output does
+    not depend on the order."""
+    from minference_kernels.ops import varlen_triton as _varlen_triton
+
+    lens_q, lens_k = [70, 300, 1, 129], [90, 300, 40, 129]
+    want = {(s, m) for s, n in enumerate(lens_q) for m in range(-(-n // 64))}
+    for order in _varlen_triton.BLOCK_ORDERS:
+        rows = [tuple(r) for r in _varlen_triton.block_table(lens_q, lens_k, "cpu", order).tolist()]
+        assert len(rows) == len(want) and set(rows) == want, order
+    seqs = [s for s, _ in _varlen_triton.block_table(lens_q, lens_k, "cpu", "sequence").tolist()]
+    assert seqs == sorted(seqs, key=lambda s: (-lens_k[s], seqs.index(s)))
+    assert [s for i, s in enumerate(seqs) if i == 0 or seqs[i - 1] != s] == [1, 3, 0, 2]
+    with pytest.raises(ValueError, match="order must be one of"):
+        _varlen_triton.block_table(lens_q, lens_k, "cpu", "random")
+
+    q, k, v = make(lens_q, lens_k, 4, 2, 64, torch.float32, seed=5)
+    heads = heads_for(4)
+    cq, ck = cu(lens_q).tolist(), cu(lens_k).tolist()
+    idx = [
+        mk.build_index(seq(q, cu(lens_q), i), seq(k, cu(lens_k), i), heads, backend="triton")
+        for i in range(4)
+    ]
+    args = (q, k, v, cq[:-1], ck[:-1], lens_q, lens_k, idx, 0.125)
+    a = _varlen_triton.attend_varlen(*args, order="sequence")
+    b = _varlen_triton.attend_varlen(*args, order="causal")
     torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -210,15 +210,28 @@ def pack_indices(indices: list[SparseIndex]) -> dict[str, torch.Tensor]:
     return packed
 
 
-def block_table(n_q: list[int], n_kv: list[int], device) -> torch.Tensor:
-    """``int32 [NB, 2]``: (sequence, query block) of each program, the blocks with the most causal
-    keys first (the longest programs start first, as in the equal-length kernel)."""
+#: program orders of the varlen attention launch: ``"sequence"`` (default) runs the sequences
+#: longest first, each one's query blocks longest first, so the programs in flight together share
+#: a sequence's K/V tiles in L2 as in the equal-length kernel; ``"causal"`` sorts every block of the
+#: batch by its causal key count, which interleaves sequences (measured slower on the H200)
+BLOCK_ORDERS = ("sequence", "causal")
+
+
+def block_table(n_q: list[int], n_kv: list[int], device, order: str = "sequence") -> torch.Tensor:
+    """``int32 [NB, 2]``: (sequence, query block) of each program, in ``order`` (see
+    ``BLOCK_ORDERS``); either way the longest programs of a sequence start first."""
+    if order not in BLOCK_ORDERS:
+        raise ValueError(f"order must be one of {BLOCK_ORDERS}, got {order!r}")
     rows = [
         (nk - nq + min((m + 1) * BLOCK, nq), s, m)
         for s, (nq, nk) in enumerate(zip(n_q, n_kv))
         for m in range(-(-nq // BLOCK))
     ]
-    rows.sort(key=lambda r: -r[0])
+    if order == "causal":
+        rows.sort(key=lambda r: -r[0])
+    else:
+        rank = {s: i for i, s in enumerate(sorted(range(len(n_kv)), key=lambda s: -n_kv[s]))}
+        rows.sort(key=lambda r: (rank[r[1]], -r[0]))
     table = torch.tensor([[s, m] for _, s, m in rows], dtype=torch.int32)
     return table.reshape(-1, 2).to(device)
 
@@ -250,8 +263,9 @@ def attend_varlen(
     num_warps: int = 4,
     num_stages: int = 3,
     tma: bool | None = None,
+    order: str = "sequence",
 ) -> torch.Tensor:
-    """One launch over every (sequence, query block, head). ``q [total_q, Hq, D]``, ``k/v
+    """One launch over every (sequence, query block, head), in ``order`` (``BLOCK_ORDERS``). ``q [total_q, Hq, D]``, ``k/v
     [total_k, Hkv, D]``; sequence ``s`` is rows ``starts_q[s] ..+ n_q[s]`` of q (``n_q[s] >= 1``)
     and ``starts_k[s] ..+ n_kv[s]`` of k/v, with index ``indices[s]``. Returns ``[total_q, Hq, D]``
     (rows of no listed sequence are zero)."""
@@ -264,7 +278,7 @@ def attend_varlen(
         return out
     p = pack_indices(indices)
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
-    table = block_table(n_q, n_kv, dev)
+    table = block_table(n_q, n_kv, dev, order)
     mb = p["rel_end"].shape[-1]
     qk_scale, cap_in = _softcap_args(scale, softcap)
     block_d = max(16, triton.next_power_of_2(d))
