@@ -91,8 +91,9 @@ def main() -> None:
         return c
 
     cq, ck = cu(lengths), cu(nk)
-    cq_t = torch.tensor(cq, dtype=torch.int32, device=dev)
-    ck_t = torch.tensor(ck, dtype=torch.int32, device=dev)
+    # on the host, as the integrations pass them (a GPU tensor would add a sync per call)
+    cq_t = torch.tensor(cq, dtype=torch.int32)
+    ck_t = torch.tensor(ck, dtype=torch.int32)
     heads = patterns(hq)
     kw = dict(backend="triton", validate=False)
 

@@ -300,6 +300,22 @@ def test_triton_tensor_descriptor_loads_equal_pointer_loads():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _block_table_definition(n_q, n_kv, order):
+    """The program table by its definition: every (sequence, block) with its causal key count,
+    sorted (stably) by the order's key."""
+    rows = [
+        (nk - nq + min((m + 1) * 64, nq), s, m)
+        for s, (nq, nk) in enumerate(zip(n_q, n_kv))
+        for m in range(-(-nq // 64))
+    ]
+    if order == "causal":
+        rows.sort(key=lambda r: -r[0])
+    else:
+        rank = {s: i for i, s in enumerate(sorted(range(len(n_kv)), key=lambda s: -n_kv[s]))}
+        rows.sort(key=lambda r: (rank[r[1]], -r[0]))
+    return [[s, m] for _, s, m in rows]
+
+
 @pytest.mark.triton
 def test_program_orders_cover_every_block_once_and_agree():
     """Both program orders of the varlen launch list every (sequence, query block) exactly once;
@@ -317,6 +333,15 @@ def test_program_orders_cover_every_block_once_and_agree():
     assert [s for i, s in enumerate(seqs) if i == 0 or seqs[i - 1] != s] == [1, 3, 0, 2]
     with pytest.raises(ValueError, match="order must be one of"):
         _varlen_triton.block_table(lens_q, lens_k, "cpu", "random")
+    # the vectorised table equals the plain definition (a stable sort of the block list)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        b = int(torch.randint(1, 7, (1,), generator=g))
+        nq = [int(x) for x in torch.randint(0, 400, (b,), generator=g)]
+        nk = [n + int(x) for n, x in zip(nq, torch.randint(0, 3, (b,), generator=g) * 64)]
+        for order in _varlen_triton.BLOCK_ORDERS:
+            got = _varlen_triton.block_table(nq, nk, "cpu", order).tolist()
+            assert got == _block_table_definition(nq, nk, order), (nq, nk, order)
 
     q, k, v = make(lens_q, lens_k, 4, 2, 64, torch.float32, seed=5)
     heads = heads_for(4)

@@ -314,7 +314,8 @@ def _varlen_forward(
             for i in seqs:
                 cq.append(cq[-1] + cu_q[i + 1] - cu_q[i])
                 ck.append(ck[-1] + cu_k[i + 1] - cu_k[i])
-        i32 = lambda c: torch.tensor(c, dtype=torch.int32, device=q.device)  # noqa: E731
+        # on the host: the kernels read the lengths there (a GPU tensor would cost a sync)
+        i32 = lambda c: torch.tensor(c, dtype=torch.int32)  # noqa: E731
         og, indices = minference_kernels.sparse_prefill_varlen(
             qg,
             kg,

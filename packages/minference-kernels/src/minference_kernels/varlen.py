@@ -123,7 +123,10 @@ def sparse_prefill_varlen(
 
     ``q [total_q, Hq, D]``, ``k/v [total_k, Hkv, D]``, ``cu_seqlens_q`` / ``cu_seqlens_k`` int32
     ``[B + 1]`` (see :mod:`minference_kernels.varlen`; a sequence may be empty, and ``Nk_i - Nq_i``
-    is its cached prefix). ``heads`` and every keyword have the meaning they have in
+    is its cached prefix). The lengths are read on the host: ``cu_seqlens_*`` on the CPU cost
+    nothing, on ``q``'s GPU one device-to-host copy (a synchronisation) each, so callers that know
+    the lengths on the host (as the transformers and vLLM integrations do) pass CPU tensors.
+    ``heads`` and every keyword have the meaning they have in
     :func:`~minference_kernels.sparse_prefill`, applied to each sequence on its own: each sequence
     gets its own online estimation (its own last ``last_q`` queries) and its own dense decision
     (every head ``dense``, ``Nq_i < dense_below``, or its index above ``max_density``).

@@ -140,8 +140,8 @@ def prefill_requests(
         torch.cat(qs),
         torch.cat(ks),
         torch.cat(vs),
-        cu_q.to(dev, torch.int32),
-        cu_k.to(dev, torch.int32),
+        cu_q.to(torch.int32),  # on the host: the kernels read the lengths there (no sync)
+        cu_k.to(torch.int32),
         heads,
         scale,
         validate=False,

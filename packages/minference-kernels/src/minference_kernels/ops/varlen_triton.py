@@ -222,17 +222,25 @@ def block_table(n_q: list[int], n_kv: list[int], device, order: str = "sequence"
     ``BLOCK_ORDERS``); either way the longest programs of a sequence start first."""
     if order not in BLOCK_ORDERS:
         raise ValueError(f"order must be one of {BLOCK_ORDERS}, got {order!r}")
-    rows = [
-        (nk - nq + min((m + 1) * BLOCK, nq), s, m)
-        for s, (nq, nk) in enumerate(zip(n_q, n_kv))
-        for m in range(-(-nq // BLOCK))
-    ]
+    # built with tensor operations: a batch of 8 x 128K has ~9000 blocks, and a Python sort of
+    # them cost ~50 ms of host time per layer
+    nb = torch.tensor([-(-nq // BLOCK) for nq in n_q], dtype=torch.int64)
+    seq_of = torch.repeat_interleave(torch.arange(len(n_q)), nb)
+    first = torch.cumsum(nb, 0) - nb  # each sequence's first row
+    m = torch.arange(int(nb.sum())) - first[seq_of]
     if order == "causal":
-        rows.sort(key=lambda r: -r[0])
+        # causal keys of the block's last row, every block of the batch sorted by it (stable)
+        nq_t = torch.tensor(n_q, dtype=torch.int64)
+        nk_t = torch.tensor(n_kv, dtype=torch.int64)
+        keys = nk_t[seq_of] - nq_t[seq_of] + torch.minimum((m + 1) * BLOCK, nq_t[seq_of])
+        perm = torch.sort(keys, descending=True, stable=True).indices
     else:
-        rank = {s: i for i, s in enumerate(sorted(range(len(n_kv)), key=lambda s: -n_kv[s]))}
-        rows.sort(key=lambda r: (rank[r[1]], -r[0]))
-    table = torch.tensor([[s, m] for _, s, m in rows], dtype=torch.int32)
+        # sequences by key count (longest first, stable), each one's blocks last to first
+        rank = torch.empty(len(n_kv), dtype=torch.int64)
+        by_len = sorted(range(len(n_kv)), key=lambda s: -n_kv[s])
+        rank[by_len] = torch.arange(len(n_kv))
+        perm = torch.sort(rank[seq_of] * (max(nb.tolist(), default=0) + 1) - m, stable=True).indices
+    table = torch.stack([seq_of[perm], m[perm]], 1).to(torch.int32)
     return table.reshape(-1, 2).to(device)
 
 
