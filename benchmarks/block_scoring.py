@@ -30,10 +30,17 @@ sampled row and causal key), ``1 / (2 S)`` for ``antidiag(S)``, ``1 / 64^2`` for
 ``DIR`` holds ``*.pt`` files with ``q [1, Hq, N, D]``, ``k [1, Hkv, N, D]`` and ``scale`` (written
 by ``benchmarks/real_heads.py --save-qk DIR``, or by this script first with ``--capture MODEL``:
 one forward pass of ``MODEL`` over ``--n`` tokens of the calibration text, the layers of
-``--layers``, sliding-window layers skipped).
+``--layers``, sliding-window layers skipped), or ``--structured PROFILES``: heads of
+``minference_kernels.synthetic.structured_qkv`` (one file per profile, e.g. ``real,legacy``: the
+generator calibrated against SmolLM2's captured heads, and the original one; 8 query / 2 KV heads,
+head dim 64, ``--n`` tokens).
 
     python benchmarks/block_scoring.py --capture smollm2-135m --layers 0,1,2,5,10,15,20,25,29 \
         --heads /tmp/qk_smollm2 --out benchmarks/results/block_scoring_smollm2_8k.json
+    python benchmarks/block_scoring.py --capture gemma3-270m \
+        --heads /tmp/qk_gemma3 --out benchmarks/results/block_scoring_gemma3_8k.json
+    python benchmarks/block_scoring.py --structured real,legacy \
+        --heads /tmp/qk_structured --out benchmarks/results/block_scoring_structured_8k.json
 """
 
 from __future__ import annotations
@@ -151,6 +158,18 @@ def capture(model: str, n: int, layers: str | None, out_dir: str) -> str:
             f"{','.join(map(str, kept))} (captured by block_scoring.py --capture)")  # fmt: skip
 
 
+def structured(profiles: str, n: int, out_dir: str) -> str:
+    """Save ``structured_qkv`` heads of each profile to ``out_dir/<profile>.pt``; a description."""
+    from minference_kernels.synthetic import structured_qkv
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for prof in profiles.split(","):
+        q, k, _ = structured_qkv(1, 8, 2, n, 64, profile=prof, seed=0)
+        torch.save({"q": q.half(), "k": k.half(), "scale": 64**-0.5}, Path(out_dir) / f"{prof}.pt")
+    return (f"minference_kernels.synthetic.structured_qkv(1, 8, 2, {n}, 64, seed=0), profiles "
+            f"{profiles} (written by block_scoring.py --structured)")  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heads", required=True)
@@ -159,11 +178,15 @@ def main(argv=None) -> int:
     ap.add_argument("--capture", metavar="MODEL", help="capture MODEL's q/k into --heads first")
     ap.add_argument("--n", type=int, default=8192, help="tokens of the capture")
     ap.add_argument("--layers", help="layers of the capture (default: every non-sliding layer)")
+    ap.add_argument("--structured", metavar="PROFILES", help="write structured heads into --heads")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     source = args.heads
     if args.capture:
         source = capture(args.capture, args.n, args.layers, args.heads)
+        print(source, flush=True)
+    elif args.structured:
+        source = structured(args.structured, args.n, args.heads)
         print(source, flush=True)
     ks = [int(x) for x in args.ks.split(",")]
     rows = []
