@@ -23,7 +23,8 @@ any block selection can do at that budget); ``oracle+sink`` is the oracle made t
 
 The summary also gives each scorer's estimate FLOPs as a share of the dense causal layer's
 (``4 D`` per causal pair: ``q k^T`` and ``p v``): ``r / 128`` for ``sampled(r)`` (``2 D`` per
-sampled row and causal key), ``1 / (2 S)`` for ``antidiag(S)``, ``1 / 64^2`` for the pooled ones.
+sampled row and causal key), ``1 / (2 S)`` for ``antidiag(S)`` (``2 S D`` per pair of strided
+rows), ``1 / (2 * 64^2)`` for the pooled ones (``2 D`` per causal block pair; pooling not counted).
 
     python benchmarks/block_scoring.py --heads DIR --out benchmarks/results/block_scoring_smollm2_8k.json
 
@@ -113,7 +114,7 @@ def flops_of_dense(name: str) -> float | None:
         return 1 / (2 * int(arg))
     if name.startswith("oracle"):
         return None
-    return 1 / B**2
+    return 1 / (2 * B**2)
 
 
 def recall_at(score, mass, k, sink: bool):
