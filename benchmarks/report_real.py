@@ -222,6 +222,8 @@ def readme_lines(evals: list[dict]) -> list[str]:
 BLOCK_SCORING_MODELS = {
     "smollm2": "SmolLM2-135M (9 of its 30 layers, 81 heads)",
     "gemma3": "Gemma-3-270M (global layers 5, 11, 17; 12 heads)",
+    "structured": "structured synthetic heads (`structured_qkv`, profiles `real` and `legacy`; "
+    "16 heads)",
 }
 
 
@@ -230,7 +232,7 @@ def block_scoring_snippet() -> list[str]:
     out: list[str] = []
     for p in _sources.paths("block_scoring_real"):
         summ = json.loads(p.read_text())["summary"]
-        names = list(dict.fromkeys(k.split("@")[0] for k in summ if not k.startswith("oracle")))
+        names = list(dict.fromkeys(k.split("@")[0] for k in summ if k.split("@")[0] != "oracle"))
         ks = sorted({int(k.split("@")[1]) for k in summ})
         model = next((m for key, m in BLOCK_SCORING_MODELS.items() if key in p.name), p.stem)
         out += [
@@ -245,6 +247,10 @@ def block_scoring_snippet() -> list[str]:
                 for n in names
             ]
             out.append(f"| {k} | " + " | ".join(cells) + " |")
+        flops = [summ[f"{n}@{ks[0]}"].get("flops_of_dense") for n in names]
+        if any(f is not None for f in flops):  # the estimate's FLOPs / the dense causal layer's
+            cells = ["" if f is None else f"{f:.2g}" for f in flops]
+            out.append("| estimate FLOPs / dense layer | " + " | ".join(cells) + " |")
         out.append("")
     for p in _sources.paths("bench_block_scoring"):
         d = json.loads(p.read_text())

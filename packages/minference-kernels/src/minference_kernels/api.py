@@ -353,8 +353,8 @@ def estimate_block_sparse(
 
     Returns ``block_indices [B, Hq, ceil(Nq / block_size), top_k]`` int64, key-block ids in
     ascending order, ``-1`` padding after them where a query block has fewer than ``top_k`` causal
-    key blocks. Forced inside the budget: the diagonal key blocks, then key block 0 (the first
-    tokens: attention sinks); equal scores go to the lowest block id, so both backends select the
+    key blocks. Forced inside the budget: the diagonal key blocks, then (``"pooled"`` only) key
+    block 0 (the first tokens: attention sinks); equal scores go to the lowest block id, so both backends select the
     same blocks. Definitions: see :mod:`minference_kernels.estimate`.
 
     ``block_allocation`` (the setting of the same name in :class:`~minference_kernels.PrefillOptions`

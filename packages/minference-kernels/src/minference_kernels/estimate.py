@@ -30,7 +30,10 @@ block 0 holds 0.23-0.70 of the attention in every head of layers 15-25, though u
 layers 0-10, where forcing it costs one block). So every row attends at least to itself (with
 ``top_k = 1``, the block holding the first row: every row still attends to a key), and with
 ``top_k >= 2`` (3 when straddling) to the sinks. Rows with fewer than ``top_k`` causal key blocks
-are padded with ``-1``.
+are padded with ``-1``. ``scoring="sampled"`` scores the pairs by the attention mass of a few
+sampled rows of each query block instead, and forces only the diagonal blocks: those rows' exact
+softmax already weighs the sinks, and a forced key block 0 would take a slot from blocks that hold
+more (:func:`minference_kernels.ops.block_select.forces_sink`).
 
 With ``allocation="head"`` the budget is the head's, not the query block's: the head keeps as many
 (query block, key block) pairs in all as ``top_k`` per query block would (``sum_m min(top_k,

@@ -12,10 +12,12 @@ KINDS: tuple[str, ...] = ("dense", "a_shape", "vertical_slash", "block_sparse")
 #: product of mean-pooled queries and keys (cheap: one small matmul), or ``"sampled"``, the exact
 #: softmax attention of a few query rows of each block summed per key block (the estimated
 #: attention mass; :data:`minference_kernels.ops.block_sampled.SAMPLED_ROWS` rows per block, about
-#: ``SAMPLED_ROWS / 64`` of a dense attention's score work). On SmolLM2-135M's real heads at 8K
-#: (benchmarks/results/block_scoring_smollm2_8k.json) ``"sampled"`` keeps 0.94-0.99 of the block
-#: oracle's recall on average and at least 0.84 on every head, ``"pooled"`` (key block 0 forced)
-#: 0.92-0.95 on average but 0.38 on the worst head.
+#: ``SAMPLED_ROWS / 64`` of a dense attention's score work). Both force the diagonal key blocks;
+#: ``"pooled"`` also key block 0 (the sinks, which pooling dilutes), ``"sampled"`` not (its rows
+#: weigh the sinks themselves). On the real heads of SmolLM2-135M and Gemma-3-270M at 8K, 4 / 8 / 16
+#: of 128 key blocks (benchmarks/block_scoring.py; results/block_scoring_*_8k.json) ``"sampled"``
+#: keeps at least 0.93 of the block oracle's recall on every head, ``"pooled"`` 0.35 on SmolLM2's
+#: worst head at 4 blocks.
 BLOCK_SCORINGS: tuple[str, ...] = ("pooled", "sampled")
 
 

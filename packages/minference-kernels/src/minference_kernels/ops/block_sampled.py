@@ -8,8 +8,10 @@ Each sampled row's causal softmax attention over all keys (float32, the attentio
 ``softcap`` the logits are soft-capped first, ``softcap * tanh(logit / softcap)``, as the attention
 kernels do) is summed per key block and over the sampled rows: ``mass [B, H, MBq, MBk]``, the
 estimated share of the block's attention in each key block, times ``SAMPLED_ROWS``. Unlike mean pooling it sees single
-dominant keys (attention sinks, anchors), so the ranking follows the real attention: on SmolLM2's
-heads at 8K it keeps 0.94-0.99 of the block oracle's recall (benchmarks/block_scoring.py).
+dominant keys (attention sinks, anchors), so the ranking follows the real attention, and the
+selection does not force key block 0 (``block_select.forces_sink``): on the real heads of
+SmolLM2-135M and Gemma-3-270M at 8K it keeps at least 0.93 of the block oracle's recall on every
+head at 4 / 8 / 16 of 128 key blocks (benchmarks/block_scoring.py).
 
 The work is about ``SAMPLED_ROWS / bs`` of a dense attention's score computation, in chunks of
 query blocks bounded by ``chunk_bytes``; K is read per KV head (never repeated per query head).
@@ -23,9 +25,10 @@ import torch
 
 from ._common import softcap_
 
-#: Query rows sampled per query block by ``scoring="sampled"`` (measured on SmolLM2's real heads:
-#: 2 rows keep 0.943 / 0.975 / 0.989 of the block oracle's recall at 4 / 8 / 16 key blocks, 4 rows
-#: 0.950 / 0.980 / 0.992; benchmarks/results/block_scoring_smollm2_8k.json).
+#: Query rows sampled per query block by ``scoring="sampled"`` (measured on SmolLM2's real heads,
+#: key block 0 not forced: 2 rows keep 0.985 / 0.989 / 0.993 of the block oracle's recall at
+#: 4 / 8 / 16 key blocks, worst head 0.915 / 0.924 / 0.942; 4 rows 0.993 / 0.995 / 0.997, worst
+#: 0.956 / 0.957 / 0.965; benchmarks/results/block_scoring_smollm2_8k.json).
 SAMPLED_ROWS = 4
 #: Scratch bytes of one chunk of query blocks (one KV group's float32 scores and probabilities).
 SAMPLED_CHUNK_BYTES = 1 << 30

@@ -112,20 +112,34 @@ _F32_MAX = torch.finfo(torch.float32).max
 SINK_RANK = float(torch.nextafter(torch.tensor(_F32_MAX), torch.tensor(0.0)))
 
 
-def force_diagonal(scores: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+def force_diagonal(scores: torch.Tensor, forced: torch.Tensor, sink: bool = True) -> torch.Tensor:
     """Rank the forced key blocks first: the diagonal blocks (``forced [R, W]``, from
-    :func:`_causal_forced`) and key block 0 (the first tokens: attention sinks, which mean pooling
-    dilutes). The block holding the query block's first row above all (``inf``), any other
-    diagonal block next (float32 max), then key block 0 (:data:`SINK_RANK`), then the scores
-    (``-inf``: not causal). A query block can straddle two key blocks (``Nq < Nk``, offset not a
-    multiple of the block); with ``top_k = 1`` the block of its first row is kept, so every row
-    still attends to a key (its own block, or a fully causal earlier one) -- never to nothing.
-    With ``top_k >= 2`` (3 when straddling) key block 0 is kept too."""
+    :func:`_causal_forced`) and, with ``sink``, key block 0 (the first tokens: attention sinks,
+    which mean pooling dilutes). The block holding the query block's first row above all
+    (``inf``), any other diagonal block next (float32 max), then key block 0 (:data:`SINK_RANK`),
+    then the scores (``-inf``: not causal). A query block can straddle two key blocks (``Nq <
+    Nk``, offset not a multiple of the block); with ``top_k = 1`` the block of its first row is
+    kept, so every row still attends to a key (its own block, or a fully causal earlier one) --
+    never to nothing. With ``sink`` and ``top_k >= 2`` (3 when straddling) key block 0 is kept
+    too. Sampled scoring passes ``sink=False`` (:func:`forces_sink`)."""
     first = forced & ~torch.nn.functional.pad(forced[:, :-1], (1, 0))  # leftmost forced block
     rank = torch.where(forced, torch.finfo(scores.dtype).max, scores)
-    sink = (rank[..., :1] > float("-inf")) & ~forced[:, :1]  # block 0, where not diagonal
-    rank[..., :1] = torch.where(sink, SINK_RANK, rank[..., :1])
+    if sink:
+        is_sink = (rank[..., :1] > float("-inf")) & ~forced[:, :1]  # block 0, where not diagonal
+        rank[..., :1] = torch.where(is_sink, SINK_RANK, rank[..., :1])
     return rank.masked_fill_(first, float("inf"))
+
+
+def forces_sink(scoring: str) -> bool:
+    """Whether a scoring's selection forces key block 0 (the sinks) after the diagonal blocks:
+    ``"pooled"`` does (mean pooling dilutes a sink's few keys), ``"sampled"`` does not. The
+    sampled rows' exact attention already gives the sinks their mass, and a forced block 0 takes
+    a slot from blocks that hold more: on SmolLM2-135M's real heads at 8K, 4 of 128 key blocks,
+    even the block oracle made to keep block 0 falls to 0.82 of the oracle on its worst head, and
+    sampled scoring with block 0 forced to 0.81; without it sampled(4) keeps 0.956 (worst head),
+    and on Gemma-3-270M's global heads 0.942 (``benchmarks/block_scoring.py``,
+    ``results/block_scoring_smollm2_8k.json``, ``block_scoring_gemma3_8k.json``)."""
+    return check_block_scoring(scoring) == "pooled"
 
 
 # allocation="head" / "layer": a query block keeps at most this many times its head's top_k key
@@ -202,13 +216,14 @@ def block_topk(
     ``scoring="sampled"`` scores each (query block, key block) pair by the attention mass that
     :data:`minference_kernels.ops.block_sampled.SAMPLED_ROWS` rows of the query block give the key block
     (their exact softmax; ranked as ``log(mass) / scale``, so the allocations' shares are the
-    normalised masses) instead of the pooled dot product; the selection is the same.
+    normalised masses) instead of the pooled dot product; the selection is the same, except that
+    key block 0 is not forced (:func:`forces_sink`).
 
     ``softcap`` (module doc): the sampled rows' logits are soft-capped before their softmax; the
     pooled scores ``s`` become ``softcap * tanh(scale * s / softcap) / scale`` (the same proxy,
     capped like logits). ``scale`` (default ``D ** -0.5``) is the attention scale of both.
     """
-    check_block_scoring(scoring)
+    sink = forces_sink(scoring)
     b, _, nq, d = q.shape
     nk = k.shape[2]
     dev = q.device
@@ -257,7 +272,7 @@ def block_topk(
     if allocation in ("head", "layer"):  # its own output, HEAD_ALLOCATION_CAP times wider
         return _select_per_head(
             pq, pk, limit, kmax, nq, nk, block_size, sc, use_triton, backend == "triton",
-            pooled=allocation == "layer", softcap=softcap,
+            pooled=allocation == "layer", softcap=softcap, sink=sink,
         )  # fmt: skip
     out = torch.full((b, hq, mbq, kmax), -1, dtype=torch.int64, device=dev)
     # bytes per score held at once: the scores (Triton), plus a ranking copy, sorted values and
@@ -268,12 +283,13 @@ def block_topk(
     for r0, r1, width, s in chunks:
         if use_triton:
             triton_module("block_select_triton").block_select(
-                s, out[:, :, r0:r1], limit, r0=r0, nq=nq, off=off, block_size=block_size, kmax=kmax
-            )
+                s, out[:, :, r0:r1], limit, r0=r0, nq=nq, off=off, block_size=block_size,
+                kmax=kmax, sink=sink,
+            )  # fmt: skip
             continue
         rows = torch.arange(r0, r1, device=dev)
         causal, forced = _causal_forced(rows, width, nq, off, block_size)
-        ranked = force_diagonal(s.masked_fill_(~causal, float("-inf")), forced)
+        ranked = force_diagonal(s.masked_fill_(~causal, float("-inf")), forced, sink)
         _select_rows(ranked, min(kmax, width), limit, out[:, :, r0:r1])
     return out
 
@@ -402,7 +418,7 @@ HEAD_RANK_BYTES = 1 << 30
 
 def _select_per_head(
     pq, pk, limit, kmax, nq, nk, block_size, scale, use_triton, rank_triton, pooled=False,
-    softcap=None,
+    softcap=None, sink=True,
 ) -> torch.Tensor:  # fmt: skip
     """``allocation="head"`` (``pooled``: ``"layer"``; module doc): pooled ``pq [B, H, MBq, D]``,
     ``pk [B, H, MBk, D]``, per-head ``limit [H]`` -> ``[B, H, MBq, cap]`` ascending key-block ids,
@@ -419,7 +435,8 @@ def _select_per_head(
     (equal shares: the lower head first). Memory: under 28 bytes (20 with ``rank_triton``) per
     candidate of the heads ranked together (``HEAD_RANK_BYTES``), plus a chunk's scores within
     ``BLOCK_SCORE_CHUNK_BYTES``. ``softcap``: the pooled scores are capped first
-    (:func:`_score_chunks`), so the shares are those of the capped logits.
+    (:func:`_score_chunks`), so the shares are those of the capped logits. ``sink``: key block 0
+    is forced (:func:`forces_sink`).
     """
     b, hq, mbq, _ = pq.shape
     cap = min(pk.shape[2], HEAD_ALLOCATION_CAP * kmax)
@@ -433,15 +450,17 @@ def _select_per_head(
         )  # fmt: skip
     parts = [
         _select_heads(pq[:, h0 : h0 + group], pk[:, h0 : h0 + group], limit[h0 : h0 + group],
-                      cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled, softcap)
+                      cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled, softcap,
+                      sink)
         for h0 in range(0, hq, group)
     ]  # fmt: skip
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _select_heads(
-    pq, pk, limit, cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled, softcap=None
-) -> torch.Tensor:
+    pq, pk, limit, cap, nq, nk, block_size, scale, use_triton, rank_triton, pooled, softcap=None,
+    sink=True,
+) -> torch.Tensor:  # fmt: skip
     b, hq, mbq, _ = pq.shape
     mbk = pk.shape[2]
     dev = pq.device
@@ -459,17 +478,17 @@ def _select_heads(
         if use_triton:
             triton_module("block_select_triton").block_select(
                 s, cand, per_cap, r0=r0, nq=nq, off=off, block_size=block_size, kmax=cap,
-                shares=vals[:, :, r0:r1], scale=scale, floor=floor,
+                shares=vals[:, :, r0:r1], scale=scale, floor=floor, sink=sink,
             )  # fmt: skip
             continue
         rows = torch.arange(r0, r1, device=dev)
         causal, forced = _causal_forced(rows, width, nq, off, block_size)
         kk = min(cap, width)
-        ranked = force_diagonal(s.masked_fill(~causal, float("-inf")), forced)
+        ranked = force_diagonal(s.masked_fill(~causal, float("-inf")), forced, sink)
         order = _topk_stable(ranked, kk)  # each query block's candidates, best first
         _select_rows(ranked, kk, per_cap, cand, order=order)
         share = torch.log_softmax(s.mul_(scale).masked_fill_(~causal, float("-inf")), -1)
-        share = force_diagonal(share, forced)
+        share = force_diagonal(share, forced, sink)
         # the query block's guaranteed blocks (its floor[h] best) rank above everything else
         best = torch.gather(share, -1, order)
         guar = torch.arange(kk, device=dev)[None, None, None, :] < floor[None, :, None, None]

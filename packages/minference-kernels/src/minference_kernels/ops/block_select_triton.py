@@ -61,11 +61,12 @@ def _block_select_kernel(
     W_P: tl.constexpr,
     SHARES: tl.constexpr,
     HAS_FLOOR: tl.constexpr,
+    SINK: tl.constexpr,
 ):
     """Row ``r`` (query block ``r0 + r``) of head ``bh``: the ``min(LIMIT[h], kmax, causal)``
     highest-ranked causal key blocks, ascending, into ``OUT`` (pre-filled with -1). Rank: the block
-    of the query block's first row, then its other diagonal block, then key block 0 (the sinks),
-    then the scores; ties go to the lowest block id. The k-th largest rank is found by bisection
+    of the query block's first row, then its other diagonal block, then (``SINK``) key block 0
+    (the sinks), then the scores; ties go to the lowest block id. The k-th largest rank is found by bisection
     over a monotone int32 image of the float32 scores (32 counting passes over the row in
     registers), so nothing is sorted."""
     r = tl.program_id(0)
@@ -80,6 +81,8 @@ def _block_select_kernel(
     causal = (j < width) & (kstart <= last)
     diag = causal & (kstart + bs > first)
     sink = causal & (j == 0) & ~diag
+    if not SINK:  # key block 0 ranks by its score
+        sink = causal & (j < 0)
     base = S + b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + r.to(tl.int64) * s_r
     x = tl.load(base + j, mask=causal, other=0.0)
     key = tl.minimum(tl.maximum(_float_key(x), -_I32_MAX + 1), _I32_MAX - 3)
@@ -121,6 +124,7 @@ def block_select(
     shares: torch.Tensor | None = None,
     scale: float = 1.0,
     floor: torch.Tensor | None = None,
+    sink: bool = True,
 ) -> None:
     """Top-k selection of :func:`minference_kernels.ops.block_select.block_topk` for one chunk of query
     blocks: ``scores [B, H, R, W]`` float32 (raw pooled dot products, soft-capped by the caller
@@ -133,7 +137,8 @@ def block_select(
     (the block of the first row: inf, another diagonal block: float32 max, key block 0:
     ``block_select.SINK_RANK``), as ``allocation="head"`` ranks them. ``floor [H]`` (with
     ``shares``): each row's ``floor[h]`` best blocks (by the rank above) get share ``inf``: the
-    guaranteed blocks of ``block_select.HEAD_ALLOCATION_FLOOR``."""
+    guaranteed blocks of ``block_select.HEAD_ALLOCATION_FLOOR``. ``sink=False``: key block 0 is
+    not forced (``block_select.forces_sink``), it ranks by its score."""
     b, h, rows, width = scores.shape
     if width > BLOCK_SELECT_MAX:
         raise ValueError(f"block_select: {width} key blocks exceed {BLOCK_SELECT_MAX}")
@@ -168,5 +173,6 @@ def block_select(
         W_P=w_p,
         SHARES=shares is not None,
         HAS_FLOOR=floor is not None,
+        SINK=bool(sink),
         num_warps=4 if w_p <= 2048 else (8 if w_p <= 8192 else 16),
     )
