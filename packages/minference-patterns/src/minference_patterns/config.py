@@ -1,4 +1,6 @@
-"""The typed per-model pattern config: :class:`PatternConfig`, its JSON form and validation.
+"""The typed per-model pattern config: :class:`PatternConfig`, its JSON form and validation, and
+the readers of MInference's and Qwen's formats that :meth:`PatternConfig.load` detects (the
+writer, :func:`~minference_patterns.to_minference`, is in :mod:`minference_patterns.convert`).
 
 A config says, for every layer and query head of one model, which sparse pattern the head uses
 during pre-fill and how large its budget is. The JSON form (``schema_version`` 1) is documented in
@@ -729,7 +731,7 @@ def json_schema() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Reading other formats: MInference's and Qwen's (minference_patterns.convert re-exports these
 # and adds the writer). They build PatternConfigs and PatternConfig.load dispatches to them, so
-# they live in this module: config and convert do not import each other.
+# they live in this module and config never imports convert (no import loop).
 
 #: MInference kind name -> our kind name.
 MINFERENCE_KINDS: Mapping[str, str] = {

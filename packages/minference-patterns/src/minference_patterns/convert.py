@@ -20,8 +20,8 @@ file name). :func:`from_qwen` accepts all of these.
 
 The readers (:func:`from_minference`, :func:`from_qwen`, :func:`load_file`) live in
 :mod:`minference_patterns.config`, beside :meth:`PatternConfig.load` which auto-detects the
-formats (one module, so that config and convert do not import each other); this module adds the
-writer and is where the conversions are imported from.
+formats (so config never imports this module: no import loop); this module adds the writer and
+re-exports the readers.
 """
 
 from __future__ import annotations
