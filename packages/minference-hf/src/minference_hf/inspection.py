@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from minference_patterns.model_shape import read_model_shape, text_config
 
 from .patching import UnsupportedModelError
 
@@ -58,13 +59,17 @@ def _inspect(model: torch.nn.Module) -> _Model:
     if lm_head is None:
         raise _fail(f"{type(model).__name__} has no `lm_head` (pass the *ForCausalLM model)")
     config: Any = model.config  # a transformers PretrainedConfig (nn.Module attributes are untyped)
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        shape = read_model_shape(config)
+    except ValueError as e:
+        raise _fail(f"{type(model).__name__}: {e}") from e
+    cfg = text_config(config)
     for attr, what in (
         ("final_logit_softcapping", "final logit soft-capping"),
         ("attn_logit_softcapping", "attention logit soft-capping"),
         ("logit_scale", "a logit scale"),
     ):
-        if getattr(cfg, attr, None) not in (None, 1.0):
+        if getattr(shape, attr) not in (None, 1.0):
             raise _fail(f"{type(model).__name__} uses {what} ({attr}), which it does not apply")
     layers = list(base.layers)
     for i, layer in enumerate(layers):
@@ -95,9 +100,8 @@ def _inspect(model: torch.nn.Module) -> _Model:
     embed_weight = getattr(base.embed_tokens, "weight", None)
     if not isinstance(embed_weight, torch.Tensor):
         raise _fail(f"{type(base.embed_tokens).__name__} (embed_tokens) has no weight tensor")
-    hq = int(cfg.num_attention_heads)
-    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
-    head_dim = int(getattr(layers[0].self_attn, "head_dim", cfg.hidden_size // hq))
+    # the attention module's own head size where it keeps one (what its projections produce)
+    head_dim = int(getattr(layers[0].self_attn, "head_dim", shape.head_dim))
     return _Model(
         embed=base.embed_tokens,
         embed_weight=embed_weight,
@@ -106,8 +110,8 @@ def _inspect(model: torch.nn.Module) -> _Model:
         rotary=base.rotary_emb,
         lm_head=lm_head,
         hidden=int(cfg.hidden_size),
-        num_heads=hq,
-        num_kv_heads=hkv,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
         head_dim=head_dim,
         intermediate=int(getattr(cfg, "intermediate_size", 4 * cfg.hidden_size)),
         vocab=int(cfg.vocab_size),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from minference_kernels.options import PrefillOptions
+from minference_patterns.model_shape import ModelShape, read_model_shape
+from minference_patterns.model_shape import text_config as read_text_config
 
 from .attention import (
     CAPTURE_IMPLEMENTATION,
@@ -51,42 +52,24 @@ def register() -> None:
     AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, minference_mask)
 
 
-@dataclass(frozen=True)
-class AttentionShape:
-    """Attention geometry of a decoder model, read from its (text) config."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-
 def text_config(model: PreTrainedModel) -> Any:
     """The decoder text config of ``model`` (the config itself for plain language models)."""
-    cfg = model.config
-    get = getattr(cfg, "get_text_config", None)
-    if get is None:
-        return cfg
-    try:
-        return get(decoder=True)
-    except TypeError:
-        return get()
+    return read_text_config(model.config)
 
 
-def attention_shape(model: PreTrainedModel) -> AttentionShape:
-    """Layers, query heads, KV heads and head dim of ``model``'s self-attention."""
-    tc = text_config(model)
+def attention_shape(model: PreTrainedModel) -> ModelShape:
+    """Layers, query heads, KV heads, head dim, sliding-window layers and soft-capping of
+    ``model``'s self-attention (:func:`minference_patterns.read_model_shape` of its config).
+
+    Raises:
+        UnsupportedModelError: the config is not a decoder language model's.
+    """
     try:
-        layers = int(tc.num_hidden_layers)
-        heads = int(tc.num_attention_heads)
-    except AttributeError as e:
+        return read_model_shape(model.config)
+    except ValueError as e:
         raise UnsupportedModelError(
-            f"{type(model).__name__}: config has no num_hidden_layers / num_attention_heads; "
-            "not a decoder language model minference can patch"
+            f"{type(model).__name__}: {e}; minference cannot patch it"
         ) from e
-    kv = getattr(tc, "num_key_value_heads", None) or heads
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
-    return AttentionShape(layers, heads, int(kv), int(head_dim))
 
 
 def _check_architecture(model: PreTrainedModel) -> None:
@@ -118,19 +101,13 @@ def _check_architecture(model: PreTrainedModel) -> None:
 
 def _sliding_layers(model: PreTrainedModel) -> tuple[int | None, int]:
     """``(window, number of sliding-window layers)`` as the config declares them."""
-    n = len(_sliding_layer_ids(model))
-    return (getattr(text_config(model), "sliding_window", None) if n else None), n
+    shape = attention_shape(model)
+    return shape.sliding_window, len(shape.sliding_layers)
 
 
 def _sliding_layer_ids(model: PreTrainedModel) -> list[int]:
     """Indices of the layers the config declares as sliding-window (local) attention."""
-    tc = text_config(model)
-    layer_types = getattr(tc, "layer_types", None)
-    if layer_types:
-        return [i for i, t in enumerate(layer_types) if "sliding" in str(t) or "local" in str(t)]
-    if getattr(tc, "sliding_window", None) is not None and getattr(tc, "use_sliding_window", True):
-        return list(range(int(tc.num_hidden_layers)))
-    return []
+    return list(attention_shape(model).sliding_layers)
 
 
 def _local_layers_dense(
@@ -151,8 +128,7 @@ def _local_layers_dense(
 
 def full_attention_layers(model: PreTrainedModel) -> list[int]:
     """The layers whose attention is global (not sliding-window): what densities are counted over."""
-    local = set(_sliding_layer_ids(model))
-    return [i for i in range(attention_shape(model).num_layers) if i not in local]
+    return attention_shape(model).full_attention_layers
 
 
 def resolve_config(
@@ -226,7 +202,7 @@ def _set_impl(model: PreTrainedModel, impl: str) -> None:
         model.config._attn_implementation = impl
 
 
-def _dry_run(model: PreTrainedModel, plan: SparsePrefillPlan, shape: AttentionShape) -> None:
+def _dry_run(model: PreTrainedModel, plan: SparsePrefillPlan, shape: ModelShape) -> None:
     """Run two tokens through the model and check every attention call reached our function."""
     device = getattr(model, "device", None) or next(model.parameters()).device
     ids = torch.tensor([[1, 2]], dtype=torch.long, device=device)

@@ -646,11 +646,11 @@ def sparse_prefill(
     ``ops.block_select.HEAD_ALLOCATION_CAP * top_k`` per query block, at least its own best
     ``ceil(ops.block_select.HEAD_ALLOCATION_FLOOR * top_k)``); ``"layer"``: the block-sparse heads
     (of one block size) pool those budgets, so heads whose attention is spread take blocks from
-    peaked ones; ``"query_block"`` (default) keeps ``top_k`` per query block. Measured on an H200
-    at 128K (32 heads, interleaved with cuDNN): ``"layer"`` at 7.6% of the blocks reaches recall
-    0.807 at 5.0x over cuDNN, where ``"query_block"`` needs 9% for 0.806 at 4.6x. Its estimation
-    takes ~5 ms against ~3 ms, so it pays where the budget is large enough for recall to matter.
-    (Those figures predate the floor and the forced key block 0 of issue #20.)
+    peaked ones; ``"query_block"`` (default) keeps ``top_k`` per query block. At equal recall
+    ``"layer"`` needs fewer blocks than ``"query_block"`` and its estimation costs more, so it
+    pays where the budget is large enough for recall to matter: the measured speed-ups, densities
+    and recalls of the three allocations at 128K are the equal-recall rows of
+    ``benchmarks/RESULTS.md`` (generated from the ``interleaved`` result file).
 
     ``softcap`` (keyword, default ``None``): attention-logit soft-capping (Gemma 2): each logit
     ``scale * q.k`` becomes ``softcap * tanh(logit / softcap)`` before the causal mask and the

@@ -35,10 +35,11 @@ __all__ = [
     "PrefillOptions",
 ]
 
-#: Context length (keys: cached plus new tokens) from which pre-fill takes the sparse path. The
-#: measured dense/sparse crossover of the shipped Llama-3.1 config against cuDNN on an H200
-#: (benchmarks/NOTES.md, "Crossover"): 0.42x at 16K, 1.18x at 32K with the pointer-load kernel
-#: (0.93x and 1.89x with TMA loads), so 32768 is the shortest measured length where sparse wins.
+#: Context length (keys: cached plus new tokens) from which pre-fill takes the sparse path: the
+#: shortest measured length where the shipped Llama-3.1 config beats cuDNN on an H200, in
+#: benchmarks/results/bench_layer_v020f_h200.json (sources.json key ``layer``; TMA loads) and
+#: bench_layer_h200.json (``layer_earlier``; pointer loads). The figures: the "dense is faster
+#: below" headline of benchmarks/RESULTS.md; the history: benchmarks/NOTES.md, "Crossover".
 DEFAULT_MIN_SPARSE_LEN = 32768
 #: Fewest new query tokens a forward call (a pre-fill chunk) needs to take the sparse path; decode
 #: steps (one token) and short chunks run dense.

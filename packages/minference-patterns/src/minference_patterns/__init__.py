@@ -8,6 +8,8 @@
 * :func:`search_config`, :func:`search_head`: the offline kernel-aware pattern search, with a
   replaceable :class:`CostModel` (:class:`AnalyticCostModel`, :class:`MeasuredCostModel`).
 * :func:`plot_config`, :func:`plot_head`, :func:`summarize`: pictures and summaries.
+* :func:`read_model_shape` (:class:`ModelShape`): a model's attention shape from its transformers
+  config, as both integrations read it.
 
 The search and plotting modules (torch, matplotlib) are imported on first use.
 """
@@ -23,6 +25,7 @@ from .__about__ import __version__
 from .config import SCHEMA_VERSION, PatternConfig, Provenance, json_schema
 from .convert import MINFERENCE_KINDS, from_minference, from_qwen, to_minference
 from .errors import ConfigError, UnknownModelError
+from .model_shape import ModelShape, read_model_shape, text_config
 from .policy import BudgetPolicy, adapt_pattern
 from .registry import load
 from .shipped import shipped_model_ids
@@ -66,6 +69,7 @@ __all__ = [
     "HeadSearchResult",
     "MINFERENCE_KINDS",
     "MeasuredCostModel",
+    "ModelShape",
     "PatternConfig",
     "Provenance",
     "UnknownModelError",
@@ -78,11 +82,13 @@ __all__ = [
     "load",
     "plot_config",
     "plot_head",
+    "read_model_shape",
     "search_config",
     "search_head",
     "search_layer",
     "shipped_model_ids",
     "summarize",
+    "text_config",
     "to_minference",
 ]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import vllm
+from minference_patterns.model_shape import ModelShape, read_model_shape
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.distributed import (
     get_tensor_model_parallel_rank,
@@ -25,7 +26,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-from .settings import ModelShape, PluginSettings, resolve_settings
+from .settings import PluginSettings, resolve_settings
 
 __all__ = [
     "DECODER",
@@ -117,15 +118,28 @@ def plugin_settings(vllm_config: VllmConfig) -> PluginSettings | None:
 
 
 def model_shape(vllm_config: VllmConfig) -> ModelShape:
-    """Layers, heads, KV heads and head size of the whole (unsplit) model."""
+    """Layers, heads, KV heads and head size of the whole (unsplit) model.
+
+    Read from the model's transformers config by :func:`minference_patterns.read_model_shape`
+    (the reader minference-hf uses), and checked against vLLM's own reading of the KV heads and
+    head size, which its attention layers are built with: a model whose config the two read
+    differently is refused rather than checked against the wrong shape.
+    """
     model_config = vllm_config.model_config
-    text_config = model_config.hf_text_config
-    return ModelShape(
-        num_layers=int(text_config.num_hidden_layers),
-        num_heads=int(text_config.num_attention_heads),
-        num_kv_heads=int(model_config.get_total_num_kv_heads()),
-        head_dim=int(model_config.get_head_size()),
-    )
+    try:
+        shape = read_model_shape(model_config.hf_text_config)
+    except ValueError as exc:
+        raise ValueError(f"minference: cannot read the model's attention shape: {exc}") from exc
+    vllm_kv = int(model_config.get_total_num_kv_heads())
+    vllm_head = int(model_config.get_head_size())
+    if (shape.num_kv_heads, shape.head_dim) != (vllm_kv, vllm_head):
+        raise ValueError(
+            "minference: the model config reads as "
+            f"num_kv_heads={shape.num_kv_heads}, head_dim={shape.head_dim}, but vLLM builds its "
+            f"attention with num_kv_heads={vllm_kv}, head_dim={vllm_head}; this model's config "
+            "layout is not supported by the sparse pre-fill"
+        )
+    return shape
 
 
 def tensor_parallel() -> tuple[int, int]:

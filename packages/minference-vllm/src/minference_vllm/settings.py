@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from minference_kernels import HeadPattern
     from minference_kernels.options import PrefillOptions
     from minference_patterns import PatternConfig
+    from minference_patterns.model_shape import ModelShape
 
 __all__ = [
     "ADDITIONAL_CONFIG_KEY",
@@ -325,18 +326,18 @@ def unsupported_reasons(
     return reasons
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The attention shape of the whole model (before tensor parallelism splits it)."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-
 _PATTERNS: dict[str, PatternConfig] = {}
 _PATTERNS_LOCK = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    # ModelShape is minference-patterns' (the reader both integrations share); imported on first
+    # use so that importing this module loads neither torch nor the kernels
+    if name == "ModelShape":
+        from minference_patterns.model_shape import ModelShape
+
+        return ModelShape
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_patterns(config: str, model: ModelShape | None = None) -> PatternConfig:

@@ -274,7 +274,7 @@ def attend(
             _log.info(
                 "K/V (%s, %s, strides %s / %s) cannot be read through tensor descriptors "
                 "(needs fp16/bf16, sm_90+, 16-byte aligned strides, Triton >= 3.3); the sparse "
-                "attention kernel uses pointer loads, which are ~20%% slower on Hopper",
+                "attention kernel uses pointer loads, which are slower on Hopper (docs/benchmarks.md)",
                 *why,
             )
     desc_k, desc_v = _kv_descriptors(k, v, BLOCK, block_d) if tma else (k, v)

@@ -39,8 +39,10 @@ from .block_sampled import SAMPLED_CHUNK_BYTES, SAMPLED_ROWS
 _log = logging.getLogger("minference_kernels")
 
 #: Launch settings: sampled rows per program, warps, pipeline depth of the key tiles. Tuned on an
-#: H200 (benchmarks/bench_sampled_scoring.py; 32 / 8 heads, D = 128, bf16, 32K, 4 rows: 0.89 ms,
-#: against 0.92 with 64 rows on 4 warps, 0.93-1.03 with 128 on 8 warps, 1.22 with 256 on 8).
+#: H200 with benchmarks/bench_sampled_scoring.py (32 / 8 heads, D = 128, bf16, 32K, 4 rows): the
+#: fastest rows-per-program / warps setting it timed; the setting's timings are in
+#: benchmarks/results/bench_sampled_scoring_rows_h200.json (sources.json key
+#: ``sampled_scoring_rows``).
 SAMPLED_CONFIG = {"tile_m": 128, "num_warps": 4, "num_stages": 3}
 #: Key blocks the epilogue reduces at once.
 _KB_E = 32

@@ -11,11 +11,11 @@ def _best_of_rows(x: torch.Tensor, count: torch.Tensor, method: str | None = Non
     (float32), equal values to the earlier position: what a stable descending sort ranks first.
 
     The PyTorch ranking (the reference; CUDA with ``backend="triton"`` uses
-    :func:`minference_kernels.ops.head_rank_triton.head_keep`, 7x faster at 128K). ``method="bisect"`` (the
-    default on CUDA) finds the ``count``-th largest value by a bisection
-    over a monotone int32 image of the floats (32 counting passes, no sort, no host sync), then
-    cuts ties by position; ``"sort"`` (the default elsewhere: 2x faster than 32 passes on a CPU)
-    ranks by a stable sort. Both give the same mask."""
+    :func:`minference_kernels.ops.head_rank_triton.head_keep`; ``benchmarks/bench_head_rank.py``
+    times the two: benchmarks/results/archive/bench_head_rank_v020i_h200.json). ``method="bisect"`` (the default on CUDA) finds the ``count``-th largest value
+    by a bisection over a monotone int32 image of the floats (32 counting passes, no sort, no host
+    sync), then cuts ties by position; ``"sort"`` (the default elsewhere: on a CPU one sort costs
+    less than 32 passes) ranks by a stable sort. Both give the same mask."""
     if (method or ("bisect" if x.is_cuda else "sort")) == "sort":
         order = torch.sort(x, dim=-1, descending=True, stable=True).indices
         rank = torch.empty_like(order)

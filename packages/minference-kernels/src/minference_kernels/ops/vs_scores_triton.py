@@ -163,8 +163,8 @@ def _vs_score_kernel(
 
 
 # score pass: key windows per program (the last queries are loaded once per program) and warps;
-# tuned on an H200 (benchmarks/tune_vs_scores.py, NOTES v0.2.0-c): 16 windows on 4 warps is 31%
-# faster than 1 window on 8
+# tuned on an H200 by benchmarks/tune_vs_scores.py: the fastest setting it timed (its timings are
+# in benchmarks/results/archive/NOTES-2026.md, v0.2.0-c)
 VS_SCORE_PER = 16
 VS_SCORE_WARPS = 4
 # shared memory for the pipelined key windows; the rest of the kernel's scratch (the last queries,
