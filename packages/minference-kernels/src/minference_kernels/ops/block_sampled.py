@@ -25,7 +25,8 @@ from ._common import softcap_
 
 #: Query rows sampled per query block by ``scoring="sampled"`` (measured on SmolLM2's real heads:
 #: 2 rows keep 0.943 / 0.975 / 0.989 of the block oracle's recall at 4 / 8 / 16 key blocks, 4 rows
-#: 0.950 / 0.980 / 0.992; benchmarks/results/block_scoring_smollm2_8k.json).
+#: 0.950 / 0.980 / 0.992; benchmarks/results/block_scoring_smollm2_8k.json). Through the whole
+#: model 1 row scores worse than pooled scoring (benchmarks/results/eval_sampled_rows*_cpu.json).
 SAMPLED_ROWS = 4
 #: Scratch bytes of one chunk of query blocks (one KV group's float32 scores and probabilities).
 SAMPLED_CHUNK_BYTES = 1 << 30
