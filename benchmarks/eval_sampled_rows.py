@@ -9,7 +9,9 @@ pipeline (pass keys, perplexity, top-1 agreement against dense):
     python benchmarks/eval_sampled_rows.py --rows 1 -- --model M.gguf --device cuda \
         --methods dense,block:8:sampled --lengths 8k --out-dir OUT
 
-The rows value is recorded in ``OUT/sampled_rows.json`` beside the eval's own ``eval.json``.
+The rows value is added to the eval's own ``OUT/eval.json`` as ``"sampled_rows"`` (with a
+provenance block, :mod:`_provenance`, where the eval did not write one). Run it with
+``OMP_NUM_THREADS=1`` on a shared CPU: torch's threads spin against other processes there.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from _provenance import commit
+from _provenance import provenance
 
 
 def main() -> int:
@@ -35,10 +37,15 @@ def main() -> int:
 
     block_sampled.SAMPLED_ROWS = a.rows  # read by the estimate at each call
     rc = cli_main(["eval", *rest])
+    if rc != 0:
+        return rc
     out = Path(rest[rest.index("--out-dir") + 1]) if "--out-dir" in rest else Path("eval-out")
-    (out / "sampled_rows.json").write_text(
-        json.dumps({"rows": a.rows, "commit": commit(), "eval_args": rest}, indent=1)
-    )
+    path = out / "eval.json"
+    result = json.loads(path.read_text())
+    result["sampled_rows"] = a.rows
+    result.setdefault("provenance", provenance())
+    path.write_text(json.dumps(result, indent=1))
+    print(f"eval_sampled_rows: recorded sampled_rows={a.rows} in {path}")
     return rc
 
 

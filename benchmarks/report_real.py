@@ -269,7 +269,66 @@ def block_scoring_snippet() -> list[str]:
         out.append("")
     for p in _sources.paths("sampled_scoring_rows"):
         out += sampled_kernel_table(p, json.loads(p.read_text()))
+    out += sampled_rows_eval_table(_sources.paths("eval_sampled_rows"))
     return out
+
+
+def sampled_rows_eval_table(paths: list[Path]) -> list[str]:
+    """Sampled block scoring with 1 and 4 rows per query block through a whole model, against
+    dense (``benchmarks/eval_sampled_rows.py``; pooled scoring at the same budget beside them).
+    Per file and length: each sparse method's density, perplexity ratio, top-1 agreement and KL;
+    a method with a case that did not go sparse says so (it is not a sparse result)."""
+    if not paths:
+        return []
+    res = [json.loads(p.read_text()) for p in paths]
+    r0 = res[0]
+    tasks = sorted({t for r in res for t in r["tasks"]})
+    out = [
+        f"Through the whole model: {r0['model']}, every head `block:K` (pooled) or "
+        "`block:K:sampled` with 1 or 4 sampled rows per query block, against the model's dense "
+        f"attention; tasks {', '.join(tasks)}"
+        + ("" if {"passkey", "multikey"} & set(tasks) else " (no retrieval task in these files)")
+        + f", {len(r0['seeds'])} seed(s), perplexity, top-1 "
+        f"agreement and KL over the last {r0['tail']} positions; {r0['device']}, torch "
+        f"{r0['torch']}. Files: "
+        + "; ".join(_sources.cite(p, r) for p, r in zip(paths, res))
+        + ".",
+        "",
+        "| length | method | sampled rows | density | perplexity / dense | top-1 agreement | KL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for r in res:
+        dense = {
+            (c["length"], c["seed"]): c["nll"]
+            for c in r["cases"]
+            if c["method"] == "dense" and c["task"] == "lm"
+        }
+        for m in r["methods"]:
+            if not m["sparse"]:
+                continue
+            sampled = m["name"].endswith(":sampled")
+            for n in r["lengths"]:
+                lm = [c for c in r["cases"] if c["method"] == m["name"] and c["length"] == n
+                      and c["task"] == "lm"]  # fmt: skip
+                if not lm:
+                    continue
+                ran_dense = sum(not c["went_sparse"] for c in lm)
+                dens = [c["density"] for c in lm if c["density"] is not None]
+                ratio = [math.exp(c["nll"] - dense[(n, c["seed"])]) for c in lm]
+                top1 = [c["top1_agree"] for c in lm]
+                kl = [c["kl"] for c in lm]
+                d = f"{sum(dens) / len(dens):.3f}" if dens else "-"
+                if ran_dense:
+                    d += f" ({ran_dense} case(s) ran dense: not a sparse result)"
+                rows.append(
+                    (n, not sampled, r["sampled_rows"] if sampled else 0,
+                     f"| {n} | `{m['name']}` | {r['sampled_rows'] if sampled else '-'} | {d} | "
+                     f"{sum(ratio) / len(ratio):.4f} | {sum(top1) / len(top1):.4f} | "
+                     f"{sum(kl) / len(kl):.2e} |")
+                )  # fmt: skip
+    out += [row for *_, row in sorted(rows, key=lambda t: t[:3])]
+    return out + [""]
 
 
 def sampled_kernel_table(p: Path, d: dict) -> list[str]:

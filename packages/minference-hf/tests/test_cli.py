@@ -364,3 +364,48 @@ def test_niah_and_eval_without_matplotlib(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "eval: no plot: matplotlib is not installed" in proc.stdout
     assert (ev / "eval.json").exists() and not (ev / "eval.png").exists()
+
+
+def test_eval_json_records_provenance(tmp_path, monkeypatch):
+    """``minference eval`` writes where its result was made: commit, command line, device and
+    versions (the same fields as the benchmark scripts' provenance block)."""
+    monkeypatch.setenv("MINFERENCE_COMMIT", "abc1234")
+    monkeypatch.setattr(sys, "argv", ["minference", "eval", "--tiny"])
+    args = ["eval", "--tiny", "--lengths", "300", "--seeds", "1", "--tasks", "lm", "--tail",
+            "8", "--methods", "dense", "--no-progress", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(args) == 0
+    prov = json.loads((tmp_path / "eval.json").read_text())["provenance"]
+    assert prov["commit"] == "abc1234" and prov["dirty"] is None
+    assert prov["argv"] == ["minference", "eval", "--tiny"]
+    assert prov["command"] == ["minference", *args]
+    assert prov["device"]["cpu"] and prov["device"]["gpu"] is None
+    assert prov["versions"]["python"] and prov["versions"]["torch"]
+    assert prov["versions"]["minference-hf"] and prov["utc"].endswith("Z")
+
+
+def test_provenance_commit_only_inside_a_checkout(tmp_path, monkeypatch):
+    """Outside a checkout of the project (an installed wheel) no commit is claimed; inside one,
+    the checkout's own HEAD."""
+    import shutil
+
+    from minference_hf import _provenance
+
+    monkeypatch.delenv("MINFERENCE_COMMIT", raising=False)
+    wheel = tmp_path / "site-packages" / "minference_hf" / "_provenance.py"
+    assert _provenance.commit(wheel) is None and _provenance.dirty(wheel) is None
+    if shutil.which("git") is None:
+        return
+    repo = tmp_path / "repo"
+    here = repo / "packages" / "minference-hf" / "src" / "minference_hf" / "_provenance.py"
+    here.parent.mkdir(parents=True)
+    here.write_text("# stand-in\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    assert _provenance.commit(here) is None  # a repository without a commit yet
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    assert _provenance.commit(here) == head and _provenance.dirty(here) is False
+    here.write_text("# changed\n")
+    assert _provenance.dirty(here) is True

@@ -587,6 +587,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model_name=loaded.name,
         progress=not args.no_progress,
     )
+    from ._provenance import provenance
+
+    prov = provenance()
+    prov["command"] = ["minference", *getattr(args, "argv", [])]  # what main() parsed
+    result["provenance"] = prov
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
@@ -869,6 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``minference`` command."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

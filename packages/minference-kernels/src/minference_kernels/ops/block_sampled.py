@@ -25,10 +25,10 @@ import torch
 
 from ._common import softcap_
 
-#: Query rows sampled per query block by ``scoring="sampled"`` (measured on SmolLM2's real heads,
-#: key block 0 not forced: 2 rows keep 0.985 / 0.989 / 0.993 of the block oracle's recall at
-#: 4 / 8 / 16 key blocks, worst head 0.915 / 0.924 / 0.942; 4 rows 0.993 / 0.995 / 0.997, worst
-#: 0.956 / 0.957 / 0.965; benchmarks/results/block_scoring_smollm2_8k.json).
+#: Query rows sampled per query block by ``scoring="sampled"``. Its recall against the block oracle
+#: on real heads per rows value: benchmarks/results/block_scoring_smollm2_8k.json (key block 0 not
+#: forced); through the whole model: benchmarks/results/eval_sampled_rows*_cpu.json (measured with
+#: key block 0 still forced), where 1 row scores worse than pooled scoring and 4 rows do not.
 SAMPLED_ROWS = 4
 #: Scratch bytes of one chunk of query blocks (one KV group's float32 scores and probabilities).
 SAMPLED_CHUNK_BYTES = 1 << 30
