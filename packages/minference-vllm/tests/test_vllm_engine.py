@@ -1,14 +1,19 @@
 """``LLM.generate`` with the plugin on a tiny random Llama, on vLLM's CPU backend.
 
 Each engine configuration runs once per test session, in a fresh process
-(``vllm_engine_runner.py``); an engine start costs tens of seconds on CPU, so the tests share four:
+(``vllm_engine_runner.py``); an engine start costs tens of seconds on CPU (the most of this
+suite's time), so the tests share seven:
 
 * ``baseline``: the same model *without* the plugin (``VLLM_PLUGINS=""``);
 * ``full``: the plugin with full-budget patterns of every kind, a low threshold and small chunks:
   every pre-fill chunk past 64 tokens of context runs the sparse kernels, which at full budget must
   reproduce dense attention;
 * ``sparse``: real sparse budgets on a long prompt, configured through environment variables;
-* ``mismatch``: a config for another model shape, which must stop the engine at start-up.
+* ``mismatch``: a config for another model shape, which must stop the engine at start-up;
+* ``tp2``: ``sparse``'s model and settings under tensor parallelism (2 ranks, one KV head each);
+* ``mqa`` and ``mqa_tp2``: a one-KV-head model on one rank and on two (the KV head replicated),
+  each running the prefix-cache rounds: a cache hit and, in the same engine, a cold run of the
+  same prompt kept off the cache by a ``cache_salt``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,13 @@ class EngineRun:
     log: str
     logprobs: list[list[float]] = dataclasses.field(default_factory=list)
     num_cached_tokens: list[int | None] = dataclasses.field(default_factory=list)
+    #: trace lines written when each round (``generate`` call) had returned
+    trace_lines: list[int] = dataclasses.field(default_factory=list)
+
+    def round_trace(self, i: int) -> list[dict[str, Any]]:
+        """The trace lines of round ``i`` (every rank's sparse calls for its requests)."""
+        start = self.trace_lines[i - 1] if i > 0 else 0
+        return self.trace[start : self.trace_lines[i]]
 
 
 @pytest.fixture(scope="session")
@@ -108,12 +120,12 @@ def _pattern_config(
 def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
     def run(
         name: str,
-        prompts: list[list[int]],
+        prompts: list[Any],
         engine: dict[str, Any],
         minference: dict[str, Any] | None = None,
         plugins: bool = True,
         via_env: bool = False,
-        rounds: list[list[list[int]]] | None = None,
+        rounds: list[list[Any]] | None = None,
         model: str | None = None,
     ) -> EngineRun:
         spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
@@ -127,6 +139,7 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
             "rounds": rounds or [prompts],
             "max_tokens": MAX_TOKENS,
             "engine": engine,
+            "trace": None if settings is None else str(trace_path),
         }
         spec_path.write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINFERENCE_VLLM_")}
@@ -159,6 +172,7 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
             log,
             out.get("logprobs", []),
             out.get("num_cached_tokens", []),
+            out.get("trace_lines", []),
         )
 
     return run
@@ -350,54 +364,80 @@ def mqa_settings(workdir: Path) -> dict[str, Any]:
     return sparse_settings(_pattern_config(workdir / "mqa.json", sparse_layers(), num_kv_heads=1))
 
 
-@pytest.fixture(scope="session")
-def mqa_cold(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
-    engine = {**PREFIX_ENGINE, "enable_prefix_caching": False}
-    return _ok(run_engine("mqa_cold", [PROMPT_B], engine, mqa_settings, model=mqa_model))
+#: One ``generate`` call each: A fills the prefix cache; B under another ``cache_salt`` (vLLM
+#: hashes the salt into a prompt's first block, so no block of it can match A's) is the cold run;
+#: B again shares A's prefix and hits the cache.
+PREFIX_ROUNDS = [[PROMPT_A], [{"prompt_token_ids": PROMPT_B, "cache_salt": "cold"}], [PROMPT_B]]
+COLD, WARM = 1, 2  # rounds and requests (one request per round)
+MQA_ENGINE = {**PREFIX_ENGINE, "enable_prefix_caching": True}
 
 
 @pytest.fixture(scope="session")
-def mqa_warm(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
-    engine = {**PREFIX_ENGINE, "enable_prefix_caching": True}
-    rounds = [[PROMPT_A], [PROMPT_B]]  # A fills the cache, then B shares its prefix
-    return _ok(run_engine("mqa_warm", [], engine, mqa_settings, rounds=rounds, model=mqa_model))
+def mqa_one_rank(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
+    run = run_engine("mqa", [], MQA_ENGINE, mqa_settings, rounds=PREFIX_ROUNDS, model=mqa_model)
+    return _ok(run)
 
 
 @pytest.fixture(scope="session")
 def mqa_tensor_parallel(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
-    engine = {**PREFIX_ENGINE, "enable_prefix_caching": False, **TP2}
-    return _ok(run_engine("mqa_tp2", [PROMPT_B], engine, mqa_settings, model=mqa_model))
+    engine = {**MQA_ENGINE, **TP2}
+    run = run_engine("mqa_tp2", [], engine, mqa_settings, rounds=PREFIX_ROUNDS, model=mqa_model)
+    return _ok(run)
 
 
-def test_prefix_cache_hit_matches_cold_run(mqa_cold: EngineRun, mqa_warm: EngineRun) -> None:
-    assert mqa_cold.num_cached_tokens == [0]
-    assert mqa_warm.num_cached_tokens == [0, len(PREFIX)]  # B hit the cache for the prefix
-    assert mqa_warm.token_ids[1] == mqa_cold.token_ids[0]
-    _close(mqa_warm.logprobs[1:], mqa_cold.logprobs)
+@pytest.fixture(
+    params=[1, pytest.param(2, marks=pytest.mark.multiprocess)], ids=["one_rank", "tensor_parallel"]
+)
+def mqa_prefix_run(request: pytest.FixtureRequest) -> tuple[EngineRun, int]:
+    """The prefix-cache rounds on one rank, then on two (the tensor-parallel engine); the
+    engine's run and its number of ranks."""
+    name = "mqa_one_rank" if request.param == 1 else "mqa_tensor_parallel"
+    return request.getfixturevalue(name), request.param
 
 
-def test_prefix_cache_hit_took_the_sparse_path(mqa_cold: EngineRun, mqa_warm: EngineRun) -> None:
-    def chunks(run: EngineRun) -> set[tuple[int, int, int]]:
-        n = len(PROMPT_B)
-        return {(t["layer"], t["query_tokens"], t["cached_tokens"]) for t in run.trace
-                if t["seq_len"] == n}  # fmt: skip
+def test_prefix_cache_hit_matches_cold_run(mqa_prefix_run: tuple[EngineRun, int]) -> None:
+    run, _ = mqa_prefix_run
+    # A missed (the cache was empty), the salted B missed (A's blocks are unsalted), B hit
+    # the cache for the prefix
+    assert run.num_cached_tokens == [0, 0, len(PREFIX)]
+    assert all(len(ids) == MAX_TOKENS for ids in run.token_ids)
+    assert run.token_ids[WARM] == run.token_ids[COLD]
+    _close(run.logprobs[WARM : WARM + 1], run.logprobs[COLD : COLD + 1])
 
+
+def test_prefix_cache_hit_took_the_sparse_path(mqa_prefix_run: tuple[EngineRun, int]) -> None:
+    run, tp_size = mqa_prefix_run
+
+    def chunks(i: int) -> set[tuple[int, int, int, int]]:
+        return {(t["tp_rank"], t["layer"], t["query_tokens"], t["cached_tokens"])
+                for t in run.round_trace(i)}  # fmt: skip
+
+    def on_every_rank(query_tokens: int, cached_tokens: int) -> set[tuple[int, int, int, int]]:
+        return {(r, layer, query_tokens, cached_tokens)
+                for r in range(tp_size) for layer in range(tiny.NUM_LAYERS)}  # fmt: skip
+
+    assert len(run.trace_lines) == len(PREFIX_ROUNDS) and run.trace_lines[-1] == len(run.trace)
+    # each round's trace holds its own prompt's calls (A: 868 tokens, B: 918), chunked at 768
+    assert {t["seq_len"] for t in run.round_trace(0)} == {len(PREFIX), len(PROMPT_A)}
+    assert {t["seq_len"] for t in run.round_trace(COLD)} == {len(PREFIX), len(PROMPT_B)}
     tail = len(PROMPT_B) - len(PREFIX)
     # after the hit, only B's new tokens are pre-filled: sparse, against 768 cached keys (Nq < Nk)
-    assert chunks(mqa_warm) == {(layer, tail, len(PREFIX)) for layer in range(tiny.NUM_LAYERS)}
-    # the cold run computes that same chunk (after pre-filling the prefix itself)
-    assert chunks(mqa_warm) <= chunks(mqa_cold)
-    assert any(t["seq_len"] == len(PREFIX) and t["cached_tokens"] == 0 for t in mqa_cold.trace)
+    assert chunks(WARM) == on_every_rank(tail, len(PREFIX))
+    assert {t["seq_len"] for t in run.round_trace(WARM)} == {len(PROMPT_B)}
+    # the cold run pre-fills the prefix itself, then computes that same chunk
+    assert chunks(COLD) == on_every_rank(len(PREFIX), 0) | chunks(WARM)
 
 
 @pytest.mark.multiprocess
 def test_tensor_parallel_replicated_kv_head(
-    mqa_cold: EngineRun, mqa_tensor_parallel: EngineRun
+    mqa_one_rank: EngineRun, mqa_tensor_parallel: EngineRun
 ) -> None:
-    # one KV head, two ranks: each rank holds a copy of it and two of the four query heads
-    assert mqa_tensor_parallel.token_ids == mqa_cold.token_ids
-    _close(mqa_tensor_parallel.logprobs, mqa_cold.logprobs)
+    # one KV head, two ranks: each rank holds a copy of it and two of the four query heads; every
+    # request (the cold runs and the cache hit) equals the single-rank engine's
+    assert mqa_tensor_parallel.token_ids == mqa_one_rank.token_ids
+    _close(mqa_tensor_parallel.logprobs, mqa_one_rank.logprobs)
     assert {t["tp_rank"] for t in mqa_tensor_parallel.trace} == {0, 1}
+    assert len({t["pid"] for t in mqa_tensor_parallel.trace}) == 2
     assert _kinds_by_rank(mqa_tensor_parallel, 1) == {
         0: {"a_shape": 1, "block_sparse": 1},
         1: {"dense": 1, "vertical_slash": 1},
