@@ -2,7 +2,9 @@
 
 Each engine configuration runs once per test session, in a fresh process
 (``vllm_engine_runner.py``); an engine start costs tens of seconds on CPU (the most of this
-suite's time), so the tests share seven:
+suite's time), so the tests share seven, and as soon as the first of them is needed all those the
+selected tests need start, up to ``ENGINE_JOBS`` at a time (a start is mostly imports in one
+process after another, so starts overlap well even on two cores):
 
 * ``baseline``: the same model *without* the plugin (``VLLM_PLUGINS=""``);
 * ``full``: the plugin with full-budget patterns of every kind, a low threshold and small chunks:
@@ -24,7 +26,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +149,11 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; plenty for the tiny model
         env["TOKENIZERS_PARALLELISM"] = "false"
         env["HF_HUB_OFFLINE"] = "1"
+        # vLLM wraps a few sampling helpers in torch.compile (the sampled tokens' logprob ranks,
+        # asked for here): the inductor builds C++ with the system compiler, tens of seconds on
+        # two cores in the first engine and a cache look-up in each later one. Eager runs the
+        # same integer comparisons; the model itself runs eager anyway (enforce_eager).
+        env["TORCH_COMPILE_DISABLE"] = "1"
         if engine.get("tensor_parallel_size", 1) > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = tp_thread_binding(engine["tensor_parallel_size"])
         if not plugins:
@@ -183,19 +191,85 @@ def _ok(run: EngineRun) -> EngineRun:
     return run
 
 
-@pytest.fixture(scope="session")
-def baseline(run_engine) -> EngineRun:
-    return _ok(run_engine("baseline", PROMPTS, CHUNKED, plugins=False))
+#: Engines running at once (each one process tree: the runner, vLLM's engine core, its workers).
+ENGINE_JOBS = min(4, len(os.sched_getaffinity(0)))
+#: engine fixture name -> (the ``run_engine`` arguments built from fixtures, must it start cleanly)
+_ENGINE_SPECS: dict[str, tuple[Callable[[pytest.FixtureRequest], dict[str, Any]], bool]] = {}
+
+
+def engine_fixture(ok: bool = True) -> Callable[[Callable[..., dict[str, Any]]], Any]:
+    """Declare the session fixture ``build.__name__``: the :class:`EngineRun` of
+    ``run_engine(**build(request))`` (``request`` gives the fixtures it needs), which must have
+    exited 0 when ``ok``. The engine runs in :class:`Engines`' pool."""
+
+    def declare(build: Callable[[pytest.FixtureRequest], dict[str, Any]]) -> Any:
+        name = build.__name__
+        _ENGINE_SPECS[name] = (build, ok)
+
+        @pytest.fixture(scope="session", name=name)
+        def fixture(engines: Engines, request: pytest.FixtureRequest) -> EngineRun:
+            return engines.result(name, request)
+
+        return fixture
+
+    return declare
+
+
+class Engines:
+    """The declared engines, each run once in a pool of ``jobs`` threads (each thread waits on
+    its engine's process)."""
+
+    def __init__(self, run: Callable[..., EngineRun], jobs: int):
+        self._run = run
+        self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="engine")
+        self._futures: dict[str, Future[EngineRun]] = {}
+
+    def start(self, name: str, request: pytest.FixtureRequest) -> None:
+        if name not in self._futures:  # fixtures are resolved here, in the main thread
+            build, _ = _ENGINE_SPECS[name]
+            self._futures[name] = self._pool.submit(self._run, **build(request))
+
+    def result(self, name: str, request: pytest.FixtureRequest) -> EngineRun:
+        self.start(name, request)
+        run = self._futures[name].result()
+        return _ok(run) if _ENGINE_SPECS[name][1] else run
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture(scope="session")
-def full_budget(run_engine, workdir: Path) -> EngineRun:
+def engines(request: pytest.FixtureRequest, run_engine) -> Iterator[Engines]:
+    """Starts, in declaration order, every engine a selected test needs: by fixture name, or
+    by a parameter naming the fixture it gets (``mqa_prefix_run``). One not foreseen here still
+    runs when its fixture is first used."""
+    pool = Engines(run_engine, ENGINE_JOBS)
+    wanted: set[str] = set()
+    for item in request.session.items:
+        wanted.update(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            wanted.update(v for v in callspec.params.values() if isinstance(v, str))
+    for name in _ENGINE_SPECS:
+        if name in wanted:
+            pool.start(name, request)
+    yield pool
+    pool.close()
+
+
+@engine_fixture()
+def baseline(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return {"name": "baseline", "prompts": PROMPTS, "engine": CHUNKED, "plugins": False}
+
+
+@engine_fixture()
+def full_budget(request: pytest.FixtureRequest) -> dict[str, Any]:
     from minference_kernels import HeadPattern as P
     from minference_patterns import BudgetPolicy
 
     big = 4096  # more than any prompt here: every causal pair is kept
     config = _pattern_config(
-        workdir / "full.json",
+        request.getfixturevalue("workdir") / "full.json",
         [
             [P.vertical_slash(big, big)] * tiny.NUM_HEADS,
             [P.a_shape(4, big), P.block_sparse(big), P.dense(), P.vertical_slash(big, big)],
@@ -204,7 +278,7 @@ def full_budget(run_engine, workdir: Path) -> EngineRun:
         budget_policy=BudgetPolicy(densify_covering=False),
     )
     settings = {"config": config, "min_sparse_len": 64, "min_sparse_query": 16}
-    return _ok(run_engine("full", PROMPTS, CHUNKED, settings))
+    return {"name": "full", "prompts": PROMPTS, "engine": CHUNKED, "minference": settings}
 
 
 def sparse_layers() -> list[list[Any]]:
@@ -230,11 +304,12 @@ def sparse_config(workdir: Path) -> str:
     return _pattern_config(workdir / "sparse.json", sparse_layers())
 
 
-@pytest.fixture(scope="session")
-def sparse_budget(run_engine, sparse_config: str) -> EngineRun:
-    settings = sparse_settings(sparse_config)
+@engine_fixture()
+def sparse_budget(request: pytest.FixtureRequest) -> dict[str, Any]:
+    settings = sparse_settings(request.getfixturevalue("sparse_config"))
     # configured through MINFERENCE_VLLM_* variables instead of --additional-config
-    return _ok(run_engine("sparse", [LONG_PROMPT], SPARSE_ENGINE, settings, via_env=True))
+    return {"name": "sparse", "prompts": [LONG_PROMPT], "engine": SPARSE_ENGINE,
+            "minference": settings, "via_env": True}  # fmt: skip
 
 
 def test_full_budget_matches_dense(baseline: EngineRun, full_budget: EngineRun) -> None:
@@ -272,11 +347,12 @@ def test_sparse_budget_generates(sparse_budget: EngineRun) -> None:
     assert all(t["kinds"].get("vertical_slash", 0) >= 1 for t in trace)
 
 
-def test_mismatched_config_fails_at_startup(run_engine, workdir: Path) -> None:
+@engine_fixture(ok=False)
+def mismatch(request: pytest.FixtureRequest) -> dict[str, Any]:
     from minference_kernels import HeadPattern as P
     from minference_patterns import PatternConfig
 
-    path = workdir / "wrong.json"
+    path = request.getfixturevalue("workdir") / "wrong.json"
     PatternConfig.uniform(
         tiny.NUM_LAYERS + 1,
         tiny.NUM_HEADS,
@@ -284,7 +360,12 @@ def test_mismatched_config_fails_at_startup(run_engine, workdir: Path) -> None:
         model_id="other-model",
         num_kv_heads=tiny.NUM_KV_HEADS,
     ).save(path)
-    run = run_engine("mismatch", PROMPTS[2:], ENGINE, {"config": str(path)})
+    return {"name": "mismatch", "prompts": PROMPTS[2:], "engine": ENGINE,
+            "minference": {"config": str(path)}}  # fmt: skip
+
+
+def test_mismatched_config_fails_at_startup(mismatch: EngineRun) -> None:
+    run = mismatch
     assert run.returncode != 0
     assert "num_layers: config has 3, model has 2" in run.log
     assert not run.token_ids
@@ -319,10 +400,11 @@ def _kinds_by_rank(run: EngineRun, layer: int) -> dict[int, dict[str, int]]:
     return out
 
 
-@pytest.fixture(scope="session")
-def tensor_parallel(run_engine, sparse_config: str) -> EngineRun:
-    engine = {**SPARSE_ENGINE, **TP2}
-    return _ok(run_engine("tp2", [LONG_PROMPT], engine, sparse_settings(sparse_config)))
+@engine_fixture()
+def tensor_parallel(request: pytest.FixtureRequest) -> dict[str, Any]:
+    settings = sparse_settings(request.getfixturevalue("sparse_config"))
+    return {"name": "tp2", "prompts": [LONG_PROMPT], "engine": {**SPARSE_ENGINE, **TP2},
+            "minference": settings}  # fmt: skip
 
 
 @pytest.mark.multiprocess
@@ -372,27 +454,31 @@ COLD, WARM = 1, 2  # rounds and requests (one request per round)
 MQA_ENGINE = {**PREFIX_ENGINE, "enable_prefix_caching": True}
 
 
-@pytest.fixture(scope="session")
-def mqa_one_rank(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
-    run = run_engine("mqa", [], MQA_ENGINE, mqa_settings, rounds=PREFIX_ROUNDS, model=mqa_model)
-    return _ok(run)
+def _mqa(request: pytest.FixtureRequest, name: str, engine: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "prompts": [], "engine": engine, "rounds": PREFIX_ROUNDS,
+            "minference": request.getfixturevalue("mqa_settings"),
+            "model": request.getfixturevalue("mqa_model")}  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def mqa_tensor_parallel(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
-    engine = {**MQA_ENGINE, **TP2}
-    run = run_engine("mqa_tp2", [], engine, mqa_settings, rounds=PREFIX_ROUNDS, model=mqa_model)
-    return _ok(run)
+@engine_fixture()
+def mqa_one_rank(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return _mqa(request, "mqa", MQA_ENGINE)
+
+
+@engine_fixture()
+def mqa_tensor_parallel(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return _mqa(request, "mqa_tp2", {**MQA_ENGINE, **TP2})
 
 
 @pytest.fixture(
-    params=[1, pytest.param(2, marks=pytest.mark.multiprocess)], ids=["one_rank", "tensor_parallel"]
+    params=["mqa_one_rank", pytest.param("mqa_tensor_parallel", marks=pytest.mark.multiprocess)],
+    ids=["one_rank", "tensor_parallel"],
 )
 def mqa_prefix_run(request: pytest.FixtureRequest) -> tuple[EngineRun, int]:
     """The prefix-cache rounds on one rank, then on two (the tensor-parallel engine); the
     engine's run and its number of ranks."""
-    name = "mqa_one_rank" if request.param == 1 else "mqa_tensor_parallel"
-    return request.getfixturevalue(name), request.param
+    tp_size = 2 if request.param == "mqa_tensor_parallel" else 1
+    return request.getfixturevalue(request.param), tp_size
 
 
 def test_prefix_cache_hit_matches_cold_run(mqa_prefix_run: tuple[EngineRun, int]) -> None:
