@@ -192,7 +192,7 @@ def _ok(run: EngineRun) -> EngineRun:
 
 
 #: Engines running at once (each one process tree: the runner, vLLM's engine core, its workers).
-ENGINE_JOBS = min(4, len(os.sched_getaffinity(0)))
+ENGINE_JOBS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 #: engine fixture name -> (the ``run_engine`` arguments built from fixtures, must it start cleanly)
 _ENGINE_SPECS: dict[str, tuple[Callable[[pytest.FixtureRequest], dict[str, Any]], bool]] = {}
 
