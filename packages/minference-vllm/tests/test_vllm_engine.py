@@ -1,14 +1,21 @@
 """``LLM.generate`` with the plugin on a tiny random Llama, on vLLM's CPU backend.
 
 Each engine configuration runs once per test session, in a fresh process
-(``vllm_engine_runner.py``); an engine start costs tens of seconds on CPU, so the tests share four:
+(``vllm_engine_runner.py``); an engine start costs tens of seconds on CPU (the most of this
+suite's time), so the tests share seven, and as soon as the first of them is needed all those the
+selected tests need start, up to ``ENGINE_JOBS`` at a time (a start is mostly imports in one
+process after another, so starts overlap well even on two cores):
 
 * ``baseline``: the same model *without* the plugin (``VLLM_PLUGINS=""``);
 * ``full``: the plugin with full-budget patterns of every kind, a low threshold and small chunks:
   every pre-fill chunk past 64 tokens of context runs the sparse kernels, which at full budget must
   reproduce dense attention;
 * ``sparse``: real sparse budgets on a long prompt, configured through environment variables;
-* ``mismatch``: a config for another model shape, which must stop the engine at start-up.
+* ``mismatch``: a config for another model shape, which must stop the engine at start-up;
+* ``tp2``: ``sparse``'s model and settings under tensor parallelism (2 ranks, one KV head each);
+* ``mqa`` and ``mqa_tp2``: a one-KV-head model on one rank and on two (the KV head replicated),
+  each running the prefix-cache rounds: a cache hit and, in the same engine, a cold run of the
+  same prompt kept off the cache by a ``cache_salt``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +60,13 @@ class EngineRun:
     log: str
     logprobs: list[list[float]] = dataclasses.field(default_factory=list)
     num_cached_tokens: list[int | None] = dataclasses.field(default_factory=list)
+    #: trace lines written when each round (``generate`` call) had returned
+    trace_lines: list[int] = dataclasses.field(default_factory=list)
+
+    def round_trace(self, i: int) -> list[dict[str, Any]]:
+        """The trace lines of round ``i`` (every rank's sparse calls for its requests)."""
+        start = self.trace_lines[i - 1] if i > 0 else 0
+        return self.trace[start : self.trace_lines[i]]
 
 
 @pytest.fixture(scope="session")
@@ -108,12 +123,12 @@ def _pattern_config(
 def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
     def run(
         name: str,
-        prompts: list[list[int]],
+        prompts: list[Any],
         engine: dict[str, Any],
         minference: dict[str, Any] | None = None,
         plugins: bool = True,
         via_env: bool = False,
-        rounds: list[list[list[int]]] | None = None,
+        rounds: list[list[Any]] | None = None,
         model: str | None = None,
     ) -> EngineRun:
         spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
@@ -127,12 +142,18 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
             "rounds": rounds or [prompts],
             "max_tokens": MAX_TOKENS,
             "engine": engine,
+            "trace": None if settings is None else str(trace_path),
         }
         spec_path.write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MINFERENCE_VLLM_")}
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; plenty for the tiny model
         env["TOKENIZERS_PARALLELISM"] = "false"
         env["HF_HUB_OFFLINE"] = "1"
+        # vLLM wraps a few sampling helpers in torch.compile (the sampled tokens' logprob ranks,
+        # asked for here): the inductor builds C++ with the system compiler, tens of seconds on
+        # two cores in the first engine and a cache look-up in each later one. Eager runs the
+        # same integer comparisons; the model itself runs eager anyway (enforce_eager).
+        env["TORCH_COMPILE_DISABLE"] = "1"
         if engine.get("tensor_parallel_size", 1) > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = tp_thread_binding(engine["tensor_parallel_size"])
         if not plugins:
@@ -159,6 +180,7 @@ def run_engine(workdir: Path, model_dir: str) -> Callable[..., EngineRun]:
             log,
             out.get("logprobs", []),
             out.get("num_cached_tokens", []),
+            out.get("trace_lines", []),
         )
 
     return run
@@ -169,19 +191,85 @@ def _ok(run: EngineRun) -> EngineRun:
     return run
 
 
-@pytest.fixture(scope="session")
-def baseline(run_engine) -> EngineRun:
-    return _ok(run_engine("baseline", PROMPTS, CHUNKED, plugins=False))
+#: Engines running at once (each one process tree: the runner, vLLM's engine core, its workers).
+ENGINE_JOBS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+#: engine fixture name -> (the ``run_engine`` arguments built from fixtures, must it start cleanly)
+_ENGINE_SPECS: dict[str, tuple[Callable[[pytest.FixtureRequest], dict[str, Any]], bool]] = {}
+
+
+def engine_fixture(ok: bool = True) -> Callable[[Callable[..., dict[str, Any]]], Any]:
+    """Declare the session fixture ``build.__name__``: the :class:`EngineRun` of
+    ``run_engine(**build(request))`` (``request`` gives the fixtures it needs), which must have
+    exited 0 when ``ok``. The engine runs in :class:`Engines`' pool."""
+
+    def declare(build: Callable[[pytest.FixtureRequest], dict[str, Any]]) -> Any:
+        name = build.__name__
+        _ENGINE_SPECS[name] = (build, ok)
+
+        @pytest.fixture(scope="session", name=name)
+        def fixture(engines: Engines, request: pytest.FixtureRequest) -> EngineRun:
+            return engines.result(name, request)
+
+        return fixture
+
+    return declare
+
+
+class Engines:
+    """The declared engines, each run once in a pool of ``jobs`` threads (each thread waits on
+    its engine's process)."""
+
+    def __init__(self, run: Callable[..., EngineRun], jobs: int):
+        self._run = run
+        self._pool = ThreadPoolExecutor(jobs, thread_name_prefix="engine")
+        self._futures: dict[str, Future[EngineRun]] = {}
+
+    def start(self, name: str, request: pytest.FixtureRequest) -> None:
+        if name not in self._futures:  # fixtures are resolved here, in the main thread
+            build, _ = _ENGINE_SPECS[name]
+            self._futures[name] = self._pool.submit(self._run, **build(request))
+
+    def result(self, name: str, request: pytest.FixtureRequest) -> EngineRun:
+        self.start(name, request)
+        run = self._futures[name].result()
+        return _ok(run) if _ENGINE_SPECS[name][1] else run
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.fixture(scope="session")
-def full_budget(run_engine, workdir: Path) -> EngineRun:
+def engines(request: pytest.FixtureRequest, run_engine) -> Iterator[Engines]:
+    """Starts, in declaration order, every engine a selected test needs: by fixture name, or
+    by a parameter naming the fixture it gets (``mqa_prefix_run``). One not foreseen here still
+    runs when its fixture is first used."""
+    pool = Engines(run_engine, ENGINE_JOBS)
+    wanted: set[str] = set()
+    for item in request.session.items:
+        wanted.update(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            wanted.update(v for v in callspec.params.values() if isinstance(v, str))
+    for name in _ENGINE_SPECS:
+        if name in wanted:
+            pool.start(name, request)
+    yield pool
+    pool.close()
+
+
+@engine_fixture()
+def baseline(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return {"name": "baseline", "prompts": PROMPTS, "engine": CHUNKED, "plugins": False}
+
+
+@engine_fixture()
+def full_budget(request: pytest.FixtureRequest) -> dict[str, Any]:
     from minference_kernels import HeadPattern as P
     from minference_patterns import BudgetPolicy
 
     big = 4096  # more than any prompt here: every causal pair is kept
     config = _pattern_config(
-        workdir / "full.json",
+        request.getfixturevalue("workdir") / "full.json",
         [
             [P.vertical_slash(big, big)] * tiny.NUM_HEADS,
             [P.a_shape(4, big), P.block_sparse(big), P.dense(), P.vertical_slash(big, big)],
@@ -190,7 +278,7 @@ def full_budget(run_engine, workdir: Path) -> EngineRun:
         budget_policy=BudgetPolicy(densify_covering=False),
     )
     settings = {"config": config, "min_sparse_len": 64, "min_sparse_query": 16}
-    return _ok(run_engine("full", PROMPTS, CHUNKED, settings))
+    return {"name": "full", "prompts": PROMPTS, "engine": CHUNKED, "minference": settings}
 
 
 def sparse_layers() -> list[list[Any]]:
@@ -216,11 +304,12 @@ def sparse_config(workdir: Path) -> str:
     return _pattern_config(workdir / "sparse.json", sparse_layers())
 
 
-@pytest.fixture(scope="session")
-def sparse_budget(run_engine, sparse_config: str) -> EngineRun:
-    settings = sparse_settings(sparse_config)
+@engine_fixture()
+def sparse_budget(request: pytest.FixtureRequest) -> dict[str, Any]:
+    settings = sparse_settings(request.getfixturevalue("sparse_config"))
     # configured through MINFERENCE_VLLM_* variables instead of --additional-config
-    return _ok(run_engine("sparse", [LONG_PROMPT], SPARSE_ENGINE, settings, via_env=True))
+    return {"name": "sparse", "prompts": [LONG_PROMPT], "engine": SPARSE_ENGINE,
+            "minference": settings, "via_env": True}  # fmt: skip
 
 
 def test_full_budget_matches_dense(baseline: EngineRun, full_budget: EngineRun) -> None:
@@ -258,11 +347,12 @@ def test_sparse_budget_generates(sparse_budget: EngineRun) -> None:
     assert all(t["kinds"].get("vertical_slash", 0) >= 1 for t in trace)
 
 
-def test_mismatched_config_fails_at_startup(run_engine, workdir: Path) -> None:
+@engine_fixture(ok=False)
+def mismatch(request: pytest.FixtureRequest) -> dict[str, Any]:
     from minference_kernels import HeadPattern as P
     from minference_patterns import PatternConfig
 
-    path = workdir / "wrong.json"
+    path = request.getfixturevalue("workdir") / "wrong.json"
     PatternConfig.uniform(
         tiny.NUM_LAYERS + 1,
         tiny.NUM_HEADS,
@@ -270,7 +360,12 @@ def test_mismatched_config_fails_at_startup(run_engine, workdir: Path) -> None:
         model_id="other-model",
         num_kv_heads=tiny.NUM_KV_HEADS,
     ).save(path)
-    run = run_engine("mismatch", PROMPTS[2:], ENGINE, {"config": str(path)})
+    return {"name": "mismatch", "prompts": PROMPTS[2:], "engine": ENGINE,
+            "minference": {"config": str(path)}}  # fmt: skip
+
+
+def test_mismatched_config_fails_at_startup(mismatch: EngineRun) -> None:
+    run = mismatch
     assert run.returncode != 0
     assert "num_layers: config has 3, model has 2" in run.log
     assert not run.token_ids
@@ -305,10 +400,11 @@ def _kinds_by_rank(run: EngineRun, layer: int) -> dict[int, dict[str, int]]:
     return out
 
 
-@pytest.fixture(scope="session")
-def tensor_parallel(run_engine, sparse_config: str) -> EngineRun:
-    engine = {**SPARSE_ENGINE, **TP2}
-    return _ok(run_engine("tp2", [LONG_PROMPT], engine, sparse_settings(sparse_config)))
+@engine_fixture()
+def tensor_parallel(request: pytest.FixtureRequest) -> dict[str, Any]:
+    settings = sparse_settings(request.getfixturevalue("sparse_config"))
+    return {"name": "tp2", "prompts": [LONG_PROMPT], "engine": {**SPARSE_ENGINE, **TP2},
+            "minference": settings}  # fmt: skip
 
 
 @pytest.mark.multiprocess
@@ -350,54 +446,84 @@ def mqa_settings(workdir: Path) -> dict[str, Any]:
     return sparse_settings(_pattern_config(workdir / "mqa.json", sparse_layers(), num_kv_heads=1))
 
 
-@pytest.fixture(scope="session")
-def mqa_cold(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
-    engine = {**PREFIX_ENGINE, "enable_prefix_caching": False}
-    return _ok(run_engine("mqa_cold", [PROMPT_B], engine, mqa_settings, model=mqa_model))
+#: One ``generate`` call each: A fills the prefix cache; B under another ``cache_salt`` (vLLM
+#: hashes the salt into a prompt's first block, so no block of it can match A's) is the cold run;
+#: B again shares A's prefix and hits the cache.
+PREFIX_ROUNDS = [[PROMPT_A], [{"prompt_token_ids": PROMPT_B, "cache_salt": "cold"}], [PROMPT_B]]
+COLD, WARM = 1, 2  # rounds and requests (one request per round)
+MQA_ENGINE = {**PREFIX_ENGINE, "enable_prefix_caching": True}
 
 
-@pytest.fixture(scope="session")
-def mqa_warm(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
-    engine = {**PREFIX_ENGINE, "enable_prefix_caching": True}
-    rounds = [[PROMPT_A], [PROMPT_B]]  # A fills the cache, then B shares its prefix
-    return _ok(run_engine("mqa_warm", [], engine, mqa_settings, rounds=rounds, model=mqa_model))
+def _mqa(request: pytest.FixtureRequest, name: str, engine: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "prompts": [], "engine": engine, "rounds": PREFIX_ROUNDS,
+            "minference": request.getfixturevalue("mqa_settings"),
+            "model": request.getfixturevalue("mqa_model")}  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def mqa_tensor_parallel(run_engine, mqa_model: str, mqa_settings: dict[str, Any]) -> EngineRun:
-    engine = {**PREFIX_ENGINE, "enable_prefix_caching": False, **TP2}
-    return _ok(run_engine("mqa_tp2", [PROMPT_B], engine, mqa_settings, model=mqa_model))
+@engine_fixture()
+def mqa_one_rank(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return _mqa(request, "mqa", MQA_ENGINE)
 
 
-def test_prefix_cache_hit_matches_cold_run(mqa_cold: EngineRun, mqa_warm: EngineRun) -> None:
-    assert mqa_cold.num_cached_tokens == [0]
-    assert mqa_warm.num_cached_tokens == [0, len(PREFIX)]  # B hit the cache for the prefix
-    assert mqa_warm.token_ids[1] == mqa_cold.token_ids[0]
-    _close(mqa_warm.logprobs[1:], mqa_cold.logprobs)
+@engine_fixture()
+def mqa_tensor_parallel(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return _mqa(request, "mqa_tp2", {**MQA_ENGINE, **TP2})
 
 
-def test_prefix_cache_hit_took_the_sparse_path(mqa_cold: EngineRun, mqa_warm: EngineRun) -> None:
-    def chunks(run: EngineRun) -> set[tuple[int, int, int]]:
-        n = len(PROMPT_B)
-        return {(t["layer"], t["query_tokens"], t["cached_tokens"]) for t in run.trace
-                if t["seq_len"] == n}  # fmt: skip
+@pytest.fixture(
+    params=["mqa_one_rank", pytest.param("mqa_tensor_parallel", marks=pytest.mark.multiprocess)],
+    ids=["one_rank", "tensor_parallel"],
+)
+def mqa_prefix_run(request: pytest.FixtureRequest) -> tuple[EngineRun, int]:
+    """The prefix-cache rounds on one rank, then on two (the tensor-parallel engine); the
+    engine's run and its number of ranks."""
+    tp_size = 2 if request.param == "mqa_tensor_parallel" else 1
+    return request.getfixturevalue(request.param), tp_size
 
+
+def test_prefix_cache_hit_matches_cold_run(mqa_prefix_run: tuple[EngineRun, int]) -> None:
+    run, _ = mqa_prefix_run
+    # A missed (the cache was empty), the salted B missed (A's blocks are unsalted), B hit
+    # the cache for the prefix
+    assert run.num_cached_tokens == [0, 0, len(PREFIX)]
+    assert all(len(ids) == MAX_TOKENS for ids in run.token_ids)
+    assert run.token_ids[WARM] == run.token_ids[COLD]
+    _close(run.logprobs[WARM : WARM + 1], run.logprobs[COLD : COLD + 1])
+
+
+def test_prefix_cache_hit_took_the_sparse_path(mqa_prefix_run: tuple[EngineRun, int]) -> None:
+    run, tp_size = mqa_prefix_run
+
+    def chunks(i: int) -> set[tuple[int, int, int, int]]:
+        return {(t["tp_rank"], t["layer"], t["query_tokens"], t["cached_tokens"])
+                for t in run.round_trace(i)}  # fmt: skip
+
+    def on_every_rank(query_tokens: int, cached_tokens: int) -> set[tuple[int, int, int, int]]:
+        return {(r, layer, query_tokens, cached_tokens)
+                for r in range(tp_size) for layer in range(tiny.NUM_LAYERS)}  # fmt: skip
+
+    assert len(run.trace_lines) == len(PREFIX_ROUNDS) and run.trace_lines[-1] == len(run.trace)
+    # each round's trace holds its own prompt's calls (A: 868 tokens, B: 918), chunked at 768
+    assert {t["seq_len"] for t in run.round_trace(0)} == {len(PREFIX), len(PROMPT_A)}
+    assert {t["seq_len"] for t in run.round_trace(COLD)} == {len(PREFIX), len(PROMPT_B)}
     tail = len(PROMPT_B) - len(PREFIX)
     # after the hit, only B's new tokens are pre-filled: sparse, against 768 cached keys (Nq < Nk)
-    assert chunks(mqa_warm) == {(layer, tail, len(PREFIX)) for layer in range(tiny.NUM_LAYERS)}
-    # the cold run computes that same chunk (after pre-filling the prefix itself)
-    assert chunks(mqa_warm) <= chunks(mqa_cold)
-    assert any(t["seq_len"] == len(PREFIX) and t["cached_tokens"] == 0 for t in mqa_cold.trace)
+    assert chunks(WARM) == on_every_rank(tail, len(PREFIX))
+    assert {t["seq_len"] for t in run.round_trace(WARM)} == {len(PROMPT_B)}
+    # the cold run pre-fills the prefix itself, then computes that same chunk
+    assert chunks(COLD) == on_every_rank(len(PREFIX), 0) | chunks(WARM)
 
 
 @pytest.mark.multiprocess
 def test_tensor_parallel_replicated_kv_head(
-    mqa_cold: EngineRun, mqa_tensor_parallel: EngineRun
+    mqa_one_rank: EngineRun, mqa_tensor_parallel: EngineRun
 ) -> None:
-    # one KV head, two ranks: each rank holds a copy of it and two of the four query heads
-    assert mqa_tensor_parallel.token_ids == mqa_cold.token_ids
-    _close(mqa_tensor_parallel.logprobs, mqa_cold.logprobs)
+    # one KV head, two ranks: each rank holds a copy of it and two of the four query heads; every
+    # request (the cold runs and the cache hit) equals the single-rank engine's
+    assert mqa_tensor_parallel.token_ids == mqa_one_rank.token_ids
+    _close(mqa_tensor_parallel.logprobs, mqa_one_rank.logprobs)
     assert {t["tp_rank"] for t in mqa_tensor_parallel.trace} == {0, 1}
+    assert len({t["pid"] for t in mqa_tensor_parallel.trace}) == 2
     assert _kinds_by_rank(mqa_tensor_parallel, 1) == {
         0: {"a_shape": 1, "block_sparse": 1},
         1: {"dense": 1, "vertical_slash": 1},
