@@ -97,7 +97,7 @@ def _remove_shared_memory(log: str) -> None:
     ``distributed_init_method`` file and leaves them behind (4 MiB per rank) when it kills its
     workers at shutdown; only this engine's, named in its log, are removed.
     """
-    for run_id in set(re.findall(r"distributed_init_method=file:///tmp/vllm_dist_(\w+)", log)):
+    for run_id in set(re.findall(r"distributed_init_method=file://\S*/vllm_dist_(\w+)", log)):
         for path in Path("/dev/shm").glob(f"vllm_dist_{run_id}-*"):
             path.unlink(missing_ok=True)
 
