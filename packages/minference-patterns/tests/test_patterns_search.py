@@ -74,7 +74,11 @@ def test_more_mass_beats_a_cheaper_budget():
 def test_budget_limits_the_choice():
     q, k, v = planted.topic_block_heads(n=N, heads=1)
     full = search_head(q, k, v, budget=0.3)
-    assert full.pattern == BS(4)
+    # within 0.3 the sampled estimate wins: it does not force key block 0 and finds the topic
+    # blocks the pooled estimate (which forces it) partly misses at 4 blocks
+    assert full.pattern == BS(4, scoring="sampled")
+    pooled = next(c for c in full.candidates if c.pattern == BS(4))
+    assert full.recall > pooled.recall + 0.03 and full.cost <= 0.3
     tight = search_head(q, k, v, budget=0.05)
     assert tight.cost <= 0.05 and tight.within_budget and tight.recall < 0.9
     # min_score buys back quality at a higher cost, and says it left the budget
