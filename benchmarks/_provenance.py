@@ -3,117 +3,50 @@
 Every result file a benchmark writes carries a ``"provenance"`` block (:func:`provenance`): the
 commit, the exact command line, the device, the versions and the time. Scripts write JSON through
 :func:`write_json`, text through :func:`write_text` (one ``# provenance: {...}`` header line), so
-no script has its own copy of this.
+no script has its own copy of this. The block itself comes from ``minference_kernels``'s private
+provenance reader, the one ``minference eval`` uses too.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import subprocess
-import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from minference_kernels import _provenance as _core
 
 ROOT = Path(__file__).resolve().parents[1]
 
 #: distributions whose versions a result records (absent ones are recorded as ``None``)
-VERSIONED = (
-    "torch",
-    "triton",
-    "transformers",
-    "vllm",
-    "minference-kernels",
-    "minference-patterns",
-    "minference-hf",
-    "minference-vllm",
-)
+VERSIONED = _core.VERSIONED
 
 #: what :func:`provenance` says of result files written before provenance was recorded
 PRE_PROVENANCE = "unknown, pre-dates provenance"
+
+#: the CPU and CUDA device, and the versions, as ``minference eval`` records them
+device = _core.device
+versions = _core.versions
 
 
 def commit() -> str:
     """The short commit hash; ``MINFERENCE_COMMIT`` wins (a copied tree whose ``.git`` is stale,
     as on the device machine); ``"unknown"`` without git."""
-    if os.environ.get("MINFERENCE_COMMIT"):
-        return os.environ["MINFERENCE_COMMIT"]
-    try:
-        return subprocess.check_output(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            text=True,
-            stderr=subprocess.DEVNULL,
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return _core.commit(ROOT) or "unknown"
 
 
 def dirty() -> bool | None:
     """Whether tracked files differ from the commit (``None`` without git or when
     ``MINFERENCE_COMMIT`` names the commit: the copy's ``.git`` says nothing then)."""
-    if os.environ.get("MINFERENCE_COMMIT"):
-        return None
-    try:
-        out = subprocess.check_output(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            text=True,
-            stderr=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return bool(out.strip())
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device() -> dict[str, Any]:
-    """The CPU model, and the CUDA device's name when torch sees one (without importing torch
-    when the script has not: a CPU-only script stays CPU-only)."""
-    out: dict[str, Any] = {"cpu": _cpu_model(), "gpu": None}
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-        out["gpu_count"] = torch.cuda.device_count()
-        out["cuda"] = torch.version.cuda
-    return out
-
-
-def versions() -> dict[str, str | None]:
-    """Python and the installed versions of :data:`VERSIONED`."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    torch = sys.modules.get("torch")
-    if torch is not None:  # the running build (a local or CUDA build may differ from metadata)
-        out["torch"] = torch.__version__
-    return out
+    return _core.dirty(ROOT)
 
 
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     """Where and how a result was made: ``commit``, ``dirty``, ``argv`` (the script and its exact
     arguments, ``sys.argv`` by default), ``device``, ``versions`` and ``utc`` time."""
-    return {
-        "commit": commit(),
-        "dirty": dirty(),
-        "argv": list(sys.argv if argv is None else argv),
-        "device": device(),
-        "versions": versions(),
-        "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    out = _core.block(ROOT, argv)
+    out["commit"] = out["commit"] or "unknown"
+    return out
 
 
 def write_json(path: str | os.PathLike, result: dict, **dump_kwargs: Any) -> None:
