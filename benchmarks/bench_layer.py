@@ -217,14 +217,16 @@ def run_n(n, kind, patterns, flex_ns, log):
     return rows_out
 
 
-def block_rows(n: int, fracs: str, allocation: str) -> dict:
+def block_rows(n: int, fracs: str, allocation: str, scoring: str = "pooled") -> dict:
     """Block-sparse rows keeping ``fracs`` (comma-separated shares) of the key blocks per query
-    block, or in all per head (``allocation="head"``) or per layer (``"layer"``):
-    ``{name: (heads, sparse_prefill kwargs)}``."""
+    block, or in all per head (``allocation="head"``) or per layer (``"layer"``), scored by
+    ``scoring``: ``{name: (heads, sparse_prefill kwargs)}``."""
     tag = "" if allocation == "query_block" else f", {allocation}"
+    tag += "" if scoring == "pooled" else f", {scoring}"
     return {
         f"block_sparse({float(f) * 100:g}%{tag})": (
-            [mk.HeadPattern.block_sparse(max(1, math.ceil(float(f) * n / 64)))] * HQ,
+            [mk.HeadPattern.block_sparse(max(1, math.ceil(float(f) * n / 64)), scoring=scoring)]
+            * HQ,
             {"block_allocation": allocation},
         )
         for f in fracs.split(",")
@@ -254,6 +256,11 @@ def main():
         "--layer-fracs",
         default="0.075",
         help="block-sparse rows with block_allocation='layer' (the layer's work, spread by mass)",
+    )
+    ap.add_argument(
+        "--sampled-fracs",
+        default="",
+        help="block-sparse rows scored by sampled query rows (scoring='sampled') at these shares",
     )
     a = ap.parse_args()
     if a.attn_config:
@@ -293,6 +300,7 @@ def main():
                     **block_rows(n, a.block_fracs, "query_block"),
                     **block_rows(n, a.head_fracs, "head"),
                     **block_rows(n, a.layer_fracs, "layer"),
+                    **block_rows(n, a.sampled_fracs, "query_block", "sampled"),
                     "a_shape(128,4096)": ([mk.HeadPattern.a_shape(128, 4096)] * HQ, {}),
                 }
                 if a.only:

@@ -39,6 +39,24 @@ def oracle_recall(p: torch.Tensor, kept: torch.Tensor) -> float:
     return s.gather(-1, k[..., None]).squeeze(-1).mean().item()
 
 
+def named_mask(q, k, heads, rows: torch.Tensor) -> torch.Tensor | None:
+    """The (row, key) pairs a vertical-slash layer's estimate *names* on the sampled ``rows``:
+    its columns and diagonals, before the index rounds slashes up to 64-wide tiles, ``bool [H, R,
+    N]`` (``None`` unless every head is vertical-slash)."""
+    if any(h.kind != "vertical_slash" for h in heads):
+        return None
+    n, g = k.shape[2], q.shape[1] // k.shape[1]
+    keys = torch.arange(n, device=q.device)
+    out = torch.zeros((len(heads), rows.numel(), n), dtype=torch.bool, device=q.device)
+    for h, hp in enumerate(heads):
+        v, s = mk.estimate_vertical_slash(
+            q[:, h : h + 1], k[:, h // g : h // g + 1], hp.num_vertical, hp.num_slash
+        )
+        out[h][:, v[0, 0]] = True
+        out[h] |= torch.isin(rows[:, None] - keys[None, :], s[0, 0])
+    return out & (keys[None, None, :] <= rows[None, :, None])
+
+
 def measure(n: int, profile: str, device: str) -> dict:
     t0 = time.time()
     q, k, v = structured_qkv(
@@ -62,6 +80,20 @@ def measure(n: int, profile: str, device: str) -> dict:
             oracle_recall=oracle_recall(p, kept),
             kept_keys_per_row=kept.float().mean().item(),
         )
+        named = named_mask(q, k, heads, rows)
+        if named is not None:
+            # what 64-wide slash tiles add to the pairs the estimate names (sampled rows)
+            causal_pairs = (rows + 1).sum().item() * len(heads)
+            out[name].update(
+                named_density=named.sum().item() / causal_pairs,
+                tile_density=kept.sum().item() / causal_pairs,
+                named_recall=(p * named).sum(-1).mean().item(),
+            )
+            print(
+                f"   named {out[name]['named_density']:.4f} (recall {out[name]['named_recall']:.3f})"
+                f", computed in tiles {out[name]['tile_density']:.4f}",
+                flush=True,
+            )
         print(
             f"N={n} {profile:7s} {name:16s} density {out[name]['density']:.4f} "
             f"recall {out[name]['recall']:.3f} oracle {out[name]['oracle_recall']:.3f} "

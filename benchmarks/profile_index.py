@@ -29,6 +29,12 @@ def main() -> int:
     ap.add_argument("--pattern", default="config", choices=("config", "block_sparse"))
     ap.add_argument("--frac", type=float, default=0.02, help="block_sparse: share of key blocks")
     ap.add_argument("--allocation", default="query_block", choices=("query_block", "head", "layer"))
+    ap.add_argument(
+        "--scoring",
+        default="pooled",
+        choices=("pooled", "sampled"),
+        help="block_sparse: block scoring",
+    )
     ap.add_argument("--no-profile", action="store_true", help="wall time and peak memory only")
     args = ap.parse_args()
     cfg = load_shipped(CONFIG_ID)
@@ -37,7 +43,9 @@ def main() -> int:
         q, k, _ = structured_layer(n)
         heads = cfg.heads_for_layer(0, n)
         if args.pattern == "block_sparse":
-            heads = [mk.HeadPattern.block_sparse(math.ceil(args.frac * n / 64))] * len(heads)
+            heads = [
+                mk.HeadPattern.block_sparse(math.ceil(args.frac * n / 64), scoring=args.scoring)
+            ] * len(heads)
 
         def fn(q=q, k=k, heads=heads):
             return mk.build_index(q, k, heads, validate=False, block_allocation=args.allocation)
@@ -50,7 +58,7 @@ def main() -> int:
         torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - base) / 2**30
         head = (
-            f"N={n} {args.pattern} ({args.frac:g}, {args.allocation}): "
+            f"N={n} {args.pattern} ({args.frac:g}, {args.allocation}, {args.scoring}): "
             f"build_index wall {wall:.2f} ms, peak +{extra:.2f} GiB"
         )
         print(head, flush=True)
@@ -69,7 +77,8 @@ def main() -> int:
         lines += [ev.table(sort_by="self_cpu_time_total", row_limit=20), ""]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_text(
-        Path(args.out) / f"profile_index_{args.pattern}_{args.allocation}.txt", "\n".join(lines)
+        Path(args.out) / f"profile_index_{args.pattern}_{args.allocation}_{args.scoring}.txt",
+        "\n".join(lines),
     )
     return 0
 
