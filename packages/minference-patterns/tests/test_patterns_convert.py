@@ -264,6 +264,12 @@ def test_qwen_errors(qwen_list, tmp_path):
         from_qwen(42)
     with pytest.raises(FileNotFoundError):
         from_qwen(tmp_path / "empty_dir_does_not_exist")
+    # the shape is read by read_model_shape, the one reader: a bad field is named
+    bad = dict(QWEN_1M_CONFIG, num_key_value_heads=-4, sparse_attention_config=qwen_list)
+    with pytest.raises(ConfigError, match="shape: num_key_value_heads must be a positive"):
+        from_qwen(bad)
+    # a mapping with no shape at all: nothing to check the patterns against
+    assert from_qwen({"sparse_attention_config": qwen_list}).layers == from_qwen(qwen_list).layers
 
 
 def test_counts_per_kind_and_size_match_source():

@@ -122,3 +122,17 @@ def test_shape_validates_its_fields():
         ModelShape(2, 4, 0, 64)
     with pytest.raises(ValueError, match="sliding_layers"):
         ModelShape(2, 4, 2, 64, sliding_window=8, sliding_layers=(1, 0))
+
+
+def test_parsed_config_json_reads_like_a_config_object():
+    """A parsed config.json (the Qwen importer's input) goes through the same reader."""
+    plain = {"num_hidden_layers": 4, "num_attention_heads": 8, "hidden_size": 640,
+             "num_key_value_heads": 2, "layer_types": ["sliding_attention", "full_attention"] * 2,
+             "sliding_window": 512}  # fmt: skip
+    s = read_model_shape(plain)
+    assert s == read_model_shape(SimpleNamespace(**plain))
+    assert (s.num_kv_heads, s.head_dim, s.sliding_layers, s.sliding_window) == (2, 80, (0, 2), 512)
+    nested = {"architectures": ["Gemma3ForConditionalGeneration"], "text_config": plain}
+    assert read_model_shape(nested) == s and text_config(nested).num_hidden_layers == 4
+    with pytest.raises(ValueError, match="num_attention_heads must be a positive integer"):
+        read_model_shape(dict(plain, num_attention_heads="8"))

@@ -21,6 +21,7 @@ from typing import Any
 from minference_kernels.patterns import BLOCK_SCORINGS, KINDS, HeadPattern
 
 from .errors import ConfigError
+from .model_shape import ModelShape, read_model_shape, text_config
 from .policy import BudgetPolicy, adapt_pattern
 from .shipped import shape_for_source_file
 
@@ -967,19 +968,17 @@ def _prov_kwargs(p: Provenance) -> dict[str, Any]:
 # Qwen
 
 
-def _qwen_shape(cfg: Mapping[str, Any]) -> dict[str, int | None]:
-    sub = cfg.get("text_config")
-    text: Mapping[str, Any] = sub if isinstance(sub, Mapping) else cfg
-    heads = text.get("num_attention_heads")
-    hd = text.get("head_dim")
-    if hd is None and _is_int(text.get("hidden_size")) and _is_int(heads) and heads:
-        hd = text["hidden_size"] // heads
-    return {
-        "num_layers": text.get("num_hidden_layers"),
-        "num_heads": heads,
-        "num_kv_heads": text.get("num_key_value_heads", heads),
-        "head_dim": hd,
-    }
+def _qwen_shape(cfg: Mapping[str, Any], source: str | None) -> ModelShape | None:
+    """The model shape of a Qwen ``config.json`` (:func:`read_model_shape`, the one reader), or
+    ``None`` when it names neither layers nor heads (a bare ``sparse_attention_config`` holder:
+    nothing to check the patterns against)."""
+    text = text_config(cfg)
+    if text.num_hidden_layers is None and text.num_attention_heads is None:
+        return None
+    try:
+        return read_model_shape(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"the model config's shape: {exc}", source=source) from None
 
 
 def from_qwen(
@@ -1059,7 +1058,7 @@ def from_qwen(
             )
         sparse_source = str(target)
         sparse = read_json(target)
-    shape = _qwen_shape(data)
+    shape = _qwen_shape(data, source)
     policy = BudgetPolicy()
     extra: dict[str, Any] = {}
     if dca is not None:
@@ -1074,14 +1073,17 @@ def from_qwen(
         sparse,
         sparse_source,
         model_id=mid,
-        num_kv_heads=num_kv_heads if num_kv_heads is not None else shape["num_kv_heads"],
-        head_dim=head_dim if head_dim is not None else shape["head_dim"],
+        num_kv_heads=num_kv_heads
+        if num_kv_heads is not None or shape is None
+        else shape.num_kv_heads,
+        head_dim=head_dim if head_dim is not None or shape is None else shape.head_dim,
         context_length=context_length,
         budget_policy=policy,
         provenance=_qwen_provenance(sparse_source, extra),
     )
     try:
-        cfg.validate_against(num_layers=shape["num_layers"], num_heads=shape["num_heads"])
+        if shape is not None:
+            cfg.validate_against(num_layers=shape.num_layers, num_heads=shape.num_heads)
     except ValueError as exc:
         raise ConfigError(
             f"sparse_attention_config does not match the model config: {exc}", source=source

@@ -3,13 +3,15 @@
 minference-hf (``patch``, the layer-by-layer pre-fill, capture) and minference-vllm (the engine's
 model check) read layers, query heads, KV heads, head size, sliding-window layers and logit
 soft-capping from the same kind of object: a transformers ``PretrainedConfig`` (vLLM's
-``model_config.hf_config`` is one). Any object with the same attributes works; this module does
-not import transformers.
+``model_config.hf_config`` is one). Any object with the same attributes works, and so does a
+parsed ``config.json`` (a mapping; the Qwen importer reads one); this module does not import
+transformers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,13 +89,32 @@ class ModelShape:
         return [i for i in range(self.num_layers) if i not in local]
 
 
+class _JsonConfig:
+    """A parsed ``config.json`` read like a config object: keys as attributes (``None`` when
+    absent), and ``get_text_config`` returning its ``text_config`` object when it has one."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._data.get(name)
+
+    def get_text_config(self, decoder: bool = True) -> Any:
+        sub = self._data.get("text_config")
+        return _JsonConfig(sub) if isinstance(sub, Mapping) else self
+
+
 def text_config(config: Any) -> Any:
     """The decoder text config inside ``config`` (``config`` itself for a plain language model).
 
     A multimodal config (Gemma-3, Llava, ...) holds its language model's settings in a sub-config
-    that transformers' ``get_text_config(decoder=True)`` returns; objects without that method are
-    returned as they are.
+    that transformers' ``get_text_config(decoder=True)`` returns (in a parsed ``config.json``: its
+    ``text_config`` object); objects without that method are returned as they are.
     """
+    if isinstance(config, Mapping):
+        config = _JsonConfig(config)
     get = getattr(config, "get_text_config", None)
     if get is None:
         return config
@@ -128,8 +149,9 @@ def read_model_shape(config: Any) -> ModelShape:
 
     Args:
         config: a transformers ``PretrainedConfig`` (``model.config``; vLLM's
-            ``model_config.hf_config``) or its text config, or any object with the same
-            attributes. Multimodal configs are read through :func:`text_config`.
+            ``model_config.hf_config``) or its text config, any object with the same
+            attributes, or a parsed ``config.json`` (a mapping). Multimodal configs are read
+            through :func:`text_config`.
 
     Returns:
         The shape. A missing ``num_key_value_heads`` (or ``None``) means multi-head attention
