@@ -848,3 +848,26 @@ def test_head_keep_equals_a_stable_sort():
     want = torch.where(keep, ids, 2**30).sort(-1).values
     assert torch.equal(got, torch.where(want == 2**30, -1, want))
     assert int((got >= 0).sum()) == b * (0 + 57 + 199 + 20 + 250)  # row 4: its 250 finite ones
+
+
+def test_index_building_shortcuts_keep_the_same_selection():
+    """build_index asks for top-k entries in no order and skips the duplicate pass of
+    sorted_unique (top-k entries are distinct): the same columns and diagonals as the ordered
+    selection followed by the full sorted_unique."""
+    from minference_kernels.index import sorted_unique
+    from minference_kernels.ops.vs_scores import select_vertical_slash
+
+    g = torch.Generator().manual_seed(7)
+    vert = torch.rand(2, 3, 500, generator=g)  # distinct scores: no ties at a budget's edge
+    sl = torch.rand(2, 3, 500, generator=g)
+    # per-head budgets (a head's entries are the first of the widest top-k) and one budget for all
+    for nv, ns in ((torch.tensor([40, 7, 200]), torch.tensor([64, 150, 3])), (40, 150)):
+        full = select_vertical_slash(vert, sl, nv, ns)
+        fast = select_vertical_slash(vert, sl, nv, ns, ordered=False)
+        for (i_full, ok_full), (i_fast, ok_fast) in ((full[:2], fast[:2]), (full[2:], fast[2:])):
+            a, na = sorted_unique(i_full, ok_full)
+            b, nb = sorted_unique(i_fast, ok_fast, distinct=True)
+            assert torch.equal(a, b) and torch.equal(na, nb)
+    x = torch.tensor([[5, 3, 9, 1], [2, 2, 8, 0]])
+    vals, cnt = sorted_unique(x)  # duplicates need the full pass
+    assert vals[1, :3].tolist() == [0, 2, 8] and cnt.tolist() == [4, 3]

@@ -511,11 +511,13 @@ def _build_index(
             last_q=last_q,
             heads=hs,
             softcap=softcap,
+            ordered=False,
         )
         v_ok = v_ok.expand(b, -1, -1)
         s_ok = s_ok.expand(b, -1, -1)
-        cols, ctot = sorted_unique(v_idx, v_ok)
-        s_sorted, s_cnt = sorted_unique(s_idx, s_ok)
+        # top-k entries of a row are distinct (coverage keeps a subset of them)
+        cols, ctot = sorted_unique(v_idx, v_ok, distinct=True)
+        s_sorted, s_cnt = sorted_unique(s_idx, s_ok, distinct=True)
         tiles, n_t = _index.slash_tiles(
             s_sorted.reshape(b * len(hid), -1).contiguous(), s_cnt.reshape(-1).contiguous(), be
         )

@@ -76,14 +76,18 @@ def _pad_last(x: torch.Tensor, size: int, value: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=-1)
 
 
-def sorted_unique(x: torch.Tensor, valid: torch.Tensor | None = None, fill: int = _BIG):
+def sorted_unique(
+    x: torch.Tensor, valid: torch.Tensor | None = None, fill: int = _BIG, *, distinct: bool = False
+):
     """Sort each row ascending and drop duplicates. Returns ``(values, count)`` with invalid and
-    duplicate entries replaced by ``fill`` at the end of each row. ``x [..., L]`` integer."""
+    duplicate entries replaced by ``fill`` at the end of each row. ``x [..., L]`` integer.
+    ``distinct=True``: the caller guarantees the valid entries of a row are already distinct
+    (top-k indices), so the duplicate pass and its second sort are skipped."""
     x = x.to(torch.int64)
     if valid is not None:
         x = torch.where(valid, x, torch.full_like(x, fill))
     x, _ = torch.sort(x, dim=-1)
-    if x.shape[-1] > 1:
+    if x.shape[-1] > 1 and not distinct:
         dup = torch.zeros_like(x, dtype=torch.bool)
         dup[..., 1:] = x[..., 1:] == x[..., :-1]
         x = torch.where(dup, torch.full_like(x, fill), x)

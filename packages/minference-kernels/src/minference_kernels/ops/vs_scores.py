@@ -13,11 +13,13 @@ KEEP_FIRST = 30
 KEEP_LOCAL = 100
 
 
-def _topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k along the last dim, highest first, int64 ``[..., k]``. Deterministic run to run."""
+def _topk_indices(score: torch.Tensor, k: int, ordered: bool = True) -> torch.Tensor:
+    """Top-k along the last dim, int64 ``[..., k]``, highest first (``ordered``) or in no promised
+    order (skips sorting the selected entries; the set is the same except which of several
+    entries tied at the k-th score is taken). Deterministic run to run."""
     if k == 0:
         return score.new_zeros((*score.shape[:-1], 0), dtype=torch.int64)
-    return torch.topk(score, k, dim=-1, largest=True, sorted=True).indices
+    return torch.topk(score, k, dim=-1, largest=True, sorted=ordered).indices
 
 
 def vs_scores_torch(
@@ -65,6 +67,7 @@ def select_vertical_slash(
     last_q: int = 64,
     heads: slice | torch.Tensor | None = None,
     softcap: float | None = None,
+    ordered: bool = True,
 ):
     """Scores -> indices with per-head budgets. Returns ``(v [B,H,NVmax], v_valid, s [B,H,NSmax],
     s_valid)``; entries beyond a head's budget are invalid (``valid == False``), and the valid
@@ -84,6 +87,12 @@ def select_vertical_slash(
     ``softcap`` soft-caps those rows' logits as the scoring pass did (module doc).
     The valid entries are then ordered by that selection (the order in which they were taken), not
     by score. Both scoring backends select with this same function.
+
+    ``ordered=False`` (index building, which sorts the entries by position anyway): without
+    ``coverage``, and for a budget given as one int for every head, the valid entries come in no
+    promised order (the same set, up to which of several entries tied at the budget's last score
+    is kept). Per-head budgets keep the score order: a head's entries are the first of the
+    widest top-k.
     """
     b, h, nk = vertical.shape
     dev = vertical.device
@@ -105,8 +114,11 @@ def select_vertical_slash(
     fs = torch.minimum(ns, torch.full_like(ns, keep_local))
     v_forced = torch.where(pos[None, None, :] < fv[..., None], float("inf"), vertical)
     s_forced = torch.where(pos[None, None, :] < fs[..., None], float("inf"), slash)
-    v_idx = _topk_indices(v_forced, nv_max)
-    s_idx = _topk_indices(s_forced, ns_max)
+    # score order is needed by coverage (it walks the entries in that order) and wherever heads'
+    # budgets differ (a head's budget is the first entries of the widest top-k)
+    any_order = not ordered and coverage is None
+    v_idx = _topk_indices(v_forced, nv_max, not (any_order and isinstance(num_vertical, int)))
+    s_idx = _topk_indices(s_forced, ns_max, not (any_order and isinstance(num_slash, int)))
     if coverage is not None:
         if q is None or k is None:
             raise ValueError(
