@@ -274,7 +274,7 @@ def block_scoring_snippet() -> list[str]:
 
 
 def sampled_rows_eval_table(paths: list[Path]) -> list[str]:
-    """Sampled block scoring with 1 and 4 rows per query block through a whole model, against
+    """Sampled block scoring with several rows per query block through a whole model, against
     dense (``benchmarks/eval_sampled_rows.py``; pooled scoring at the same budget beside them).
     Per file and length: each sparse method's density, perplexity ratio, top-1 agreement and KL;
     a method with a case that did not go sparse says so (it is not a sparse result)."""
@@ -285,7 +285,8 @@ def sampled_rows_eval_table(paths: list[Path]) -> list[str]:
     tasks = sorted({t for r in res for t in r["tasks"]})
     out = [
         f"Through the whole model: {r0['model']}, every head `block:K` (pooled) or "
-        "`block:K:sampled` with 1 or 4 sampled rows per query block, against the model's dense "
+        f"`block:K:sampled` with {' / '.join(str(r['sampled_rows']) for r in res)} sampled rows "
+        "per query block, against the model's dense "
         f"attention; tasks {', '.join(tasks)}"
         + ("" if {"passkey", "multikey"} & set(tasks) else " (no retrieval task in these files)")
         + f", {len(r0['seeds'])} seed(s), perplexity, top-1 "
@@ -298,6 +299,7 @@ def sampled_rows_eval_table(paths: list[Path]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     rows = []
+    seen = set()  # the pooled method runs in every file: one row per length
     for r in res:
         dense = {
             (c["length"], c["seed"]): c["nll"]
@@ -311,8 +313,9 @@ def sampled_rows_eval_table(paths: list[Path]) -> list[str]:
             for n in r["lengths"]:
                 lm = [c for c in r["cases"] if c["method"] == m["name"] and c["length"] == n
                       and c["task"] == "lm"]  # fmt: skip
-                if not lm:
+                if not lm or (not sampled and (n, m["name"]) in seen):
                     continue
+                seen.add((n, m["name"]))
                 ran_dense = sum(not c["went_sparse"] for c in lm)
                 dens = [c["density"] for c in lm if c["density"] is not None]
                 ratio = [math.exp(c["nll"] - dense[(n, c["seed"])]) for c in lm]

@@ -27,8 +27,8 @@ from ._common import softcap_
 
 #: Query rows sampled per query block by ``scoring="sampled"``. Its recall against the block oracle
 #: on real heads per rows value: benchmarks/results/block_scoring_smollm2_8k.json (key block 0 not
-#: forced); through the whole model: benchmarks/results/eval_sampled_rows*_cpu.json (measured with
-#: key block 0 still forced), where 1 row scores worse than pooled scoring and 4 rows do not.
+#: forced); through the whole model: benchmarks/results/eval_sampled_rows*_cpu.json, where 1 and 2
+#: rows score worse than pooled scoring at the same density and 4 rows better.
 SAMPLED_ROWS = 4
 #: Scratch bytes of one chunk of query blocks (one KV group's float32 scores and probabilities).
 SAMPLED_CHUNK_BYTES = 1 << 30
