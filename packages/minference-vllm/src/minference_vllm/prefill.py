@@ -53,20 +53,7 @@ def prefill_request(
     """
     import minference_kernels
 
-    n = query.shape[0]
-    cached = seq_len - n
-    if cached < 0:
-        raise ValueError(f"chunk of {n} tokens is longer than its request ({seq_len} tokens)")
-    if key is not None and value is not None:
-        k = key[:n].transpose(0, 1)
-        v = value[:n].transpose(0, 1)
-        if cached > 0:
-            k_old, v_old = gather_kv(kv_cache, layout(), block_ids, cached)
-            k = torch.cat([k_old.to(k.dtype), k], dim=1)
-            v = torch.cat([v_old.to(v.dtype), v], dim=1)
-    else:
-        k, v = gather_kv(kv_cache, layout(), block_ids, seq_len)
-        k, v = k.to(query.dtype), v.to(query.dtype)
+    k, v = _request_kv(query, key, value, kv_cache, layout, block_ids, seq_len, head_major=True)
     out = minference_kernels.sparse_prefill(
         query.transpose(0, 1).unsqueeze(0).contiguous(),
         k.unsqueeze(0).contiguous(),
@@ -87,22 +74,28 @@ def _request_kv(
     layout: Callable[[], CacheLayout],
     block_ids: torch.Tensor,
     seq_len: int,
+    *,
+    head_major: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One request's keys and values ``[seq_len, Hkv, D]`` (token-major): the cached ones read from
-    the paged cache, then the chunk's own (as :func:`prefill_request` assembles them)."""
+    """One request's keys and values: the cached ones read from the paged cache, then the chunk's
+    own (``key``/``value`` ``[Nq, Hkv, D]``, or every key from the cache when ``None``), in the
+    query's dtype where read from the cache. ``[seq_len, Hkv, D]`` (token-major, as the varlen
+    batch packs them), or ``[Hkv, seq_len, D]`` with ``head_major`` (as ``sparse_prefill`` takes
+    them); either may be a view, and the cached part is copied once."""
     n = query.shape[0]
     cached = seq_len - n
     if cached < 0:
         raise ValueError(f"chunk of {n} tokens is longer than its request ({seq_len} tokens)")
     if key is not None and value is not None:
-        if cached == 0:
-            return key[:n], value[:n]
-        k_old, v_old = gather_kv(kv_cache, layout(), block_ids, cached)
-        k = torch.cat([k_old.to(key.dtype).transpose(0, 1), key[:n]], dim=0)
-        v = torch.cat([v_old.to(value.dtype).transpose(0, 1), value[:n]], dim=0)
-        return k, v
-    k, v = gather_kv(kv_cache, layout(), block_ids, seq_len)
-    return k.to(query.dtype).transpose(0, 1), v.to(query.dtype).transpose(0, 1)
+        k, v = key[:n].transpose(0, 1), value[:n].transpose(0, 1)
+        if cached > 0:
+            k_old, v_old = gather_kv(kv_cache, layout(), block_ids, cached)  # [Hkv, cached, D]
+            k = torch.cat([k_old.to(k.dtype), k], dim=1)
+            v = torch.cat([v_old.to(v.dtype), v], dim=1)
+    else:
+        k, v = gather_kv(kv_cache, layout(), block_ids, seq_len)
+        k, v = k.to(query.dtype), v.to(query.dtype)
+    return (k, v) if head_major else (k.transpose(0, 1), v.transpose(0, 1))
 
 
 def prefill_requests(
