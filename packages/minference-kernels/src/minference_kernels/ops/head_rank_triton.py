@@ -61,7 +61,8 @@ def _rank_count_kernel(X, NEED, LO, HI, CNT, L, R, p, CHUNK: tl.constexpr, SUB: 
     probes = tl.minimum(probes, 2147483647).to(tl.int32)  # past every key: counts 0 either way
     acc = tl.zeros([SUB, 16], dtype=tl.int32)
     base = row.to(tl.int64) * L
-    for s0 in range(0, CHUNK, SUB):
+    # only this chunk's part of the row (short rows stop after their last SUB-slice)
+    for s0 in range(0, tl.minimum(CHUNK, L - c * CHUNK), SUB):
         offs = c.to(tl.int64) * CHUNK + s0 + tl.arange(0, SUB)
         ok = offs < L
         _, key = _rank_keys(X, base, offs, ok)
