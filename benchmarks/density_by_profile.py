@@ -8,7 +8,9 @@ sparse layer's time is close to proportional to the pairs it keeps (plus a fixed
 index cost), so the density on calibrated heads predicts the speed the GPU would measure. Per
 profile and length: the density and recall (on ``bench_layer``'s 96 sample rows) of the config's
 layer-0 index, and the oracle's recall at that density (each sampled row's best keys, as many as
-the index kept for that row on average).
+the index kept for that row on average). For the vertical-slash config also the pairs its estimate
+names before the 64-wide tile rounding, and the bytes behind both in K/V rows per 64-row block
+(:func:`key_rows`): tile rounding multiplies the pairs far more than the loads.
 
     PYTHONPATH=packages/minference-kernels/src:packages/minference-patterns/src:benchmarks \
         python benchmarks/density_by_profile.py --ns 32768,131072 --out results/density_by_profile_cpu.json
@@ -39,22 +41,67 @@ def oracle_recall(p: torch.Tensor, kept: torch.Tensor) -> float:
     return s.gather(-1, k[..., None]).squeeze(-1).mean().item()
 
 
-def named_mask(q, k, heads, rows: torch.Tensor) -> torch.Tensor | None:
-    """The (row, key) pairs a vertical-slash layer's estimate *names* on the sampled ``rows``:
-    its columns and diagonals, before the index rounds slashes up to 64-wide tiles, ``bool [H, R,
-    N]`` (``None`` unless every head is vertical-slash)."""
+def named_lists(q, k, heads) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per head, the columns and the diagonal offsets the vertical-slash estimate selects (before
+    the index rounds slashes up to 64-wide tiles); ``None`` unless every head is vertical-slash."""
     if any(h.kind != "vertical_slash" for h in heads):
         return None
-    n, g = k.shape[2], q.shape[1] // k.shape[1]
-    keys = torch.arange(n, device=q.device)
-    out = torch.zeros((len(heads), rows.numel(), n), dtype=torch.bool, device=q.device)
+    g = q.shape[1] // k.shape[1]
+    out = []
     for h, hp in enumerate(heads):
         v, s = mk.estimate_vertical_slash(
             q[:, h : h + 1], k[:, h // g : h // g + 1], hp.num_vertical, hp.num_slash
         )
-        out[h][:, v[0, 0]] = True
-        out[h] |= torch.isin(rows[:, None] - keys[None, :], s[0, 0])
+        out.append((v[0, 0], s[0, 0]))
+    return out
+
+
+def named_mask(lists, n: int, rows: torch.Tensor) -> torch.Tensor:
+    """The (row, key) pairs the estimate *names* (``lists``: :func:`named_lists`) on the sampled
+    ``rows``: its columns and diagonals, ``bool [H, R, N]``."""
+    keys = torch.arange(n, device=rows.device)
+    out = torch.zeros((len(lists), rows.numel(), n), dtype=torch.bool, device=rows.device)
+    for h, (v, s) in enumerate(lists):
+        out[h][:, v] = True
+        out[h] |= torch.isin(rows[:, None] - keys[None, :], s)
     return out & (keys[None, None, :] <= rows[None, :, None])
+
+
+def _rows_of_intervals(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
+    """``bool [MB, n]``: the keys inside any interval ``[lo, hi]`` of each row (``lo > hi``: empty)."""
+    mb = lo.shape[0]
+    ok = lo <= hi
+    diff = torch.zeros((mb, n + 1), dtype=torch.int32, device=lo.device)
+    one = ok.to(torch.int32)
+    diff.scatter_add_(1, torch.where(ok, lo, n).clamp(0, n), one)
+    diff.scatter_add_(1, torch.where(ok, hi + 1, n).clamp(0, n), -one)
+    return torch.cumsum(diff, 1)[:, :n] > 0
+
+
+def key_rows(lists, idx: mk.SparseIndex, blocks: list[int]) -> tuple[float, float]:
+    """Bytes, counted in K/V rows: per (head, 64-row block) on ``blocks``, the distinct keys the
+    block must load for the pairs the estimate names (each diagonal ``s`` needs keys ``a0 - s ..
+    a1 - s``, each column its key) and the keys the index loads (its relative tiles, each 64 keys
+    from ``a0 + r``, and the columns outside them). Means over heads and blocks. Equal counts
+    mean the tiles cost no extra loads, however many more pairs they compute."""
+    n = idx.n_kv
+    dev = idx.rel_tiles.device
+    a0 = torch.tensor(blocks, device=dev, dtype=torch.int64)[:, None] * BLOCK
+    a1 = (a0 + BLOCK - 1).clamp(max=n - 1)
+    named = loaded = 0
+    for h, (v, s) in enumerate(lists):
+        cols = torch.zeros((len(blocks), n), dtype=torch.bool, device=dev)
+        cols[:, v] = True
+        cols &= torch.arange(n, device=dev)[None, :] <= a1
+        need = _rows_of_intervals((a0 - s[None, :]).clamp(min=0), a1 - s[None, :], n) | cols
+        r = idx.rel_tiles[0, h, : int(idx.rel_end[0, h].max())].to(torch.int64)
+        tiles = _rows_of_intervals(
+            (a0 + r[None, :]).clamp(min=0), torch.minimum(a0 + r + BLOCK - 1, a1), n
+        )
+        named += need.sum().item()
+        loaded += (tiles | cols).sum().item()
+    count = len(lists) * len(blocks)
+    return named / count, loaded / count
 
 
 def measure(n: int, profile: str, device: str) -> dict:
@@ -80,18 +127,23 @@ def measure(n: int, profile: str, device: str) -> dict:
             oracle_recall=oracle_recall(p, kept),
             kept_keys_per_row=kept.float().mean().item(),
         )
-        named = named_mask(q, k, heads, rows)
-        if named is not None:
+        lists = named_lists(q, k, heads)
+        if lists is not None:
+            named = named_mask(lists, n, rows)
+            rows_named, rows_tiles = key_rows(lists, idx, blocks)
             # what 64-wide slash tiles add to the pairs the estimate names (sampled rows)
             causal_pairs = (rows + 1).sum().item() * len(heads)
             out[name].update(
                 named_density=named.sum().item() / causal_pairs,
                 tile_density=kept.sum().item() / causal_pairs,
                 named_recall=(p * named).sum(-1).mean().item(),
+                rows_named=rows_named,
+                rows_tiles=rows_tiles,
             )
             print(
                 f"   named {out[name]['named_density']:.4f} (recall {out[name]['named_recall']:.3f})"
-                f", computed in tiles {out[name]['tile_density']:.4f}",
+                f", computed in tiles {out[name]['tile_density']:.4f}; K/V rows per block: "
+                f"named {rows_named:.0f}, loaded {rows_tiles:.0f}",
                 flush=True,
             )
         print(

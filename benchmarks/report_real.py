@@ -392,8 +392,8 @@ def profile_density_section(p: Path, d: dict) -> list[str]:
         "keys per row, on 96 sampled rows (`benchmarks/density_by_profile.py`, PyTorch backend).",
         "",
         "| heads | N | index | density | recall | oracle at that density | of oracle "
-        "| named pairs (recall) | tile rounding |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| named pairs (recall) | tile rounding | K/V rows per block: named / loaded |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst = None
     for key, r in d["results"].items():
@@ -401,17 +401,19 @@ def profile_density_section(p: Path, d: dict) -> list[str]:
         for name, m in r.items():
             if not isinstance(m, dict):
                 continue
-            named, tiles = "", ""
+            named, tiles, rows = "", "", ""
             if "named_density" in m:
                 ratio = m["tile_density"] / m["named_density"]
                 named = f"{m['named_density']:.4f} ({m['named_recall']:.3f})"
                 tiles = f"{ratio:.1f}x"
+            if "rows_named" in m:
+                rows = f"{m['rows_named']:.0f} / {m['rows_tiles']:.0f}"
                 if name == "llama3.1-config" and (worst is None or ratio > worst[0]):
                     worst = (ratio, profile, int(n) // 1024, m)
             out.append(
                 f"| {profile} | {int(n) // 1024}K | {name} | {m['density']:.4f} | "
                 f"{m['recall']:.3f} | {m['oracle_recall']:.3f} | "
-                f"{m['recall'] / m['oracle_recall']:.3f} | {named} | {tiles} |"
+                f"{m['recall'] / m['oracle_recall']:.3f} | {named} | {tiles} | {rows} |"
             )
     out += [
         "",
@@ -419,7 +421,10 @@ def profile_density_section(p: Path, d: dict) -> list[str]:
         "pair by pair, with the recall they alone hold. Tile rounding: the pairs the index "
         "computes over those it names. The kernel computes each slash as part of a 64 x 64 tile "
         "of keys at a fixed offset from the query block, so a diagonal with no selected "
-        "neighbours costs 64 times its own pairs.",
+        "neighbours costs 64 times its own pairs. K/V rows per block: the distinct keys a 64-row "
+        "query block must load for the named pairs (a diagonal needs one key per row, a column "
+        "one key) and the keys the index loads (tiles and the columns outside them), means over "
+        "heads and the sampled blocks: the bytes behind the pairs.",
     ]
     if worst is not None:
         ratio, profile, n, m = worst
@@ -427,10 +432,16 @@ def profile_density_section(p: Path, d: dict) -> list[str]:
             "",
             f"On the {profile} heads at {n}K, the config names {m['named_density']:.2%} of the "
             f"causal pairs but computes {m['tile_density']:.2%} ({ratio:.1f}x). The extra pairs "
-            f"raise recall from {m['named_recall']:.3f} to {m['recall']:.3f}. The layer's time "
-            "follows the computed pairs, so these tiles are the pipeline's speed limit on this "
-            "config, not the kernel's rate.",
+            f"raise recall from {m['named_recall']:.3f} to {m['recall']:.3f}.",
         ]
+        if "rows_named" in m:
+            out[-1] += (
+                f" In bytes the tiles cost far less than in pairs: they load "
+                f"{m['rows_tiles'] / m['rows_named']:.2f}x the K/V rows the named pairs need, "
+                "because a diagonal needs one key per query row whichever way it is computed. A "
+                "kernel that computed only the named pairs would gain only the tiles' arithmetic, "
+                "not their loads; `benchmarks/tile_floor.py` measures that split on a GPU."
+            )
     return out + [""]
 
 

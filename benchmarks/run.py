@@ -103,6 +103,7 @@ SUITES: dict[str, tuple[Step, ...]] = {
     ),
     "hybrid": (Step("bench_hybrid.py", "file", "bench_hybrid.json", key="hybrid"),),
     "pinned": (Step("bench_pinned.py", "dir", "bench_pinned.json"),),
+    "tile-floor": (Step("tile_floor.py", "file", "tile_floor.json"),),
 }
 
 #: suites that are a pytest run, not scripts: the GPU correctness suites

@@ -49,3 +49,10 @@ def test_bench_varlen_runs_on_cpu(tmp_path: Path) -> None:
     log = json.loads((tmp_path / "bench_varlen.json").read_text())
     assert max(log["rel_err_varlen_vs_loop"]) < 1e-5  # varlen equals the per-sequence loop
     assert set(log["rows"]) == {"total", "attention", "attention_causal_order"}
+
+
+def test_tile_floor_probes_walk_the_kernels_tiles() -> None:
+    """``tile_floor.py``'s load-only and math-only probes visit exactly the tiles and column steps
+    of the sparse kernel on the same index (its ``--check``, under the interpreter)."""
+    proc = _run(["benchmarks/tile_floor.py", "--check"], TRITON_INTERPRET="1")
+    assert "the probes visit the kernel's tiles and column steps" in proc.stdout
