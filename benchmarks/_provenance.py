@@ -41,10 +41,13 @@ def dirty() -> bool | None:
     return _core.dirty(ROOT)
 
 
-def provenance(argv: list[str] | None = None) -> dict[str, Any]:
-    """Where and how a result was made: ``commit``, ``dirty``, ``argv`` (the script and its exact
-    arguments, ``sys.argv`` by default), ``device``, ``versions`` and ``utc`` time."""
-    out = _core.block(ROOT, argv)
+def provenance(
+    argv: list[str] | None = None, result: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Where and how a result was made: ``commit``, ``dirty`` (not counting ``result``, the file
+    being written), ``argv`` (the script and its exact arguments, ``sys.argv`` by default),
+    ``device``, ``versions`` and ``utc`` time."""
+    out = _core.block(ROOT, argv, () if result is None else (Path(result),))
     out["commit"] = out["commit"] or "unknown"
     return out
 
@@ -52,14 +55,14 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
 def write_json(path: str | os.PathLike, result: dict, **dump_kwargs: Any) -> None:
     """Write ``result`` as JSON to ``path`` with a fresh ``"provenance"`` block (added to the
     dict, replacing an earlier one: scripts that save partial results call this repeatedly)."""
-    result["provenance"] = provenance()
+    result["provenance"] = provenance(result=path)
     dump_kwargs.setdefault("indent", 1)
     Path(path).write_text(json.dumps(result, **dump_kwargs))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text result with one ``# provenance: {json}`` line in front."""
-    Path(path).write_text(f"# provenance: {json.dumps(provenance())}\n{text}")
+    Path(path).write_text(f"# provenance: {json.dumps(provenance(result=path))}\n{text}")
 
 
 def read_provenance(result: dict) -> dict[str, Any]:

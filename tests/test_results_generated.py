@@ -82,6 +82,20 @@ def test_write_json_records_provenance(tmp_path: Path, monkeypatch: pytest.Monke
     assert set(_provenance.VERSIONED) <= set(prov["versions"]) and prov["versions"]["python"]
 
 
+def test_write_json_does_not_count_its_own_file_as_dirty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script saving partial results into a tracked file more than once is not dirty by that."""
+    seen: list[tuple[Path, ...]] = []
+    monkeypatch.setattr(
+        _provenance._core, "dirty", lambda root, ignore=(): seen.append(ignore) or False
+    )
+    path = tmp_path / "r.json"
+    _provenance.write_json(path, {"rows": [1]})
+    _provenance.write_text(tmp_path / "r.txt", "x")
+    assert seen == [(path,), (tmp_path / "r.txt",)]
+
+
 def test_old_results_say_they_predate_provenance() -> None:
     prov = _provenance.read_provenance({"device": "NVIDIA H200", "rows": []})
     assert prov["commit"] == _provenance.PRE_PROVENANCE

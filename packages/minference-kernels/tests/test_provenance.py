@@ -37,6 +37,11 @@ def test_commit_and_dirty_of_a_repository(tmp_path: Path, monkeypatch: pytest.Mo
     assert _provenance.dirty(tmp_path) is False
     (tmp_path / "f.txt").write_text("b")
     assert _provenance.dirty(tmp_path) is True
+    # the result file being written is not counted (a script's second save of partial results)
+    assert _provenance.dirty(tmp_path, (tmp_path / "f.txt",)) is False
+    assert _provenance.dirty(tmp_path, (tmp_path / "other.txt",)) is True
+    assert _provenance.dirty(tmp_path, (Path("/elsewhere/f.txt"),)) is True
+    assert _provenance.block(tmp_path, [], (tmp_path / "f.txt",))["dirty"] is False
     monkeypatch.setenv("MINFERENCE_COMMIT", "abc1234")  # a copied tree: the named commit wins
     assert _provenance.commit(tmp_path) == "abc1234" and _provenance.dirty(tmp_path) is None
     assert _provenance.commit(None) == "abc1234"

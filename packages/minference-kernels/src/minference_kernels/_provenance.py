@@ -48,12 +48,22 @@ def commit(root: Path | None) -> str | None:
     return None if root is None else git(root, "rev-parse", "--short", "HEAD")
 
 
-def dirty(root: Path | None) -> bool | None:
+def dirty(root: Path | None, ignore: tuple[Path, ...] = ()) -> bool | None:
     """Whether the checkout's tracked files differ from its commit (``None``: unknown, or
-    ``MINFERENCE_COMMIT`` names the commit and the copy's ``.git`` says nothing)."""
+    ``MINFERENCE_COMMIT`` names the commit and the copy's ``.git`` says nothing). ``ignore``: files
+    not counted, such as the result file being written (a script that saves partial results into
+    a tracked file would otherwise call itself dirty from its second save on)."""
     if os.environ.get("MINFERENCE_COMMIT") or root is None:
         return None
-    out = git(root, "status", "--porcelain", "--untracked-files=no")
+    spec = []
+    for p in ignore:
+        try:
+            spec.append(f":(exclude){Path(p).resolve().relative_to(Path(root).resolve())}")
+        except ValueError:  # outside the checkout: not one of its files
+            continue
+    out = git(
+        root, "status", "--porcelain", "--untracked-files=no", *(["--", ".", *spec] if spec else [])
+    )
     return None if out is None else bool(out)
 
 
@@ -93,13 +103,15 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def block(root: Path | None, argv: list[str] | None = None) -> dict[str, Any]:
+def block(
+    root: Path | None, argv: list[str] | None = None, ignore: tuple[Path, ...] = ()
+) -> dict[str, Any]:
     """The provenance block of a result made by code in the checkout at ``root`` (``None``: not a
-    checkout): ``commit``, ``dirty``, ``argv`` (``sys.argv`` by default), ``device``, ``versions``
-    and ``utc``."""
+    checkout): ``commit``, ``dirty`` (``ignore``: as :func:`dirty`'s), ``argv`` (``sys.argv`` by
+    default), ``device``, ``versions`` and ``utc``."""
     return {
         "commit": commit(root),
-        "dirty": dirty(root),
+        "dirty": dirty(root, ignore),
         "argv": list(sys.argv if argv is None else argv),
         "device": device(),
         "versions": versions(),
