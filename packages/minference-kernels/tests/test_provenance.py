@@ -42,6 +42,9 @@ def test_commit_and_dirty_of_a_repository(tmp_path: Path, monkeypatch: pytest.Mo
     assert _provenance.dirty(tmp_path, (tmp_path / "other.txt",)) is True
     assert _provenance.dirty(tmp_path, (Path("/elsewhere/f.txt"),)) is True
     assert _provenance.block(tmp_path, [], (tmp_path / "f.txt",))["dirty"] is False
+    (tmp_path / "sub").mkdir()  # asked from a folder of the checkout: still the whole checkout
+    assert _provenance.dirty(tmp_path / "sub", (tmp_path / "f.txt",)) is False
+    assert _provenance.dirty(tmp_path / "sub", (tmp_path / "sub" / "x",)) is True
     monkeypatch.setenv("MINFERENCE_COMMIT", "abc1234")  # a copied tree: the named commit wins
     assert _provenance.commit(tmp_path) == "abc1234" and _provenance.dirty(tmp_path) is None
     assert _provenance.commit(None) == "abc1234"

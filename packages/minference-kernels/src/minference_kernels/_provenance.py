@@ -56,13 +56,20 @@ def dirty(root: Path | None, ignore: tuple[Path, ...] = ()) -> bool | None:
     if os.environ.get("MINFERENCE_COMMIT") or root is None:
         return None
     spec = []
+    top = git(root, "rev-parse", "--show-toplevel") if ignore else None
     for p in ignore:
         try:
-            spec.append(f":(exclude){Path(p).resolve().relative_to(Path(root).resolve())}")
+            rel = Path(p).resolve().relative_to(Path(top or root).resolve())
         except ValueError:  # outside the checkout: not one of its files
             continue
+        spec.append(f":(top,exclude){rel}")
+    # the whole checkout (":/"), whichever folder of it ``root`` is, less the ignored files
     out = git(
-        root, "status", "--porcelain", "--untracked-files=no", *(["--", ".", *spec] if spec else [])
+        root,
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        *(["--", ":/", *spec] if spec else []),
     )
     return None if out is None else bool(out)
 
