@@ -40,7 +40,7 @@ from ._validate import check_allocation as _check_allocation
 from ._validate import check_coverage as _check_coverage
 from ._validate import check_last_q as _check_last_q
 from .estimate import estimate_block_sparse_impl, estimate_vertical_slash_impl
-from .index import BLOCK, SparseIndex, sorted_unique
+from .index import BLOCK, SparseIndex
 from .ops import attention as _torch_attn  # the PyTorch path
 from .ops import index_build as _index
 from .ops._dispatch import pick
@@ -516,12 +516,10 @@ def _build_index(
         v_ok = v_ok.expand(b, -1, -1)
         s_ok = s_ok.expand(b, -1, -1)
         # top-k entries of a row are distinct (coverage keeps a subset of them)
-        cols, ctot = sorted_unique(v_idx, v_ok, distinct=True)
-        s_sorted, s_cnt = sorted_unique(s_idx, s_ok, distinct=True)
-        tiles, n_t = _index.slash_tiles(
-            s_sorted.reshape(b * len(hid), -1).contiguous(), s_cnt.reshape(-1).contiguous(), be
+        tiles, n_t, cols, ctot = _index.vertical_slash_pieces(
+            v_idx, s_idx, be, v_ok, s_ok, distinct=True
         )
-        rel_parts.append((hid, tiles.reshape(b, len(hid), -1), n_t.reshape(b, len(hid))))
+        rel_parts.append((hid, tiles, n_t))
         col_parts.append((hid, cols, ctot))
 
     if "a_shape" in ids:

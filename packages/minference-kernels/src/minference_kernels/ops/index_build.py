@@ -164,11 +164,16 @@ def vertical_slash_pieces(
     backend: str,
     v_valid: torch.Tensor | None = None,
     s_valid: torch.Tensor | None = None,
+    *,
+    distinct: bool = False,
 ):
-    """Verticals ``[B, H, NV]`` and slashes ``[B, H, NS]`` -> (rel_tiles, rel_count, cols, col_total)."""
+    """Verticals ``[B, H, NV]`` and slashes ``[B, H, NS]`` -> (rel_tiles, rel_count, cols, col_total).
+    ``distinct``: the valid entries of each row are already distinct (top-k indices;
+    :func:`~minference_kernels.index.sorted_unique`)."""
     b, h = vertical.shape[:2]
-    cols, col_total = sorted_unique(vertical, v_valid)
-    s_sorted, s_count = sorted_unique(slash, s_valid)  # unique also shortens the greedy loop
+    cols, col_total = sorted_unique(vertical, v_valid, distinct=distinct)
+    # unique also shortens the greedy loop
+    s_sorted, s_count = sorted_unique(slash, s_valid, distinct=distinct)
     tiles, n_tiles = slash_tiles(
         s_sorted.reshape(b * h, -1).contiguous(), s_count.reshape(b * h).contiguous(), backend
     )
