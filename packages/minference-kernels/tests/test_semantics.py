@@ -824,13 +824,18 @@ def test_best_of_rows_equals_a_stable_sort():
 
 
 @pytest.mark.triton
-def test_head_keep_equals_a_stable_sort():
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_head_keep_equals_a_stable_sort(monkeypatch, chunk):
     """The Triton ranking of the head allocation (8 counting passes over int32 share keys, a tie
     count per query block, then a compaction cutting ties by position) keeps what a stable descending sort ranks first: random shares, many
     exact ties, -inf slots, +inf and float32-max (diagonal) entries, zero budgets, budgets above
-    the finite candidates, batch 2; the winners come out ascending per query block."""
+    the finite candidates, batch 2; the winners come out ascending per query block. ``chunk``:
+    rows split over several counting programs, the last one holding a partial chunk."""
     from minference_kernels.ops import head_rank_triton
     from minference_kernels.ops.head_rank import _best_of_rows
+
+    if chunk is not None:
+        monkeypatch.setattr(head_rank_triton, "_RANK_CHUNK", chunk)
 
     g = torch.Generator().manual_seed(4)
     b, h, mb, cap = 2, 5, 30, 10
