@@ -14,6 +14,10 @@ real index (same heads, same tiles, same launch grid and settings as ``attention
   gathered columns), summed so that nothing is dropped, with no product and no softmax;
 * ``math``: the same loops with the products and the online softmax, on one K/V tile loaded once
   per program (a runtime zero keeps the compiler from hoisting the products out of the loop);
+* ``narrow``: the kernel's loops and loads, with each relative tile computed only in its four
+  16 x 16 blocks on the tile's diagonal (3-D products; no masks), the columns as the kernel does:
+  what a kernel computing isolated diagonals in 16-wide pieces would cost at most, if every tile
+  were narrow;
 * cuDNN's dense causal attention, for the ratios, each timed interleaved with the others.
 
 The floor of any kernel that computes only the named pairs with these 64-row blocks is about
@@ -40,7 +44,9 @@ from minference_kernels.index import BLOCK
 from minference_kernels.ops import attention_triton
 from minference_kernels.ops._triton_common import _load_rows, _online_update, _qk
 
-LOADS, MATH = 0, 1
+LOADS, MATH, NARROW = 0, 1, 2
+SUB = 16  # NARROW: rows and keys of each block-diagonal piece of a tile
+_SKIP: set = set()
 
 
 @triton.jit
@@ -52,8 +58,8 @@ def _probe(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """One program per (64-row block, head), like the kernel (batch 1). ``MODE`` LOADS or MATH
-    (module doc). ``Visits[bh, m]``: tiles + column steps the program walked."""
+    """One program per (64-row block, head), like the kernel (batch 1). ``MODE`` LOADS, MATH or
+    NARROW (module doc). ``Visits[bh, m]``: tiles + column steps the program walked."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     m = MB - 1 - pid_m
@@ -81,7 +87,7 @@ def _probe(
     t_end = tl.load(REL_END + bh * MB + m)
     for t in range(0, t_end):
         r = tl.load(REL + bh * n_rel + t)
-        if MODE == 0:
+        if MODE != 1:
             offs_n = a0 + r + offs_n0
             kv_ok = (offs_n >= 0) & (offs_n < Nk)
             if TMA:
@@ -90,7 +96,20 @@ def _probe(
             else:
                 k = _load_rows(k_base, offs_n, kv_ok, skn, offs_d, d_ok, 1)
                 v = _load_rows(v_base, offs_n, kv_ok, svn, offs_d, d_ok, 1)
-            kk += k.to(tl.float32) + v.to(tl.float32)
+            if MODE == 0:
+                kk += k.to(tl.float32) + v.to(tl.float32)
+            else:  # NARROW: only the tile's SUB x SUB blocks on its diagonal
+                q3 = tl.reshape(q, [BLOCK_M // SUB, SUB, BLOCK_D])
+                k3 = tl.permute(tl.reshape(k, [BLOCK_N // SUB, SUB, BLOCK_D]), (0, 2, 1))
+                s = tl.reshape(tl.dot(q3, k3), [BLOCK_M, SUB])
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                p3 = tl.reshape(p.to(v.dtype), [BLOCK_M // SUB, SUB, SUB])
+                pv = tl.dot(p3, tl.reshape(v, [BLOCK_N // SUB, SUB, BLOCK_D]))
+                acc = acc * alpha[:, None] + tl.reshape(pv, [BLOCK_M, BLOCK_D])
+                m_i = m_new
         else:
             k = k0 + (zero * r).to(k0.dtype)
             acc, m_i, l_i = _online_update(acc, m_i, l_i, _qk(q, k, False), v0, 1.0, False)
@@ -98,7 +117,7 @@ def _probe(
     for c0 in range(0, c_cnt, BLOCK_N):
         offs_c = c0 + offs_n0
         c_ok = offs_c < c_cnt
-        if MODE == 0:
+        if MODE != 1:
             cidx = tl.load(COLS + bh * n_cols + offs_c, mask=c_ok, other=0)
             cov = tl.load(
                 COV + bh.to(tl.int64) * n_cov + (cidx - a0 + Nk + BLOCK_N), mask=c_ok, other=1
@@ -106,7 +125,12 @@ def _probe(
             c_ok = c_ok & (cov == 0)
             k = _load_rows(k_base, cidx, c_ok, skn, offs_d, d_ok, 1)
             v = _load_rows(v_base, cidx, c_ok, svn, offs_d, d_ok, 1)
-            kk += k.to(tl.float32) + v.to(tl.float32)
+            if MODE == 0:
+                kk += k.to(tl.float32) + v.to(tl.float32)
+            else:
+                s = tl.where(c_ok[None, :] & (cidx[None, :] <= offs_m[:, None] + q_off),
+                             _qk(q, k, False), float("-inf"))  # fmt: skip
+                acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, 1.0, False)
         else:
             k = k0 + (zero * offs_c[:, None]).to(k0.dtype)
             s = tl.where(c_ok[None, :], _qk(q, k, False), float("-inf"))
@@ -157,11 +181,56 @@ def check(device: str) -> None:
     heads = [mk.HeadPattern.vertical_slash(20, 60)] * hq
     idx = mk.build_index(q, k, heads, backend="torch")
     want = (idx.rel_end + (idx.col_count + BLOCK - 1) // BLOCK)[0]
-    for mode in (LOADS, MATH):
-        out, visits = probe(q, k, v, idx, mode)
+    for mode in (LOADS, MATH, NARROW):
+        try:
+            out, visits = probe(q, k, v, idx, mode)
+        except Exception as e:  # the 3-D products may not compile on every Triton: time the rest
+            if mode != NARROW:
+                raise
+            print(f"check: the NARROW probe did not run ({type(e).__name__}: {e}); not timed")
+            _SKIP.add(NARROW)
+            continue
         assert torch.equal(visits.cpu(), want.cpu().to(torch.int32)), (mode, visits, want)
         assert torch.isfinite(out.float()).all()
+        if mode == NARROW:
+            ref = narrow_reference(q, k, v, idx)
+            err = (out.float() - ref).abs().max().item()
+            assert err < (2e-2 if device == "cuda" else 1e-4), f"NARROW probe off by {err}"
     print("check: the probes visit the kernel's tiles and column steps", flush=True)
+
+
+def narrow_reference(q, k, v, idx: mk.SparseIndex) -> torch.Tensor:
+    """What the NARROW probe computes, in float64 loops (tiny shapes): per 64-row block, each relative
+    tile's 16 x 16 diagonal blocks (keys outside ``[0, N)`` score 0 with value 0, no causal mask) and
+    the uncovered columns (causal), softmax with base 2 and no scale. ``[1, H, N, D]`` float32."""
+    _, hq, n, _ = q.shape
+    g = hq // k.shape[1]
+    qd, kd, vd = (x[0].double().cpu() for x in (q, k, v))
+    out = torch.zeros(q.shape[1:], dtype=torch.float64)
+    rel, end = idx.rel_tiles[0].cpu(), idx.rel_end[0].cpu()
+    cols, ccnt, cov = idx.cols[0].cpu(), idx.col_count[0].cpu(), idx.cov[0].cpu()
+    for h in range(hq):
+        kh, vh = kd[h // g], vd[h // g]
+        for m in range(idx.num_blocks):
+            a0 = m * BLOCK
+            for i in range(min(BLOCK, n - a0)):
+                keys, scores = [], []
+                for t in range(int(end[h, m])):
+                    for j in range(SUB):
+                        key = a0 + int(rel[h, t]) + SUB * (i // SUB) + j
+                        ok = 0 <= key < n
+                        keys.append(key if ok else -1)
+                        scores.append(qd[h, a0 + i] @ kh[key] if ok else torch.tensor(0.0).double())
+                for c in cols[h, : int(ccnt[h, m])].tolist():
+                    if cov[h, c - a0 + n + BLOCK] == 0 and c <= a0 + i:
+                        keys.append(c)
+                        scores.append(qd[h, a0 + i] @ kh[c])
+                if not keys:
+                    continue
+                w = torch.exp2(torch.stack(scores) - torch.stack(scores).max())
+                vals = torch.stack([vh[c] if c >= 0 else torch.zeros_like(vh[0]) for c in keys])
+                out[h, a0 + i] = (w[:, None] * vals).sum(0) / w.sum()
+    return out[None].float().to(q.device)
 
 
 def bench(fn) -> float:
@@ -207,7 +276,10 @@ def measure(n: int, profile: str, heads: list) -> dict:
         "kernel": lambda: attention_triton.attend(q, k, v, idx, D**-0.5),
         "loads": lambda: probe(q, k, v, idx, LOADS),
         "math": lambda: probe(q, k, v, idx, MATH),
+        "narrow": lambda: probe(q, k, v, idx, NARROW),
     }
+    if NARROW in _SKIP:
+        del fns["narrow"]
     times: dict[str, list[float]] = {name: [] for name in fns}
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         for _ in range(3):  # interleaved rounds
@@ -217,7 +289,8 @@ def measure(n: int, profile: str, heads: list) -> dict:
     dens = mk.index_density(idx, list(range(0, idx.num_blocks, 37))).mean().item()
     print(
         f"N={n} {profile}: cuDNN {med['cudnn']:.2f} ms, kernel {med['kernel']:.2f}, "
-        f"loads only {med['loads']:.2f}, math only {med['math']:.2f} "
+        f"loads only {med['loads']:.2f}, math only {med['math']:.2f}, "
+        f"narrow {med.get('narrow', float('nan')):.2f} "
         f"(density {dens:.3f}; {time.time() - t0:.0f} s)",
         flush=True,
     )
