@@ -45,7 +45,8 @@ from minference_kernels.ops import attention_triton
 from minference_kernels.ops._triton_common import _load_rows, _online_update, _qk
 
 LOADS, MATH, NARROW = 0, 1, 2
-SUB = 16  # NARROW: rows and keys of each block-diagonal piece of a tile
+_SUB = 16  # NARROW: rows and keys of each block-diagonal piece of a tile
+SUB = tl.constexpr(_SUB)  # the kernel's copy (a global a Triton kernel may read)
 _SKIP: set = set()
 
 
@@ -216,8 +217,8 @@ def narrow_reference(q, k, v, idx: mk.SparseIndex) -> torch.Tensor:
             for i in range(min(BLOCK, n - a0)):
                 keys, scores = [], []
                 for t in range(int(end[h, m])):
-                    for j in range(SUB):
-                        key = a0 + int(rel[h, t]) + SUB * (i // SUB) + j
+                    for j in range(_SUB):
+                        key = a0 + int(rel[h, t]) + _SUB * (i // _SUB) + j
                         ok = 0 <= key < n
                         keys.append(key if ok else -1)
                         scores.append(qd[h, a0 + i] @ kh[key] if ok else torch.tensor(0.0).double())
