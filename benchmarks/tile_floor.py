@@ -288,14 +288,29 @@ def measure(n: int, profile: str, heads: list) -> dict:
                 times[name].append(bench(fn))
     med = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
     dens = mk.index_density(idx, list(range(0, idx.num_blocks, 37))).mean().item()
+    # count first: every tile and column step moves BLOCK K rows and BLOCK V rows (a column step's
+    # masked tail moves fewer: an upper bound) and multiplies BLOCK x BLOCK pairs twice over D
+    steps = int(probe(q, k, v, idx, LOADS)[1].sum().item())
+    moved = steps * 2 * BLOCK * D * k.element_size()
+    flops = steps * 4 * BLOCK * BLOCK * D
+    rate = {
+        "loads_tb_s": moved / med["loads"] / 1e9,
+        "kernel_tb_s": moved / med["kernel"] / 1e9,
+        "math_tflop_s": flops / med["math"] / 1e9,
+        "kernel_tflop_s": flops / med["kernel"] / 1e9,
+    }
     print(
         f"N={n} {profile}: cuDNN {med['cudnn']:.2f} ms, kernel {med['kernel']:.2f}, "
         f"loads only {med['loads']:.2f}, math only {med['math']:.2f}, "
         f"narrow {med.get('narrow', float('nan')):.2f} "
-        f"(density {dens:.3f}; {time.time() - t0:.0f} s)",
+        f"(density {dens:.3f}; {time.time() - t0:.0f} s)\n"
+        f"  {steps} steps, {moved / 1e9:.0f} GB moved: loads only {rate['loads_tb_s']:.2f} TB/s, "
+        f"kernel {rate['kernel_tb_s']:.2f} TB/s; math only {rate['math_tflop_s']:.0f} TFLOP/s, "
+        f"kernel {rate['kernel_tflop_s']:.0f} TFLOP/s on the computed tiles",
         flush=True,
     )
-    return dict(n=n, profile=profile, ms=med, rounds=times, density=dens)
+    return dict(n=n, profile=profile, ms=med, rounds=times, density=dens, steps=steps,
+                bytes_moved=moved, tile_flops=flops, rates=rate)  # fmt: skip
 
 
 if __name__ == "__main__":
