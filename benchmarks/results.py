@@ -550,15 +550,19 @@ def index_caveats(ev: dict[str, tuple[Headline, str, str]]) -> str:
         [
             GENERATED,
             "",
-            "What is **not** measured yet, said plainly: end-to-end accuracy on a real model "
-            "(RULER, needle-in-a-haystack at 128K+); the whole-model timings above use random "
-            "weights built to have the three head shapes. On the synthetic heads the shipped "
+            "What is **not** measured yet, said plainly: end-to-end accuracy on a real model at "
+            "128K+ (RULER, needle-in-a-haystack). The real models measured so far are small "
+            "(SmolLM2-135M at 4K-8K, Gemma-3-270M up to 32K: [Real models](guides/real-models.md)); "
+            "the whole-model timings above use random weights built to have the three head "
+            "shapes. On the synthetic heads the shipped "
             f"Llama-3.1 config keeps {mass}. The "
             "[benchmark notes](benchmark-notes.md) call the generator harsher than real heads: even "
             f"an oracle index of 64-key tiles needs {dens:.1%} of the causal pairs for {target:.0%} "
-            f"of the mass at {_k(fr['n'])} ({_sources.cite(fr_path, fr)}). Calibrating it against "
-            "captured heads is open work "
-            "(`benchmarks/recall_frontier.py --qk` runs the same analysis on a captured layer). "
+            f"of the mass at {_k(fr['n'])} ({_sources.cite(fr_path, fr)}). A second profile of "
+            "the generator is fitted to SmolLM2's captured heads (`structured_qkv(..., "
+            'profile="real")`, `benchmarks/fit_synthetic.py`); it is not Llama-3.1-8B either, so '
+            "speed figures on it are figures on synthetic heads "
+            "(`benchmarks/recall_frontier.py --qk` runs the frontier on a captured layer). "
             "Pre-filling 1M tokens of an 8B model on one GPU needs KV-cache offload; see "
             "[Long prompts and 1M tokens](guides/long-context.md).",
         ]
