@@ -18,9 +18,6 @@ real index (same heads, same tiles, same launch grid and settings as ``attention
   16 x 16 blocks on the tile's diagonal (3-D products; no masks), the columns as the kernel does:
   what a kernel computing isolated diagonals in 16-wide pieces would cost at most, if every tile
   were narrow;
-* ``kernel_grouped`` and ``loads_grouped``: the kernel and the LOADS probe launched with the query
-  heads of one K/V head side by side on each query block (``group_order``), so that tiles the
-  heads share come from L2;
 * cuDNN's dense causal attention, for the ratios, each timed interleaved with the others.
 
 The floor of any kernel that computes only the named pairs with these 64-row blocks is about
@@ -60,21 +57,14 @@ def _probe(
     REL, REL_END, COLS, COL_CNT, COV, n_rel, n_cols, n_cov,
     H, G, Nk, q_off, MB, zero,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MODE: tl.constexpr, TMA: tl.constexpr, GROUP_ORDER: tl.constexpr,
+    MODE: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """One program per (64-row block, head), like the kernel (batch 1). ``MODE`` LOADS, MATH or
     NARROW (module doc). ``Visits[bh, m]``: tiles + column steps the program walked."""
-    if GROUP_ORDER:  # as the kernel's group_order
-        lin = tl.program_id(1) * MB + tl.program_id(0)
-        t = lin // G
-        pid_m = t % MB
-        h = (t // MB) * G + lin % G
-        bh = h
-    else:
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        h = bh % H
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
     m = MB - 1 - pid_m
+    h = bh % H
     hk = h // G
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -157,9 +147,7 @@ def _probe(
     tl.store(Visits + bh * MB + m, t_end + (c_cnt + BLOCK_N - 1) // BLOCK_N)
 
 
-def probe(
-    q, k, v, idx: mk.SparseIndex, mode: int, group_order: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
+def probe(q, k, v, idx: mk.SparseIndex, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the probe (batch 1, ``n_q == n_kv``, contiguous ``[1, H, N, D]``): ``(out, visits)``."""
     _, hq, n, d = q.shape
     hkv = k.shape[1]
@@ -177,7 +165,6 @@ def probe(
         idx.rel_tiles.shape[-1], idx.cols.shape[-1], idx.cov.shape[-1],
         hq, hq // hkv, n, 0, mb, 0.0,
         HEAD_D=d, BLOCK_D=block_d, BLOCK_M=BLOCK, BLOCK_N=BLOCK, MODE=mode, TMA=tma,
-        GROUP_ORDER=group_order,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return out, visits
@@ -195,9 +182,9 @@ def check(device: str) -> None:
     heads = [mk.HeadPattern.vertical_slash(20, 60)] * hq
     idx = mk.build_index(q, k, heads, backend="torch")
     want = (idx.rel_end + (idx.col_count + BLOCK - 1) // BLOCK)[0]
-    for mode, grouped in ((LOADS, False), (LOADS, True), (MATH, False), (NARROW, False)):
+    for mode in (LOADS, MATH, NARROW):
         try:
-            out, visits = probe(q, k, v, idx, mode, grouped)
+            out, visits = probe(q, k, v, idx, mode)
         except Exception as e:  # the 3-D products may not compile on every Triton: time the rest
             if mode != NARROW:
                 raise
@@ -291,13 +278,9 @@ def measure(n: int, profile: str, heads: list) -> dict:
         "loads": lambda: probe(q, k, v, idx, LOADS),
         "math": lambda: probe(q, k, v, idx, MATH),
         "narrow": lambda: probe(q, k, v, idx, NARROW),
-        "kernel_grouped": lambda: attention_triton.attend(q, k, v, idx, D**-0.5, group_order=True),
-        "loads_grouped": lambda: probe(q, k, v, idx, LOADS, True),
     }
     if NARROW in _SKIP:
         del fns["narrow"]
-    if not torch.equal(fns["kernel"](), fns["kernel_grouped"]()):  # launch order only
-        raise AssertionError(f"N={n} {profile}: group_order changed the kernel's output")
     times: dict[str, list[float]] = {name: [] for name in fns}
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         for _ in range(3):  # interleaved rounds
@@ -319,8 +302,7 @@ def measure(n: int, profile: str, heads: list) -> dict:
     print(
         f"N={n} {profile}: cuDNN {med['cudnn']:.2f} ms, kernel {med['kernel']:.2f}, "
         f"loads only {med['loads']:.2f}, math only {med['math']:.2f}, "
-        f"narrow {med.get('narrow', float('nan')):.2f}; query heads of a K/V head side by side: "
-        f"kernel {med['kernel_grouped']:.2f}, loads only {med['loads_grouped']:.2f} "
+        f"narrow {med.get('narrow', float('nan')):.2f} "
         f"(density {dens:.3f}; {time.time() - t0:.0f} s)\n"
         f"  {steps} steps, {moved / 1e9:.0f} GB moved: loads only {rate['loads_tb_s']:.2f} TB/s, "
         f"kernel {rate['kernel_tb_s']:.2f} TB/s; math only {rate['math_tflop_s']:.0f} TFLOP/s, "

@@ -876,29 +876,3 @@ def test_index_building_shortcuts_keep_the_same_selection():
     x = torch.tensor([[5, 3, 9, 1], [2, 2, 8, 0]])
     vals, cnt = sorted_unique(x)  # duplicates need the full pass
     assert vals[1, :3].tolist() == [0, 2, 8] and cnt.tolist() == [4, 3]
-
-
-@pytest.mark.triton
-@pytest.mark.parametrize("hq,hkv", [(4, 1), (4, 2), (8, 2)])
-def test_group_launch_order_gives_the_same_output(hq, hkv):
-    """``group_order`` (the G query heads of a K/V head launched side by side on each query block)
-    changes only which program runs when: batch 2, GQA 4/2/4, Nq < Nk, every head kind."""
-    from minference_kernels.ops import attention_triton
-
-    g = torch.Generator().manual_seed(5)
-    b, nq, nk, d = 2, 141, 203, 64
-    q = torch.randn(b, hq, nq, d, generator=g)
-    k, v = (torch.randn(b, hkv, nk, d, generator=g) for _ in range(2))
-    kinds = [
-        mk.HeadPattern.vertical_slash(12, 40),
-        mk.HeadPattern.block_sparse(2),
-        mk.HeadPattern.a_shape(8, 70),
-        mk.HeadPattern.dense(),
-    ]
-    heads = (kinds * 2)[:hq]
-    idx = mk.build_index(q, k, heads)
-    plain = attention_triton.attend(q, k, v, idx, d**-0.5, group_order=False)
-    grouped = attention_triton.attend(q, k, v, idx, d**-0.5, group_order=True)
-    assert torch.equal(plain, grouped)
-    want = reference(q, k, v, mk.sparse_prefill_mask(q, k, heads))
-    assert rel_err(grouped, want) < 1e-4

@@ -82,24 +82,12 @@ def _sparse_attn_fwd(
     SPLIT_MASK: tl.constexpr,
     TMA: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    GROUP_ORDER: tl.constexpr,
 ):
-    if GROUP_ORDER:
-        # the G query heads of one K/V head run next to each other on each query block, so the
-        # K/V tiles they share are read from L2 while still there (same programs, launch order only)
-        lin = tl.program_id(1) * MB + tl.program_id(0)
-        t = lin // G
-        pid_m = t % MB
-        bhk = t // MB  # b * (H // G) + hk
-        b = bhk // (H // G)
-        h = (bhk % (H // G)) * G + lin % G
-        bh = b * H + h
-    else:
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
     m = MB - 1 - pid_m  # the longest causal rows start first
+    b = bh // H
+    h = bh % H
     hk = h // G
     b64 = b.to(tl.int64)
 
@@ -213,14 +201,7 @@ def _sparse_attn_fwd(
 
 # launch settings, tuned on an H200 (benchmarks/NOTES.md, v0.1.0-b and v0.2.0-f): K/V tiles of
 # relative and absolute tiles arrive through tensor descriptors (TMA) where the GPU and layout allow
-# ``group_order``: launch the query heads of one K/V head next to each other (tile_floor.py times it)
-ATTN_CONFIG = {
-    "num_warps": 4,
-    "num_stages": 3,
-    "split_mask": True,
-    "tma": True,
-    "group_order": False,
-}
+ATTN_CONFIG = {"num_warps": 4, "num_stages": 3, "split_mask": True, "tma": True}
 _TMA_NOTED: set = set()
 
 
@@ -344,7 +325,6 @@ def attend(
         SPLIT_MASK=c["split_mask"],
         TMA=tma,
         HAS_SOFTCAP=softcap is not None,
-        GROUP_ORDER=bool(c["group_order"]),
         num_warps=c["num_warps"],
     )
     return out
