@@ -12,8 +12,17 @@ the index kept for that row on average). For the vertical-slash config also the 
 names before the 64-wide tile rounding, and the bytes behind both in K/V rows per 64-row block
 (:func:`key_rows`): tile rounding multiplies the pairs far more than the loads.
 
+``--captured LABEL=FILE,...`` measures the same on real heads: layers captured from a trained model
+by ``real_heads.py --save-qk`` (post-RoPE ``q``/``k`` and the model's ``scale``), at their own length
+and head shape. Every head gets the config's layer-0 pattern (all of its heads share one), so the
+question asked is the same: how many pairs does this index compute on such heads, and how much of
+their attention does it keep. The synthetic heads have a Llama-3-8B layer's shape; the density and
+the tile rounding are per head, so the shapes need not match.
+
     PYTHONPATH=packages/minference-kernels/src:packages/minference-patterns/src:benchmarks \
         python benchmarks/density_by_profile.py --ns 32768,131072 --out results/density_by_profile_cpu.json
+    python benchmarks/density_by_profile.py --ns 8192,16384,32768 \
+        --captured gemma3-L05=L05.pt,... --out results/density_real_heads_cpu.json
 
 Runs on the CPU (the PyTorch backend) or a GPU (``--device cuda``).
 """
@@ -23,15 +32,17 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import minference_kernels as mk
 import minference_patterns as mp
 import torch
 from _provenance import write_json
-from bench_layer import CONFIG_ID, HKV, HQ, D, dense_probs, sample_rows
+from bench_layer import CONFIG_ID, HKV, HQ, D, sample_rows
 from minference_kernels.index import BLOCK
 from minference_kernels.ops.attention import index_mask
 from minference_kernels.synthetic import structured_qkv
+from recall_frontier import exact_probs
 
 
 def oracle_recall(p: torch.Tensor, kept: torch.Tensor) -> float:
@@ -105,18 +116,40 @@ def key_rows(lists, idx: mk.SparseIndex, blocks: list[int]) -> tuple[float, floa
 
 
 def measure(n: int, profile: str, device: str) -> dict:
-    t0 = time.time()
+    """A synthetic profile (bench_layer's layer shape) at ``n`` tokens."""
     q, k, v = structured_qkv(
         1, HQ, HKV, n, D, dtype=torch.float32, device=device, seed=n % 97, kind="mixed",
         profile=profile,
     )  # fmt: skip
+    out = measure_qk(q, k, D**-0.5, f"{profile}")
+    out["heads"] = f"synthetic, profile {profile!r} ({HQ} query / {HKV} KV heads, head dim {D})"
+    return out
+
+
+def load_captured(path: str, device: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A layer captured by ``real_heads.py --save-qk`` (post-RoPE ``q`` ``[1, Hq, N, D]``, ``k``
+    ``[1, Hkv, N, D]``, ``scale``), as float32 on ``device``."""
+    d = torch.load(path, map_location=device)
+    return d["q"].float(), d["k"].float(), float(d["scale"])
+
+
+def measure_qk(q: torch.Tensor, k: torch.Tensor, scale: float, label: str) -> dict:
+    """The config's and MInference's default vertical-slash index on one layer's heads: density,
+    recall and the oracle's recall at that density, named pairs against tile-rounded pairs."""
+    t0 = time.time()
+    n, hq, device = k.shape[2], q.shape[1], q.device
+    if abs(scale - q.shape[-1] ** -0.5) > 1e-6:  # the estimators use 1/sqrt(D)
+        q = q * (scale * q.shape[-1] ** 0.5)
     rows = sample_rows(n, device=device)
-    p = dense_probs(q, k, rows)
+    p = exact_probs(q, k, rows)
     blocks = sorted(set((rows // BLOCK).tolist()))
     out = {}
+    layer0 = list(mp.load(CONFIG_ID).heads_for_layer(0, n))
+    if len({h.describe() for h in layer0}) != 1:  # real layers have fewer heads than the config
+        raise ValueError(f"{CONFIG_ID}'s layer 0 mixes patterns; no one pattern to give {hq} heads")
     for name, heads in {
-        "llama3.1-config": list(mp.load(CONFIG_ID).heads_for_layer(0, n)),
-        "vs(1000,6096)": [mk.HeadPattern.vertical_slash(1000, 6096)] * HQ,
+        "llama3.1-config": layer0[:1] * hq,
+        "vs(1000,6096)": [mk.HeadPattern.vertical_slash(1000, 6096)] * hq,
     }.items():
         idx = mk.build_index(q, k, heads, validate=False, backend="torch")
         m = index_mask(idx, rows)[0]  # [H, R, N] bool
@@ -147,7 +180,7 @@ def measure(n: int, profile: str, device: str) -> dict:
                 flush=True,
             )
         print(
-            f"N={n} {profile:7s} {name:16s} density {out[name]['density']:.4f} "
+            f"N={n} {label:12s} {name:16s} density {out[name]['density']:.4f} "
             f"recall {out[name]['recall']:.3f} oracle {out[name]['oracle_recall']:.3f} "
             f"({time.time() - t0:.0f} s)",
             flush=True,
@@ -164,6 +197,11 @@ def main() -> None:
     ap.add_argument("--ns", default="32768,131072")
     ap.add_argument("--profiles", default="legacy,real")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--captured",
+        help="captured real layers, LABEL=FILE,... (files from real_heads.py --save-qk), measured "
+        "at their own length beside the synthetic profiles",
+    )
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -177,9 +215,19 @@ def main() -> None:
         results={},
     )
     for n in (int(x) for x in a.ns.split(",")):
-        for profile in a.profiles.split(","):
+        for profile in filter(None, a.profiles.split(",")):
             log["results"][f"{profile}@{n}"] = measure(n, profile, a.device)
             write_json(a.out, log)
+    for spec in filter(None, (a.captured or "").split(",")):
+        label, path = spec.split("=", 1)
+        q, k, scale = load_captured(path, a.device)
+        r = measure_qk(q, k, scale, label)
+        r["heads"] = (
+            f"captured, {Path(path).name} ({q.shape[1]} query / {k.shape[1]} KV heads, "
+            f"head dim {q.shape[-1]})"
+        )
+        log["results"][f"{label}@{k.shape[2]}"] = r
+        write_json(a.out, log)
 
 
 if __name__ == "__main__":

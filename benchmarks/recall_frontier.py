@@ -97,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=32768, help="tokens (structured heads)")
     ap.add_argument("--qk", help="a torch.save'd dict with q [1,Hq,N,D] and k [1,Hkv,N,D]")
+    ap.add_argument("--label", help="what --qk holds, for the report (default: its path)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=".")
     ap.add_argument(
@@ -110,7 +111,10 @@ def main() -> None:
     if a.qk:
         d = torch.load(a.qk, map_location=dev)
         q, k = d["q"], d["k"]
-        source = a.qk
+        scale = float(d.get("scale", q.shape[-1] ** -0.5))
+        if abs(scale - q.shape[-1] ** -0.5) > 1e-6:  # the estimators use 1/sqrt(D)
+            q = (q.float() * (scale * q.shape[-1] ** 0.5)).to(q.dtype)
+        source = a.label or a.qk
     else:
         q, k, _ = structured_qkv(
             1, HQ, HKV, a.n, D, dtype=torch.bfloat16, seed=a.n % 97, device=dev

@@ -379,10 +379,67 @@ def sampled_kernel_table(p: Path, d: dict) -> list[str]:
     return out
 
 
+def _density_series(d: dict) -> dict[str, list[tuple[int, dict]]]:
+    """The config's rows of a ``density_by_profile`` file by heads label, sorted by length."""
+    series: dict[str, list[tuple[int, dict]]] = {}
+    for key, r in d["results"].items():
+        label, n = key.rsplit("@", 1)
+        if "llama3.1-config" in r:
+            series.setdefault(label, []).append((int(n), r["llama3.1-config"]))
+    return {k: sorted(v, key=lambda t: t[0]) for k, v in series.items()}
+
+
+def draw_density_by_length(d: dict, path: Path) -> None:
+    """The Llama-3.1 config's computed density and recall against length, per heads label:
+    synthetic profiles as thick lines, captured layers thin, one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _density_series(d)
+    colours: dict[str, str] = {}
+    palette = ["tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, pts in series.items():
+        group = label.rsplit("-L", 1)[0]
+        captured = group != label
+        c = colours.setdefault(group, palette[len(colours) % len(palette)])
+        xs = [n for n, _ in pts]
+        kw = dict(color=c, marker="o" if captured else "s", lw=1 if captured else 2.5,
+                  ms=3 if captured else 5, alpha=0.75 if captured else 1.0)  # fmt: skip
+        first = label == next(k for k in series if k.rsplit("-L", 1)[0] == group)
+        name = (
+            (f"{group} (captured layers)" if captured else f"synthetic: {label}") if first else None
+        )
+        a1.plot(xs, [m["density"] for _, m in pts], label=name, **kw)
+        a1.plot(xs, [m["named_density"] for _, m in pts], ls=":", **{**kw, "marker": None})
+        a2.plot(xs, [m["recall"] for _, m in pts], label=name, **kw)
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+    a1.set_yscale("log")
+    a1.set_ylabel("share of causal pairs (solid: computed, dotted: named)")
+    a1.set_title("pairs the config's layer-0 index computes", fontsize=10)
+    a2.set_ylabel("recall (attention mass kept, sampled rows)")
+    a2.set_title("attention it keeps", fontsize=10)
+    a1.legend(fontsize=7)
+    fig.suptitle(
+        "Llama-3.1 config, layer 0 (vertical-slash), on synthetic and real heads", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
 def profile_density_section(p: Path, d: dict) -> list[str]:
-    """The shipped Llama-3.1 config's index on the legacy and the calibrated synthetic heads."""
+    """The shipped Llama-3.1 config's index on synthetic heads (and captured real ones)."""
+    heads = {key.rsplit("@", 1)[0]: r.get("heads") for key, r in d["results"].items()}
+    real = sorted({k for k, v in heads.items() if v and v.startswith("captured")})
     out = [
-        f"### `{p.name}`: what the Llama-3.1 config keeps on legacy and calibrated heads",
+        f"### `{p.name}`: what the Llama-3.1 config keeps on "
+        + ("synthetic and real heads" if real else "legacy and calibrated heads"),
         "",
         "Layer 0 of the shipped `meta-llama/Llama-3.1-8B-Instruct` config (measured length policy) "
         "on one Llama-3-8B-shaped layer (32 query / 8 KV heads, head dim 128) of synthetic heads: "
@@ -391,13 +448,27 @@ def profile_density_section(p: Path, d: dict) -> list[str]:
         "the causal pairs the index visits; recall and the oracle's recall at the same number of "
         "keys per row, on 96 sampled rows (`benchmarks/density_by_profile.py`, PyTorch backend).",
         "",
+    ]
+    if real:
+        shapes: dict[str, tuple[str, list[str]]] = {}
+        for k in real:
+            model, layer = k.rsplit("-L", 1)
+            shape = heads[k][heads[k].find("(") + 1 : heads[k].rfind(")")]
+            shapes.setdefault(model, (shape, []))[1].append(layer)
+        out[-2] += (
+            " Real heads: layers captured from trained models on the calibration text, every "
+            "head given the config's layer-0 pattern at the layer's own length ("
+            + "; ".join(f"{m}: layers {', '.join(ls)}, {sh}" for m, (sh, ls) in shapes.items())
+            + ")."
+        )
+    out += [
         "| heads | N | index | density | recall | oracle at that density | of oracle "
         "| named pairs (recall) | tile rounding | K/V rows per block: named / loaded |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     worst = None
     for key, r in d["results"].items():
-        profile, n = key.split("@")
+        profile, n = key.rsplit("@", 1)
         for name, m in r.items():
             if not isinstance(m, dict):
                 continue
@@ -426,6 +497,27 @@ def profile_density_section(p: Path, d: dict) -> list[str]:
         "one key) and the keys the index loads (tiles and the columns outside them), means over "
         "heads and the sampled blocks: the bytes behind the pairs.",
     ]
+    if real:
+        series = _density_series(d)
+        synth = {k: dict(v) for k, v in series.items() if k not in real}
+        models: dict[str, dict[int, list[float]]] = {}
+        for k in real:
+            for n, m in series.get(k, []):
+                models.setdefault(k.rsplit("-L", 1)[0], {}).setdefault(n, []).append(m["density"])
+        out += [
+            "",
+            "The config's computed density, real heads against synthetic ones at the same length:",
+            "",
+        ]
+        for model, by_n in models.items():
+            for n, ds in sorted(by_n.items()):
+                others = ", ".join(
+                    f"{lab} {v[n]['density']:.3f}" for lab, v in synth.items() if n in v
+                )
+                out.append(
+                    f"- {n // 1024}K: {model} {min(ds):.3f}-{max(ds):.3f} over {len(ds)} layers"
+                    + (f" (synthetic: {others})" if others else "")
+                )
     if worst is not None:
         ratio, profile, n, m = worst
         out += [
@@ -569,7 +661,12 @@ def main() -> int:
     for p in _sources.paths("synthetic_vs_real"):
         parts += synthetic_section(p, json.loads(p.read_text()))
     for p in _sources.paths("density_by_profile"):
-        parts += profile_density_section(p, json.loads(p.read_text()))
+        d = json.loads(p.read_text())
+        parts += profile_density_section(p, d)
+        if any(len(v) > 2 for v in _density_series(d).values()):
+            png = IMG / f"{p.stem}.png"
+            draw_density_by_length(d, png)
+            parts += [f"![density by length]({'../img/gen/' + png.name})", ""]
     SNIPPET.write_text("\n".join(parts))
     bs = block_scoring_snippet()
     (SNIPPET.parent / "block_scoring.md").write_text(

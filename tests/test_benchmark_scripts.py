@@ -56,3 +56,33 @@ def test_tile_floor_probes_walk_the_kernels_tiles() -> None:
     of the sparse kernel on the same index (its ``--check``, under the interpreter)."""
     proc = _run(["benchmarks/tile_floor.py", "--check"], TRITON_INTERPRET="1")
     assert "the probes visit the kernel's tiles and column steps" in proc.stdout
+
+
+def test_density_by_profile_measures_captured_layers_at_their_scale(tmp_path: Path) -> None:
+    """``density_by_profile.py --captured`` on real-head files: the layer's own ``scale`` is used
+    (a file holding ``q`` with scale ``s`` and one holding ``q * s * sqrt(D)`` with the default
+    scale give the same index and recall), and the named pairs lie inside the computed ones."""
+    import torch
+    from minference_kernels.synthetic import structured_qkv
+
+    n, d = 8192, 32
+    q, k, _ = structured_qkv(1, 2, 1, n, d, dtype=torch.float32, seed=1, kind="vertical_slash")
+    s = 0.6  # sharper than 1/sqrt(d): the index keeps all of the attention, not only most
+    torch.save({"q": q.half(), "k": k.half(), "scale": s}, tmp_path / "a.pt")
+    torch.save(
+        {"q": (q.half().float() * s * d**0.5).half(), "k": k.half(), "scale": d**-0.5},
+        tmp_path / "b.pt",
+    )
+    torch.save({"q": q.half(), "k": k.half(), "scale": d**-0.5}, tmp_path / "c.pt")
+    out = tmp_path / "dbp.json"
+    caps = ",".join(f"m-L{i}={tmp_path / f'{x}.pt'}" for i, x in enumerate("abc"))
+    _run(["benchmarks/density_by_profile.py", "--ns", str(n), "--profiles", "",
+          "--captured", caps, "--out", str(out)])  # fmt: skip
+    res = json.loads(out.read_text())["results"]
+    a, b, c = (res[f"m-L{i}@{n}"]["llama3.1-config"] for i in range(3))
+    assert res[f"m-L0@{n}"]["heads"].startswith("captured, a.pt (2 query / 1 KV heads")
+    assert abs(a["recall"] - b["recall"]) < 2e-3 and abs(a["density"] - b["density"]) < 2e-3
+    assert abs(a["recall"] - c["recall"]) > 1e-2  # the scale matters on these heads
+    for m in (a, b, c):
+        assert 0 < m["named_density"] <= m["tile_density"] <= 1
+        assert m["named_recall"] <= m["recall"] + 1e-6 <= m["oracle_recall"] + 2e-6
