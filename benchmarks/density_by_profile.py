@@ -1,4 +1,4 @@
-"""What the shipped Llama-3.1 config keeps on the legacy and the calibrated synthetic heads.
+"""What the shipped Llama-3.1 config keeps on synthetic heads (legacy, calibrated) and real ones.
 
 Issue 20's speed target (>= 10x over cuDNN at 128K on the Llama-3.1 config) was measured on
 ``bench_layer``'s legacy heads, where the config's index keeps 11% of the causal pairs
