@@ -520,9 +520,14 @@ def profile_density_section(p: Path, d: dict) -> list[str]:
                 )
     if worst is not None:
         ratio, profile, n, m = worst
+
+        def name_of(label: str) -> str:
+            h = heads.get(label) or ""
+            return f"synthetic `{label}`" if not h.startswith("captured") else f"captured `{label}`"
+
         out += [
             "",
-            f"On the {profile} heads at {n}K, the config names {m['named_density']:.2%} of the "
+            f"On the {name_of(profile)} heads at {n}K, the config names {m['named_density']:.2%} of the "
             f"causal pairs but computes {m['tile_density']:.2%} ({ratio:.1f}x). The extra pairs "
             f"raise recall from {m['named_recall']:.3f} to {m['recall']:.3f}.",
         ]
