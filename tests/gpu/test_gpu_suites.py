@@ -88,9 +88,12 @@ def test_gpu_properties(tmp_path: Path) -> None:
 
 
 def test_kernel_tests_on_the_gpu() -> None:
-    """The kernels' own Triton tests that honour ``MINFERENCE_TEST_DEVICE`` (the varlen API: each
-    sequence alone, float64 masks, full budget equals dense, tensor descriptors) run compiled on
-    the GPU instead of under the interpreter."""
+    """The kernels' own Triton tests that honour ``MINFERENCE_TEST_DEVICE`` run compiled on the
+    GPU instead of under the interpreter: the varlen API (each sequence alone, float64 masks,
+    full budget equals dense), the semantics tests (Triton estimators against PyTorch, block
+    selection and head ranking against a stable sort, tensor descriptors against pointer loads,
+    the shared-memory step-down) and the estimation promises (coverage, the sink block, the
+    allocation floor)."""
     env = dict(os.environ, MINFERENCE_TEST_DEVICE="cuda")
     env.pop("TRITON_INTERPRET", None)
     src = [str(ROOT / "packages" / p / "src") for p in ("minference-kernels",)]
@@ -107,6 +110,8 @@ def test_kernel_tests_on_the_gpu() -> None:
             "-p",
             "no:cacheprovider",
             str(tests / "test_varlen.py"),
+            str(tests / "test_semantics.py"),
+            str(tests / "test_estimation_promises.py"),
         ],
         cwd=tests,
         env=env,

@@ -7,6 +7,7 @@ import math
 import minference_kernels as mk
 import pytest
 import torch
+from kernels_testlib import DEVICE
 from minference_kernels.ops import block_select
 from minference_kernels.ops.attention import index_mask
 from minference_kernels.ops.vs_scores import (
@@ -141,7 +142,7 @@ def test_coverage_triton_selects_like_torch():
     """The Triton scoring pass feeds the same coverage selection: the same index as PyTorch."""
     from minference_kernels.synthetic import structured_qkv
 
-    q, k, _ = structured_qkv(1, 2, 1, 320, 64, kind="vertical_slash", seed=3)
+    q, k, _ = structured_qkv(1, 2, 1, 320, 64, kind="vertical_slash", seed=3, device=DEVICE)
     heads = [mk.HeadPattern.vertical_slash(60, 200)] * 2
     want = mk.build_index(q, k, heads, coverage=0.9, backend="torch")
     got = mk.build_index(q, k, heads, coverage=0.9, backend="triton")
@@ -217,7 +218,7 @@ def test_block_estimation_keeps_key_block_0(alloc, nq, nk):
 def test_triton_block_estimation_keeps_key_block_0(alloc):
     """The Triton selection forces key block 0 like the PyTorch one, for every allocation."""
     nq, nk = 300, 331
-    q, k = _sink_qk(nq=nq, nk=nk, seed=1)
+    q, k = (x.to(DEVICE) for x in _sink_qk(nq=nq, nk=nk, seed=1))
     got = mk.estimate_block_sparse(q, k, 3, backend="triton", block_allocation=alloc)
     want = mk.estimate_block_sparse(q, k, 3, backend="torch", block_allocation=alloc)
     _check_sink_kept(got, nq, nk, 3)
@@ -260,6 +261,7 @@ def test_triton_head_allocation_keeps_each_query_blocks_floor(alloc):
     q = torch.randn(1, 4, 300, 64, generator=g)
     k = torch.randn(1, 2, 333, 64, generator=g)
     q[:, 2:] *= 0.05
+    q, k = q.to(DEVICE), k.to(DEVICE)
     limits = torch.tensor([4, 2, 3, 5])
     got = block_select.block_topk(q, k, limits, 64, allocation=alloc, backend="triton")
     _check_floor(got, q, k, limits, backend="triton")

@@ -227,6 +227,8 @@ def block_topk(
     b, _, nq, d = q.shape
     nk = k.shape[2]
     dev = q.device
+    if isinstance(heads, torch.Tensor):  # an index tensor may come from the host
+        heads = heads.to(dev)
     block_size, mbq, mbk = _block_geometry(nq, nk, block_size)
     off = nk - nq
     pq: torch.Tensor | _SampledQ
@@ -245,7 +247,7 @@ def block_topk(
     hq = pq.shape[1]
     if kv_of_q is None and heads is not None:  # the selected heads' own KV heads
         ids = (
-            heads.to(dev)
+            heads
             if isinstance(heads, torch.Tensor)
             else torch.arange(q.shape[1], device=dev)[heads]
         )
