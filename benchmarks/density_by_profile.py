@@ -20,9 +20,13 @@ their attention does it keep. The synthetic heads have a Llama-3-8B layer's shap
 the tile rounding are per head, so the shapes need not match.
 
     PYTHONPATH=packages/minference-kernels/src:packages/minference-patterns/src:benchmarks \
-        python benchmarks/density_by_profile.py --ns 32768,131072 --out results/density_by_profile_cpu.json
-    python benchmarks/density_by_profile.py --ns 8192,16384,32768 \
-        --captured gemma3-L05=L05.pt,... --out results/density_real_heads_cpu.json
+        python benchmarks/density_by_profile.py --ns 8192,16384,32768,65536,131072 \
+        --captured gemma3-270m-L05=DIR/L05.pt,...,smollm2-135m-L03=DIR2/L03.pt,... \
+        --out results/density_by_profile_cpu.json
+
+(the shipped file: Gemma-3-270M's global layers 5, 11 and 17 captured at 8K, 16K and 32K, and
+SmolLM2-135M's layers 3, 10, 15, 20 and 25 at 8K, each label ``MODEL-L<layer>``; the report groups
+the layers of a model by the part before ``-L``).
 
 Runs on the CPU (the PyTorch backend) or a GPU (``--device cuda``).
 """
@@ -42,7 +46,7 @@ from bench_layer import CONFIG_ID, HKV, HQ, D, sample_rows
 from minference_kernels.index import BLOCK
 from minference_kernels.ops.attention import index_mask
 from minference_kernels.synthetic import structured_qkv
-from recall_frontier import exact_probs
+from recall_frontier import exact_probs, load_qk
 
 
 def oracle_recall(p: torch.Tensor, kept: torch.Tensor) -> float:
@@ -121,25 +125,17 @@ def measure(n: int, profile: str, device: str) -> dict:
         1, HQ, HKV, n, D, dtype=torch.float32, device=device, seed=n % 97, kind="mixed",
         profile=profile,
     )  # fmt: skip
-    out = measure_qk(q, k, D**-0.5, f"{profile}")
+    out = measure_qk(q, k, profile)
     out["heads"] = f"synthetic, profile {profile!r} ({HQ} query / {HKV} KV heads, head dim {D})"
     return out
 
 
-def load_captured(path: str, device: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """A layer captured by ``real_heads.py --save-qk`` (post-RoPE ``q`` ``[1, Hq, N, D]``, ``k``
-    ``[1, Hkv, N, D]``, ``scale``), as float32 on ``device``."""
-    d = torch.load(path, map_location=device)
-    return d["q"].float(), d["k"].float(), float(d["scale"])
-
-
-def measure_qk(q: torch.Tensor, k: torch.Tensor, scale: float, label: str) -> dict:
-    """The config's and MInference's default vertical-slash index on one layer's heads: density,
-    recall and the oracle's recall at that density, named pairs against tile-rounded pairs."""
+def measure_qk(q: torch.Tensor, k: torch.Tensor, label: str) -> dict:
+    """The config's and MInference's default vertical-slash index on one layer's heads (attention
+    scale ``1 / sqrt(D)``): density, recall and the oracle's recall at that density, named pairs
+    against tile-rounded pairs."""
     t0 = time.time()
     n, hq, device = k.shape[2], q.shape[1], q.device
-    if abs(scale - q.shape[-1] ** -0.5) > 1e-6:  # the estimators use 1/sqrt(D)
-        q = q * (scale * q.shape[-1] ** 0.5)
     rows = sample_rows(n, device=device)
     p = exact_probs(q, k, rows)
     blocks = sorted(set((rows // BLOCK).tolist()))
@@ -220,8 +216,8 @@ def main() -> None:
             write_json(a.out, log)
     for spec in filter(None, (a.captured or "").split(",")):
         label, path = spec.split("=", 1)
-        q, k, scale = load_captured(path, a.device)
-        r = measure_qk(q, k, scale, label)
+        q, k = (x.float() for x in load_qk(path, a.device))  # the model's scale folded into q
+        r = measure_qk(q, k, label)
         r["heads"] = (
             f"captured, {Path(path).name} ({q.shape[1]} query / {k.shape[1]} KV heads, "
             f"head dim {q.shape[-1]})"

@@ -52,6 +52,18 @@ HQ, HKV, D = 32, 8, 128
 TARGETS = (0.64, 0.711, 0.807, 0.9)
 
 
+def load_qk(path: str, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A captured layer (``real_heads.py --save-qk``: ``q [1, Hq, N, D]``, ``k [1, Hkv, N, D]``
+    and the model's attention ``scale``), with the scale folded into ``q`` so that the default
+    ``1 / sqrt(D)`` of the estimators and of :func:`exact_probs` applies (dtype kept)."""
+    d = torch.load(path, map_location=device)
+    q, k = d["q"], d["k"]
+    scale = float(d.get("scale", q.shape[-1] ** -0.5))
+    if abs(scale - q.shape[-1] ** -0.5) > 1e-6:
+        q = (q.float() * (scale * q.shape[-1] ** 0.5)).to(q.dtype)
+    return q, k
+
+
 def exact_probs(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Causal softmax of the sampled rows: ``[Hq, R, N]`` float32 (batch 0)."""
     g = q.shape[1] // k.shape[1]
@@ -109,11 +121,7 @@ def main() -> None:
     dev = torch.device(a.device)
     t0 = time.time()
     if a.qk:
-        d = torch.load(a.qk, map_location=dev)
-        q, k = d["q"], d["k"]
-        scale = float(d.get("scale", q.shape[-1] ** -0.5))
-        if abs(scale - q.shape[-1] ** -0.5) > 1e-6:  # the estimators use 1/sqrt(D)
-            q = (q.float() * (scale * q.shape[-1] ** 0.5)).to(q.dtype)
+        q, k = load_qk(a.qk, dev)
         source = a.label or a.qk
     else:
         q, k, _ = structured_qkv(
