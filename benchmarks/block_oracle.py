@@ -1,0 +1,241 @@
+"""Per-block bounds on what any 64-row index can save over the Llama-3.1 config, and hybrids.
+
+``recall_frontier.py``'s oracles choose tiles (or keys) per sampled *row*, one row per block:
+no index the kernel runs can do that, because the 64 rows of a query block share their keys. Here
+whole query blocks are sampled, so the bounds are the ones a per-block index faces:
+
+* **oracle block tiles**: per query block, the 64-key aligned tiles with the most attention of the
+  block's own rows (the best any block-sparse index could pick);
+* **oracle block keys**: per query block, the best single keys shared by its rows (the best any
+  index of gathered columns chosen per block could pick);
+* **cols + oracle tiles**: the vertical-slash estimate's columns (``--columns``, from the last 64
+  queries, as the config's) plus the best tiles outside them: the bound of the hybrid below.
+
+and the estimators: **pooled** and **sampled** (4 rows per block, exact) block scoring, each alone
+and with the vertical-slash estimate's columns added (**cols + pooled**, **cols + sampled**: a
+hybrid index of global columns and per-block tiles). The diagonal tile and the one before it are
+always kept (as every shipped estimator does). Each head is given the config's layer-0 pattern for
+the config row.
+
+For each method: the computed density (share of the sampled blocks' causal pairs) and the recall
+(attention mass kept, mean over heads and rows) at several tile budgets per block, and the density
+it needs to reach the config's recall, as a share of the config's computed density
+(``need_share``; below ``0.69`` is what issue 20's 10x at 128K needs if the kernel's rate and the
+estimation cost stay as they are). Runs on the CPU.
+
+    PYTHONPATH=packages/minference-kernels/src:packages/minference-patterns/src:benchmarks \\
+        python benchmarks/block_oracle.py --out results/block_oracle_cpu.json \\
+        --captured gemma3-270m-L05=DIR/L05.pt,... --synthetic legacy@131072,real@131072
+
+(captured files: ``real_heads.py --save-qk``; writes the JSON and a PNG beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import minference_kernels as mk
+import minference_patterns as mp
+import torch
+import torch.nn.functional as F
+from _provenance import write_json
+from bench_layer import CONFIG_ID, HKV, HQ, D, sample_rows
+from minference_kernels.index import BLOCK
+from minference_kernels.ops.attention import index_mask
+from minference_kernels.synthetic import structured_qkv
+from recall_frontier import load_qk
+
+#: tiles per query block at which each estimator is evaluated (diagonal and previous included)
+BUDGETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+SAMPLED = 4  # rows per query block of the sampled scoring, as ``scoring="sampled"``
+
+
+def pick_blocks(n: int, count: int, seed: int = 0) -> list[int]:
+    """``count`` query blocks: the last one and random others from ``bench_layer``'s sample rows
+    (blocks 0 and 1 left out: every index keeps all of their keys)."""
+    cand = sorted({r // BLOCK for r in sample_rows(n, count=3 * count, device="cpu").tolist()})
+    cand = [m for m in cand if m >= 2 and m != (n - 1) // BLOCK]
+    g = torch.Generator().manual_seed(seed)
+    chosen = [cand[i] for i in torch.randperm(len(cand), generator=g)[: count - 1].tolist()]
+    return sorted(chosen + [(n - 1) // BLOCK])
+
+
+def _tiles(x: torch.Tensor, nt: int) -> torch.Tensor:
+    """``[H, N]`` per key -> ``[H, nt]`` per 64-key tile (sum)."""
+    return F.pad(x, (0, nt * BLOCK - x.shape[-1])).view(x.shape[0], nt, BLOCK).sum(-1)
+
+
+def _greedy_need(units: torch.Tensor, cost: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per head, the fewest pairs that hold ``target [H]`` of the mass, taking ``units [H, U]``
+    (mass) at ``cost [U]`` (pairs) best mass per pair first."""
+    order = (units / cost).argsort(-1, descending=True)
+    m = torch.gather(units, -1, order).cumsum(-1)
+    c = torch.gather(cost.expand_as(units), -1, order).cumsum(-1)
+    i = (m < target[:, None]).sum(-1).clamp(max=m.shape[-1] - 1)
+    return torch.gather(c, -1, i[:, None])[:, 0]
+
+
+def _need_share(curve: list[tuple[float, float]], recall: float, density: float) -> float | None:
+    """The density at which a (density, recall) curve reaches ``recall``, linearly interpolated,
+    over ``density``; ``None`` when it never does."""
+    pts = sorted(curve)
+    if pts[0][1] >= recall:
+        return pts[0][0] / density
+    for (d0, r0), (d1, r1) in zip(pts, pts[1:]):
+        if r0 < recall <= r1:
+            return (d0 + (recall - r0) / (r1 - r0) * (d1 - d0)) / density
+    return None
+
+
+def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: int) -> dict:
+    t0 = time.time()
+    n, hq, hkv = q.shape[2], q.shape[1], k.shape[1]
+    g, scale, nt = hq // hkv, q.shape[-1] ** -0.5, -(-n // BLOCK)
+    chosen = pick_blocks(n, blocks)
+    layer0 = list(mp.load(CONFIG_ID).heads_for_layer(0, n))
+    idx = mk.build_index(q, k, layer0[:1] * hq, validate=False, backend="torch")
+    v_idx, _ = mk.estimate_vertical_slash(q, k, columns, 1, backend="torch")
+    colmap = torch.zeros((hq, n), dtype=torch.bool)
+    colmap.scatter_(1, v_idx[0], True)
+    kpad = F.pad(k[0].float(), (0, 0, 0, nt * BLOCK - n))  # [Hkv, nt * 64, D]
+    kbar = (kpad.view(hkv, nt, BLOCK, -1).sum(2) / BLOCK)[torch.arange(hq) // g]  # [H, nt, D]
+    keys = torch.arange(n)
+    per_block = []
+    for m in chosen:
+        r = torch.arange(m * BLOCK, min((m + 1) * BLOCK, n))
+        causal = keys[None] <= r[:, None]
+        km, ks, qbar = torch.empty(hq, n), torch.empty(hq, n), torch.empty(hq, q.shape[-1])
+        samp = torch.linspace(0, r.numel() - 1, SAMPLED).round().long()
+        for h in range(hq):
+            s = (q[0, h, r].float() @ k[0, h // g].float().T) * scale
+            p = torch.softmax(s.masked_fill(~causal, -math.inf), -1)
+            km[h], ks[h] = p.sum(0), p[samp].sum(0) * (r.numel() / SAMPLED)
+            qbar[h] = q[0, h, r].float().mean(0)
+        pooled = torch.einsum("hd,htd->ht", qbar, kbar) * scale
+        pooled[:, m + 1 :] = -math.inf
+        per_block.append(
+            dict(
+                m=m, rows=r.numel(), km=km, cost=causal.sum(0).float(),
+                cfg=index_mask(idx, r)[0].any(1), pooled=pooled, sampled=_tiles(ks, nt),
+                cols=colmap & (keys <= r[-1]),
+            )
+        )  # fmt: skip
+    causal_pairs = sum(b["cost"].sum().item() for b in per_block)
+    rows = sum(b["rows"] for b in per_block)
+
+    def evaluate(keep) -> tuple[float, float]:
+        mass, pairs = torch.zeros(hq), torch.zeros(hq)
+        for b in per_block:
+            sel = keep(b)
+            mass += (b["km"] * sel).sum(-1)
+            pairs += (b["cost"] * sel).sum(-1)
+        return (pairs / causal_pairs).mean().item(), (mass / rows).mean().item()
+
+    def top_tiles(score: torch.Tensor, m: int, budget: int) -> torch.Tensor:
+        s = score.clone()
+        s[:, m + 1 :] = -math.inf
+        s[:, max(0, m - 1) : m + 1] = math.inf  # the diagonal tile and the one before it
+        sel = torch.zeros_like(s, dtype=torch.bool)
+        sel.scatter_(1, s.topk(min(budget, m + 1), -1).indices, True)
+        return sel.repeat_interleave(BLOCK, -1)[:, :n]
+
+    methods = {
+        "oracle block tiles": lambda b, t: top_tiles(_tiles(b["km"], nt), b["m"], t),
+        "cols + oracle tiles": lambda b, t: (
+            top_tiles(_tiles(b["km"] * ~b["cols"], nt), b["m"], t) | b["cols"]
+        ),
+        "pooled": lambda b, t: top_tiles(b["pooled"], b["m"], t),
+        "cols + pooled": lambda b, t: top_tiles(b["pooled"], b["m"], t) | b["cols"],
+        "sampled": lambda b, t: top_tiles(b["sampled"], b["m"], t),
+        "cols + sampled": lambda b, t: top_tiles(b["sampled"], b["m"], t) | b["cols"],
+    }
+    cfg_density, cfg_recall = evaluate(lambda b: b["cfg"])
+    out: dict = dict(
+        n=n, heads=hq, blocks=len(per_block), columns=columns,
+        config=dict(density=cfg_density, recall=cfg_recall), curves={}, need_share={},
+    )  # fmt: skip
+    for name, fn in methods.items():
+        curve = [evaluate(lambda b, t=t: fn(b, t)) for t in BUDGETS]
+        out["curves"][name] = curve
+        out["need_share"][name] = _need_share(curve, cfg_recall, cfg_density)
+    # the key oracle: per head, the fewest (block, key) units that hold the config's recall
+    target = torch.zeros(hq)
+    for b in per_block:
+        target += (b["km"] * b["cfg"]).sum(-1)
+    units = torch.cat([b["km"] for b in per_block], -1)
+    cost = torch.cat([b["cost"] for b in per_block], -1)
+    ok = cost > 0
+    need = _greedy_need(units[:, ok], cost[ok], target) / causal_pairs
+    cfg_pairs = torch.zeros(hq)
+    for b in per_block:
+        cfg_pairs += (b["cost"] * b["cfg"]).sum(-1)
+    out["need_share"]["oracle block keys"] = (need.sum() / (cfg_pairs / causal_pairs).sum()).item()
+    shares = ", ".join(
+        f"{k} {v:.2f}" if v is not None else f"{k} never" for k, v in out["need_share"].items()
+    )
+    print(
+        f"[{time.time() - t0:.0f}s] {label} N={n}: config density {cfg_density:.4f} recall "
+        f"{cfg_recall:.3f}; share of its pairs needed for that recall: {shares}",
+        flush=True,
+    )
+    return out
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(res["results"])
+    fig, axes = plt.subplots(
+        1, len(labels), figsize=(3.6 * len(labels), 3.8), squeeze=False, sharey=False
+    )
+    for ax, label in zip(axes[0], labels):
+        r = res["results"][label]
+        for name, curve in r["curves"].items():
+            xs, ys = zip(*curve)
+            style = "--" if name.startswith("oracle") or "oracle" in name else "-"
+            ax.plot(xs, ys, style, marker=".", label=name)
+        ax.plot(*(r["config"][k] for k in ("density", "recall")), "k*", ms=12, label="config")
+        ax.set_xscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("computed density")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("recall")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Whole 64-row blocks: per-block oracles and estimators vs the Llama-3.1 config")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--captured", default="", help="LABEL=FILE,... (real_heads.py --save-qk)")
+    ap.add_argument("--synthetic", default="", help="PROFILE@N,... (structured_qkv profiles)")
+    ap.add_argument("--blocks", type=int, default=24, help="whole query blocks sampled")
+    ap.add_argument("--columns", type=int, default=512, help="columns of the hybrids")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    log: dict = dict(args=vars(a), config=CONFIG_ID, budgets=list(BUDGETS), results={})
+    for spec in filter(None, a.captured.split(",")):
+        label, path = spec.split("=", 1)
+        q, k = (x.float() for x in load_qk(path, "cpu"))
+        log["results"][label] = measure(q, k, label, a.blocks, a.columns)
+        write_json(a.out, log)
+    for spec in filter(None, a.synthetic.split(",")):
+        profile, n = spec.split("@")
+        q, k, _ = structured_qkv(
+            1, HQ, HKV, int(n), D, dtype=torch.float32, device="cpu", seed=int(n) % 97,
+            kind="mixed", profile=profile,
+        )  # fmt: skip
+        log["results"][f"synthetic {profile}@{n}"] = measure(q, k, spec, a.blocks, a.columns)
+        write_json(a.out, log)
+    plot(log, Path(a.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
