@@ -11,7 +11,9 @@ before any product change: it builds the index from the public estimators (colum
 column keys out of the absolute tiles (a per-head int8 column map). It checks that variant against
 an exact masked softmax on small odd shapes, then times, interleaved with cuDNN at ``--n`` on
 ``bench_layer``'s heads: the config's pipeline, block-sparse alone at each ``--topks``, and the
-hybrid at each (``--columns``) split into estimation + index and kernel. Recall on ``bench_layer``'s
+hybrid at each (``--columns``), and for one budget its time split into the column scores, the
+block estimate, the whole index and the kernel (with and without the column mask). Only tiles
+that hold a column take the masked path (a per-tile flag). Recall on ``bench_layer``'s
 sample rows; density over their whole blocks. Not a shipped path.
 
     PYTHONPATH=packages/minference-kernels/src:packages/minference-patterns/src:benchmarks \\
@@ -38,13 +40,15 @@ from bench_layer import CONFIG_ID, HQ, dense_probs, sample_rows, structured_laye
 from minference_kernels.index import BLOCK, sorted_unique
 from minference_kernels.ops import attention_triton, index_build
 from minference_kernels.ops.attention import index_mask
+from minference_kernels.ops.block_select import block_topk
+from minference_kernels.ops.vs_scores import vs_scores
 
 # (old, new) text edits that turn the shipped kernel module into the probe variant
 _EDITS = (
     ("from .._validate import", "from minference_kernels._validate import"),
     ("from ..index import", "from minference_kernels.index import"),
     ("from ._triton_common import", "from minference_kernels.ops._triton_common import"),
-    ("    ABS_CNT,\n    SINK,", "    ABS_CNT,\n    COLMAP,\n    SINK,"),
+    ("    ABS_CNT,\n    SINK,", "    ABS_CNT,\n    COLMAP,\n    ABS_FLAG,\n    SINK,"),
     (
         "    HAS_SOFTCAP: tl.constexpr,\n):",
         "    HAS_SOFTCAP: tl.constexpr,\n    SKIP_COLS: tl.constexpr,\n):",
@@ -55,14 +59,20 @@ _EDITS = (
         "            need = (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)\n"
         "        else:\n            need = True\n"
         "        if SKIP_COLS:\n"
-        "            hit = tl.load(COLMAP + bh.to(tl.int64) * Nk + offs_n, mask=kv_ok, other=0)\n"
-        "            s = tl.where(hit[None, :] == 0, s, float('-inf'))\n"
+        "            flag = tl.load(ABS_FLAG + (bh * MB + m).to(tl.int64) * n_abs + t)\n"
+        "            if flag != 0:\n"
+        "                hit = tl.load(COLMAP + bh.to(tl.int64) * Nk + offs_n, mask=kv_ok, other=0)\n"
+        "                s = tl.where(hit[None, :] == 0, s, float('-inf'))\n"
         "        if need:",
     ),
-    ("softcap: float | None = None, **cfg", "softcap: float | None = None, colmap=None, **cfg"),
+    (
+        "softcap: float | None = None, **cfg",
+        "softcap: float | None = None, colmap=None, absflag=None, **cfg",
+    ),
     (
         "            index.abs_count,\n            index.sink,",
         "            index.abs_count,\n            index.abs_count if colmap is None else colmap,\n"
+        "            index.abs_count if colmap is None else absflag,\n"
         "            index.sink,",
     ),
     (
@@ -92,11 +102,17 @@ def probe_kernel():
 
 
 def hybrid_index(q, k, columns: int, top_k: int):
-    """Columns (vertical-slash estimate) + pooled block-sparse tiles, and the column map."""
+    """Columns (the top ``columns`` of the vertical-slash estimate's column scores, last 64
+    queries) + pooled block-sparse tiles (``top_k`` per query block), through the passes
+    ``build_index`` runs (no input validation), and the column map with, per absolute tile, a
+    flag: whether it holds a column (only those tiles take the masked path).
+    Returns ``(index, colmap [B, H, Nk] int8, absflag [B, H, MB, A] int8)``."""
     b, h, n = q.shape[0], q.shape[1], q.shape[2]
-    v, _ = mk.estimate_vertical_slash(q, k, columns, 1)
-    blocks = mk.estimate_block_sparse(q, k, top_k)
-    tiles, count = index_build.block_sparse_pieces(blocks, BLOCK, n, n)
+    be = "triton" if q.is_cuda else "torch"
+    vert, _ = vs_scores(q, k, 64, q.shape[-1] ** -0.5, be)
+    v = vert.topk(min(columns, n), -1).indices
+    blocks = block_topk(q, k, min(top_k, -(-n // BLOCK)), BLOCK, backend=be)
+    tiles, count = index_build.block_sparse_pieces(blocks, BLOCK, n, n, ascending=True)
     cols, total = sorted_unique(v, distinct=True)
     idx = index_build.assemble(
         batch=b, heads=h, n_q=n, n_kv=n, device=q.device, cols=cols, col_total=total,
@@ -104,7 +120,11 @@ def hybrid_index(q, k, columns: int, top_k: int):
     )  # fmt: skip
     colmap = torch.zeros((b, h, n), dtype=torch.int8, device=q.device)
     colmap.scatter_(2, v, torch.ones_like(v, dtype=torch.int8))
-    return idx, colmap
+    nt = -(-n // BLOCK)
+    has_col = torch.nn.functional.pad(colmap, (0, nt * BLOCK - n)).view(b, h, nt, BLOCK).amax(-1)
+    at = idx.abs_tiles.long()
+    flag = has_col.gather(2, (at // BLOCK).clamp(0, nt - 1).flatten(2)).view_as(at)
+    return idx, colmap, flag.contiguous()
 
 
 def check_small(kern, device) -> list[dict]:
@@ -116,12 +136,16 @@ def check_small(kern, device) -> list[dict]:
             torch.randn(1, h, n, d, generator=g).to(device, torch.float16) for h in (hq, hkv, hkv)
         )
         k[:, :, 5] *= 4  # a heavy column inside key tile 0, which every block keeps
-        idx, colmap = hybrid_index(q, k, cols, top_k)
+        idx, colmap, flag = hybrid_index(q, k, cols, top_k)
         mask = index_mask(idx)[0]
         kr, vr = (x.float().repeat_interleave(hq // hkv, 1)[0] for x in (k, v))
         s = (q.float()[0] @ kr.transpose(-1, -2) * d**-0.5).masked_fill(~mask, -math.inf)
         ref = torch.softmax(s, -1) @ vr
-        err = (kern.attend(q, k, v, idx, d**-0.5, colmap=colmap)[0].float() - ref).abs().max()
+        err = (
+            (kern.attend(q, k, v, idx, d**-0.5, colmap=colmap, absflag=flag)[0].float() - ref)
+            .abs()
+            .max()
+        )
         twice = (kern.attend(q, k, v, idx, d**-0.5)[0].float() - ref).abs().max()
         out.append(
             dict(n=n, hq=hq, hkv=hkv, d=d, max_err=err.item(), max_err_unmasked=twice.item())
@@ -174,8 +198,8 @@ def main() -> None:
             name = f"cols({c}) + pooled({t})"
 
             def run(c=c, t=t):
-                idx, colmap = hybrid_index(q, k, c, t)
-                return kern.attend(q, k, v, idx, scale, colmap=colmap)
+                idx, colmap, flag = hybrid_index(q, k, c, t)
+                return kern.attend(q, k, v, idx, scale, colmap=colmap, absflag=flag)
 
             meth[name] = run
             info[name] = quality(hybrid_index(q, k, c, t)[0])
@@ -201,12 +225,13 @@ def main() -> None:
     split = {}
     for c in (int(x) for x in a.columns.split(",")):
         t = int(a.topks.split(",")[len(a.topks.split(",")) // 2])
-        idx, colmap = hybrid_index(q, k, c, t)
+        idx, colmap, flag = hybrid_index(q, k, c, t)
+        be = "triton"
         split[f"cols({c}) + pooled({t})"] = dict(
-            columns_estimate_ms=bench(lambda: mk.estimate_vertical_slash(q, k, c, 1)),
-            blocks_estimate_ms=bench(lambda: mk.estimate_block_sparse(q, k, t)),
+            column_scores_ms=bench(lambda: vs_scores(q, k, 64, scale, be)),
+            block_estimate_ms=bench(lambda: block_topk(q, k, t, BLOCK, backend=be)),
             whole_index_ms=bench(lambda: hybrid_index(q, k, c, t)),
-            kernel_ms=bench(lambda: kern.attend(q, k, v, idx, scale, colmap=colmap)),
+            kernel_ms=bench(lambda: kern.attend(q, k, v, idx, scale, colmap=colmap, absflag=flag)),
             kernel_unmasked_ms=bench(lambda: kern.attend(q, k, v, idx, scale)),
         )
         print(split, flush=True)
