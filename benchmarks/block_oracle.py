@@ -27,7 +27,8 @@ estimation cost stay as they are). Runs on the CPU.
         python benchmarks/block_oracle.py --out results/block_oracle_cpu.json \\
         --captured gemma3-270m-L05=DIR/L05.pt,... --synthetic legacy@131072,real@131072
 
-(captured files: ``real_heads.py --save-qk``; writes the JSON and a PNG beside it).
+(captured files: ``real_heads.py --save-qk``; ``report_real.py`` draws the result on the
+real-models page).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import minference_kernels as mk
 import minference_patterns as mp
@@ -184,34 +184,6 @@ def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: 
     return out
 
 
-def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(res["results"])
-    fig, axes = plt.subplots(
-        1, len(labels), figsize=(3.6 * len(labels), 3.8), squeeze=False, sharey=False
-    )
-    for ax, label in zip(axes[0], labels):
-        r = res["results"][label]
-        for name, curve in r["curves"].items():
-            xs, ys = zip(*curve)
-            style = "--" if name.startswith("oracle") or "oracle" in name else "-"
-            ax.plot(xs, ys, style, marker=".", label=name)
-        ax.plot(*(r["config"][k] for k in ("density", "recall")), "k*", ms=12, label="config")
-        ax.set_xscale("log")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("computed density")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("recall")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Whole 64-row blocks: per-block oracles and estimators vs the Llama-3.1 config")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--captured", default="", help="LABEL=FILE,... (real_heads.py --save-qk)")
@@ -234,7 +206,6 @@ def main() -> None:
         )  # fmt: skip
         log["results"][f"synthetic {profile}@{n}"] = measure(q, k, spec, a.blocks, a.columns)
         write_json(a.out, log)
-    plot(log, Path(a.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":
