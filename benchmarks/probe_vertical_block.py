@@ -130,13 +130,27 @@ def hybrid_index(q, k, columns: int, top_k: int):
 def check_small(kern, device) -> list[dict]:
     """The probe kernel against an exact masked softmax over the index's pairs (odd shapes)."""
     out = []
-    for n, hq, hkv, d, cols, top_k in ((1000, 4, 2, 64, 40, 3), (2113, 8, 2, 128, 100, 5)):
+    for n, hq, hkv, d, cols, top_k in ((1000, 4, 2, 64, 40, 3), (777, 2, 1, 96, 30, 2)):
         g = torch.Generator().manual_seed(n)
         q, k, v = (
             torch.randn(1, h, n, d, generator=g).to(device, torch.float16) for h in (hq, hkv, hkv)
         )
         k[:, :, 5] *= 4  # a heavy column inside key tile 0, which every block keeps
         idx, colmap, flag = hybrid_index(q, k, cols, top_k)
+        # the map marks the columns (distinct, at most ``cols`` per head); a tile's flag says
+        # whether it holds one
+        assert int(colmap.sum()) == int(idx.cols.lt(n).sum()) <= hq * cols
+        tiles = idx.abs_tiles.long().clamp(0, n - 1)
+        holds = (
+            colmap.gather(
+                2,
+                (tiles[..., None] + torch.arange(BLOCK, device=device)).clamp(0, n - 1).flatten(2),
+            )
+            .view(*tiles.shape, BLOCK)
+            .amax(-1)
+        )
+        valid = torch.arange(tiles.shape[-1], device=device) < idx.abs_count[..., None]
+        assert torch.equal(flag.bool() & valid, holds.bool() & valid)
         mask = index_mask(idx)[0]
         kr, vr = (x.float().repeat_interleave(hq // hkv, 1)[0] for x in (k, v))
         s = (q.float()[0] @ kr.transpose(-1, -2) * d**-0.5).masked_fill(~mask, -math.inf)
@@ -164,9 +178,19 @@ def main() -> None:
     ap.add_argument("--topks", default="48,56,64,80")
     ap.add_argument("--columns", default="128,512")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the probe kernel and index on small shapes (CUDA, or the CPU under "
+        "TRITON_INTERPRET=1) and exit",
+    )
     a = ap.parse_args()
-    dev = torch.device("cuda")
     kern = probe_kernel()
+    if a.check:
+        check_small(kern, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        print("the probe kernel matches the exact masked softmax")
+        return
+    dev = torch.device("cuda")
     log: dict = dict(
         args=vars(a), device=torch.cuda.get_device_name(), small=check_small(kern, dev)
     )

@@ -86,3 +86,40 @@ def test_density_by_profile_measures_captured_layers_at_their_scale(tmp_path: Pa
     for m in (a, b, c):
         assert 0 < m["named_density"] <= m["tile_density"] <= 1
         assert m["named_recall"] <= m["recall"] + 1e-6 <= m["oracle_recall"] + 2e-6
+
+
+def test_probe_vertical_block_kernel_and_index() -> None:
+    """``probe_vertical_block.py --check`` under the interpreter: its edits still apply to the
+    shipped kernel's source, the column map and tile flags mark exactly the columns and the tiles
+    that hold one, and the probe kernel matches an exact masked softmax over the index's pairs
+    (without the mask the columns inside tiles are counted twice, and the check sees it)."""
+    proc = _run(["benchmarks/probe_vertical_block.py", "--check"], TRITON_INTERPRET="1")
+    assert "the probe kernel matches the exact masked softmax" in proc.stdout
+    errs = [ln for ln in proc.stdout.splitlines() if "max_err_unmasked" in ln]
+    assert len(errs) == 2 and all("'max_err_unmasked': 0.0" not in ln for ln in errs)
+
+
+def test_block_oracle_orders_its_bounds(tmp_path: Path) -> None:
+    """``block_oracle.py`` on a captured-layer file: every curve grows with the budget, the tile
+    oracle needs no more of the config's pairs than pooled or sampled scoring (same tiles per
+    block, the best ones), the key oracle no more than the tile oracle, and on heads whose
+    attention sits in columns the columns' hybrid needs fewer pairs than pooled tiles alone."""
+    import torch
+    from minference_kernels.synthetic import structured_qkv
+
+    n, d = 8192, 64
+    q, k, _ = structured_qkv(1, 4, 2, n, d, dtype=torch.float32, seed=3, kind="vertical_slash")
+    # scale 0.3: sharp heads, most of each row's mass in a few columns and diagonals
+    torch.save({"q": q.half(), "k": k.half(), "scale": 0.3}, tmp_path / "vs.pt")
+    out = tmp_path / "bo.json"
+    _run(["benchmarks/block_oracle.py", "--captured", f"vs-L0={tmp_path / 'vs.pt'}",
+          "--blocks", "8", "--columns", "128", "--out", str(out)])  # fmt: skip
+    r = json.loads(out.read_text())["results"]["vs-L0"]
+    assert r["n"] == n and r["blocks"] == 8 and 0 < r["config"]["density"] <= 1
+    for curve in r["curves"].values():
+        dens, rec = zip(*curve)
+        assert list(dens) == sorted(dens) and list(rec) == sorted(rec) and rec[-1] <= 1 + 1e-6
+    share = {name: (v if v is not None else float("inf")) for name, v in r["need_share"].items()}
+    assert share["oracle block tiles"] <= min(share["pooled"], share["sampled"]) + 1e-9
+    assert share["oracle block keys"] <= share["oracle block tiles"] + 1e-3
+    assert share["cols + pooled"] < share["pooled"] - 0.05
