@@ -28,17 +28,22 @@ from minference_kernels.ops.attention import index_mask
 
 
 def methods(
-    n: int, fracs: str, head_fracs: str, layer_fracs: str = ""
+    n: int, fracs: str, head_fracs: str, layer_fracs: str = "", vblock: str = ""
 ) -> dict[str, tuple[list, dict]]:
-    """``{name: (heads, sparse_prefill kwargs)}``."""
+    """``{name: (heads, sparse_prefill kwargs)}``; ``vblock``: ``V:K,...`` vertical-block rows."""
     import minference_patterns as mp
 
+    vb = [tuple(int(x) for x in spec.split(":")) for spec in vblock.split(",") if spec]
     return {
         "llama3.1-config": (list(mp.load(CONFIG_ID).heads_for_layer(0, n)), {}),
         "vs(1000,6096)": ([mk.HeadPattern.vertical_slash(1000, 6096)] * HQ, {}),
         **block_rows(n, fracs, "query_block"),
         **block_rows(n, head_fracs, "head"),
         **block_rows(n, layer_fracs, "layer"),
+        **{
+            f"vertical_block({v},{t})": ([mk.HeadPattern.vertical_block(v, t)] * HQ, {})
+            for v, t in vb
+        },
     }
 
 
@@ -50,6 +55,7 @@ def main() -> None:
     ap.add_argument("--fracs", default="0.09,0.095,0.10")
     ap.add_argument("--head-fracs", default="0.07,0.08", help="block_allocation='head' rows")
     ap.add_argument("--layer-fracs", default="0.07,0.08", help="block_allocation='layer' rows")
+    ap.add_argument("--vblock", default="", help="vertical_block rows, V:K,... (columns:blocks)")
     ap.add_argument(
         "--profile",
         default="legacy",
@@ -62,7 +68,7 @@ def main() -> None:
     rows = sample_rows(n)
     p = dense_probs(q, k, rows)
     blocks = sorted(set((rows // BLOCK).tolist()))
-    pats = methods(n, a.fracs, a.head_fracs, a.layer_fracs)
+    pats = methods(n, a.fracs, a.head_fracs, a.layer_fracs, a.vblock)
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=500, return_mode="median")

@@ -62,6 +62,19 @@ def run_all(q, k, v, g, backend):
         mk.sparse_prefill(q, k, v, heads, backend=backend),
         (mk.sparse_prefill_mask(q, k, heads)),
     )
+    # vertical-block heads beside the others: columns inside kept tiles are attended once
+    vb = [
+        mk.HeadPattern.vertical_block(6, 2),
+        mk.HeadPattern.vertical_block(0, 1),
+        mk.HeadPattern.block_sparse(2),
+        mk.HeadPattern.vertical_slash(12, 20),
+    ]
+    heads = [vb[i % 4] for i in range(hq)]
+    yield (
+        "layer with vertical_block",
+        mk.sparse_prefill(q, k, v, heads, backend=backend),
+        (mk.sparse_prefill_mask(q, k, heads)),
+    )
 
 
 @pytest.mark.parametrize("n,hq,hkv,d,dt,b,extra", GRID)

@@ -48,6 +48,82 @@ def test_full_budget_equals_dense(extra):
     ]
     assert rel_err(mk.sparse_prefill(q, k, v, heads), dense) < 1e-5
     assert bool(mk.sparse_prefill_mask(q, k, heads).eq(mk.dense_mask(n, n_kv=nk)).all())
+    # vertical-block: every key block (with or without every column: columns counted once)
+    heads = [
+        mk.HeadPattern.vertical_block(10**6, 10**4),
+        mk.HeadPattern.vertical_block(0, 10**4),
+        mk.HeadPattern.vertical_block(7, 10**4),
+        mk.HeadPattern.dense(),
+    ]
+    assert rel_err(mk.sparse_prefill(q, k, v, heads), dense) < 1e-5
+    assert bool(mk.sparse_prefill_mask(q, k, heads).eq(mk.dense_mask(n, n_kv=nk)).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_vertical_block_counts_a_column_inside_a_tile_once(backend):
+    """A heavy key inside key block 0 (always kept) is also a column: the kernel attends it once
+    (the column pass), so the output equals float64 attention over the mask; counting it twice
+    would double its weight and fail. The tiles holding a column are flagged, only those."""
+    q, k, v = (x.to(DEVICE) for x in qkv(b=2, hq=4, hkv=2, n=200, seed=3))
+    k[:, :, 5] *= 6
+    k[:, :, 130] *= 4  # and one in a later block
+    heads = [mk.HeadPattern.vertical_block(4, 2)] * 4
+    out, idx = mk.sparse_prefill(q, k, v, heads, backend=backend, return_index=True)
+    assert idx.masks_columns
+    cols = set(idx.cols[0, 0, : int(idx.col_count[0, 0, -1])].tolist())
+    assert 5 in cols
+    for m in range(idx.num_blocks):
+        for t in range(int(idx.abs_count[0, 0, m])):
+            st = int(idx.abs_tiles[0, 0, m, t])
+            holds = any(st <= c < st + BLOCK for c in cols)
+            assert int(idx.abs_flag[0, 0, m, t]) == int(holds)
+    mask = mk.sparse_prefill_mask(q, k, heads)
+    assert torch.equal(mask, index_mask(idx))
+    assert rel_err(out, reference(q, k, v, mask)) < 1e-5
+    # the pairs counted once: the index's density is the mask's
+    causal = mk.dense_mask(200).sum((-1, -2)).to(mask.device)
+    torch.testing.assert_close(
+        mk.index_density(idx), mask.sum((-1, -2)).double() / causal.double(), rtol=0, atol=0
+    )
+
+
+def _packed(n=130):
+    return tuple(x[0].transpose(0, 1).contiguous() for x in qkv(b=1, hq=4, hkv=2, n=n))
+
+
+@pytest.mark.triton
+def test_vertical_block_is_refused_by_the_varlen_kernel():
+    q, k, v = _packed()
+    cu = torch.tensor([0, 60, 130], dtype=torch.int32)
+    with pytest.raises(ValueError, match="vertical_block heads are not supported by the"):
+        mk.sparse_prefill_varlen(
+            q, k, v, cu, cu, [mk.HeadPattern.vertical_block(4, 2)] * 4, backend="triton"
+        )
+
+
+def test_vertical_block_varlen_reference_is_each_sequence_alone():
+    """The PyTorch varlen path runs each sequence alone through ``sparse_prefill``."""
+    q, k, v = _packed()
+    cu = torch.tensor([0, 60, 130], dtype=torch.int32)
+    heads = [mk.HeadPattern.vertical_block(4, 1)] * 4
+    out = mk.sparse_prefill_varlen(q, k, v, cu, cu, heads, backend="torch", dense_below=1)
+    for a, b in ((0, 60), (60, 130)):
+        one = mk.sparse_prefill(
+            *(x[a:b].transpose(0, 1)[None] for x in (q, k, v)), heads, backend="torch"
+        )
+        torch.testing.assert_close(out[a:b], one[0].transpose(0, 1))
+
+
+def test_vertical_block_pattern_checks():
+    h = mk.HeadPattern.vertical_block(512, 64)
+    assert (h.kind, h.num_vertical, h.top_k, h.block_size) == ("vertical_block", 512, 64, 64)
+    assert h.describe() == "vertical_block(v=512, top_k=64)"
+    with pytest.raises(ValueError, match="vertical_block needs top_k >= 1"):
+        mk.HeadPattern.vertical_block(8, 0)
+    with pytest.raises(ValueError, match="64 keys"):
+        mk.HeadPattern("vertical_block", num_vertical=8, top_k=2, block_size=128)
+    with pytest.raises(ValueError, match="block_sparse only"):
+        mk.HeadPattern("vertical_block", num_vertical=8, top_k=2, scoring="sampled")
 
 
 def test_masks_contain_named_pairs():

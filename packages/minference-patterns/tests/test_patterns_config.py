@@ -44,7 +44,9 @@ def test_fields_and_access():
     assert cfg.head(1, 2) == BS(4, 128)
     assert cfg.score(0, 1) == 1 and cfg.score(0, 2) is None
     assert cfg.heads_for_layer(1) == cfg.layers[1]
-    assert cfg.kind_counts() == {"dense": 1, "a_shape": 2, "vertical_slash": 3, "block_sparse": 2}
+    assert cfg.kind_counts() == {
+        "dense": 1, "a_shape": 2, "vertical_slash": 3, "block_sparse": 2, "vertical_block": 0,
+    }  # fmt: skip
     with pytest.raises(IndexError, match="layer 2 out of range"):
         cfg.heads_for_layer(2)
 

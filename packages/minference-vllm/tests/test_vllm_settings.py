@@ -267,6 +267,19 @@ def test_load_patterns_mismatch(config_file: str, shape: S.ModelShape, match: st
     assert str(info.value).startswith("minference: ")
 
 
+def test_load_patterns_refuses_vertical_block_heads(tmp_path) -> None:
+    """The one-launch batch kernel does not run vertical_block heads: the engine fails at start,
+    naming them, not at the first long prompt."""
+    S.clear_pattern_cache()
+    path = tmp_path / "vb.json"
+    PatternConfig.uniform(
+        2, 4, HeadPattern.vertical_block(8, 2), model_id="tiny", num_kv_heads=2, head_dim=64
+    ).save(path)
+    with pytest.raises(ValueError, match="8 vertical_block heads, which the plugin"):
+        S.load_patterns(str(path), S.ModelShape(2, 4, 2, 64))
+    S.clear_pattern_cache()
+
+
 def test_load_patterns_missing_file(tmp_path) -> None:
     with pytest.raises(ValueError, match="cannot load pattern config"):
         S.load_patterns(str(tmp_path / "nope.json"))

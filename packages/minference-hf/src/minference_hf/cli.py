@@ -842,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="dense,shipped",
         help="comma-separated: dense, shipped, config=PATH, vs:V:S, block:K, block:K:sampled, "
-        "ashape:SINK:WINDOW; "
+        "vblock:V:K, ashape:SINK:WINDOW; "
         "a sparse one may end in @cov=X and/or @alloc=NAME",
     )
     e.add_argument("--lengths", default="2k,4k,8k", help="prompt lengths")

@@ -145,11 +145,13 @@ def parse_method(spec: str, model: PreTrainedModel) -> Method:
         cfg = uniform(HeadPattern.block_sparse(nums[0], 64, scoring))
     elif kind == "ashape" and len(nums) == 2:
         cfg = uniform(HeadPattern.a_shape(nums[0], nums[1]))
+    elif kind == "vblock" and len(nums) == 2:
+        cfg = uniform(HeadPattern.vertical_block(nums[0], nums[1]))
     else:
         raise ValueError(
             f"unknown method {spec!r}: use dense, shipped, config=PATH, vs:V:S, block:K, "
-            "block:K:sampled or ashape:SINK:WINDOW, optionally followed by @cov=X and/or "
-            "@alloc=NAME"
+            "block:K:sampled, vblock:V:K or ashape:SINK:WINDOW, optionally followed by @cov=X "
+            "and/or @alloc=NAME"
         )
     name = text
     if kind.startswith("config="):  # a file's name, not its folder, names the method

@@ -40,7 +40,7 @@ from ._validate import check_allocation as _check_allocation
 from ._validate import check_coverage as _check_coverage
 from ._validate import check_last_q as _check_last_q
 from .estimate import estimate_block_sparse_impl, estimate_vertical_slash_impl
-from .index import BLOCK, SparseIndex
+from .index import BLOCK, SparseIndex, sorted_unique
 from .ops import attention as _torch_attn  # the PyTorch path
 from .ops import index_build as _index
 from .ops._dispatch import pick
@@ -399,11 +399,12 @@ def _small_tensor(values: list[int], device: torch.device) -> torch.Tensor:
 
 
 def _block_sparse_groups(heads: Sequence[HeadPattern]) -> dict[tuple[int, str], list[int]]:
-    """The block-sparse heads by block size and scoring: ``{(block_size, scoring): head ids}``.
-    Each group is estimated in one call (``block_allocation="layer"`` pools a group's budgets)."""
+    """The heads with per-block tiles (block-sparse, and vertical-block's 64-key pooled blocks) by
+    block size and scoring: ``{(block_size, scoring): head ids}``. Each group is estimated in one
+    call (``block_allocation="layer"`` pools a group's budgets)."""
     groups: dict[tuple[int, str], list[int]] = {}
     for i, p in enumerate(heads):
-        if p.kind == "block_sparse":
+        if p.kind in ("block_sparse", "vertical_block"):  # vertical-block: its tiles
             groups.setdefault((p.block_size, p.scoring), []).append(i)
     return groups
 
@@ -485,6 +486,20 @@ def _build_index(
     window = torch.zeros((b, h), dtype=torch.int64, device=dev)
     abs_tiles = abs_count = None
 
+    if ("vertical_slash" in ids or "vertical_block" in ids) and scores is None:
+        # all heads at once (on Triton: one launch each pass)
+        scores = vs_scores(q, k, last_q, scale, be, softcap=softcap)
+
+    if "vertical_block" in ids:
+        # the columns of a vertical-slash estimate (its slashes unused); tiles: below
+        assert scores is not None
+        hid = ids["vertical_block"]
+        hs = _head_index(hid, dev)
+        cols, ctot = _vertical_block_columns(
+            scores, heads, hid, hs, q=q, k=k, scale=scale, last_q=last_q, softcap=softcap
+        )
+        col_parts.append((hid, cols, ctot))
+
     if "vertical_slash" in ids:
         hid = ids["vertical_slash"]
         hs = _head_index(hid, dev)
@@ -493,11 +508,8 @@ def _build_index(
         ns_l = [min(heads[i].num_slash, nk) for i in hid]
         nv = nv_l[0] if len(set(nv_l)) == 1 else _small_tensor(nv_l, dev)
         ns = ns_l[0] if len(set(ns_l)) == 1 else _small_tensor(ns_l, dev)
-        if scores is not None:
-            vert, sl = scores
-        else:
-            # all heads at once (on Triton: one launch each pass)
-            vert, sl = vs_scores(q, k, last_q, scale, be, softcap=softcap)
+        assert scores is not None
+        vert, sl = scores
         v_idx, v_ok, s_idx, s_ok = select_vertical_slash(
             _take_heads(vert, hs),
             _take_heads(sl, hs),
@@ -543,7 +555,7 @@ def _build_index(
         tiles, n_t = _index.window_tiles(torch.full((len(hid),), nk, device=dev), t_max)
         rel_parts.append((hid, tiles.expand(b, -1, -1), n_t.expand(b, -1)))
 
-    if "block_sparse" in ids:
+    if "block_sparse" in ids or "vertical_block" in ids:
         mb = -(-nq // BLOCK)
         pieces = []
         for (bs, scoring), hl in _block_sparse_groups(heads).items():
@@ -603,7 +615,40 @@ def _build_index(
         abs_count=abs_count,
         sink=sink,
         window=window,
+        mask_columns="vertical_block" in ids,
     )
+
+
+def _vertical_block_columns(
+    scores: tuple[torch.Tensor, torch.Tensor],
+    heads: Sequence[HeadPattern],
+    hid: list[int],
+    hs: slice | torch.Tensor,
+    **select,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vertical-block heads' columns: each head's ``num_vertical`` best columns by the
+    vertical-slash column scores, none forced (key block 0, the sinks, is a forced tile).
+    ``(cols [B, len(hid), C]`` sorted, ``col_total [B, len(hid)])``."""
+    vert, sl = scores
+    b, nk = vert.shape[0], vert.shape[-1]
+    nv_l = [min(heads[i].num_vertical, nk) for i in hid]
+    if max(nv_l) == 0:  # tiles only
+        return (
+            torch.full((b, len(hid), 1), 2**30, dtype=torch.int64, device=vert.device),
+            torch.zeros((b, len(hid)), dtype=torch.int64, device=vert.device),
+        )
+    v_idx, v_ok, _, _ = select_vertical_slash(
+        _take_heads(vert, hs),
+        _take_heads(sl, hs),
+        nv_l[0] if len(set(nv_l)) == 1 else _small_tensor(nv_l, vert.device),
+        1,
+        keep_first=0,  # no forced sink columns: the pooled tiles keep key block 0
+        budget_max=(max(nv_l), 1),
+        heads=hs,
+        ordered=False,
+        **select,
+    )
+    return sorted_unique(v_idx.expand(b, -1, -1), v_ok.expand(b, -1, -1), distinct=True)
 
 
 @on_input_device
@@ -721,8 +766,22 @@ def sparse_prefill_mask(
         (shape.batch, shape.heads_q, rows.numel(), nk), dtype=torch.bool, device=q.device
     )
     vs = [i for i, p in enumerate(heads) if p.kind == "vertical_slash"]
-    if vs:
+    vb = [i for i, p in enumerate(heads) if p.kind == "vertical_block"]
+    if vs or vb:
         vert, sl = vs_scores_torch(q, k, last_q, scale, softcap=softcap)
+    if vb:  # the columns here, the tiles with the block-sparse heads below
+        hsel = torch.tensor(vb, device=q.device)
+        cols, ctot = _vertical_block_columns(
+            (vert, sl), heads, vb, hsel, q=q, k=k, scale=scale, last_q=last_q, softcap=softcap
+        )
+        none = torch.zeros((1, 1, 0), dtype=torch.int64, device=q.device)
+        for j, hi in enumerate(vb):
+            for bi in range(shape.batch):
+                cc = cols[bi, j, : int(ctot[bi, j])][None, None]
+                out[bi : bi + 1, hi : hi + 1] = _masks.vertical_slash_mask(
+                    cc, none, nq, n_kv=nk, query_rows=rows
+                )
+    if vs:
         hsel = torch.tensor(vs, device=q.device)
         nv = torch.tensor([min(heads[i].num_vertical, nk) for i in vs], device=q.device)
         ns = torch.tensor([min(heads[i].num_slash, nk) for i in vs], device=q.device)
@@ -765,8 +824,8 @@ def sparse_prefill_mask(
             scoring=scoring,
             softcap=softcap,
         )
-        for j, i in enumerate(hl):
-            out[:, i : i + 1] = _masks.block_sparse_mask(
+        for j, i in enumerate(hl):  # (vertical-block heads: with their columns)
+            out[:, i : i + 1] |= _masks.block_sparse_mask(
                 blocks[:, j : j + 1], nq, bs, n_kv=nk, query_rows=rows
             )
     return out

@@ -10,7 +10,10 @@ Query rows are processed in blocks of ``BLOCK = 64`` rows. For query block ``m``
 * **columns** (vertical-slash and A-shape heads): per head a sorted list of unique key positions; block
   ``m`` uses the first ``col_count[m]`` (those ``<= a1``) and skips a column already inside one of its
   relative tiles (looked up in the per-head coverage map ``cov``).
-* **absolute tiles** (block-sparse heads): per head and block a sorted list of key-tile starts.
+* **absolute tiles** (block-sparse and vertical-block heads): per head and block a sorted list of
+  key-tile starts. A head with both columns and absolute tiles (vertical-block) has a column map
+  ``col_map`` (which keys are its columns) and a flag per absolute tile (``abs_flag``: the tile
+  holds one of them); a flagged tile skips its column keys, which the column pass attends.
 
 Every candidate pair is finally masked by causality (key ``<=`` query position) and, for A-shape heads,
 by ``key < sink or query - key < window`` inside relative tiles. The tiles of a head never overlap and
@@ -41,7 +44,10 @@ class SparseIndex:
     ``rel_tiles [B, H, T]`` int32, ``rel_end [B, H, MB]`` int32, ``cols [B, H, C]`` int32,
     ``col_count [B, H, MB]`` int32, ``cov [B, H, n_kv + 128]`` int8, ``abs_tiles [B, H, MB, A]``
     int32, ``abs_count [B, H, MB]`` int32, ``sink [B, H]`` and ``window [B, H]`` int32 (``window == 0``:
-    no A-shape restriction).
+    no A-shape restriction), ``abs_flag [B, H, MB, A]`` int8 (1: the absolute tile holds a key of
+    ``col_map``) and ``col_map [B, H, n_kv]`` int8 (1: the key is one of the head's columns and
+    the head has absolute tiles), or ``[B, H, 1]`` zeros when no head has both
+    (:attr:`masks_columns` is then ``False``).
     """
 
     n_q: int
@@ -55,10 +61,18 @@ class SparseIndex:
     abs_count: torch.Tensor
     sink: torch.Tensor
     window: torch.Tensor
+    abs_flag: torch.Tensor
+    col_map: torch.Tensor
 
     @property
     def q_offset(self) -> int:
         return self.n_kv - self.n_q
+
+    @property
+    def masks_columns(self) -> bool:
+        """Whether some head has columns inside its absolute tiles to skip (``col_map`` is per
+        key, not the ``[B, H, 1]`` placeholder)."""
+        return self.col_map.shape[-1] == self.n_kv and self.n_kv > 1
 
     @property
     def num_blocks(self) -> int:

@@ -6,8 +6,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-PatternKind = Literal["dense", "a_shape", "vertical_slash", "block_sparse"]
-KINDS: tuple[str, ...] = ("dense", "a_shape", "vertical_slash", "block_sparse")
+PatternKind = Literal["dense", "a_shape", "vertical_slash", "block_sparse", "vertical_block"]
+KINDS: tuple[str, ...] = ("dense", "a_shape", "vertical_slash", "block_sparse", "vertical_block")
 #: How a block-sparse head scores (query block, key block) pairs online: ``"pooled"``, the dot
 #: product of mean-pooled queries and keys (cheap: one small matmul), or ``"sampled"``, the exact
 #: softmax attention of a few query rows of each block summed per key block (the estimated
@@ -33,9 +33,14 @@ class HeadPattern:
     * ``block_sparse``: ``top_k`` key blocks of ``block_size`` per query block, estimated online by
       :func:`minference_kernels.estimate_block_sparse`, scored by ``scoring``
       (:data:`BLOCK_SCORINGS`: ``"pooled"`` or ``"sampled"``).
+    * ``vertical_block``: the ``num_vertical`` key columns with the best column scores of the last
+      queries (as a vertical-slash head scores them; no forced sink columns), plus ``top_k`` key
+      blocks of 64 per query block, estimated online as a pooled block-sparse head's (the diagonal
+      blocks and key block 0 forced). A column key inside a kept block counts once. Global columns keep the sinks and anchor tokens that mean pooling dilutes; the
+      per-block tiles follow content that moves with the query.
 
     Use the constructors (:meth:`dense`, :meth:`a_shape`, :meth:`vertical_slash`,
-    :meth:`block_sparse`); invalid sizes raise ``ValueError``.
+    :meth:`block_sparse`, :meth:`vertical_block`); invalid sizes raise ``ValueError``.
     """
 
     kind: PatternKind
@@ -73,6 +78,11 @@ class HeadPattern:
             raise ValueError("a_shape needs window_tokens >= 1 (the diagonal itself)")
         if self.kind == "vertical_slash" and self.num_vertical + self.num_slash < 1:
             raise ValueError("vertical_slash needs num_vertical + num_slash >= 1")
+        if self.kind == "vertical_block":
+            if self.top_k < 1:
+                raise ValueError("vertical_block needs top_k >= 1")
+            if self.block_size != 64:
+                raise ValueError(f"vertical_block's key blocks are 64 keys, got {self.block_size}")
         if self.kind == "block_sparse":
             if self.top_k < 1:
                 raise ValueError("block_sparse needs top_k >= 1")
@@ -97,6 +107,10 @@ class HeadPattern:
     def block_sparse(cls, top_k: int, block_size: int = 64, scoring: str = "pooled") -> HeadPattern:
         return cls("block_sparse", top_k=top_k, block_size=block_size, scoring=scoring)
 
+    @classmethod
+    def vertical_block(cls, num_vertical: int, top_k: int) -> HeadPattern:
+        return cls("vertical_block", num_vertical=num_vertical, top_k=top_k)
+
     def describe(self) -> str:
         if self.kind == "dense":
             return "dense"
@@ -104,6 +118,8 @@ class HeadPattern:
             return f"a_shape(sink={self.sink_tokens}, window={self.window_tokens})"
         if self.kind == "vertical_slash":
             return f"vertical_slash(v={self.num_vertical}, s={self.num_slash})"
+        if self.kind == "vertical_block":
+            return f"vertical_block(v={self.num_vertical}, top_k={self.top_k})"
         extra = f", scoring={self.scoring}" if self.scoring != "pooled" else ""
         return f"block_sparse(top_k={self.top_k}, block={self.block_size}{extra})"
 

@@ -163,6 +163,11 @@ def sparse_prefill_varlen(
     scale = check_scale(scale, d)
     softcap = check_softcap(softcap)
     be = resolve_backend(backend, q.device)
+    if be == "triton" and any(p.kind == "vertical_block" for p in heads):
+        raise ValueError(
+            "vertical_block heads are not supported by the one-launch varlen kernel yet; run "
+            "each sequence with sparse_prefill, or pass backend='torch'"
+        )
     check_layer_settings(coverage, max_density, last_q, block_allocation, dense_below)
     if validate:
         for name, x in (("q", q), ("k", k), ("v", v)):

@@ -57,6 +57,7 @@ KIND_FIELDS: Mapping[str, Mapping[str, int | None]] = MappingProxyType(
         "a_shape": MappingProxyType({"sink_tokens": None, "window_tokens": None}),
         "vertical_slash": MappingProxyType({"num_vertical": None, "num_slash": None}),
         "block_sparse": MappingProxyType({"top_k": None, "block_size": 64}),
+        "vertical_block": MappingProxyType({"num_vertical": None, "top_k": None}),
     }
 )
 # Fields that must be >= 1 (the others must be >= 0).

@@ -106,7 +106,7 @@ def to_minference(
                         "pass dense_as=('vertical_and_slash', N, N) with N >= the longest prompt"
                     )
                 entry = list(dense_as)
-            else:  # pragma: no cover - a kind added without an export rule
+            else:  # vertical_block (and any later kind without an export rule)
                 raise ValueError(f"{_where(li, hi)}: kind {p.kind!r} has no MInference equivalent")
             row[str(hi)] = [*entry, score]
         out.append(row)

@@ -91,6 +91,9 @@ def estimation_work(pattern: HeadPattern, seq_len: int, *, last_q: int = 64) -> 
     n = seq_len
     if pattern.kind == "vertical_slash":
         return float(min(last_q, n) * n)
+    if pattern.kind == "vertical_block":  # the column scores and the pooled block scores
+        nb = math.ceil(n / 64)
+        return float(min(last_q, n) * n) + nb * (nb + 1) / 2 + n
     if pattern.kind == "block_sparse":
         nb = math.ceil(n / pattern.block_size)
         if pattern.scoring == "sampled":
@@ -126,10 +129,11 @@ class AnalyticCostModel:
     pair_cost: Mapping[str, float] = field(
         default_factory=lambda: {
             "dense": 1.0, "a_shape": 1.0, "vertical_slash": 1.2, "block_sparse": 1.1,
+            "vertical_block": 1.2,
         }
     )  # fmt: skip
     estimation_cost: Mapping[str, float] = field(
-        default_factory=lambda: {"vertical_slash": 2.0, "block_sparse": 1.0}
+        default_factory=lambda: {"vertical_slash": 2.0, "block_sparse": 1.0, "vertical_block": 2.0}
     )
     overhead: Mapping[str, float] = field(default_factory=dict)
     last_q: int = 64

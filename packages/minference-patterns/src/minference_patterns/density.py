@@ -71,6 +71,10 @@ def nominal_pairs(pattern: HeadPattern, n: int) -> float:
         got = _vertical_slash_pairs(pattern.num_vertical, pattern.num_slash, n)
     elif pattern.kind == "block_sparse":
         got = _block_sparse_pairs(pattern.top_k, pattern.block_size, n)
+    elif pattern.kind == "vertical_block":  # columns and blocks, as if they never overlap
+        got = _vertical_slash_pairs(pattern.num_vertical, 0, n) + _block_sparse_pairs(
+            pattern.top_k, 64, n
+        )
     else:  # pragma: no cover - a kind added to HeadPattern but not here
         raise ValueError(f"no pair count for pattern kind {pattern.kind!r}")
     return min(got, full)

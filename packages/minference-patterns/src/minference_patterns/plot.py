@@ -30,6 +30,7 @@ KIND_COLORS: dict[str, tuple[float, float, float]] = {
     "a_shape": (0.17, 0.63, 0.17),
     "vertical_slash": (0.12, 0.47, 0.71),
     "block_sparse": (0.84, 0.37, 0.0),
+    "vertical_block": (0.58, 0.40, 0.74),
 }
 _MIN_DENSITY = 1e-3
 

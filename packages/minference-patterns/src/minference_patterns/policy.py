@@ -173,4 +173,11 @@ def adapt_pattern(
         if policy.densify_covering and top_k >= nb:
             return HeadPattern.dense()
         return HeadPattern.block_sparse(top_k, pattern.block_size, pattern.scoring)
+    if pattern.kind == "vertical_block":  # columns as vertical_slash's, blocks as block_sparse's
+        nb = math.ceil(n / 64)
+        v = min(_scaled(pattern.num_vertical, f), n)
+        top_k = min(_scaled(pattern.top_k, f), nb)
+        if policy.densify_covering and top_k >= nb:
+            return HeadPattern.dense()
+        return HeadPattern.vertical_block(v, top_k)
     raise ValueError(f"no budget rule for pattern kind {pattern.kind!r}")  # pragma: no cover

@@ -80,6 +80,9 @@ def _candidates(index: SparseIndex, m: int, device):
         pos = s[..., None] + ar
         ok = (torch.arange(a_max, device=device)[None, None, :] < a_cnt[..., None])[..., None]
         ok = ok & (pos < nk)
+        if index.masks_columns:  # a column key inside a tile: the column pass attends it
+            col = torch.gather(index.col_map, 2, pos.clamp(0, nk - 1).flatten(2)).view(pos.shape)
+            ok = ok & (col == 0)
         parts_pos.append(pos.flatten(2))
         parts_ok.append(ok.flatten(2))
         parts_rel.append(torch.zeros_like(ok.flatten(2)))

@@ -60,6 +60,8 @@ def _sparse_attn_fwd(
     COV,
     ABS,
     ABS_CNT,
+    ABS_FLAG,
+    COL_MAP,
     SINK,
     WIN,
     n_rel,
@@ -82,6 +84,7 @@ def _sparse_attn_fwd(
     SPLIT_MASK: tl.constexpr,
     TMA: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    MASK_COLS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -182,6 +185,12 @@ def _sparse_attn_fwd(
             need = (st + BLOCK_N - 1 > a0) | (st + BLOCK_N > Nk)
         else:
             need = True
+        if MASK_COLS:
+            # a tile holding a column key of this head (vertical-block): the column pass above
+            # attends that key, so the tile skips it
+            if tl.load(ABS_FLAG + (bh * MB + m).to(tl.int64) * n_abs + t) != 0:
+                hit = tl.load(COL_MAP + bh.to(tl.int64) * Nk + offs_n, mask=kv_ok, other=0)
+                s = tl.where(hit[None, :] == 0, s, float("-inf"))
         if need:
             ok = kv_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
             s = tl.where(ok, s, float("-inf"))
@@ -301,6 +310,8 @@ def attend(
             index.cov,
             index.abs_tiles,
             index.abs_count,
+            index.abs_flag,
+            index.col_map,
             index.sink,
             index.window,
             index.rel_tiles.shape[-1],
@@ -325,6 +336,7 @@ def attend(
         SPLIT_MASK=c["split_mask"],
         TMA=tma,
         HAS_SOFTCAP=softcap is not None,
+        MASK_COLS=index.masks_columns,
         num_warps=c["num_warps"],
     )
     return out

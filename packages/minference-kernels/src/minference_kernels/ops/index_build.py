@@ -80,11 +80,14 @@ def assemble(
     abs_count: torch.Tensor | None = None,
     sink: torch.Tensor | None = None,
     window: torch.Tensor | None = None,
+    mask_columns: bool = False,
 ) -> SparseIndex:
     """Build a :class:`SparseIndex` from per-head pieces (any may be omitted = empty).
 
     ``rel_tiles [B, H, T]`` (descending, ``rel_count`` valid), ``cols [B, H, C]`` (sorted unique,
     ``col_total`` valid), ``abs_tiles [B, H, MB, A]`` (sorted, ``abs_count`` valid).
+    ``mask_columns``: some head has both columns and absolute tiles (vertical-block); builds the
+    column map and the tile flags so that a column key inside a tile counts once.
     """
     mb = -(-n_q // BLOCK)
     i32 = torch.int32
@@ -141,6 +144,25 @@ def assemble(
     if window is None:
         window = zeros_bh
 
+    # heads with columns and absolute tiles (vertical-block, ``mask_columns``): which keys are
+    # columns, and which absolute tiles hold one (those skip the column keys: the column pass
+    # attends them). Decided by the caller, not from the tensors: no host sync.
+    abs_flag = torch.zeros(abs_tiles.shape, dtype=torch.int8, device=device)
+    if mask_columns and n_kv > 1:
+        hits = torch.zeros((batch, heads, n_kv), dtype=torch.int32, device=device)
+        hits.scatter_add_(
+            2, torch.where(cvalid, cols, 0).clamp(0, n_kv - 1), cvalid.to(torch.int32)
+        )
+        col_map = (hits > 0).to(torch.int8)  # (invalid entries add 0: never a false column)
+        nt = -(-n_kv // BLOCK)
+        per_tile = torch.nn.functional.pad(col_map, (0, nt * BLOCK - n_kv))
+        per_tile = per_tile.view(batch, heads, nt, BLOCK).amax(-1)  # [B, H, nt]
+        a_valid = torch.arange(abs_tiles.shape[-1], device=device) < abs_count[..., None]
+        t_idx = (abs_tiles.long() // BLOCK).clamp(0, nt - 1).flatten(2)
+        abs_flag = per_tile.gather(2, t_idx).view(abs_tiles.shape) * a_valid.to(torch.int8)
+    else:
+        col_map = torch.zeros((batch, heads, 1), dtype=torch.int8, device=device)
+
     return SparseIndex(
         n_q=n_q,
         n_kv=n_kv,
@@ -155,6 +177,8 @@ def assemble(
         abs_count=abs_count.to(i32).contiguous(),
         sink=sink.to(i32).contiguous(),
         window=window.to(i32).contiguous(),
+        abs_flag=abs_flag.contiguous(),
+        col_map=col_map.contiguous(),
     )
 
 

@@ -284,6 +284,12 @@ def attend_varlen(
     out = alloc(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q's strides
     if not indices:
         return out
+    if any(ix.masks_columns for ix in indices):
+        raise ValueError(
+            "vertical_block heads (columns inside absolute tiles) are not supported by the "
+            "one-launch varlen kernel yet; run each sequence with sparse_prefill, or use the "
+            "PyTorch backend"
+        )
     p = pack_indices(indices)
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
     table = block_table(n_q, n_kv, dev, order)
