@@ -93,7 +93,7 @@ def _packed(n=130):
 
 @pytest.mark.triton
 def test_vertical_block_is_refused_by_the_varlen_kernel():
-    q, k, v = _packed()
+    q, k, v = (x.to(DEVICE) for x in _packed())
     cu = torch.tensor([0, 60, 130], dtype=torch.int32)
     with pytest.raises(ValueError, match="vertical_block heads are not supported by the"):
         mk.sparse_prefill_varlen(

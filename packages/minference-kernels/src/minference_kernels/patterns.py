@@ -36,8 +36,10 @@ class HeadPattern:
     * ``vertical_block``: the ``num_vertical`` key columns with the best column scores of the last
       queries (as a vertical-slash head scores them; no forced sink columns), plus ``top_k`` key
       blocks of 64 per query block, estimated online as a pooled block-sparse head's (the diagonal
-      blocks and key block 0 forced). A column key inside a kept block counts once. Global columns keep the sinks and anchor tokens that mean pooling dilutes; the
-      per-block tiles follow content that moves with the query.
+      blocks and key block 0 forced). A column key inside a kept block counts once. The global
+      columns keep the sinks and anchor tokens that mean pooling dilutes; the per-block tiles
+      follow content that moves with the query. Not run by the one-launch varlen kernel (the
+      vLLM plugin) yet.
 
     Use the constructors (:meth:`dense`, :meth:`a_shape`, :meth:`vertical_slash`,
     :meth:`block_sparse`, :meth:`vertical_block`); invalid sizes raise ``ValueError``.
