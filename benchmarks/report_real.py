@@ -2,8 +2,8 @@
 
 Reads the result files that ``benchmarks/sources.json`` names under ``eval`` (written by
 ``minference eval``), ``real_heads``, ``real_head_maps``, ``synthetic_vs_real``,
-``block_scoring_real``, ``bench_block_scoring``, ``sampled_scoring_rows``, ``block_oracle``
-and ``probe_vertical_block``; every figure in the
+``block_scoring_real``, ``bench_block_scoring``, ``sampled_scoring_rows``, ``block_oracle``,
+``probe_vertical_block`` and ``interleaved_vblock``; every figure in the
 generated text comes from those files.
 
     python benchmarks/report_real.py
@@ -720,10 +720,49 @@ _PROFILES = {
 }
 
 
+def _ratio_table(d: dict, groups: tuple[tuple[str, str], ...]) -> list[str]:
+    """One interleaved result (``bench_interleaved.py`` or the probe): a row per method, then the
+    fastest of each ``(label, name prefix)`` group at the config's recall or above."""
+    cfg = d["methods"]["llama3.1-config"]
+    out = [
+        f"`{d['_name']}`: {_PROFILES.get(d['profile'], d['profile'])}, {d['n'] // 1024}K tokens, "
+        f"{d['device']}",
+        "",
+        "| method | ms | x over cuDNN | density | recall |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in d["methods"].items():
+        out.append(
+            f"| {name} | {m['ms']:.2f} | {m['ratio_median']:.2f} | {m['density']:.4f} | "
+            f"{m['recall']:.3f} |"
+        )
+    at = {
+        n: m
+        for n, m in d["methods"].items()
+        if n != "llama3.1-config" and m["recall"] >= cfg["recall"]
+    }
+    lines = []
+    for label, prefix in groups:
+        if not any(n.startswith(prefix) for n in d["methods"]):
+            continue
+        ok = [n for n in at if n.startswith(prefix)]
+        if ok:
+            best = max(ok, key=lambda n: at[n]["ratio_median"])
+            lines.append(f"{label} `{best}` {at[best]['ratio_median']:.2f}x")
+        else:
+            lines.append(f"{label}: none of the budgets tried")
+    return out + [
+        "",
+        f"Fastest at the config's recall ({cfg['recall']:.3f}) or above: "
+        + "; ".join(lines)
+        + f" (the config: {cfg['ratio_median']:.2f}x over cuDNN).",
+    ]
+
+
 def probe_section(paths: list[Path]) -> list[str]:
     """The GPU probe of the column + tile hybrid (``probe_vertical_block.py``)."""
     out = [
-        "### The column + tile hybrid on a GPU (probe, not a shipped path)",
+        "### The column + tile hybrid on a GPU (probe, before the kind existed)",
         "",
         "`benchmarks/probe_vertical_block.py`: the index of the vertical-slash estimate's columns "
         "plus pooled block-sparse tiles per query block, run by a probe variant of the shipped "
@@ -733,39 +772,8 @@ def probe_section(paths: list[Path]) -> list[str]:
         "",
     ]
     for p in paths:
-        d = json.loads(p.read_text())
-        cfg = d["methods"]["llama3.1-config"]
-        out += [
-            f"`{p.name}`: {_PROFILES.get(d['profile'], d['profile'])}, {d['n'] // 1024}K tokens, "
-            f"{d['device']}",
-            "",
-            "| method | ms | x over cuDNN | density | recall |",
-            "|---|---|---|---|---|",
-        ]
-        for name, m in d["methods"].items():
-            out.append(
-                f"| {name} | {m['ms']:.2f} | {m['ratio_median']:.2f} | {m['density']:.4f} | "
-                f"{m['recall']:.3f} |"
-            )
-        at = {
-            n: m
-            for n, m in d["methods"].items()
-            if n != "llama3.1-config" and m["recall"] >= cfg["recall"]
-        }
-        lines = []
-        for kind, group in (("block-sparse alone", "block_sparse"), ("the hybrid", "cols(")):
-            ok = [n for n in at if n.startswith(group)]
-            if ok:
-                best = max(ok, key=lambda n: at[n]["ratio_median"])
-                lines.append(f"{kind} `{best}` {at[best]['ratio_median']:.2f}x")
-            else:
-                lines.append(f"{kind}: none of the budgets tried")
-        out += [
-            "",
-            f"Fastest at the config's recall ({cfg['recall']:.3f}) or above: "
-            + "; ".join(lines)
-            + f" (the config: {cfg['ratio_median']:.2f}x over cuDNN).",
-        ]
+        d = dict(json.loads(p.read_text()), _name=p.name)
+        out += _ratio_table(d, (("block-sparse alone", "block_sparse"), ("the hybrid", "cols(")))
         for name, sp in d["split"].items():
             out.append(
                 f"`{name}` split: column scores {sp['column_scores_ms']:.2f} ms, block estimate "
@@ -773,6 +781,27 @@ def probe_section(paths: list[Path]) -> list[str]:
                 f"kernel {sp['kernel_ms']:.2f} ms ({sp['kernel_unmasked_ms']:.2f} ms without the "
                 "column mask, which counts column keys inside tiles twice)."
             )
+        out.append("")
+    return out
+
+
+def vertical_block_section(paths: list[Path]) -> list[str]:
+    """``vertical_block`` heads through the shipped pipeline (``bench_interleaved.py --vblock``)."""
+    out = [
+        "### `vertical_block` heads on a GPU (the shipped pipeline)",
+        "",
+        "`HeadPattern.vertical_block(V, K)` on every head of the layer benchmark's layer at 128K, "
+        "through `sparse_prefill` (estimation, index and the kernel, column keys masked out of "
+        "the tiles that hold one), timed right after cuDNN in each of the rounds "
+        "(`benchmarks/bench_interleaved.py --vblock`); beside the Llama-3.1 config and "
+        "block-sparse heads. Recall and density on the benchmark's sample rows.",
+        "",
+    ]
+    for p in paths:
+        d = dict(json.loads(p.read_text()), _name=p.name)
+        out += _ratio_table(
+            d, (("block-sparse", "block_sparse"), ("vertical-block", "vertical_block"))
+        )
         out.append("")
     return out
 
@@ -831,6 +860,7 @@ def main() -> int:
         draw_block_oracle(d, png)
         parts += [f"![per-block oracles]({'../img/gen/' + png.name})", ""]
     parts += probe_section(_sources.paths("probe_vertical_block"))
+    parts += vertical_block_section(_sources.paths("interleaved_vblock"))
     SNIPPET.write_text("\n".join(parts))
     bs = block_scoring_snippet()
     (SNIPPET.parent / "block_scoring.md").write_text(
