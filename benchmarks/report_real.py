@@ -2,8 +2,8 @@
 
 Reads the result files that ``benchmarks/sources.json`` names under ``eval`` (written by
 ``minference eval``), ``real_heads``, ``real_head_maps``, ``synthetic_vs_real``,
-``block_scoring_real``, ``bench_block_scoring``, ``sampled_scoring_rows``, ``block_oracle``,
-``probe_vertical_block`` and ``interleaved_vblock``; every figure in the
+``block_scoring_real``, ``bench_block_scoring``, ``sampled_scoring_rows``, ``block_oracle``
+and ``interleaved_vblock``; every figure in the
 generated text comes from those files.
 
     python benchmarks/report_real.py
@@ -759,32 +759,6 @@ def _ratio_table(d: dict, groups: tuple[tuple[str, str], ...]) -> list[str]:
     ]
 
 
-def probe_section(paths: list[Path]) -> list[str]:
-    """The GPU probe of the column + tile hybrid (``probe_vertical_block.py``)."""
-    out = [
-        "### The column + tile hybrid on a GPU (probe, before the kind existed)",
-        "",
-        "`benchmarks/probe_vertical_block.py`: the index of the vertical-slash estimate's columns "
-        "plus pooled block-sparse tiles per query block, run by a probe variant of the shipped "
-        "kernel that masks column keys out of the tiles that hold one (checked against an exact "
-        "masked softmax); each pipeline timed right after cuDNN, median ratio of the rounds. "
-        "Recall on the layer benchmark's sample rows, density over their whole blocks.",
-        "",
-    ]
-    for p in paths:
-        d = dict(json.loads(p.read_text()), _name=p.name)
-        out += _ratio_table(d, (("block-sparse alone", "block_sparse"), ("the hybrid", "cols(")))
-        for name, sp in d["split"].items():
-            out.append(
-                f"`{name}` split: column scores {sp['column_scores_ms']:.2f} ms, block estimate "
-                f"{sp['block_estimate_ms']:.2f} ms, whole index {sp['whole_index_ms']:.2f} ms, "
-                f"kernel {sp['kernel_ms']:.2f} ms ({sp['kernel_unmasked_ms']:.2f} ms without the "
-                "column mask, which counts column keys inside tiles twice)."
-            )
-        out.append("")
-    return out
-
-
 def vertical_block_section(paths: list[Path]) -> list[str]:
     """``vertical_block`` heads through the shipped pipeline (``bench_interleaved.py --vblock``)."""
     out = [
@@ -859,7 +833,6 @@ def main() -> int:
         png = IMG / f"{p.stem}.png"
         draw_block_oracle(d, png)
         parts += [f"![per-block oracles]({'../img/gen/' + png.name})", ""]
-    parts += probe_section(_sources.paths("probe_vertical_block"))
     parts += vertical_block_section(_sources.paths("interleaved_vblock"))
     SNIPPET.write_text("\n".join(parts))
     bs = block_scoring_snippet()

@@ -88,17 +88,6 @@ def test_density_by_profile_measures_captured_layers_at_their_scale(tmp_path: Pa
         assert m["named_recall"] <= m["recall"] + 1e-6 <= m["oracle_recall"] + 2e-6
 
 
-def test_probe_vertical_block_kernel_and_index() -> None:
-    """``probe_vertical_block.py --check`` under the interpreter: its edits still apply to the
-    shipped kernel's source, the column map and tile flags mark exactly the columns and the tiles
-    that hold one, and the probe kernel matches an exact masked softmax over the index's pairs
-    (without the mask the columns inside tiles are counted twice, and the check sees it)."""
-    proc = _run(["benchmarks/probe_vertical_block.py", "--check"], TRITON_INTERPRET="1")
-    assert "the probe kernel matches the exact masked softmax" in proc.stdout
-    errs = [ln for ln in proc.stdout.splitlines() if "max_err_unmasked" in ln]
-    assert len(errs) == 2 and all("'max_err_unmasked': 0.0" not in ln for ln in errs)
-
-
 def test_block_oracle_orders_its_bounds(tmp_path: Path) -> None:
     """``block_oracle.py`` on a captured-layer file: every curve grows with the budget, the tile
     oracle needs no more of the config's pairs than pooled or sampled scoring (same tiles per
