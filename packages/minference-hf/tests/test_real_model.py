@@ -29,6 +29,7 @@ from minference_hf.models import (
     resolve_model_file,
 )
 from minference_hf.texts import real_text, real_token_ids
+from minference_kernels import HeadPattern
 
 pytestmark = pytest.mark.real_model
 
@@ -155,6 +156,7 @@ def test_eval_slice_reports_what_ran(smol):
 def test_parse_method_rejects_bad_specs(smol):
     for bad, words in (
         ("vs:64", "unknown method"),
+        ("vblock:64", "unknown method"),
         ("vs:a:b", "sizes must be integers"),
         ("block:8@cov=2", "must be in (0, 1]"),
         ("block:8@alloc=row", "must be one of"),
@@ -165,6 +167,8 @@ def test_parse_method_rejects_bad_specs(smol):
             parse_method(bad, smol.model)
     m = parse_method("block:8@alloc=layer", smol.model)
     assert m.sparse and m.block_allocation == "layer" and m.config.num_layers == 30
+    m = parse_method("vblock:16:2", smol.model)
+    assert m.config.head(3, 1) == HeadPattern.vertical_block(16, 2)
 
 
 @pytest.fixture(scope="module")
