@@ -313,3 +313,37 @@ def test_missing_file(tmp_path):
 def test_from_dict_of_a_list_hints_at_minference():
     with pytest.raises(ConfigError, match="MInference's format"):
         PatternConfig.from_dict([{"0": ["vertical_and_slash", 1, 1, 0.0]}])
+
+
+def test_vertical_block_heads_round_trip_and_follow_the_rules(tmp_path):
+    """A config of vertical_block heads saves and loads (fields in the schema's order), counts its
+    pairs as columns plus blocks, grows both budgets with the policy, estimates with both passes,
+    and cannot be written in MInference's format."""
+    from minference_patterns.convert import to_minference
+    from minference_patterns.cost import estimation_work
+    from minference_patterns.density import nominal_pairs
+    from minference_patterns.policy import adapt_pattern
+
+    vb = HeadPattern.vertical_block(128, 8)
+    cfg = PatternConfig.uniform(2, 4, vb, model_id="t", num_kv_heads=2, head_dim=64)
+    cfg.save(tmp_path / "vb.json")
+    head = json.loads((tmp_path / "vb.json").read_text())["layers"][0][0]
+    assert head == {"kind": "vertical_block", "num_vertical": 128, "top_k": 8}
+    assert mp.load(tmp_path / "vb.json").head(1, 3) == vb
+    assert cfg.kind_counts()["vertical_block"] == 8
+    n = 8192
+    cols = nominal_pairs(HeadPattern.vertical_slash(128, 0), n)
+    blocks = nominal_pairs(HeadPattern.block_sparse(8), n)
+    assert nominal_pairs(vb, n) == pytest.approx(cols + blocks)
+    assert estimation_work(vb, n) == estimation_work(
+        HeadPattern.vertical_slash(128, 1), n
+    ) + estimation_work(HeadPattern.block_sparse(8), n)
+    grown = adapt_pattern(vb, 4 * n, n, BudgetPolicy(reference_length=n, longer_exponent=1.0))
+    assert grown == HeadPattern.vertical_block(512, 32)
+    with pytest.raises(ValueError, match="'vertical_block' has no MInference equivalent"):
+        to_minference(cfg)
+    bad = json.loads((tmp_path / "vb.json").read_text())
+    bad["layers"][0][0]["top_k"] = 0
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="top_k"):
+        mp.load(tmp_path / "bad.json")

@@ -86,7 +86,8 @@ def estimation_work(pattern: HeadPattern, seq_len: int, *, last_q: int = 64) -> 
     and diagonal sums). ``block_sparse``: pooled block scores (``nb (nb + 1) / 2`` with ``nb``
     key blocks) plus the pooling pass over the ``seq_len`` tokens; with ``scoring="sampled"``,
     ``SAMPLED_ROWS`` rows of every query block against their causal keys (about ``SAMPLED_ROWS /
-    block_size`` of the causal pairs). Static kinds: 0.
+    block_size`` of the causal pairs). ``vertical_block``: both, the vertical-slash scores and the
+    pooled 64-key block scores (weighted as one, by its ``estimation_cost``). Static kinds: 0.
     """
     n = seq_len
     if pattern.kind == "vertical_slash":
