@@ -38,8 +38,8 @@ class HeadPattern:
       blocks of 64 per query block, estimated online as a pooled block-sparse head's (the diagonal
       blocks and key block 0 forced). A column key inside a kept block counts once. The global
       columns keep the sinks and anchor tokens that mean pooling dilutes; the per-block tiles
-      follow content that moves with the query. Not run by the one-launch varlen kernel (the
-      vLLM plugin) yet.
+      follow content that moves with the query. Not run by the one-launch varlen kernel yet
+      (the vLLM plugin, and minference-hf's padded batches on a GPU, refuse it).
 
     Use the constructors (:meth:`dense`, :meth:`a_shape`, :meth:`vertical_slash`,
     :meth:`block_sparse`, :meth:`vertical_block`); invalid sizes raise ``ValueError``.

@@ -363,8 +363,8 @@ def load_patterns(config: str, model: ModelShape | None = None) -> PatternConfig
                 raise ValueError(
                     f"minference: pattern config {config!r} has {counts['vertical_block']} "
                     "vertical_block heads, which the plugin's one-launch batch kernel does not "
-                    "run yet (use them with minference-hf, or pick vertical_slash or "
-                    "block_sparse heads)"
+                    "run yet (use them with minference-hf one prompt per call, or pick "
+                    "vertical_slash or block_sparse heads)"
                 )
             _PATTERNS[config] = patterns
     if model is not None:
