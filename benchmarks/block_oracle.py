@@ -8,14 +8,14 @@ whole query blocks are sampled, so the bounds are the ones a per-block index fac
   block's own rows (the best any block-sparse index could pick);
 * **oracle block keys**: per query block, the best single keys shared by its rows (the best any
   index of gathered columns chosen per block could pick);
-* **cols + oracle tiles**: the vertical-slash estimate's columns (``--columns``, from the last 64
-  queries, as the config's) plus the best tiles outside them: the bound of the hybrid below.
+* **cols + oracle tiles**: the ``vertical_block`` head's columns (``--columns``, from the last 64
+  queries' column scores) plus the best tiles: the bound of that kind.
 
-and the estimators: **pooled** and **sampled** (4 rows per block, exact) block scoring, each alone
-and with the vertical-slash estimate's columns added (**cols + pooled**, **cols + sampled**: a
-hybrid index of global columns and per-block tiles). The diagonal tile and the one before it are
-always kept (as every shipped estimator does). Each head is given the config's layer-0 pattern for
-the config row.
+and the estimators: the shipped ones, **pooled** (``block_sparse(t)``: mean-pooled block scores,
+the diagonal blocks and key block 0 forced) and **vertical_block** (``vertical_block(columns, t)``:
+those columns plus pooled tiles), each built by ``build_index``; and **sampled** (this script's
+sampled scoring: 4 evenly spaced rows of each block, exact; the diagonal tile forced), alone and with the same columns (**cols + sampled**). Each head is given the config's
+layer-0 pattern for the config row.
 
 For each method: the computed density (share of the sampled blocks' causal pairs) and the recall
 (attention mass kept, mean over heads and rows) at several tile budgets per block, and the density
@@ -97,29 +97,35 @@ def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: 
     chosen = pick_blocks(n, blocks)
     layer0 = list(mp.load(CONFIG_ID).heads_for_layer(0, n))
     idx = mk.build_index(q, k, layer0[:1] * hq, validate=False, backend="torch")
-    v_idx, _ = mk.estimate_vertical_slash(q, k, columns, 1, backend="torch")
+    # the shipped estimators at every budget: block-sparse (pooled) and vertical-block, whose
+    # columns (the same at every budget) the bounds and the sampled hybrid share
+    shipped = {
+        (kind, t): mk.build_index(q, k, [head] * hq, validate=False, backend="torch")
+        for t in BUDGETS
+        for kind, head in (
+            ("pooled", mk.HeadPattern.block_sparse(t)),
+            ("vertical_block", mk.HeadPattern.vertical_block(columns, t)),
+        )
+    }
+    vb = shipped[("vertical_block", BUDGETS[0])]
     colmap = torch.zeros((hq, n), dtype=torch.bool)
-    colmap.scatter_(1, v_idx[0], True)
-    kpad = F.pad(k[0].float(), (0, 0, 0, nt * BLOCK - n))  # [Hkv, nt * 64, D]
-    kbar = (kpad.view(hkv, nt, BLOCK, -1).sum(2) / BLOCK)[torch.arange(hq) // g]  # [H, nt, D]
+    for h in range(hq):
+        colmap[h, vb.cols[0, h, : int(vb.col_count[0, h, -1])].long()] = True
     keys = torch.arange(n)
     per_block = []
     for m in chosen:
         r = torch.arange(m * BLOCK, min((m + 1) * BLOCK, n))
         causal = keys[None] <= r[:, None]
-        km, ks, qbar = torch.empty(hq, n), torch.empty(hq, n), torch.empty(hq, q.shape[-1])
+        km, ks = torch.empty(hq, n), torch.empty(hq, n)
         samp = torch.linspace(0, r.numel() - 1, SAMPLED).round().long()
         for h in range(hq):
             s = (q[0, h, r].float() @ k[0, h // g].float().T) * scale
             p = torch.softmax(s.masked_fill(~causal, -math.inf), -1)
             km[h], ks[h] = p.sum(0), p[samp].sum(0) * (r.numel() / SAMPLED)
-            qbar[h] = q[0, h, r].float().mean(0)
-        pooled = torch.einsum("hd,htd->ht", qbar, kbar) * scale
-        pooled[:, m + 1 :] = -math.inf
         per_block.append(
             dict(
                 m=m, rows=r.numel(), km=km, cost=causal.sum(0).float(),
-                cfg=index_mask(idx, r)[0].any(1), pooled=pooled, sampled=_tiles(ks, nt),
+                cfg=index_mask(idx, r)[0].any(1), sampled=_tiles(ks, nt),
                 cols=colmap & (keys <= r[-1]),
             )
         )  # fmt: skip
@@ -134,10 +140,19 @@ def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: 
             pairs += (b["cost"] * sel).sum(-1)
         return (pairs / causal_pairs).mean().item(), (mass / rows).mean().item()
 
+    def index_keys(index: mk.SparseIndex, m: int) -> torch.Tensor:
+        """The keys an absolute-tile (+ columns) index gives query block ``m``: ``bool [H, N]``."""
+        sel = torch.zeros((hq, n), dtype=torch.bool)
+        for h in range(hq):
+            for st in index.abs_tiles[0, h, m, : int(index.abs_count[0, h, m])].tolist():
+                sel[h, st : st + BLOCK] = True
+            sel[h, index.cols[0, h, : int(index.col_count[0, h, m])].long()] = True
+        return sel
+
     def top_tiles(score: torch.Tensor, m: int, budget: int) -> torch.Tensor:
         s = score.clone()
         s[:, m + 1 :] = -math.inf
-        s[:, max(0, m - 1) : m + 1] = math.inf  # the diagonal tile and the one before it
+        s[:, m] = math.inf  # the diagonal tile, as every shipped estimator keeps it
         sel = torch.zeros_like(s, dtype=torch.bool)
         sel.scatter_(1, s.topk(min(budget, m + 1), -1).indices, True)
         return sel.repeat_interleave(BLOCK, -1)[:, :n]
@@ -147,8 +162,8 @@ def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: 
         "cols + oracle tiles": lambda b, t: (
             top_tiles(_tiles(b["km"] * ~b["cols"], nt), b["m"], t) | b["cols"]
         ),
-        "pooled": lambda b, t: top_tiles(b["pooled"], b["m"], t),
-        "cols + pooled": lambda b, t: top_tiles(b["pooled"], b["m"], t) | b["cols"],
+        "pooled": lambda b, t: index_keys(shipped[("pooled", t)], b["m"]),
+        "vertical_block": lambda b, t: index_keys(shipped[("vertical_block", t)], b["m"]),
         "sampled": lambda b, t: top_tiles(b["sampled"], b["m"], t),
         "cols + sampled": lambda b, t: top_tiles(b["sampled"], b["m"], t) | b["cols"],
     }
