@@ -93,8 +93,9 @@ def estimation_work(pattern: HeadPattern, seq_len: int, *, last_q: int = 64) -> 
     if pattern.kind == "vertical_slash":
         return float(min(last_q, n) * n)
     if pattern.kind == "vertical_block":  # the column scores and the pooled block scores
-        nb = math.ceil(n / 64)
-        return float(min(last_q, n) * n) + nb * (nb + 1) / 2 + n
+        return estimation_work(
+            HeadPattern.vertical_slash(pattern.num_vertical, 1), n, last_q=last_q
+        ) + estimation_work(HeadPattern.block_sparse(pattern.top_k), n, last_q=last_q)
     if pattern.kind == "block_sparse":
         nb = math.ceil(n / pattern.block_size)
         if pattern.scoring == "sampled":
