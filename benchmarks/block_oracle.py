@@ -14,8 +14,12 @@ whole query blocks are sampled, so the bounds are the ones a per-block index fac
 and the estimators: the shipped ones, **pooled** (``block_sparse(t)``: mean-pooled block scores,
 the diagonal blocks and key block 0 forced) and **vertical_block** (``vertical_block(columns, t)``:
 those columns plus pooled tiles), each built by ``build_index``; and **sampled** (this script's
-sampled scoring: 4 evenly spaced rows of each block, exact; the diagonal tile forced), alone and with the same columns (**cols + sampled**). Each head is given the config's
-layer-0 pattern for the config row.
+sampled scoring: 4 evenly spaced rows of each block, exact; the diagonal tile forced), alone and with the same columns (**cols + sampled**); and two estimators of keys per
+block, not tiles (an index of gathered keys chosen per query block, which no shipped kernel runs
+yet): the diagonal tile plus the best earlier keys ranked by the logits of the block's mean query
+(**pooled-query keys**), or by the summed softmax of the mean queries of 4 groups of its rows
+(**4-pooled-query keys**), the same computed pairs per block as ``t`` tiles. Each head is given the
+config's layer-0 pattern for the config row.
 
 For each method: the computed density (share of the sampled blocks' causal pairs) and the recall
 (attention mass kept, mean over heads and rows) at several tile budgets per block, and the density
@@ -49,8 +53,9 @@ from minference_kernels.synthetic import structured_qkv
 from recall_frontier import load_qk
 
 #: tiles per query block at which each estimator is evaluated (diagonal and previous included)
-BUDGETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+BUDGETS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 SAMPLED = 4  # rows per query block of the sampled scoring, as ``scoring="sampled"``
+POOLED_GROUPS = 4  # groups of rows per query block, each pooled into one query
 
 
 def pick_blocks(n: int, count: int, seed: int = 0) -> list[int]:
@@ -117,16 +122,24 @@ def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: 
         r = torch.arange(m * BLOCK, min((m + 1) * BLOCK, n))
         causal = keys[None] <= r[:, None]
         km, ks = torch.empty(hq, n), torch.empty(hq, n)
+        pq1, pq4 = torch.empty(hq, n), torch.empty(hq, n)
         samp = torch.linspace(0, r.numel() - 1, SAMPLED).round().long()
         for h in range(hq):
             s = (q[0, h, r].float() @ k[0, h // g].float().T) * scale
             p = torch.softmax(s.masked_fill(~causal, -math.inf), -1)
             km[h], ks[h] = p.sum(0), p[samp].sum(0) * (r.numel() / SAMPLED)
+            # key scores from pooled queries, over the keys before the block: the mean query of
+            # the block (its logits), and the mean queries of 4 groups of rows (softmax, summed)
+            earlier = keys[None] < r[0]
+            for out_, groups in ((pq1, 1), (pq4, POOLED_GROUPS)):
+                qg = torch.stack([c.mean(0) for c in q[0, h, r].float().chunk(groups)])
+                lg = ((qg @ k[0, h // g].float().T) * scale).masked_fill(~earlier, -math.inf)
+                out_[h] = lg[0] if groups == 1 else torch.softmax(lg, -1).sum(0)
         per_block.append(
             dict(
                 m=m, rows=r.numel(), km=km, cost=causal.sum(0).float(),
                 cfg=index_mask(idx, r)[0].any(1), sampled=_tiles(ks, nt),
-                cols=colmap & (keys <= r[-1]),
+                cols=colmap & (keys <= r[-1]), pq1=pq1, pq4=pq4,
             )
         )  # fmt: skip
     causal_pairs = sum(b["cost"].sum().item() for b in per_block)
@@ -157,6 +170,16 @@ def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: 
         sel.scatter_(1, s.topk(min(budget, m + 1), -1).indices, True)
         return sel.repeat_interleave(BLOCK, -1)[:, :n]
 
+    def top_keys(score: torch.Tensor, m: int, budget: int) -> torch.Tensor:
+        """The diagonal tile's keys and the ``(budget - 1) * 64`` best earlier keys by ``score``
+        (the same computed pairs as ``budget`` tiles): ``bool [H, N]``."""
+        s = score.clone()
+        s[:, (m + 1) * BLOCK :] = -math.inf
+        s[:, m * BLOCK : (m + 1) * BLOCK] = math.inf
+        sel = torch.zeros_like(s, dtype=torch.bool)
+        sel.scatter_(1, s.topk(min(budget * BLOCK, (m + 1) * BLOCK, n), -1).indices, True)
+        return sel & (keys < (m + 1) * BLOCK)
+
     methods = {
         "oracle block tiles": lambda b, t: top_tiles(_tiles(b["km"], nt), b["m"], t),
         "cols + oracle tiles": lambda b, t: (
@@ -166,6 +189,8 @@ def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: 
         "vertical_block": lambda b, t: index_keys(shipped[("vertical_block", t)], b["m"]),
         "sampled": lambda b, t: top_tiles(b["sampled"], b["m"], t),
         "cols + sampled": lambda b, t: top_tiles(b["sampled"], b["m"], t) | b["cols"],
+        "pooled-query keys": lambda b, t: top_keys(b["pq1"], b["m"], t),
+        f"{POOLED_GROUPS}-pooled-query keys": lambda b, t: top_keys(b["pq4"], b["m"], t),
     }
     cfg_density, cfg_recall = evaluate(lambda b: b["cfg"])
     out: dict = dict(

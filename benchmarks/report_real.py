@@ -633,6 +633,7 @@ TEN_X_SHARE = 0.69
 _ORACLE_COLUMNS = (
     "oracle block keys", "oracle block tiles", "cols + oracle tiles",
     "pooled", "vertical_block", "sampled", "cols + sampled",
+    "pooled-query keys", "4-pooled-query keys",
 )  # fmt: skip
 
 
@@ -685,7 +686,11 @@ def block_oracle_section(p: Path, d: dict) -> list[str]:
         f"the `vertical_block` head's {d['args']['columns']} columns plus the best tiles. "
         "Estimators: the shipped `block_sparse(t)` (`pooled`) and "
         f"`vertical_block({d['args']['columns']}, t)`, and this script's sampled scoring (4 rows "
-        "per block) alone and with the same columns (`benchmarks/block_oracle.py`, CPU).",
+        "per block) alone and with the same columns; and keys, not tiles, chosen per block (no "
+        "shipped kernel runs such an index yet): the diagonal tile plus the best earlier keys by "
+        "the logits of the block's mean query (`pooled-query keys`) or by the summed softmax of "
+        "the mean queries of 4 groups of its rows (`4-pooled-query keys`) "
+        "(`benchmarks/block_oracle.py`, CPU).",
         "",
         "| heads | N | config density | config recall | " + " | ".join(_ORACLE_COLUMNS) + " |",
         "|---|---|---|---|" + "---|" * len(_ORACLE_COLUMNS),
@@ -705,15 +710,23 @@ def block_oracle_section(p: Path, d: dict) -> list[str]:
             got = [x for x in v.values() if x is not None]
             below = [k for k, x in v.items() if x is not None and x < 0.99]
             span = f"{min(got):.2f}-{max(got):.2f}" if got else "never"
+            ten = [k for k, x in v.items() if x is not None and x <= TEN_X_SHARE]
             return (
                 f"`{method}` needs {span} of the config's pairs, at least 1% fewer than the "
                 f"config on {len(below)} of {len(v)} layers"
                 + (f" ({', '.join(below)})" if below else "")
+                + f", at most {TEN_X_SHARE} on {len(ten)}"
             )
 
         out += [
             "",
-            f"On the {len(real)} captured layers: {summary('pooled')}; {summary('vertical_block')}.",
+            f"On the {len(real)} captured layers: {summary('pooled')}; "
+            f"{summary('vertical_block')}"
+            + "".join(
+                f"; {summary(m)}" for m in ("pooled-query keys", "4-pooled-query keys")
+                if all(m in r["need_share"] for r in real.values())
+            )
+            + ".",
         ]
     return out + [""]
 

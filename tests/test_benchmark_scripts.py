@@ -91,8 +91,9 @@ def test_density_by_profile_measures_captured_layers_at_their_scale(tmp_path: Pa
 def test_block_oracle_orders_its_bounds(tmp_path: Path) -> None:
     """``block_oracle.py`` on a captured-layer file: every curve grows with the budget, the tile
     oracle needs no more of the config's pairs than pooled or sampled scoring (same tiles per
-    block, the best ones), the key oracle no more than the tile oracle, and on heads whose
-    attention sits in columns ``vertical_block`` needs fewer pairs than pooled tiles alone."""
+    block, the best ones), the key oracle no more than the tile oracle or the key estimators, and
+    on heads whose attention sits in columns ``vertical_block`` and the keys chosen per block need
+    fewer pairs than pooled tiles alone."""
     import torch
     from minference_kernels.synthetic import structured_qkv
 
@@ -112,3 +113,8 @@ def test_block_oracle_orders_its_bounds(tmp_path: Path) -> None:
     assert share["oracle block tiles"] <= min(share["pooled"], share["sampled"]) + 1e-9
     assert share["oracle block keys"] <= share["oracle block tiles"] + 1e-3
     assert share["vertical_block"] < share["pooled"] - 0.03
+    # keys chosen per block by pooled queries: never better than the key oracle, and on these
+    # heads (columns and diagonals) far fewer pairs than the same budget spent on pooled tiles
+    for name in ("pooled-query keys", "4-pooled-query keys"):
+        assert share["oracle block keys"] <= share[name] + 1e-3
+        assert share[name] < share["pooled"] - 0.1
