@@ -7,7 +7,8 @@ whole query blocks are sampled, so the bounds are the ones a per-block index fac
 * **oracle block tiles**: per query block, the 64-key aligned tiles with the most attention of the
   block's own rows (the best any block-sparse index could pick);
 * **oracle block keys**: per query block, the best single keys shared by its rows (the best any
-  index of gathered columns chosen per block could pick);
+  index of gathered columns chosen per block could pick; over all heads at once, as the curves'
+  recall and density are means over heads);
 * **cols + oracle tiles**: the ``vertical_block`` head's columns (``--columns``, from the last 64
   queries' column scores) plus the best tiles: the bound of that kind.
 
@@ -74,7 +75,7 @@ def _tiles(x: torch.Tensor, nt: int) -> torch.Tensor:
 
 
 def _greedy_need(units: torch.Tensor, cost: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per head, the fewest pairs that hold ``target [H]`` of the mass, taking ``units [H, U]``
+    """Per row, the fewest pairs that hold ``target [R]`` of the mass, taking ``units [R, U]``
     (mass) at ``cost [U]`` (pairs) best mass per pair first."""
     order = (units / cost).argsort(-1, descending=True)
     m = torch.gather(units, -1, order).cumsum(-1)
@@ -201,18 +202,15 @@ def measure(q: torch.Tensor, k: torch.Tensor, label: str, blocks: int, columns: 
         curve = [evaluate(lambda b, t=t: fn(b, t)) for t in BUDGETS]
         out["curves"][name] = curve
         out["need_share"][name] = _need_share(curve, cfg_recall, cfg_density)
-    # the key oracle: per head, the fewest (block, key) units that hold the config's recall
-    target = torch.zeros(hq)
-    for b in per_block:
-        target += (b["km"] * b["cfg"]).sum(-1)
+    # the key oracle: the fewest (head, block, key) units that hold the config's recall, by the
+    # same measure as the curves (mass and pairs summed over heads: a head may trade with another)
     units = torch.cat([b["km"] for b in per_block], -1)
-    cost = torch.cat([b["cost"] for b in per_block], -1)
+    cost = torch.cat([b["cost"] for b in per_block], -1).expand_as(units)
     ok = cost > 0
-    need = _greedy_need(units[:, ok], cost[ok], target) / causal_pairs
-    cfg_pairs = torch.zeros(hq)
-    for b in per_block:
-        cfg_pairs += (b["cost"] * b["cfg"]).sum(-1)
-    out["need_share"]["oracle block keys"] = (need.sum() / (cfg_pairs / causal_pairs).sum()).item()
+    target = sum((b["km"] * b["cfg"]).sum() for b in per_block)
+    need = _greedy_need(units[ok][None], cost[ok], torch.tensor([float(target)]))[0]
+    cfg_pairs = sum((b["cost"] * b["cfg"]).sum() for b in per_block)
+    out["need_share"]["oracle block keys"] = float(need / cfg_pairs)
     shares = ", ".join(
         f"{k} {v:.2f}" if v is not None else f"{k} never" for k, v in out["need_share"].items()
     )
