@@ -162,11 +162,19 @@ def test_parse_method_rejects_bad_specs(smol):
         ("block:8@alloc=row", "must be one of"),
         ("block:8@foo=1", "unknown option @foo"),
         ("dense@cov=0.5", "dense takes no options"),
+        ("blockkeys:0", "needs a density D in"),
+        ("blockkeys:0.2:0", "needs a density D in"),
+        ("blockkeys:0.2:x", "needs a density D in"),
+        ("blockkeys:0.2@cov=0.5", "no options"),
     ):
         with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
             parse_method(bad, smol.model)
     m = parse_method("block:8@alloc=layer", smol.model)
     assert m.sparse and m.block_allocation == "layer" and m.config.num_layers == 30
+    m = parse_method("blockkeys:0.2", smol.model)
+    assert m.sparse and m.config is None and (m.oracle_density, m.block_key_groups) == (0.2, 4)
+    assert parse_method("blockkeys:0.5:1", smol.model).block_key_groups == 1
+    assert parse_method("oracle:0.2", smol.model).block_key_groups == 0
     m = parse_method("vblock:16:2", smol.model)
     assert m.config.head(3, 1) == HeadPattern.vertical_block(16, 2)
 

@@ -23,6 +23,12 @@ spec may end in ``@cov=0.95`` (coverage) or ``@alloc=layer`` (block allocation).
 the upper line no estimator can beat at density ``D``: every query row of every head attends to its
 own ``ceil(D * causal keys)`` highest-scoring keys, found from the full attention scores (a
 measuring device, as costly as dense attention; sliding-window layers stay as the model defines).
+``blockkeys:D`` (or ``blockkeys:D:G``) measures an estimator that has no kernel yet: each 64-row
+query block attends to its own keys plus ``ceil(D * (block end)) - (its rows)`` earlier keys ranked
+by the block's pooled queries (the rows split into ``G`` groups, default 4, each group's mean
+query scored against the keys, the groups' softmaxes summed; ``G = 1``: the logits of the block's
+mean query). All rows of a block share its keys, as in any index the kernels run; computed the same
+way as ``oracle:D``, so it measures accuracy, not speed.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class Method:
     coverage: float | None = DEFAULT_COVERAGE
     block_allocation: str = DEFAULT_BLOCK_ALLOCATION
     oracle_density: float | None = None
+    block_key_groups: int = 0  # > 0: ``blockkeys:D:G`` at density ``oracle_density``
 
     @property
     def sparse(self) -> bool:
@@ -127,6 +134,16 @@ def parse_method(spec: str, model: PreTrainedModel) -> Method:
         if not 0.0 < d <= 1.0 or opts:
             raise ValueError(f"method {spec!r}: oracle:D needs a density D in (0, 1], no options")
         return Method(text, None, oracle_density=d)
+    if kind == "blockkeys":
+        usage = f"method {spec!r}: blockkeys:D[:G] needs a density D in (0, 1] and 1 <= G <= 64"
+        d_text, _, g_text = rest.partition(":")
+        try:
+            d, groups = float(d_text), int(g_text or BLOCK_KEY_GROUPS)
+        except ValueError:
+            raise ValueError(usage) from None
+        if not 0.0 < d <= 1.0 or not 1 <= groups <= 64 or opts:
+            raise ValueError(usage + ", no options")
+        return Method(text, None, oracle_density=d, block_key_groups=groups)
     args = rest.split(":") if rest else []
     scoring = "pooled"
     if kind == "block" and len(args) == 2 and not args[1].isdigit():
@@ -151,7 +168,7 @@ def parse_method(spec: str, model: PreTrainedModel) -> Method:
         raise ValueError(
             f"unknown method {spec!r}: use dense, shipped, config=PATH, vs:V:S, block:K, "
             "block:K:sampled, vblock:V:K or ashape:SINK:WINDOW, optionally followed by @cov=X "
-            "and/or @alloc=NAME"
+            "and/or @alloc=NAME; or oracle:D, blockkeys:D[:G]"
         )
     name = text
     if kind.startswith("config="):  # a file's name, not its folder, names the method
@@ -286,7 +303,9 @@ class _Switch:
             return
         if get_plan(self.model) is not None:
             unpatch(self.model)
-        _ORACLE.update(density=m.oracle_density, kept=0.0, causal=0.0, calls=0)
+        _ORACLE.update(
+            density=m.oracle_density, groups=m.block_key_groups, kept=0.0, causal=0.0, calls=0
+        )
         impl = getattr(self.model.config, "_attn_implementation", None)
         if m.oracle_density is not None:
             _register_oracle()
@@ -318,7 +337,10 @@ class _Switch:
 
 
 ORACLE_IMPLEMENTATION = "minference_oracle"
-_ORACLE: dict[str, Any] = {"density": None, "kept": 0.0, "causal": 0.0, "calls": 0}
+_ORACLE: dict[str, Any] = {"density": None, "groups": 0, "kept": 0.0, "causal": 0.0, "calls": 0}
+#: ``blockkeys:D``'s default number of pooled row groups per query block
+BLOCK_KEY_GROUPS = 4
+_KEY_BLOCK = 64  # rows of a query block, as the kernels' index
 
 
 def _register_oracle() -> None:
@@ -338,10 +360,12 @@ def oracle_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The ``oracle:D`` method's attention (registered as ``"minference_oracle"``): on a pre-fill
-    (``Nq == Nk > 1``, full causal attention), each query row attends to its own ``ceil(D * (i +
-    1))`` highest-scoring causal keys; anything else (decode steps, sliding windows) is the model's
-    SDPA. ``query [B, Hq, N, D]``, ``key``/``value [B, Hkv, N, D]``; returns ``[B, N, Hq, D]``."""
+    """The ``oracle:D`` and ``blockkeys:D:G`` methods' attention (registered as
+    ``"minference_oracle"``): on a pre-fill (``Nq == Nk > 1``, full causal attention), each query
+    row attends to its own ``ceil(D * (i + 1))`` highest-scoring causal keys (``oracle``), or to the
+    keys its 64-row block chose (``blockkeys``, :func:`block_keys_mask`); anything else (decode
+    steps, sliding windows) is the model's SDPA. ``query [B, Hq, N, D]``, ``key``/``value
+    [B, Hkv, N, D]``; returns ``[B, N, Hq, D]``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     d = _ORACLE["density"]
@@ -357,20 +381,53 @@ def oracle_attention(
     v = value.repeat_interleave(g, 1).float()
     out = torch.empty(b, hq, nq, value.shape[-1], dtype=torch.float32, device=query.device)
     kpos = torch.arange(nk, device=query.device)
-    for r0 in range(0, nq, 512):
+    for r0 in range(0, nq, 512):  # a multiple of 64: every chunk holds whole query blocks
         r1 = min(nq, r0 + 512)
         pos = torch.arange(r0, r1, device=query.device)
-        s = torch.matmul(query[:, :, r0:r1].float(), k[:, :, :r1].transpose(-1, -2)) * scale
+        q = query[:, :, r0:r1].float()
+        s = torch.matmul(q, k[:, :, :r1].transpose(-1, -2)) * scale
         s.masked_fill_(kpos[None, :r1] > pos[:, None], float("-inf"))
-        need = torch.ceil(d * (pos + 1).double()).long().clamp(min=1)  # [R]
-        srt = s.sort(-1, descending=True).values
-        thr = srt.gather(-1, (need - 1).view(1, 1, -1, 1).expand(b, hq, -1, 1))
-        s.masked_fill_(s < thr, float("-inf"))
+        if _ORACLE["groups"]:
+            s.masked_fill_(~block_keys_mask(q, k[:, :, :r1], r0, d, _ORACLE["groups"], scale),
+                           float("-inf"))  # fmt: skip
+        else:
+            need = torch.ceil(d * (pos + 1).double()).long().clamp(min=1)  # [R]
+            srt = s.sort(-1, descending=True).values
+            thr = srt.gather(-1, (need - 1).view(1, 1, -1, 1).expand(b, hq, -1, 1))
+            s.masked_fill_(s < thr, float("-inf"))
         _ORACLE["kept"] += float(torch.isfinite(s).sum())
         _ORACLE["causal"] += float((pos + 1).sum()) * b * hq
         out[:, :, r0:r1] = torch.matmul(torch.softmax(s, -1), v[:, :, :r1])
     _ORACLE["calls"] += 1
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def block_keys_mask(
+    q: torch.Tensor, k: torch.Tensor, r0: int, density: float, groups: int, scale: float
+) -> torch.Tensor:
+    """The keys ``blockkeys:density:groups`` gives the query rows ``r0 .. r0 + R``: ``bool [B, H,
+    R, Nk]``, shared by the rows of each 64-row block (``r0`` a multiple of 64). A block ``[s, e)``
+    keeps its own keys and the ``min(s, ceil(density * e) - (e - s))`` earlier keys with the highest
+    pooled score: its rows split into ``groups`` groups, each group's mean query against the keys
+    before ``s`` (``q [B, H, R, D]``, ``k [B, H, Nk, D]``, float), the groups' softmaxes summed
+    (``groups == 1``: the mean query's logits). Causality is left to the caller."""
+    if r0 % _KEY_BLOCK:
+        raise ValueError(f"block_keys_mask: r0 must be a multiple of {_KEY_BLOCK}, got {r0}")
+    b, h, rows, _ = q.shape
+    keep = torch.zeros(b, h, rows, k.shape[2], dtype=torch.bool, device=q.device)
+    for a in range(0, rows, _KEY_BLOCK):
+        s, e = r0 + a, min(r0 + a + _KEY_BLOCK, r0 + rows)
+        keep[:, :, a : e - r0, s:e] = True
+        n_early = min(s, math.ceil(density * e) - (e - s))
+        if n_early <= 0:
+            continue
+        qg = torch.stack([c.mean(2) for c in q[:, :, a : e - r0].chunk(groups, dim=2)], 2)
+        logits = torch.matmul(qg, k[:, :, :s].transpose(-1, -2)) * scale  # [B, H, G', s]
+        score = logits[:, :, 0] if groups == 1 else torch.softmax(logits, -1).sum(2)
+        top = score.topk(n_early, -1).indices  # [B, H, n_early]
+        chosen = torch.zeros(b, h, s, dtype=torch.bool, device=q.device).scatter_(-1, top, True)
+        keep[:, :, a : e - r0, :s] = chosen[:, :, None]
+    return keep
 
 
 def _sparse_state(model: PreTrainedModel, layers: list[int]) -> tuple[bool, float | None]:
@@ -554,6 +611,7 @@ def run_eval(
                 "sparse": m.sparse,
                 "config": None if m.config is None else m.config.model_id,
                 "oracle_density": m.oracle_density,
+                "block_key_groups": m.block_key_groups,
                 "coverage": m.coverage,
                 "block_allocation": m.block_allocation,
             }
