@@ -842,8 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="dense,shipped",
         help="comma-separated: dense, shipped, config=PATH, vs:V:S, block:K, block:K:sampled, "
-        "vblock:V:K, ashape:SINK:WINDOW; "
-        "a sparse one may end in @cov=X and/or @alloc=NAME",
+        "vblock:V:K, ashape:SINK:WINDOW (a sparse one may end in @cov=X and/or @alloc=NAME); "
+        "measuring devices, as costly as dense: oracle:D, blockkeys:D[:G]",
     )
     e.add_argument("--lengths", default="2k,4k,8k", help="prompt lengths")
     e.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="pass-key depths")
