@@ -20,7 +20,7 @@ one would pay, at the Llama-3.1-8B layer shape:
     PYTHONPATH=packages/minference-kernels/src:packages/minference-patterns/src:benchmarks \\
         python benchmarks/block_keys_cost.py --out DIR [--n 131072] [--rounds 3]
 
-Writes DIR/block_keys_cost.json (``report_real.py`` renders it on the real-models page).
+Writes DIR/block_keys_cost.json.
 """
 
 from __future__ import annotations
@@ -38,12 +38,19 @@ from minference_kernels.index import BLOCK
 from minference_kernels.ops import attention_triton
 
 
-def pooled_topk(q, k, density: float, groups: int, chunk: int, select: bool) -> None:
+def pooled_topk(
+    q, k, density: float, groups: int, chunk: int, select: bool, scale: float | None = None
+) -> list:
     """The plain estimate over all query blocks: ``G`` pooled queries per block against the keys
-    before it, and (``select``) the top ``ceil(density * end) - 64`` of them per block."""
+    before it, and (``select``) the best keys of each block of a chunk, as many as the chunk's
+    largest budget ``ceil(density * end) - 64`` (an upper bound on the work; block ``m``'s keys are
+    the first ``min(64 m, ceil(density * 64 (m + 1)) - 64)``, as ``minference eval``'s
+    ``blockkeys:D:G`` chooses them for whole blocks). Returns the chunks' ``[B, H, blocks, k]``
+    indices (none without ``select``)."""
     b, hq, n, d = q.shape
     g = hq // k.shape[1]
     mb = -(-n // BLOCK)
+    picked = []
     for m0 in range(0, mb, chunk):
         m1 = min(mb, m0 + chunk)
         end = min(n, m1 * BLOCK)
@@ -51,7 +58,8 @@ def pooled_topk(q, k, density: float, groups: int, chunk: int, select: bool) -> 
         pad = (m1 - m0) * BLOCK - rows.shape[2]
         if pad:
             rows = torch.nn.functional.pad(rows, (0, 0, 0, pad))
-        qg = rows.view(b, hq, m1 - m0, groups, BLOCK // groups, d).float().mean(4).to(q.dtype)
+        qg = rows.view(b, hq, m1 - m0, groups, BLOCK // groups, d).float().mean(4)
+        qg = (qg * (d**-0.5 if scale is None else scale)).to(q.dtype)  # the scale, folded in
         # [B, Hkv, g * blocks * G, D] against the keys up to the chunk's end, no K copy per head
         qg = qg.view(b, k.shape[1], g * (m1 - m0) * groups, d)
         s = torch.matmul(qg, k[:, :, :end].transpose(-1, -2)).view(b, hq, m1 - m0, groups, end)
@@ -60,8 +68,9 @@ def pooled_topk(q, k, density: float, groups: int, chunk: int, select: bool) -> 
         s = s.masked_fill(~early[None, None, :, None], float("-inf"))
         score = s[:, :, :, 0] if groups == 1 else torch.softmax(s.float(), -1).sum(3)
         if select:
-            kmax = max(1, min(m0 * BLOCK, math.ceil(density * end) - BLOCK))
-            score.topk(kmax, -1)
+            kmax = max(1, min((m1 - 1) * BLOCK, math.ceil(density * end) - BLOCK))
+            picked.append(score.topk(kmax, -1).indices)
+    return picked
 
 
 def main() -> None:
@@ -76,13 +85,13 @@ def main() -> None:
     a = ap.parse_args()
     n = a.n
     torch.manual_seed(0)
-    q, k, v = (
-        torch.randn(1, h, n, D, device="cuda", dtype=torch.bfloat16) for h in (HQ, HKV, HKV)
-    )
+    q, k, v = (torch.randn(1, h, n, D, device="cuda", dtype=torch.bfloat16) for h in (HQ, HKV, HKV))
     causal_flops = 4 * D * HQ * n * (n + 1) / 2
     rows: dict[str, list] = {}
     for d in filter(None, a.densities.split(",")):
-        rows[f"gathered keys {float(d):g}"] = [mk.HeadPattern.vertical_slash(round(float(d) * n), 64)] * HQ
+        rows[f"gathered keys {float(d):g}"] = [
+            mk.HeadPattern.vertical_slash(round(float(d) * n), 64)
+        ] * HQ
     for f in filter(None, a.tile_fracs.split(",")):
         t = max(1, math.ceil(float(f) * n / BLOCK))
         rows[f"tiles {float(f):g}"] = [mk.HeadPattern.block_sparse(t)] * HQ

@@ -680,7 +680,9 @@ def block_oracle_section(p: Path, d: dict) -> list[str]:
         f"Whole 64-row query blocks ({d['args']['blocks']} per layer), exact attention of every "
         "row. For each method, the share of the config's computed pairs it needs to keep the "
         "config's recall (below 1: fewer pairs than the config; `never`: not within the budgets "
-        f"tried). Issue 20's 10x at 128K needs about {TEN_X_SHARE} at the kernel's measured rate. "
+        f"tried). Issue 20's 10x at 128K needs about {TEN_X_SHARE} at the kernel's measured rate "
+        "(for keys chosen per block a guide only: neither their gathered-key attention nor their "
+        "estimate has been timed; `benchmarks/block_keys_cost.py` is that measurement). "
         "Oracles: the best keys (`oracle block keys`) or 64-key tiles (`oracle block tiles`) "
         "that the block's rows share, chosen with their exact attention; `cols + oracle tiles`: "
         f"the `vertical_block` head's {d['args']['columns']} columns plus the best tiles. "
@@ -723,7 +725,8 @@ def block_oracle_section(p: Path, d: dict) -> list[str]:
             f"On the {len(real)} captured layers: {summary('pooled')}; "
             f"{summary('vertical_block')}"
             + "".join(
-                f"; {summary(m)}" for m in ("pooled-query keys", "4-pooled-query keys")
+                f"; {summary(m)}"
+                for m in ("pooled-query keys", "4-pooled-query keys")
                 if all(m in r["need_share"] for r in real.values())
             )
             + ".",

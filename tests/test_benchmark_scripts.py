@@ -118,3 +118,34 @@ def test_block_oracle_orders_its_bounds(tmp_path: Path) -> None:
     for name in ("pooled-query keys", "4-pooled-query keys"):
         assert share["oracle block keys"] <= share[name] + 1e-3
         assert share[name] < share["pooled"] - 0.1
+
+
+def test_block_keys_cost_times_the_blockkeys_choice() -> None:
+    """The estimate ``block_keys_cost.py`` times picks, for every whole query block, the keys that
+    ``minference eval``'s ``blockkeys:D:G`` measuring device gives it (float32, G = 1 and 4)."""
+    import math
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from block_keys_cost import pooled_topk
+    from minference_hf.evaluate import block_keys_mask
+
+    n, hq, hkv, d, density = 640, 4, 2, 16, 0.3
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, hq, n, d, generator=g), torch.randn(1, hkv, n, d, generator=g)
+    for groups in (1, 4):
+        picked = pooled_topk(q, k, density, groups, 3, True, scale=d**-0.5)
+        keep = block_keys_mask(q, k.repeat_interleave(hq // hkv, 1), 0, density, groups, d**-0.5)
+        blocks = [m for c in picked for m in range(c.shape[2])]
+        assert len(blocks) == n // 64
+        m = 0
+        for c in picked:
+            for j in range(c.shape[2]):
+                early = min(64 * m, math.ceil(density * 64 * (m + 1)) - 64)
+                want = keep[0, :, 64 * m, : 64 * m]  # [H, earlier keys]
+                for h in range(hq):
+                    got = set(c[0, h, j, : max(early, 0)].tolist())
+                    assert got == set(want[h].nonzero().flatten().tolist()), (groups, m, h)
+                m += 1
