@@ -147,3 +147,24 @@ def test_block_keys_cost_times_the_blockkeys_choice(monkeypatch) -> None:
                     got = set(c[0, h, j, : max(early, 0)].tolist())
                     assert got == set(want[h].nonzero().flatten().tolist()), (groups, m, h)
                 m += 1
+
+
+def test_block_keys_cost_probe_agrees_with_float64() -> None:
+    """``block_keys_cost.py``'s per-block probe kernel (the shipped kernel with its column pass
+    reading each block's own key list) against float64 attention over the probe's mask, under the
+    Triton interpreter, at an odd length with a partial last block; and its check fails when the
+    mask leaves the listed keys out (so it compares the keys the probe attends)."""
+    code = (
+        "import torch, block_keys_cost as b\n"
+        "from minference_kernels.ops.attention import index_mask\n"
+        "p = b.probe_kernel()\n"
+        "r = b.check_probe(p, 4, 2, 333, 32, 'cpu', torch.float32, 1e-4)\n"
+        "assert all(x['listed'] > 500 for x in r.values()), r\n"
+        "b.per_block_mask = lambda tiles, cols, count: index_mask(tiles)\n"
+        "try:\n"
+        "    b.check_probe(p, 4, 2, 333, 32, 'cpu', torch.float32, 1e-4)\n"
+        "except AssertionError:\n"
+        "    print('missing keys caught')\n"
+    )
+    proc = _run(["-c", code], TRITON_INTERPRET="1")
+    assert "missing keys caught" in proc.stdout
