@@ -14,13 +14,13 @@ one would pay, at the Llama-3.1-8B layer shape:
   ``sparse_prefill``); achieved TFLOP/s on the kept pairs next to cuDNN's on the causal pairs.
 * **keys listed per block** (a probe: the shipped kernel with one edit, its column pass reading
   block ``m``'s own key list instead of the head's): the same per-block key counts, each block's
-  keys drawn apart from every other block's. ``shared s``: a share ``s`` of each block's keys
-  comes from one sorted key set per head (the heavy columns every block of a real head shares),
-  the rest spread evenly over the block's earlier keys, away from other blocks' and heads'. The
-  ``vertical_slash`` rows above are the fully shared end (every block reads the head's columns,
-  which stay in L2); ``shared 0`` the other end (a per-block index's K/V loads miss L2). On the
-  captured heads, consecutive blocks of a head choose mostly the same keys (``shared 0.8`` is
-  nearer them than ``0``). The probe is checked against float64 attention over its mask first.
+  keys drawn independently of every other block's. ``shared s``: a share ``s`` of each block's
+  keys comes from one sorted key set per head (the heavy columns every block of a real head
+  shares), the rest spread evenly over the block's earlier keys. The ``vertical_slash`` rows above
+  are the fully shared end (every block reads the head's columns), ``shared 0`` the other end
+  (whether L2 reuse sets the rate of gathered keys). On the captured heads, consecutive blocks of
+  a head choose mostly the same keys (``shared 0.8`` is nearer them than ``0``). The probe is
+  checked against float64 attention over its mask first.
 * **the estimate**: per query block, ``G`` pooled queries (``G`` groups of rows, each group's mean)
   against every earlier key, one GEMM per chunk of query blocks (``G > 1``: softmax per group,
   summed), then ``torch.topk`` of the block's key budget, at ``G = 1`` and ``4``; the GEMM alone and
