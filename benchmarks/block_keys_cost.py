@@ -159,13 +159,16 @@ def block_key_lists(
     return cols, count
 
 
-def per_block_index(q, k, cols: torch.Tensor, count: torch.Tensor):
-    """A built index with only relative tiles (``vertical_slash(1, 64)``, its one column dropped)
-    and the per-block lists in ``cols`` / ``col_count`` (the probe's layout)."""
+def tiles_only_index(q, k):
+    """A built index with only relative tiles: ``vertical_slash(1, 64)``, its one column dropped.
+    :func:`with_lists` gives it each block's key list (the probe's layout)."""
     base = mk.build_index(q, k, [mk.HeadPattern.vertical_slash(1, 64)] * q.shape[1], validate=False)
-    return dataclasses.replace(base, cols=cols, col_count=count), dataclasses.replace(
-        base, col_count=torch.zeros_like(base.col_count)
-    )
+    return dataclasses.replace(base, col_count=torch.zeros_like(base.col_count))
+
+
+def with_lists(tiles_only, cols: torch.Tensor, count: torch.Tensor):
+    """``tiles_only`` with the per-block lists in ``cols`` / ``col_count``."""
+    return dataclasses.replace(tiles_only, cols=cols, col_count=count)
 
 
 def per_block_mask(tiles_only, cols: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -198,15 +201,14 @@ def check_probe(
     q, k, v = (
         torch.randn(1, h, n, d, generator=g, device=device).to(dtype) for h in (hq, hkv, hkv)
     )
+    tiles_only = tiles_only_index(q, k)
+    vv = v.double().repeat_interleave(hq // hkv, 1)
+    s = (q.double() @ k.double().repeat_interleave(hq // hkv, 1).transpose(-1, -2)) * d**-0.5
     out = {}
     for shared in (0.0, 0.5):
         cols, count = block_key_lists(hq, n, density, shared, device)
-        idx, tiles_only = per_block_index(q, k, cols, count)
-        got = probe.attend(q, k, v, idx, d**-0.5).double()
+        got = probe.attend(q, k, v, with_lists(tiles_only, cols, count), d**-0.5).double()
         mask = per_block_mask(tiles_only, cols, count)
-        kk = k.double().repeat_interleave(hq // hkv, 1)
-        vv = v.double().repeat_interleave(hq // hkv, 1)
-        s = (q.double() @ kk.transpose(-1, -2)) * d**-0.5
         ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vv
         err = ((got - ref).abs().max() / ref.abs().max()).item()
         out[f"shared {shared:g}"] = dict(max_rel_err=err, listed=int(count.sum()))
@@ -263,20 +265,18 @@ def main() -> None:
     mb = -(-n // BLOCK)
     rows_in_block = torch.full((mb,), BLOCK, dtype=torch.float64, device=q.device)
     rows_in_block[-1] = n - BLOCK * (mb - 1)
-    probes: dict[str, tuple] = {}
-    tile_pairs = None  # the relative tiles' pairs, the same for every list (counted once)
+    probes: dict[str, mk.SparseIndex] = {}
+    tiles_only = tiles_only_index(q, k)  # the relative tiles every list is added to
+    tile_pairs = mk.index_density(tiles_only).mean().item() * n * (n + 1) / 2
     for d in filter(None, a.probe_densities.split(",")):
         for sh in filter(None, a.shared.split(",")):
             name = f"keys per block {float(d):g}, shared {float(sh):g}"
             cols, count = block_key_lists(HQ, n, float(d), float(sh), q.device)
-            pidx, tiles_only = per_block_index(q, k, cols, count)
-            if tile_pairs is None:
-                tile_pairs = mk.index_density(tiles_only).mean().item() * n * (n + 1) / 2
             listed = (count[0].double() * rows_in_block).sum(-1).mean().item()  # per head
             dens = (tile_pairs + listed) / (n * (n + 1) / 2)
             cc = count[0].float()
             info[name] = dict(density=dens, mean_gathered_per_block=cc.mean().item())
-            probes[name] = (pidx, None)
+            probes[name] = with_lists(tiles_only, cols, count)
             print(f"{name}: density {dens:.4f}, listed keys per block {cc.mean().item():.0f}",
                   flush=True)  # fmt: skip
     runs: dict[str, list] = {name: [] for name in [*rows, *probes]}
@@ -289,7 +289,7 @@ def main() -> None:
                 t_k = bench(lambda: attention_triton.attend(q, k, v, idx, D**-0.5))
                 t_p = bench(lambda: mk.sparse_prefill(q, k, v, heads, validate=False))
                 runs[name].append(dict(cudnn_ms=t_c, kernel_ms=t_k, pipeline_ms=t_p))
-            for name, (pidx, _) in probes.items():
+            for name, pidx in probes.items():
                 t_c = bench(cudnn)
                 t_k = bench(lambda: probe.attend(q, k, v, pidx, D**-0.5))
                 runs[name].append(dict(cudnn_ms=t_c, kernel_ms=t_k))
