@@ -109,6 +109,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=32768, help="tokens (structured heads)")
     ap.add_argument("--qk", help="a torch.save'd dict with q [1,Hq,N,D] and k [1,Hkv,N,D]")
+    ap.add_argument(
+        "--profile",
+        default="legacy",
+        choices=("legacy", "real"),
+        help="structured heads: 'legacy' or 'real' (calibrated against captured heads)",
+    )
     ap.add_argument("--label", help="what --qk holds, for the report (default: its path)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=".")
@@ -125,9 +131,11 @@ def main() -> None:
         source = a.label or a.qk
     else:
         q, k, _ = structured_qkv(
-            1, HQ, HKV, a.n, D, dtype=torch.bfloat16, seed=a.n % 97, device=dev
+            1, HQ, HKV, a.n, D, dtype=torch.bfloat16, seed=a.n % 97, device=dev, profile=a.profile
         )
         source = "structured_qkv (bench_layer's heads)"
+        if a.profile != "legacy":
+            source = f"structured_qkv, profile {a.profile!r} (bench_layer's heads, calibrated)"
     n, hq = q.shape[2], q.shape[1]
     rows = sample_rows(n, device=dev)
     p = exact_probs(q, k, rows)
@@ -136,7 +144,10 @@ def main() -> None:
     print(
         f"[{time.time() - t0:.0f}s] N={n}, {hq} heads, {rows.numel()} rows ({source})", flush=True
     )
-    res: dict = dict(n=n, heads=hq, source=source, device=str(dev), methods={})
+    res: dict = dict(
+        n=n, heads=hq, source=source, profile=None if a.qk else a.profile, device=str(dev),
+        methods={},
+    )  # fmt: skip
 
     def record(name, idx):
         dens = mk.index_density(idx, blocks).mean().item()

@@ -148,6 +148,13 @@ def frontier_png(res: dict, path: Path) -> bool:
     return True
 
 
+def _frontier_args(r: dict) -> str:
+    """The arguments a frontier file was made with (older files keep them as one string)."""
+    if "argv" in r:
+        return r["argv"]
+    return " ".join(r["provenance"]["argv"][1:])
+
+
 def frontier_snippet() -> list[str]:
     """Recall against density per estimator on the layer benchmark's structured heads at 128K and
     512K (``recall_frontier_*_h200.json``), with the per-row and per-tile oracles."""
@@ -155,9 +162,11 @@ def frontier_snippet() -> list[str]:
     for path in _sources.paths("recall_frontier"):
         r = json.loads(path.read_text())
         tag = f"{r['n'] // 1024}k"
+        if r.get("profile") not in (None, "legacy"):
+            tag += f"_{r['profile']}"
         out += [
-            f"**{r['n'] // 1024}K tokens**, {r['heads']} heads, {r['source']}; {r['device']}, "
-            f"`python benchmarks/recall_frontier.py {r['argv']}` at commit `{r['commit']}`:",
+            f"**{r['n'] // 1024}K tokens**, {r['heads']} heads, {r['source']}; "
+            f"`python benchmarks/recall_frontier.py {_frontier_args(r)}`, {_sources.cite(path, r)}:",
             "",
             "| estimator | index | density | recall |",
             "|---|---|---|---|",
@@ -176,7 +185,8 @@ def frontier_snippet() -> list[str]:
             + ", ".join(f"{r['oracle_tiles'][t]:.4f}" for t in targets)
             + ".",
             "",
-            f"![recall against density at {r['n'] // 1024}K](../img/gen/recall_frontier_{tag}.png)",
+            f"![recall against density at {r['n'] // 1024}K, {r['source']}]"
+            f"(../img/gen/recall_frontier_{tag}.png)",
             "",
         ]
         png = path.with_suffix(".png")
