@@ -117,6 +117,41 @@ def test_coverage_reaches_its_target_mass():
                 assert len(cols) <= KEEP_FIRST + 2 and len(diags) == KEEP_LOCAL
 
 
+def test_coverage_logs_the_heads_whose_budget_misses_the_target(caplog):
+    """A target the budget cannot reach is not silent: with logger ``minference_kernels`` at
+    INFO, ``coverage=γ`` names how many heads stop at their budget below ``γ`` and what share
+    they keep (the float64 mass of the whole budget); a reachable target logs nothing, and
+    without INFO nothing is logged (no host read)."""
+    q, k = vs_heads()
+    vert, sl = vs_scores_torch(q, k, LAST_Q, 64**-0.5)
+    p, off = _estimation_probs(q, k)
+    budget = (64, 256)  # small enough that the high targets are out of reach on some heads
+    v, _, s, _ = select_vertical_slash(vert, sl, *budget)
+    full = [float((p[0, h] * _kept_pairs(v[0, h], s[0, h], off)).sum()) / LAST_Q for h in range(4)]
+    checked = 0
+    for gamma in GAMMAS:
+        if min(abs(f - gamma) for f in full) < 0.01:
+            continue  # too close to call between float32 and float64 sums
+        caplog.clear()
+        with caplog.at_level("INFO", logger="minference_kernels"):
+            select_vertical_slash(vert, sl, *budget, coverage=gamma, q=q, k=k)
+        short = [f for f in full if f < gamma]
+        lines = [r.getMessage() for r in caplog.records if "coverage=" in r.getMessage()]
+        if not short:
+            assert lines == [], (gamma, lines)
+            continue
+        checked += 1
+        assert len(lines) == 1, (gamma, lines)
+        assert f"{len(short)} of 4 vertical-slash heads reach only" in lines[0], lines[0]
+        lo, hi = (float(x) for x in lines[0].split("reach only ")[1].split(" ")[0].split("-"))
+        assert abs(lo - min(short)) < 2e-3 and abs(hi - max(short)) < 2e-3, (lines[0], short)
+    assert checked >= 2  # the budget must leave some targets out of reach
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="minference_kernels"):
+        select_vertical_slash(vert, sl, *budget, coverage=0.99, q=q, k=k)
+    assert not caplog.records
+
+
 def test_coverage_selects_per_head_with_gqa_and_head_subsets():
     """The coverage selection of a vertical-slash head does not depend on which other heads are
     estimated with it (GQA 2, mixed head kinds, batch 2), and the layer entry attends to exactly

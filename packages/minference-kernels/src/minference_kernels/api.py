@@ -680,7 +680,8 @@ def sparse_prefill(
     ``coverage`` (e.g. 0.95) turns vertical-slash budgets adaptive: each head keeps only the columns
     and diagonals needed for the attention mass of its estimation rows (the last ``last_q``
     queries) inside the kept set -- each (query, key) pair counted once -- to reach that share, at
-    most its budget (see :mod:`minference_kernels.estimate`).
+    most its budget (heads whose budget stays below the target are logged at INFO; see
+    :mod:`minference_kernels.estimate`).
     ``max_density`` (e.g. 0.6): after estimation, if the index would visit more than this share of
     the layer's causal pairs (inputs without sparse structure: every tile is kept), run
     :func:`dense_attention` instead — cheaper than a sparse kernel at that density. Costs one

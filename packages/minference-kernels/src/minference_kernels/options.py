@@ -74,8 +74,9 @@ class PrefillOptions:
             PyTorch on CPU), ``"triton"`` or ``"torch"``.
         coverage: ``None`` (the config's fixed budgets), or a number in (0, 1]: each
             vertical-slash head keeps only the columns and diagonals needed for that share of its
-            estimated attention mass, at most its configured budget. Strings and bools are
-            rejected.
+            estimated attention mass, at most its configured budget (heads whose budget stays
+            below the target are logged at INFO, logger ``minference_kernels``). Strings and
+            bools are rejected.
         block_allocation: ``"query_block"`` (each block-sparse head keeps ``top_k`` key blocks per
             query block), ``"head"`` (the same number per head, spread over its query blocks by
             estimated attention share) or ``"layer"`` (the heads of one call pool their blocks).

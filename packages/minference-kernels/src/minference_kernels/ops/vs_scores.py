@@ -4,6 +4,8 @@ scores (the Triton pass is :mod:`minference_kernels.ops.vs_scores_triton`). Defi
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ._common import softcap_
@@ -11,6 +13,8 @@ from ._dispatch import pick
 
 KEEP_FIRST = 30
 KEEP_LOCAL = 100
+
+_log = logging.getLogger("minference_kernels")
 
 
 def _topk_indices(score: torch.Tensor, k: int, ordered: bool = True) -> torch.Tensor:
@@ -200,7 +204,10 @@ def coverage_select(
     over the keys for the scores and the log-sum-exp, :func:`_candidate_scores`); each pair is
     covered from the first position in that order of its column or its diagonal, and goes to
     that entry's bin; the running sum of the bins is the kept set's mass after each prefix. The
-    kept sets are nested in ``coverage`` (a larger target keeps a superset). No host sync.
+    kept sets are nested in ``coverage`` (a larger target keeps a superset). No host sync,
+    unless logger ``minference_kernels`` is enabled for INFO: then heads whose whole budget stays
+    below the target are counted and logged (one device-to-host read), so a target the budget
+    cannot reach is never silent for whoever asks.
 
     Returns ``(v, v_valid, s, s_valid)`` as :func:`select_vertical_slash`, each list's kept
     entries first, in the order taken."""
@@ -243,6 +250,17 @@ def coverage_select(
     mass = torch.cumsum(torch.gather(torch.cat([bin_v, bin_s], -1), -1, order), -1)
     n_take = (mass < coverage * lq).sum(-1) + 1  # the first prefix reaching the target
     n_take = torch.maximum(n_take, fv + fs).minimum(nv + ns)
+    if _log.isEnabledFor(logging.INFO):
+        # the share of each head's estimation-row mass its kept set holds (one host read)
+        at = torch.gather(mass, -1, (n_take - 1).clamp(min=0)[..., None])[..., 0]
+        short = (at[at < coverage * lq] / lq).cpu()
+        if short.numel():
+            _log.info(
+                "coverage=%g: %d of %d vertical-slash heads reach only %.3f-%.3f of their "
+                "estimation rows' attention within their budgets (raise the budgets or lower "
+                "coverage to keep the promise)",
+                coverage, short.numel(), at.numel(), short.min(), short.max(),
+            )  # fmt: skip
     kept_v = when_v < n_take[..., None]
     kept_s = when_s < n_take[..., None]
     # each list in the order taken (kept entries first, then the rest of the budget, then beyond)
