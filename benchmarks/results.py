@@ -545,7 +545,7 @@ def index_caveats(ev: dict[str, tuple[Headline, str, str]]) -> str:
     mass += f"{rows[long[-1]]['recall']:.0%} at {_k(long[-1])}"
     fr_path, fr = next(
         (p, r) for p, r in zip(_sources.paths("recall_frontier"), _sources.load("recall_frontier"))
-        if r["n"] == long[0]
+        if r["n"] == long[0] and r.get("profile") in (None, "legacy")
     )  # fmt: skip
     # the oracle's density at the recall of MInference's default budget on the same heads
     vs_recall = _layer_rows(_sources.load("layer"), VS_DEFAULT)[long[0]]["recall"]
