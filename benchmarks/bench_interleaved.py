@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
+from pathlib import Path
 
 import minference_kernels as mk
 import torch
@@ -131,6 +132,7 @@ def main() -> None:
             f"{flops * d['density'] / ms / 1e9:9.0f}",
             flush=True,
         )
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     write_json(f"{a.out}/bench_interleaved.json", log)
 
 
