@@ -95,7 +95,7 @@ def oracle_curve(units: torch.Tensor, cost: torch.Tensor, total: float) -> dict:
     for u in units:  # one head at a time: at 1M tokens all heads' sort does not fit 80 GB
         order = (u / cost).argsort(descending=True)
         m = u[order].cumsum(-1)
-        c = cost.expand_as(u)[order].cumsum(-1) / total
+        c = cost[order].cumsum(-1) / total
         del order
         last = m.shape[-1] - 1
         for t in TARGETS:

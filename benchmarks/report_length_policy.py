@@ -156,8 +156,8 @@ def _frontier_args(r: dict) -> str:
 
 
 def frontier_snippet() -> list[str]:
-    """Recall against density per estimator on the layer benchmark's structured heads at 128K and
-    512K (``recall_frontier_*_h200.json``), with the per-row and per-tile oracles."""
+    """Recall against density per estimator on the layer benchmark's structured heads, one block
+    per file of the ``recall_frontier`` key, with the per-row and per-tile oracles."""
     out = []
     for path in _sources.paths("recall_frontier"):
         r = json.loads(path.read_text())
